@@ -1,0 +1,667 @@
+//! The YAML configuration: listeners, routing defaults, timers, limits and a static
+//! destination list (the way to run without Kubernetes). Every key is documented in
+//! `docs/configuration.md`.
+
+use lb_api::{DestinationSet, DestinationSpec, FieldError};
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::routing::{Mode, Policy};
+use crate::sip::{SipUri, Transport};
+
+/// A host and port peers use to reach the proxy (Via, Record-Route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let (host, port) =
+            crate::sip::split_host_port(s).ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port = port.ok_or_else(|| format!("{s:?} has no port"))?;
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::sip::write_host(f, &self.host)?;
+        write!(f, ":{}", self.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub transport: Transport,
+    pub bind: SocketAddr,
+    /// What goes into Via and Record-Route; the bind address when not configured.
+    pub advertise: HostPort,
+    /// Group asked for by INVITEs arriving here.
+    pub group: u32,
+    /// Resources asked for by INVITEs arriving here.
+    pub resources: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub policy: Policy,
+    pub group: u32,
+    pub resources: Vec<String>,
+    pub max_attempts: u32,
+    pub failover_codes: Vec<CodeSet>,
+    pub retry_after: Duration,
+}
+
+/// A status code or a class such as `5xx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeSet {
+    Code(u16),
+    Class(u16),
+}
+
+impl CodeSet {
+    pub fn matches(self, code: u16) -> bool {
+        match self {
+            CodeSet::Code(c) => c == code,
+            CodeSet::Class(c) => code / 100 == c,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Timers {
+    pub t1: Duration,
+    pub t2: Duration,
+    pub t4: Duration,
+    /// No response at all from a server within this time: failover and mark it down.
+    pub invite_timeout: Duration,
+    /// No final response after a provisional within this time: CANCEL and failover.
+    pub invite_final_timeout: Duration,
+    /// Non-INVITE transaction timeout (timer F).
+    pub non_invite_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dialogs {
+    pub lifetime: Duration,
+    pub session_timer: bool,
+    pub max: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tcp {
+    pub max_message_size: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub admin: Option<SocketAddr>,
+    pub routing: Routing,
+    pub timers: Timers,
+    pub dialogs: Dialogs,
+    pub tcp: Tcp,
+    pub dns_refresh: Duration,
+    pub destinations: DestinationSet,
+}
+
+/// A configuration problem, naming the field and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{0}")]
+    Field(#[from] FieldError),
+}
+
+// ---- raw YAML shape -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    listeners: Vec<RawListener>,
+    #[serde(default)]
+    advertise: Option<String>,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
+    timers: RawTimers,
+    #[serde(default)]
+    dialogs: RawDialogs,
+    #[serde(default)]
+    tcp: RawTcp,
+    #[serde(default)]
+    dns: RawDns,
+    #[serde(default)]
+    destinations: Vec<DestinationSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawListener {
+    Short(String),
+    Full(RawListenerFull),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawListenerFull {
+    address: String,
+    #[serde(default)]
+    advertise: Option<String>,
+    #[serde(default)]
+    group: Option<u32>,
+    #[serde(default)]
+    resources: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAdmin {
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawRouting {
+    group: u32,
+    resources: Vec<String>,
+    mode: Mode,
+    allow_over_capacity: bool,
+    max_attempts: u32,
+    failover_codes: Vec<RawCode>,
+    #[serde(deserialize_with = "duration")]
+    retry_after: Duration,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        RawRouting {
+            group: lb_api::DEFAULT_GROUP,
+            resources: vec!["pstn".to_string()],
+            mode: Mode::Absolute,
+            allow_over_capacity: false,
+            max_attempts: 3,
+            failover_codes: vec![RawCode::S("408".into()), RawCode::S("5xx".into())],
+            retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawCode {
+    N(u16),
+    S(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawTimers {
+    #[serde(deserialize_with = "duration")]
+    t1: Duration,
+    #[serde(deserialize_with = "duration")]
+    t2: Duration,
+    #[serde(deserialize_with = "duration")]
+    t4: Duration,
+    #[serde(deserialize_with = "duration")]
+    invite_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    invite_final_timeout: Duration,
+    #[serde(deserialize_with = "opt_duration")]
+    non_invite_timeout: Option<Duration>,
+}
+
+impl Default for RawTimers {
+    fn default() -> Self {
+        RawTimers {
+            t1: Duration::from_millis(500),
+            t2: Duration::from_secs(4),
+            t4: Duration::from_secs(5),
+            invite_timeout: Duration::from_secs(3),
+            invite_final_timeout: Duration::from_secs(30),
+            non_invite_timeout: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawDialogs {
+    #[serde(deserialize_with = "duration")]
+    lifetime: Duration,
+    session_timer: bool,
+    max: usize,
+}
+
+impl Default for RawDialogs {
+    fn default() -> Self {
+        RawDialogs {
+            lifetime: Duration::from_secs(12 * 3600),
+            session_timer: true,
+            max: 1_000_000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawTcp {
+    max_message_size: usize,
+    #[serde(deserialize_with = "duration")]
+    idle_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    connect_timeout: Duration,
+}
+
+impl Default for RawTcp {
+    fn default() -> Self {
+        RawTcp {
+            max_message_size: 65_535,
+            idle_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawDns {
+    #[serde(deserialize_with = "duration")]
+    refresh_interval: Duration,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        RawDns {
+            refresh_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses `500ms`, `3s`, `2m`, `12h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as \"500ms\", \"3s\" or \"12h\""))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        _ => return Err(format!("{s:?} has an unknown unit; use ms, s, m, h or d")),
+    };
+    Ok(d)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(Duration::from_secs(n)),
+        Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn parse_listener(s: &str, field: &str) -> Result<(Transport, SocketAddr), FieldError> {
+    let (t, addr) = s.split_once(':').ok_or_else(|| {
+        FieldError::new(
+            field,
+            format!("{s:?} is not transport:address:port, e.g. \"udp:127.0.0.1:5060\""),
+        )
+    })?;
+    let transport = Transport::parse(t).ok_or_else(|| {
+        FieldError::new(
+            field,
+            format!("unknown transport {t:?} in {s:?}; use udp or tcp"),
+        )
+    })?;
+    let bind: SocketAddr = addr.parse().map_err(|_| {
+        FieldError::new(
+            field,
+            format!("{addr:?} is not an IP address and port (IPv6 as [::1]:5060)"),
+        )
+    })?;
+    Ok((transport, bind))
+}
+
+fn parse_codes(codes: &[RawCode]) -> Result<Vec<CodeSet>, FieldError> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let field = format!("routing.failoverCodes[{i}]");
+            let s = match c {
+                RawCode::N(n) => n.to_string(),
+                RawCode::S(s) => s.trim().to_string(),
+            };
+            let bad = || {
+                FieldError::new(
+                    &field,
+                    format!("{s:?} is not a status code (e.g. 408) or class (e.g. 5xx)"),
+                )
+            };
+            if let Some(class) = s.strip_suffix("xx").or_else(|| s.strip_suffix("XX")) {
+                let c: u16 = class.parse().map_err(|_| bad())?;
+                if !(3..=6).contains(&c) {
+                    return Err(bad());
+                }
+                Ok(CodeSet::Class(c))
+            } else {
+                let c: u16 = s.parse().map_err(|_| bad())?;
+                if !(300..700).contains(&c) {
+                    return Err(bad());
+                }
+                Ok(CodeSet::Code(c))
+            }
+        })
+        .collect()
+}
+
+/// Checks the parts of a destination set that need the SIP grammar: each URI.
+pub fn validate_destinations(set: &DestinationSet) -> Result<(), FieldError> {
+    set.validate()?;
+    for (i, d) in set.destinations.iter().enumerate() {
+        let uri = SipUri::parse(&d.uri)
+            .map_err(|e| FieldError::new(format!("destinations[{i}].uri"), e))?;
+        if let Some(t) = uri.param("transport").flatten() {
+            if Transport::parse(t).is_none() {
+                return Err(FieldError::new(
+                    format!("destinations[{i}].uri"),
+                    format!("unsupported transport {t:?} in {:?}; use udp or tcp", d.uri),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                ConfigError::Syntax(inner.to_string())
+            } else {
+                ConfigError::Syntax(format!("{path}: {inner}"))
+            }
+        })?;
+        raw.into_config()
+    }
+}
+
+impl RawConfig {
+    fn into_config(self) -> Result<Config, ConfigError> {
+        let routing = {
+            let r = &self.routing;
+            if r.resources.is_empty() {
+                return Err(FieldError::new(
+                    "routing.resources",
+                    "must name at least one resource",
+                )
+                .into());
+            }
+            if r.max_attempts == 0 {
+                return Err(FieldError::new("routing.maxAttempts", "must be at least 1").into());
+            }
+            Routing {
+                policy: Policy {
+                    mode: r.mode,
+                    allow_over_capacity: r.allow_over_capacity,
+                },
+                group: r.group,
+                resources: r.resources.clone(),
+                max_attempts: r.max_attempts,
+                failover_codes: parse_codes(&r.failover_codes)?,
+                retry_after: r.retry_after,
+            }
+        };
+        let global_adv = match &self.advertise {
+            Some(a) => Some(HostPort::parse(a).map_err(|e| FieldError::new("advertise", e))?),
+            None => None,
+        };
+        if self.listeners.is_empty() {
+            return Err(FieldError::new(
+                "listeners",
+                "at least one listener is needed, e.g. \"udp:127.0.0.1:5060\"",
+            )
+            .into());
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let field = format!("listeners[{i}]");
+            let (addr, adv, group, resources) = match l {
+                RawListener::Short(s) => (s.as_str(), None, None, None),
+                RawListener::Full(f) => (
+                    f.address.as_str(),
+                    f.advertise.as_deref(),
+                    f.group,
+                    f.resources.clone(),
+                ),
+            };
+            let (transport, bind) = parse_listener(addr, &field)?;
+            let advertise = match adv {
+                Some(a) => HostPort::parse(a)
+                    .map_err(|e| FieldError::new(format!("{field}.advertise"), e))?,
+                None => match &global_adv {
+                    Some(a) => a.clone(),
+                    None => {
+                        if bind.ip().is_unspecified() {
+                            return Err(FieldError::new(
+                                format!("{field}"),
+                                format!("binds {bind}, which peers cannot reach: set `advertise` (globally or on this listener)"),
+                            )
+                            .into());
+                        }
+                        HostPort {
+                            host: bind.ip().to_string(),
+                            port: bind.port(),
+                        }
+                    }
+                },
+            };
+            if let Some(r) = &resources {
+                if r.is_empty() {
+                    return Err(FieldError::new(
+                        format!("{field}.resources"),
+                        "must name at least one resource",
+                    )
+                    .into());
+                }
+            }
+            if listeners
+                .iter()
+                .any(|x: &Listener| x.transport == transport && x.bind == bind)
+            {
+                return Err(FieldError::new(field, format!("{addr:?} is listed twice")).into());
+            }
+            listeners.push(Listener {
+                transport,
+                bind,
+                advertise,
+                group: group.unwrap_or(routing.group),
+                resources: resources.unwrap_or_else(|| routing.resources.clone()),
+            });
+        }
+        let admin = match &self.admin {
+            Some(a) => Some(a.listen.parse().map_err(|_| {
+                FieldError::new(
+                    "admin.listen",
+                    format!("{:?} is not an IP address and port", a.listen),
+                )
+            })?),
+            None => None,
+        };
+        let t = &self.timers;
+        for (name, d) in [
+            ("timers.t1", t.t1),
+            ("timers.t2", t.t2),
+            ("timers.t4", t.t4),
+            ("timers.inviteTimeout", t.invite_timeout),
+            ("timers.inviteFinalTimeout", t.invite_final_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(FieldError::new(name, "must be greater than zero").into());
+            }
+        }
+        let timers = Timers {
+            t1: t.t1,
+            t2: t.t2,
+            t4: t.t4,
+            invite_timeout: t.invite_timeout,
+            invite_final_timeout: t.invite_final_timeout,
+            non_invite_timeout: t.non_invite_timeout.unwrap_or(t.t1 * 64),
+        };
+        if self.dialogs.lifetime.is_zero() {
+            return Err(FieldError::new("dialogs.lifetime", "must be greater than zero").into());
+        }
+        if self.tcp.max_message_size < 1024 {
+            return Err(FieldError::new(
+                "tcp.maxMessageSize",
+                format!("{} is too small; at least 1024", self.tcp.max_message_size),
+            )
+            .into());
+        }
+        let destinations = DestinationSet {
+            version: 0,
+            destinations: self.destinations,
+        };
+        validate_destinations(&destinations)?;
+        Ok(Config {
+            listeners,
+            admin,
+            routing,
+            timers,
+            dialogs: Dialogs {
+                lifetime: self.dialogs.lifetime,
+                session_timer: self.dialogs.session_timer,
+                max: self.dialogs.max,
+            },
+            tcp: Tcp {
+                max_message_size: self.tcp.max_message_size,
+                idle_timeout: self.tcp.idle_timeout,
+                connect_timeout: self.tcp.connect_timeout,
+            },
+            dns_refresh: self.dns.refresh_interval,
+            destinations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STANDALONE: &str = include_str!("../../examples/standalone.yaml");
+
+    fn err(yaml: &str) -> String {
+        Config::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn standalone_example_loads() {
+        let c = Config::from_yaml(STANDALONE).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].transport, Transport::Udp);
+        assert_eq!(c.listeners[1].transport, Transport::Tcp);
+        assert_eq!(c.admin, Some("127.0.0.1:8081".parse().unwrap()));
+        assert_eq!(c.destinations.destinations.len(), 2);
+        assert_eq!(
+            c.destinations.destinations[1].resources.get("pstn"),
+            Some(50)
+        );
+        assert_eq!(c.timers.invite_timeout, Duration::from_secs(3));
+        assert_eq!(c.dialogs.lifetime, Duration::from_secs(12 * 3600));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = err("listeners: [\"sctp:127.0.0.1:5060\"]\n");
+        assert!(e.contains("listeners[0]") && e.contains("sctp"), "{e}");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nrouting: {mode: fastest}\n");
+        assert!(e.contains("routing.mode") && e.contains("fastest"), "{e}");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\ntimers: {inviteTimeout: 3 seconds}\n");
+        assert!(
+            e.contains("timers.inviteTimeout") && e.contains("3 seconds"),
+            "{e}"
+        );
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\ndestinations:\n - {id: 1, uri: \"http://x\", resources: pstn=1}\n");
+        assert!(
+            e.contains("destinations[0].uri") && e.contains("http://x"),
+            "{e}"
+        );
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\ndestinations:\n - {id: 1, uri: \"sip:x\", resources: pstn=many}\n");
+        assert!(
+            e.contains("destinations[0].resources") && e.contains("many"),
+            "{e}"
+        );
+        let e = err("listeners: [\"udp:0.0.0.0:5060\"]\n");
+        assert!(e.contains("listeners[0]") && e.contains("advertise"), "{e}");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nroutng: {}\n");
+        assert!(e.contains("routng"), "{e}");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nrouting: {failoverCodes: [\"5x\"]}\n");
+        assert!(e.contains("routing.failoverCodes[0]"), "{e}");
+    }
+
+    #[test]
+    fn listener_overrides_and_advertise() {
+        let c = Config::from_yaml(
+            "listeners:\n - address: \"tcp:[::1]:5070\"\n   advertise: \"lb.example.com:5070\"\n   group: 2\n   resources: [tts]\n - udp:0.0.0.0:5060\nadvertise: \"10.1.2.3:5060\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].advertise.to_string(), "lb.example.com:5070");
+        assert_eq!(c.listeners[0].group, 2);
+        assert_eq!(c.listeners[0].resources, vec!["tts".to_string()]);
+        assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5060");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43200)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("3 fortnights").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

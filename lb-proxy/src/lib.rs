@@ -1,0 +1,22 @@
+//! `lb-proxy`: a least-loaded SIP load balancer for UniMRCP (MRCPv2) servers.
+//!
+//! Where things are:
+//! - [`sip`]: reading and rewriting SIP messages;
+//! - [`transport`]: UDP and TCP sockets, framing, connection reuse;
+//! - [`proxy`]: transactions, failover and dialogs (no I/O);
+//! - [`routing`]: the least-loaded choice, a pure function;
+//! - [`destinations`]: the live set with health and load;
+//! - [`config`]: the YAML file; [`admin`]: the HTTP API; [`runtime`]: the wiring.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod destinations;
+pub mod dialog;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod runtime;
+pub mod sip;
+pub mod transport;

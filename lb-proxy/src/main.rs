@@ -1,0 +1,92 @@
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+/// Least-loaded SIP load balancer for UniMRCP (MRCPv2) servers.
+#[derive(Parser)]
+#[command(name = "lb-proxy", version)]
+struct Cli {
+    /// YAML configuration file.
+    #[arg(long, short, env = "LB_PROXY_CONFIG")]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log level or filter (overrides RUST_LOG), e.g. "info" or "lb_proxy=debug".
+    #[arg(long, env = "LB_PROXY_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format: "pretty" for terminals, "json" for clusters.
+    #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"], env = "LB_PROXY_LOG_FORMAT")]
+    log_format: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match &cli.log_level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let cfg = match lb_proxy::config::Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "lb-proxy: invalid configuration {}: {e}",
+                cli.config.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("configuration {} is valid", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lb-proxy: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let running = match lb_proxy::runtime::start(cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("lb-proxy: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = running.shutdown.clone();
+        tokio::select! {
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                shutdown.cancel();
+            }
+            _ = running.done => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,1772 @@
+//! The proxy core: transactions, failover and dialogs, as a state machine with no I/O.
+//!
+//! [`Proxy::on_message`] and [`Proxy::on_timer`] take the current time and queue what must be
+//! sent in [`Proxy::take_outbound`]. The runtime feeds it from the sockets; tests feed it
+//! directly. One task owns it, so no state is shared and nothing on the call path waits on a
+//! lock.
+//!
+//! Behaviour follows RFC 3261 for a transaction-stateful proxy (16.x, 17.x), with the failover
+//! of OpenSIPS `lb_start_or_next` + failure route: a branch that times out, or answers with a
+//! failover code (408, 5xx by default), is closed properly (CANCEL after a provisional, ACK for
+//! a final) and the call goes to the next best destination.
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, Listener};
+use crate::destinations::{Destinations, State};
+use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
+use crate::routing::{self, Want};
+use crate::sip::{
+    name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport, Via, BRANCH_COOKIE,
+};
+use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
+
+const ALLOW: &str =
+    "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER, MESSAGE";
+
+/// Server transaction key (RFC 3261 17.2.3): branch, sent-by and method, with ACK matching
+/// INVITE.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ServerKey {
+    branch: String,
+    sent_by: String,
+    method: Method,
+}
+
+/// Client transaction key (RFC 3261 17.1.3): our branch and the CSeq method.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    branch: String,
+    method: Method,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SState {
+    /// Request received, no final response yet.
+    Proceeding,
+    /// Non-2xx final sent (INVITE: waiting for ACK; others: absorbing retransmissions).
+    Completed,
+    /// ACK received for a non-2xx final.
+    Confirmed,
+    /// 2xx forwarded (RFC 6026): absorbs retransmitted INVITEs.
+    Accepted,
+}
+
+/// Forwarding context of an initial INVITE: the serial failover over destinations.
+#[derive(Debug)]
+struct Call {
+    dialog: DialogKey,
+    want_group: u32,
+    tried: Vec<usize>,
+    attempts: u32,
+    /// The live branch, if any.
+    branch: Option<ClientKey>,
+    /// Best final response received from a server so far.
+    best: Option<Message>,
+    cancelled: bool,
+    received: Instant,
+}
+
+#[derive(Debug)]
+struct ServerTx {
+    id: u64,
+    request: Message,
+    /// Where responses go.
+    reply: Flow,
+    state: SState,
+    last_response: Option<Bytes>,
+    retransmit: Duration,
+    /// To tag for responses the proxy itself generates.
+    local_tag: String,
+    call: Option<Call>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CState {
+    /// Sent, nothing received (INVITE: Calling; others: Trying).
+    Calling,
+    Proceeding,
+    /// Final received.
+    Completed,
+}
+
+#[derive(Debug)]
+struct ClientTx {
+    id: u64,
+    /// The request as sent (for retransmission, ACK and CANCEL).
+    request: Message,
+    out: Outbound,
+    state: CState,
+    retransmit: Duration,
+    /// Upstream transaction; None when the proxy itself sent the request.
+    server: Option<ServerKey>,
+    /// Destination slot of an initial INVITE branch.
+    dest: Option<usize>,
+    cancel_pending: bool,
+    /// Given up on by the proxy: late responses are absorbed.
+    abandoned: bool,
+    /// Upstream flow for stateless forwarding of 2xx retransmissions.
+    upstream: Option<Flow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    ClientRetransmit(u64),
+    ClientTimeout(u64),
+    ClientFinalTimeout(u64),
+    ClientCleanup(u64),
+    ServerRetransmit(u64),
+    ServerTimeout(u64),
+    ServerCleanup(u64),
+    Dialog(u64),
+}
+
+/// Routing outcome counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteStats {
+    pub routed: u64,
+    pub failovers: u64,
+    pub rejected_no_capacity: u64,
+}
+
+pub struct Proxy {
+    cfg: Arc<Config>,
+    dests: Destinations,
+    server_txs: HashMap<ServerKey, ServerTx>,
+    client_txs: HashMap<ClientKey, ClientTx>,
+    dialogs: HashMap<DialogKey, Dialog>,
+    server_ids: HashMap<u64, ServerKey>,
+    client_ids: HashMap<u64, ClientKey>,
+    dialog_ids: HashMap<u64, DialogKey>,
+    timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
+    out: Vec<Outbound>,
+    rng: SmallRng,
+    serial: u64,
+    branch_prefix: String,
+    /// Our own host:port pairs, for Route and Via matching.
+    self_addrs: Vec<(String, u16)>,
+    stats: DialogStats,
+    route_stats: RouteStats,
+}
+
+impl Proxy {
+    pub fn new(cfg: Arc<Config>, dests: Destinations) -> Proxy {
+        let mut rng = SmallRng::from_entropy();
+        let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
+        let mut self_addrs = Vec::new();
+        for l in &cfg.listeners {
+            self_addrs.push((l.advertise.host.to_ascii_lowercase(), l.advertise.port));
+            self_addrs.push((l.bind.ip().to_string(), l.bind.port()));
+        }
+        Proxy {
+            cfg,
+            dests,
+            server_txs: HashMap::new(),
+            client_txs: HashMap::new(),
+            dialogs: HashMap::new(),
+            server_ids: HashMap::new(),
+            client_ids: HashMap::new(),
+            dialog_ids: HashMap::new(),
+            timers: BinaryHeap::new(),
+            out: Vec::new(),
+            rng,
+            serial: 0,
+            branch_prefix,
+            self_addrs,
+            stats: DialogStats::default(),
+            route_stats: RouteStats::default(),
+        }
+    }
+
+    pub fn destinations(&self) -> &Destinations {
+        &self.dests
+    }
+
+    pub fn destinations_mut(&mut self) -> &mut Destinations {
+        &mut self.dests
+    }
+
+    pub fn dialog_stats(&self) -> DialogStats {
+        self.stats
+    }
+
+    pub fn route_stats(&self) -> RouteStats {
+        self.route_stats
+    }
+
+    /// Messages queued for sending since the last call.
+    pub fn take_outbound(&mut self) -> Vec<Outbound> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// When the next timer is due.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Open transactions and dialogs, for tests and diagnostics.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (
+            self.server_txs.len(),
+            self.client_txs.len(),
+            self.dialogs.len(),
+        )
+    }
+
+    fn next_serial(&mut self) -> u64 {
+        self.serial += 1;
+        self.serial
+    }
+
+    fn new_branch(&mut self) -> String {
+        let n = self.next_serial();
+        format!("{}{n:x}", self.branch_prefix)
+    }
+
+    fn new_tag(&mut self) -> String {
+        format!("lb{:016x}", self.rng.gen::<u64>())
+    }
+
+    fn arm(&mut self, at: Instant, t: Timer) {
+        let seq = self.next_serial();
+        self.timers.push(Reverse((at, seq, t)));
+    }
+
+    fn listener(&self, i: usize) -> &Listener {
+        &self.cfg.listeners[i]
+    }
+
+    /// The listener to send from towards `addr` over `transport`: same transport and address
+    /// family when there is one.
+    fn out_listener(&self, transport: Transport, to_v6: Option<bool>) -> Option<usize> {
+        let ls = &self.cfg.listeners;
+        ls.iter()
+            .position(|l| l.transport == transport && to_v6.is_none_or(|v6| l.bind.is_ipv6() == v6))
+            .or_else(|| ls.iter().position(|l| l.transport == transport))
+    }
+
+    fn is_self(&self, host: &str, port: Option<u16>) -> bool {
+        let host = host.to_ascii_lowercase();
+        let port = port.unwrap_or(5060);
+        self.self_addrs
+            .iter()
+            .any(|(h, p)| *h == host && *p == port)
+    }
+
+    fn is_self_uri(&self, uri: &SipUri) -> bool {
+        self.is_self(&uri.host, uri.port)
+    }
+
+    // ---- sending ------------------------------------------------------------------------
+
+    fn send(&mut self, flow: Flow, data: Bytes, on_error: Option<ErrorToken>) {
+        self.out.push(Outbound {
+            transport: flow.transport,
+            listener: flow.listener,
+            target: Target::Addr(flow.remote),
+            conn: flow.conn,
+            data,
+            on_error,
+        });
+    }
+
+    /// Sends a response the proxy generates to a request it received.
+    fn reply(&mut self, req: &Message, flow: Flow, code: u16, reason: &str) {
+        let resp = self.make_response(req, code, reason, None);
+        let target = self.response_flow(req, flow);
+        self.send(target, resp.to_bytes(), None);
+    }
+
+    fn make_response(
+        &mut self,
+        req: &Message,
+        code: u16,
+        reason: &str,
+        tag: Option<&str>,
+    ) -> Message {
+        let mut resp = req.response(code, reason);
+        if code > 100 && req.to_tag().is_none() {
+            let tag = match tag {
+                Some(t) => t.to_string(),
+                None => self.new_tag(),
+            };
+            if let Some(to) = resp.headers.iter_mut().find(|(n, _)| *n == HeaderName::To) {
+                to.1.push_str(";tag=");
+                to.1.push_str(&tag);
+            }
+        }
+        match code {
+            405 | 200 if req.method() != Some(&Method::Invite) => {
+                resp.push(HeaderName::Allow, ALLOW.to_string())
+            }
+            503 => resp.push(
+                HeaderName::RetryAfter,
+                self.cfg.routing.retry_after.as_secs().max(1).to_string(),
+            ),
+            _ => {}
+        }
+        resp.push(
+            HeaderName::Server,
+            concat!("mrcp-lb/", env!("CARGO_PKG_VERSION")).to_string(),
+        );
+        resp
+    }
+
+    /// Where responses to a request go (RFC 3261 18.2.2, RFC 3581): over the connection it
+    /// came on for TCP; for UDP to the source address when `rport` was asked for, otherwise to
+    /// the source IP and the Via port.
+    fn response_flow(&self, req: &Message, flow: Flow) -> Flow {
+        if flow.transport == Transport::Tcp {
+            return flow;
+        }
+        match req.top_via() {
+            Some(v) if v.param("rport").is_none() => Flow {
+                remote: SocketAddr::new(flow.remote.ip(), v.port.unwrap_or(5060)),
+                ..flow
+            },
+            _ => flow,
+        }
+    }
+
+    /// Where a response goes when no transaction remembers it: the next Via.
+    fn via_flow(&self, via: &Via) -> Option<Flow> {
+        let transport = Transport::parse(&via.transport)?;
+        let ip = via
+            .param("received")
+            .flatten()
+            .and_then(|r| r.parse().ok())
+            .or_else(|| via.host.parse().ok())?;
+        let port = via
+            .param("rport")
+            .flatten()
+            .and_then(|p| p.parse().ok())
+            .or(via.port)
+            .unwrap_or(5060);
+        let remote = SocketAddr::new(ip, port);
+        let listener = self.out_listener(transport, Some(remote.is_ipv6()))?;
+        Some(Flow {
+            transport,
+            listener,
+            remote,
+            conn: None,
+        })
+    }
+
+    // ---- entry points ---------------------------------------------------------------------
+
+    /// Handles one message from the network.
+    pub fn on_message(&mut self, now: Instant, inbound: Inbound) {
+        let Inbound { msg, flow } = inbound;
+        if msg.is_request() {
+            self.on_request(now, msg, flow);
+        } else {
+            self.on_response(now, msg, flow);
+        }
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn on_timer(&mut self, now: Instant) {
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, _, timer))) = self.timers.pop() else {
+                break;
+            };
+            self.fire(now, timer);
+        }
+    }
+
+    /// A send failed (TCP connect refused, name did not resolve): the transaction that sent it
+    /// treats it as a timeout at once (RFC 3261 8.1.3.1).
+    pub fn on_transport_error(&mut self, now: Instant, token: ErrorToken) {
+        if let Some(key) = self.client_ids.get(&token).cloned() {
+            debug!(branch = %key.branch, "transport error");
+            self.client_timeout(now, key, true);
+        }
+    }
+
+    // ---- requests -------------------------------------------------------------------------
+
+    fn on_request(&mut self, now: Instant, mut msg: Message, flow: Flow) {
+        let Some(via) = msg.top_via() else { return };
+        let Some(method) = msg.method().cloned() else {
+            return;
+        };
+        // RFC 3581: note where the request really came from.
+        if flow.remote.ip().to_string() != via.host || via.param("rport").is_some() {
+            let mut v = via.clone();
+            v.set_param("received", Some(flow.remote.ip().to_string()));
+            if v.param("rport").is_some() {
+                v.set_param("rport", Some(flow.remote.port().to_string()));
+            }
+            if let Some(h) = msg.headers.iter_mut().find(|(n, _)| *n == HeaderName::Via) {
+                h.1 = v.to_string();
+            }
+        }
+        let branch = via.branch().unwrap_or_default().to_string();
+        let key = ServerKey {
+            branch,
+            sent_by: via.sent_by(),
+            method: if method == Method::Ack {
+                Method::Invite
+            } else {
+                method.clone()
+            },
+        };
+        match method {
+            Method::Ack => return self.on_ack(now, msg, flow, key),
+            Method::Cancel => return self.on_cancel(now, msg, flow, key),
+            _ => {}
+        }
+        // A retransmission: answer with the last response, forward nothing.
+        if let Some(tx) = self.server_txs.get(&key) {
+            if let Some(last) = tx.last_response.clone() {
+                let reply = tx.reply;
+                self.send(reply, last, None);
+            }
+            return;
+        }
+        if msg.to_tag().is_some() {
+            return self.in_dialog(now, msg, flow, key);
+        }
+        match method {
+            Method::Invite => self.initial_invite(now, msg, flow, key),
+            Method::Options => self.reply(&msg, flow, 200, "OK"),
+            _ => self.reply(&msg, flow, 405, "Method Not Allowed"),
+        }
+    }
+
+    /// Checks Max-Forwards and loops before a request is forwarded; answers and returns false
+    /// when it must not be.
+    fn may_forward(&mut self, msg: &Message, flow: Flow) -> bool {
+        if msg.max_forwards() == Some(0) {
+            self.reply(msg, flow, 483, "Too Many Hops");
+            return false;
+        }
+        let looped = msg
+            .get_all(&HeaderName::Via)
+            .filter_map(Via::parse)
+            .any(|v| {
+                self.is_self(&v.host, v.port)
+                    && v.branch()
+                        .is_some_and(|b| b.starts_with(&self.branch_prefix))
+            });
+        if looped {
+            self.reply(msg, flow, 482, "Loop Detected");
+            return false;
+        }
+        true
+    }
+
+    /// Decrements Max-Forwards (or adds it) and pushes our Via for the listener used.
+    fn prepare_forward(&mut self, msg: &mut Message, out_listener: usize, branch: &str) {
+        match msg.max_forwards() {
+            Some(n) => msg.set(HeaderName::MaxForwards, n.saturating_sub(1).to_string()),
+            None => msg.set(HeaderName::MaxForwards, "70".to_string()),
+        }
+        let l = self.listener(out_listener);
+        let mut via = format!(
+            "SIP/2.0/{} {};branch={branch}",
+            l.transport.as_str(),
+            l.advertise
+        );
+        if l.transport == Transport::Udp {
+            via.push_str(";rport");
+        }
+        msg.push_front(HeaderName::Via, via);
+    }
+
+    fn record_route_uri(&self, listener: usize, double: bool) -> String {
+        let l = self.listener(listener);
+        format!(
+            "<sip:{};transport={};lr{}>",
+            l.advertise,
+            l.transport.lower(),
+            if double { ";r2=on" } else { "" }
+        )
+    }
+
+    fn new_server_tx(&mut self, msg: Message, flow: Flow, key: &ServerKey) -> u64 {
+        let id = self.next_serial();
+        let reply = self.response_flow(&msg, flow);
+        let local_tag = self.new_tag();
+        self.server_txs.insert(
+            key.clone(),
+            ServerTx {
+                id,
+                request: msg,
+                reply,
+                state: SState::Proceeding,
+                last_response: None,
+                retransmit: self.cfg.timers.t1,
+                local_tag,
+                call: None,
+            },
+        );
+        self.server_ids.insert(id, key.clone());
+        id
+    }
+
+    fn initial_invite(&mut self, now: Instant, msg: Message, flow: Flow, key: ServerKey) {
+        if !self.may_forward(&msg, flow) {
+            return;
+        }
+        let (Some(call_id), Some(from_tag)) = (msg.call_id(), msg.from_tag()) else {
+            return self.reply(&msg, flow, 400, "Missing From tag");
+        };
+        let dkey = DialogKey {
+            call_id: call_id.to_string(),
+            caller_tag: from_tag.to_string(),
+        };
+        if self.dialogs.contains_key(&dkey) {
+            // Same Call-ID and From tag with a new branch: a merged request (RFC 3261 8.2.2.2).
+            return self.reply(&msg, flow, 482, "Loop Detected");
+        }
+        let listener = self.listener(flow.listener);
+        let want_group = listener.group;
+        let resources = Arc::new(listener.resources.clone());
+        let trying = self.make_response(&msg, 100, "Trying", None).to_bytes();
+        self.new_server_tx(msg.clone(), flow, &key);
+        let reply = self.server_txs.get(&key).map(|t| t.reply);
+        if let Some(reply) = reply {
+            self.send(reply, trying.clone(), None);
+        }
+        if let Some(tx) = self.server_txs.get_mut(&key) {
+            tx.last_response = Some(trying);
+        }
+        if self.dialogs.len() >= self.cfg.dialogs.max {
+            warn!(call_id = %dkey.call_id, "dialog limit reached");
+            self.stats.processed += 1;
+            self.stats.failed += 1;
+            return self.final_local(now, &key, 503, "Service Unavailable");
+        }
+        let callee_contact = None;
+        let id = self.next_serial();
+        let dialog = Dialog {
+            id,
+            phase: Phase::Trying,
+            dest: None,
+            resources,
+            created: now,
+            lifetime_deadline: now + self.cfg.dialogs.lifetime,
+            session_deadline: None,
+            to_tag: None,
+            from_hdr: msg.get(&HeaderName::From).unwrap_or_default().to_string(),
+            to_hdr: msg.get(&HeaderName::To).unwrap_or_default().to_string(),
+            caller: Party {
+                contact: msg
+                    .get(&HeaderName::Contact)
+                    .map(|c| name_addr_uri(c).to_string()),
+                flow: Some(flow),
+                routes: msg
+                    .get_all(&HeaderName::RecordRoute)
+                    .map(str::to_string)
+                    .collect(),
+                cseq: msg.cseq().map(|c| c.0).unwrap_or(0),
+            },
+            callee: Party {
+                contact: callee_contact,
+                flow: None,
+                routes: Vec::new(),
+                cseq: 0,
+            },
+        };
+        self.stats.processed += 1;
+        self.dialogs.insert(dkey.clone(), dialog);
+        self.dialog_ids.insert(id, dkey.clone());
+        if let Some(tx) = self.server_txs.get_mut(&key) {
+            tx.call = Some(Call {
+                dialog: dkey,
+                want_group,
+                tried: Vec::new(),
+                attempts: 0,
+                branch: None,
+                best: None,
+                cancelled: false,
+                received: now,
+            });
+        }
+        self.try_next(now, &key);
+    }
+
+    /// Sends the INVITE of `key` to the best destination not tried yet, or ends the call.
+    fn try_next(&mut self, now: Instant, key: &ServerKey) {
+        let Some(tx) = self.server_txs.get(key) else {
+            return;
+        };
+        let Some(call) = tx.call.as_ref() else { return };
+        let Some(dialog) = self.dialogs.get(&call.dialog) else {
+            return;
+        };
+        let resources = dialog.resources.clone();
+        let choice = if call.attempts >= self.cfg.routing.max_attempts {
+            None
+        } else {
+            let want = Want {
+                group: call.want_group,
+                resources: &resources,
+            };
+            routing::choose(
+                &self.dests.slots,
+                want,
+                &call.tried,
+                self.cfg.routing.policy,
+                &mut self.rng,
+            )
+        };
+        let Some(slot) = choice else {
+            return self.call_failed(now, key);
+        };
+        let Some(dest) = self.dests.get(slot) else {
+            return;
+        };
+        let Some(addr) = dest.addr else { return };
+        let dest_transport = dest.transport;
+        let dest_uri = dest.uri.clone();
+        let dest_id = dest.spec.id.clone();
+        let Some(out_l) = self.out_listener(dest_transport, Some(addr.is_ipv6())) else {
+            warn!(destination = %dest_id, "no listener for transport {dest_transport}");
+            return self.call_failed(now, key);
+        };
+        let tx = match self.server_txs.get_mut(key) {
+            Some(tx) => tx,
+            None => return,
+        };
+        let in_flow = tx.reply;
+        let mut fwd = tx.request.clone();
+        let Some(call) = tx.call.as_mut() else { return };
+        call.tried.push(slot);
+        call.attempts += 1;
+        if call.attempts > 1 {
+            self.route_stats.failovers += 1;
+        }
+        let dkey = call.dialog.clone();
+        self.dests.acquire(slot, &resources);
+        if let Some(d) = self.dialogs.get_mut(&dkey) {
+            d.dest = Some(slot);
+            d.callee.flow = Some(Flow {
+                transport: dest_transport,
+                listener: out_l,
+                remote: addr,
+                conn: None,
+            });
+        }
+        // Request-URI: the server's own address, keeping the caller's user part.
+        let mut ruri = dest_uri.clone();
+        if let Some(orig) = fwd.request_uri().and_then(|u| SipUri::parse(u).ok()) {
+            ruri.user = orig.user;
+        }
+        fwd.set_request_uri(ruri.to_string());
+        // Record-Route: one entry, or two when the two sides differ (transport or family).
+        let in_l = in_flow.listener;
+        if in_l == out_l {
+            fwd.push_front(HeaderName::RecordRoute, self.record_route_uri(in_l, false));
+        } else {
+            fwd.push_front(HeaderName::RecordRoute, self.record_route_uri(in_l, true));
+            fwd.push_front(HeaderName::RecordRoute, self.record_route_uri(out_l, true));
+        }
+        let branch = self.new_branch();
+        self.prepare_forward(&mut fwd, out_l, &branch);
+        let flow = Flow {
+            transport: dest_transport,
+            listener: out_l,
+            remote: addr,
+            conn: None,
+        };
+        let ckey = ClientKey {
+            branch,
+            method: Method::Invite,
+        };
+        if let Some(call) = self.server_txs.get_mut(key).and_then(|t| t.call.as_mut()) {
+            call.branch = Some(ckey.clone());
+        }
+        self.route_stats.routed += 1;
+        debug!(call_id = %dkey.call_id, destination = %dest_id, "INVITE forwarded");
+        self.start_client(
+            now,
+            ckey,
+            fwd,
+            flow,
+            Some(key.clone()),
+            Some(slot),
+            Some(in_flow),
+        );
+    }
+
+    /// Creates a client transaction, sends its request and arms its timers.
+    #[allow(clippy::too_many_arguments)]
+    fn start_client(
+        &mut self,
+        now: Instant,
+        key: ClientKey,
+        request: Message,
+        flow: Flow,
+        server: Option<ServerKey>,
+        dest: Option<usize>,
+        upstream: Option<Flow>,
+    ) {
+        let id = self.next_serial();
+        let data = request.to_bytes();
+        let out = Outbound {
+            transport: flow.transport,
+            listener: flow.listener,
+            target: Target::Addr(flow.remote),
+            conn: flow.conn,
+            data,
+            on_error: Some(id),
+        };
+        self.out.push(out.clone());
+        let t = &self.cfg.timers;
+        let (t1, invite_timeout, non_invite_timeout) =
+            (t.t1, t.invite_timeout, t.non_invite_timeout);
+        if flow.transport == Transport::Udp {
+            self.arm(now + t1, Timer::ClientRetransmit(id));
+        }
+        let timeout = if key.method == Method::Invite {
+            invite_timeout
+        } else {
+            non_invite_timeout
+        };
+        self.arm(now + timeout, Timer::ClientTimeout(id));
+        self.client_ids.insert(id, key.clone());
+        self.client_txs.insert(
+            key,
+            ClientTx {
+                id,
+                request,
+                out,
+                state: CState::Calling,
+                retransmit: t1,
+                server,
+                dest,
+                cancel_pending: false,
+                abandoned: false,
+                upstream,
+            },
+        );
+    }
+
+    /// No destination (left): the best response a server gave, or 503 with Retry-After.
+    fn call_failed(&mut self, now: Instant, key: &ServerKey) {
+        let Some(tx) = self.server_txs.get_mut(key) else {
+            return;
+        };
+        let Some(call) = tx.call.as_mut() else { return };
+        let best = call.best.take();
+        let tried = call.tried.len();
+        match best {
+            Some(resp) if resp.code() != Some(503) => self.final_upstream(now, key, resp),
+            _ => {
+                if tried == 0 {
+                    self.route_stats.rejected_no_capacity += 1;
+                }
+                self.final_local(now, key, 503, "Service Unavailable")
+            }
+        }
+    }
+
+    /// Sends a final response the proxy generates for a server transaction.
+    fn final_local(&mut self, now: Instant, key: &ServerKey, code: u16, reason: &str) {
+        let Some(tx) = self.server_txs.get(key) else {
+            return;
+        };
+        let req = tx.request.clone();
+        let tag = tx.local_tag.clone();
+        let mut resp = self.make_response(&req, code, reason, Some(&tag));
+        // The request's Via as received (with received/rport) is what the response carries.
+        resp.remove_all(&HeaderName::Via);
+        for v in req.get_all(&HeaderName::Via) {
+            resp.push(HeaderName::Via, v.to_string());
+        }
+        self.final_upstream(now, key, resp);
+    }
+
+    /// Sends a final response upstream and moves the server transaction on.
+    fn final_upstream(&mut self, now: Instant, key: &ServerKey, resp: Message) {
+        let Some(code) = resp.code() else { return };
+        let data = resp.to_bytes();
+        let t = self.cfg.timers.clone();
+        let Some(tx) = self.server_txs.get_mut(key) else {
+            return;
+        };
+        if matches!(tx.state, SState::Completed | SState::Confirmed) {
+            return;
+        }
+        let reply = tx.reply;
+        let id = tx.id;
+        let is_invite = key.method == Method::Invite;
+        let call = tx.call.take();
+        tx.last_response = Some(data.clone());
+        let reliable = reply.transport == Transport::Tcp;
+        if (200..300).contains(&code) {
+            tx.state = SState::Accepted;
+        } else {
+            tx.state = SState::Completed;
+        }
+        self.send(reply, data, None);
+        if is_invite && !(200..300).contains(&code) {
+            if !reliable {
+                self.arm(now + t.t1, Timer::ServerRetransmit(id));
+            }
+            self.arm(now + t.t1 * 64, Timer::ServerTimeout(id));
+        } else if is_invite {
+            self.arm(now + t.t1 * 64, Timer::ServerCleanup(id));
+        } else {
+            let wait = if reliable { Duration::ZERO } else { t.t1 * 64 };
+            self.arm(now + wait, Timer::ServerCleanup(id));
+        }
+        if let Some(call) = call {
+            let setup = now.saturating_duration_since(call.received);
+            if !(200..300).contains(&code) {
+                self.end_dialog(&call.dialog, End::Failed);
+            }
+            let dest = self
+                .dialogs
+                .get(&call.dialog)
+                .and_then(|d| d.dest)
+                .and_then(|s| self.dests.get(s))
+                .map(|d| d.spec.id.clone())
+                .unwrap_or_else(|| "-".to_string());
+            info!(
+                call_id = %call.dialog.call_id,
+                destination = %dest,
+                status = code,
+                attempts = call.attempts,
+                setup_ms = setup.as_secs_f64() * 1000.0,
+                "call"
+            );
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, msg: Message, flow: Flow, key: ServerKey) {
+        // ACK for a non-2xx final we sent: absorbed here (hop-by-hop).
+        if let Some(tx) = self.server_txs.get_mut(&key) {
+            if tx.state == SState::Completed {
+                tx.state = SState::Confirmed;
+                let id = tx.id;
+                let wait = if tx.reply.transport == Transport::Tcp {
+                    Duration::ZERO
+                } else {
+                    self.cfg.timers.t4
+                };
+                self.arm(now + wait, Timer::ServerCleanup(id));
+                return;
+            }
+            if tx.state == SState::Confirmed {
+                return;
+            }
+        }
+        // ACK for a 2xx: end to end, routed like any in-dialog request.
+        if msg.to_tag().is_some() {
+            self.in_dialog(now, msg, flow, key);
+        }
+    }
+
+    fn on_cancel(&mut self, now: Instant, msg: Message, flow: Flow, key: ServerKey) {
+        let invite_key = ServerKey {
+            method: Method::Invite,
+            ..key
+        };
+        let Some(tx) = self.server_txs.get_mut(&invite_key) else {
+            return self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
+        };
+        let proceeding = tx.state == SState::Proceeding;
+        let branch = match tx.call.as_mut() {
+            Some(call) if proceeding => {
+                call.cancelled = true;
+                call.branch.clone()
+            }
+            _ => None,
+        };
+        self.reply(&msg, flow, 200, "OK");
+        if !proceeding {
+            return;
+        }
+        match branch {
+            Some(ckey) => self.cancel_branch(now, &ckey, None),
+            // A re-INVITE being relayed, or no live branch: nothing to cancel downstream.
+            None => self.final_local(now, &invite_key, 487, "Request Terminated"),
+        }
+    }
+
+    /// Sends CANCEL on an INVITE branch once it has a provisional response (RFC 3261 9.1),
+    /// or marks it to be cancelled when one arrives.
+    fn cancel_branch(&mut self, now: Instant, ckey: &ClientKey, reason: Option<&str>) {
+        let Some(ctx) = self.client_txs.get_mut(ckey) else {
+            return;
+        };
+        match ctx.state {
+            CState::Calling => {
+                ctx.cancel_pending = true;
+                return;
+            }
+            CState::Completed => return,
+            CState::Proceeding => {}
+        }
+        let req = &ctx.request;
+        let mut cancel = Message {
+            start: StartLine::Request {
+                method: Method::Cancel,
+                uri: req.request_uri().unwrap_or_default().to_string(),
+            },
+            headers: Vec::new(),
+            body: Bytes::new(),
+        };
+        if let Some(v) = req.get(&HeaderName::Via) {
+            cancel.push(HeaderName::Via, v.to_string());
+        }
+        cancel.push(HeaderName::MaxForwards, "70".into());
+        for h in [HeaderName::From, HeaderName::To, HeaderName::CallId] {
+            if let Some(v) = req.get(&h) {
+                cancel.push(h, v.to_string());
+            }
+        }
+        let seq = req.cseq().map(|c| c.0).unwrap_or(1);
+        cancel.push(HeaderName::CSeq, format!("{seq} CANCEL"));
+        for r in req.get_all(&HeaderName::Route) {
+            cancel.push(HeaderName::Route, r.to_string());
+        }
+        if let Some(reason) = reason {
+            cancel.push(HeaderName::Reason, reason.to_string());
+        }
+        let flow = Flow {
+            transport: ctx.out.transport,
+            listener: ctx.out.listener,
+            remote: match ctx.out.target {
+                Target::Addr(a) => a,
+                Target::Host(..) => return,
+            },
+            conn: ctx.out.conn,
+        };
+        let key = ClientKey {
+            branch: ckey.branch.clone(),
+            method: Method::Cancel,
+        };
+        if !self.client_txs.contains_key(&key) {
+            self.start_client(now, key, cancel, flow, None, None, None);
+        }
+    }
+
+    /// Requests inside a dialog: routed by their Route headers (loose routing), or by the
+    /// dialog's memory when the client sends them straight to the proxy without Route.
+    fn in_dialog(&mut self, now: Instant, mut msg: Message, flow: Flow, key: ServerKey) {
+        let Some(method) = msg.method().cloned() else {
+            return;
+        };
+        let is_ack = method == Method::Ack;
+        if !self.may_forward(&msg, flow) {
+            return;
+        }
+        // Strip our own Route entries (one, or two for a double Record-Route).
+        while let Some(first) = msg.get(&HeaderName::Route) {
+            match SipUri::parse(name_addr_uri(first)) {
+                Ok(u) if self.is_self_uri(&u) => {
+                    msg.remove_first(&HeaderName::Route);
+                }
+                _ => break,
+            }
+        }
+        let dkey = self.find_dialog(&msg);
+        let from_caller = dkey
+            .as_ref()
+            .and_then(|k| self.dialogs.get(k))
+            .zip(msg.from_tag())
+            .map(|(_, tag)| dkey.as_ref().is_some_and(|k| k.caller_tag == tag));
+        // The next hop.
+        let next_route = msg
+            .get(&HeaderName::Route)
+            .and_then(|r| SipUri::parse(name_addr_uri(r)).ok());
+        let ruri = msg.request_uri().and_then(|u| SipUri::parse(u).ok());
+        let target: Option<Flow> = match (&next_route, &ruri) {
+            (Some(route), _) => self.uri_flow(route),
+            (None, Some(ruri)) if !self.is_self_uri(ruri) => {
+                // The remote target itself: the party's own flow when we know the dialog
+                // (keeps TCP connections and NAT bindings), else its URI.
+                let party_flow = dkey
+                    .as_ref()
+                    .and_then(|k| self.dialogs.get(k))
+                    .and_then(|d| match from_caller {
+                        Some(true) => d.callee.flow,
+                        Some(false) => d.caller.flow,
+                        None => None,
+                    });
+                party_flow.or_else(|| self.uri_flow(ruri))
+            }
+            _ => {
+                // Sent straight to us without Route: only the dialog knows where it goes.
+                let d = dkey.as_ref().and_then(|k| self.dialogs.get(k));
+                match (d, from_caller) {
+                    (Some(d), Some(true)) => {
+                        if let Some(c) = &d.callee.contact {
+                            msg.set_request_uri(c.clone());
+                        }
+                        d.callee.flow
+                    }
+                    (Some(d), Some(false)) => {
+                        if let Some(c) = &d.caller.contact {
+                            msg.set_request_uri(c.clone());
+                        }
+                        d.caller.flow
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let Some(mut target) = target else {
+            if !is_ack {
+                self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
+            }
+            return;
+        };
+        // Send from a listener of the target's transport and family.
+        if let Some(l) = self.out_listener(target.transport, Some(target.remote.is_ipv6())) {
+            target.listener = l;
+        } else {
+            if !is_ack {
+                self.reply(&msg, flow, 503, "Service Unavailable");
+            }
+            return;
+        }
+        // Track the dialog: CSeq, and BYE ends it.
+        if let (Some(k), Some(fc)) = (&dkey, from_caller) {
+            let seq = msg.cseq().map(|c| c.0).unwrap_or(0);
+            if let Some(d) = self.dialogs.get_mut(k) {
+                let party = if fc { &mut d.caller } else { &mut d.callee };
+                party.cseq = party.cseq.max(seq);
+                if !is_ack {
+                    party.flow = Some(flow);
+                }
+            }
+            if method == Method::Bye {
+                self.end_dialog(k, End::Normal);
+            }
+        }
+        let branch = if is_ack {
+            // Stateless: the branch must still be unique and stable for retransmissions.
+            let orig = key.branch.clone();
+            format!("{}a{:x}", self.branch_prefix, fxhash(&orig))
+        } else {
+            self.new_branch()
+        };
+        self.prepare_forward(&mut msg, target.listener, &branch);
+        if is_ack {
+            self.send(target, msg.to_bytes(), None);
+            return;
+        }
+        let upstream = self.response_flow(&msg, flow);
+        self.new_server_tx(msg.clone(), flow, &key);
+        if method == Method::Invite {
+            let trying = self.make_response(&msg, 100, "Trying", None);
+            let mut trying = trying;
+            // Our Via is on top of `msg` now; the 100 goes upstream without it.
+            trying.remove_first(&HeaderName::Via);
+            let data = trying.to_bytes();
+            self.send(upstream, data.clone(), None);
+            if let Some(tx) = self.server_txs.get_mut(&key) {
+                tx.last_response = Some(data);
+                // The stored request is the one received (without our Via).
+                tx.request.remove_first(&HeaderName::Via);
+            }
+        } else if let Some(tx) = self.server_txs.get_mut(&key) {
+            tx.request.remove_first(&HeaderName::Via);
+        }
+        let ckey = ClientKey { branch, method };
+        self.start_client(now, ckey, msg, target, Some(key), None, Some(upstream));
+    }
+
+    fn find_dialog(&self, msg: &Message) -> Option<DialogKey> {
+        let call_id = msg.call_id()?.to_string();
+        for tag in [msg.from_tag(), msg.to_tag()].into_iter().flatten() {
+            let k = DialogKey {
+                call_id: call_id.clone(),
+                caller_tag: tag.to_string(),
+            };
+            if self.dialogs.contains_key(&k) {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    /// Where a URI points: its transport and address, when the host is an IP literal or a
+    /// known destination's host name.
+    fn uri_flow(&self, uri: &SipUri) -> Option<Flow> {
+        let transport = uri.transport();
+        let remote = uri.socket_addr().or_else(|| {
+            self.dests
+                .slots
+                .iter()
+                .find(|d| d.uri.host.eq_ignore_ascii_case(&uri.host) && d.uri.port == uri.port)
+                .and_then(|d| d.addr)
+        })?;
+        Some(Flow {
+            transport,
+            listener: self.out_listener(transport, Some(remote.is_ipv6()))?,
+            remote,
+            conn: None,
+        })
+    }
+
+    // ---- responses ------------------------------------------------------------------------
+
+    fn on_response(&mut self, now: Instant, mut msg: Message, _flow: Flow) {
+        let Some(via) = msg.top_via() else { return };
+        let Some(code) = msg.code() else { return };
+        let Some((_, method)) = msg.cseq() else {
+            return;
+        };
+        let branch = via.branch().unwrap_or_default().to_string();
+        let key = ClientKey {
+            branch,
+            method: method.clone(),
+        };
+        let Some(ctx) = self.client_txs.get_mut(&key) else {
+            // No transaction: forward 2xx to INVITE statelessly if the Via is ours
+            // (retransmissions after the transaction ended).
+            if (200..300).contains(&code)
+                && method == Method::Invite
+                && self.is_self(&via.host, via.port)
+            {
+                msg.remove_first(&HeaderName::Via);
+                if let Some(next) = msg.top_via().and_then(|v| self.via_flow(&v)) {
+                    self.send(next, msg.to_bytes(), None);
+                }
+            }
+            return;
+        };
+        let id = ctx.id;
+        let reliable = ctx.out.transport == Transport::Tcp;
+        let is_invite = method == Method::Invite;
+        // Retransmitted final on a completed transaction.
+        if ctx.state == CState::Completed {
+            if is_invite && (200..300).contains(&code) {
+                if let Some(up) = ctx.upstream {
+                    msg.remove_first(&HeaderName::Via);
+                    self.send(up, msg.to_bytes(), None);
+                }
+            } else if is_invite {
+                let ack = make_ack(&ctx.request, &msg);
+                let out = Outbound {
+                    data: ack.to_bytes(),
+                    on_error: None,
+                    ..ctx.out.clone()
+                };
+                self.out.push(out);
+            }
+            return;
+        }
+        if code < 200 {
+            let was_calling = ctx.state == CState::Calling;
+            ctx.state = CState::Proceeding;
+            let cancel_pending = ctx.cancel_pending;
+            let abandoned = ctx.abandoned;
+            let server = ctx.server.clone();
+            if is_invite && was_calling {
+                self.arm(
+                    now + self.cfg.timers.invite_final_timeout,
+                    Timer::ClientFinalTimeout(id),
+                );
+            }
+            if !is_invite && was_calling && !reliable {
+                // Non-INVITE in Proceeding retransmits at T2.
+                if let Some(c) = self.client_txs.get_mut(&key) {
+                    c.retransmit = self.cfg.timers.t2;
+                }
+            }
+            if cancel_pending {
+                return self.cancel_branch(now, &key, None);
+            }
+            if abandoned || code == 100 {
+                return;
+            }
+            if let Some(skey) = server {
+                if is_invite {
+                    self.note_provisional(&skey, &msg);
+                }
+                msg.remove_first(&HeaderName::Via);
+                let data = msg.to_bytes();
+                if let Some(stx) = self.server_txs.get_mut(&skey) {
+                    if stx.state == SState::Proceeding {
+                        stx.last_response = Some(data.clone());
+                        let reply = stx.reply;
+                        self.send(reply, data, None);
+                    }
+                }
+            }
+            return;
+        }
+        // Final response.
+        ctx.state = CState::Completed;
+        let abandoned = ctx.abandoned;
+        let server = ctx.server.clone();
+        let cleanup = if reliable {
+            Duration::ZERO
+        } else if is_invite {
+            self.cfg.timers.t1 * 64
+        } else {
+            self.cfg.timers.t4
+        };
+        if is_invite && !(200..300).contains(&code) {
+            let ack = make_ack(&ctx.request, &msg);
+            let out = Outbound {
+                data: ack.to_bytes(),
+                on_error: None,
+                ..ctx.out.clone()
+            };
+            self.out.push(out);
+        }
+        self.arm(now + cleanup, Timer::ClientCleanup(id));
+        if abandoned {
+            if (200..300).contains(&code) && is_invite {
+                self.hang_up_late_answer(now, &key, &msg);
+            }
+            return;
+        }
+        let Some(skey) = server else {
+            return; // Our own request (CANCEL, expiry BYE): nothing to relay.
+        };
+        let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
+        if is_invite && is_call {
+            self.branch_final(now, &skey, msg);
+        } else {
+            if is_invite && (200..300).contains(&code) {
+                self.refresh_session(now, &msg);
+            }
+            msg.remove_first(&HeaderName::Via);
+            self.final_upstream(now, &skey, msg);
+        }
+    }
+
+    /// A provisional with a To tag makes the dialog early.
+    fn note_provisional(&mut self, skey: &ServerKey, msg: &Message) {
+        let Some(dkey) = self
+            .server_txs
+            .get(skey)
+            .and_then(|t| t.call.as_ref())
+            .map(|c| c.dialog.clone())
+        else {
+            return;
+        };
+        if msg.to_tag().is_none() {
+            return;
+        }
+        if let Some(d) = self.dialogs.get_mut(&dkey) {
+            if d.phase == Phase::Trying {
+                d.phase = Phase::Early;
+                self.stats.early += 1;
+            }
+        }
+    }
+
+    /// A final response on the live branch of an initial INVITE.
+    fn branch_final(&mut self, now: Instant, skey: &ServerKey, mut msg: Message) {
+        let Some(code) = msg.code() else { return };
+        let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
+            return;
+        };
+        call.branch = None;
+        let dkey = call.dialog.clone();
+        let cancelled = call.cancelled;
+        msg.remove_first(&HeaderName::Via);
+        if (200..300).contains(&code) {
+            self.confirm_dialog(now, &dkey, &msg);
+            return self.final_upstream(now, skey, msg);
+        }
+        self.release_branch(&dkey);
+        let failover = self
+            .cfg
+            .routing
+            .failover_codes
+            .iter()
+            .any(|c| c.matches(code));
+        if cancelled || !failover {
+            return self.final_upstream(now, skey, msg);
+        }
+        if let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) {
+            let better = match &call.best {
+                None => true,
+                Some(b) => rank(code) < rank(b.code().unwrap_or(500)),
+            };
+            if better {
+                call.best = Some(msg);
+            }
+        }
+        self.try_next(now, skey);
+    }
+
+    /// The branch's destination stops carrying the call's load.
+    fn release_branch(&mut self, dkey: &DialogKey) {
+        if let Some(d) = self.dialogs.get_mut(dkey) {
+            if let Some(slot) = d.dest.take() {
+                self.dests.release(slot, &d.resources);
+            }
+            if d.phase == Phase::Early {
+                d.phase = Phase::Trying;
+                self.stats.early = self.stats.early.saturating_sub(1);
+            }
+        }
+    }
+
+    fn confirm_dialog(&mut self, now: Instant, dkey: &DialogKey, msg: &Message) {
+        let session_timer = self.cfg.dialogs.session_timer;
+        let Some(d) = self.dialogs.get_mut(dkey) else {
+            return;
+        };
+        if d.phase == Phase::Confirmed {
+            return;
+        }
+        if d.phase == Phase::Early {
+            self.stats.early = self.stats.early.saturating_sub(1);
+        }
+        d.phase = Phase::Confirmed;
+        self.stats.active += 1;
+        d.to_tag = msg.to_tag().map(str::to_string);
+        d.callee.contact = msg
+            .get(&HeaderName::Contact)
+            .map(|c| name_addr_uri(c).to_string());
+        // Record-Route entries above ours are the callee's side of the route set.
+        let rrs: Vec<&str> = msg.get_all(&HeaderName::RecordRoute).collect();
+        let ours = rrs.iter().position(|r| {
+            SipUri::parse(name_addr_uri(r)).is_ok_and(|u| {
+                self.self_addrs
+                    .iter()
+                    .any(|(h, p)| *h == u.host.to_ascii_lowercase() && *p == u.port.unwrap_or(5060))
+            })
+        });
+        if let Some(i) = ours {
+            d.callee.routes = rrs[..i].iter().map(|s| s.to_string()).collect();
+        }
+        if session_timer {
+            if let Some(se) = session_expires(msg) {
+                d.session_deadline = Some(now + se);
+            }
+        }
+        let (id, deadline) = (d.id, d.deadline());
+        self.arm(deadline, Timer::Dialog(id));
+    }
+
+    /// A 2xx to a re-INVITE or UPDATE with Session-Expires pushes the dialog's deadline.
+    fn refresh_session(&mut self, now: Instant, msg: &Message) {
+        if !self.cfg.dialogs.session_timer {
+            return;
+        }
+        let Some(se) = session_expires(msg) else {
+            return;
+        };
+        if let Some(k) = self.find_dialog(msg) {
+            if let Some(d) = self.dialogs.get_mut(&k) {
+                d.session_deadline = Some(now + se);
+            }
+        }
+    }
+
+    /// A 2xx from a branch the proxy had given up on: acknowledge it and hang it up, so the
+    /// server does not hold a call nobody will use.
+    fn hang_up_late_answer(&mut self, now: Instant, key: &ClientKey, resp: &Message) {
+        let Some(ctx) = self.client_txs.get(key) else {
+            return;
+        };
+        let ack = make_ack(&ctx.request, resp);
+        let out = ctx.out.clone();
+        let mut target_flow = Flow {
+            transport: out.transport,
+            listener: out.listener,
+            remote: match out.target {
+                Target::Addr(a) => a,
+                Target::Host(..) => return,
+            },
+            conn: out.conn,
+        };
+        let mut ack = ack;
+        if let Some(c) = resp.get(&HeaderName::Contact) {
+            ack.set_request_uri(name_addr_uri(c).to_string());
+        }
+        let branch = self.new_branch();
+        ack.remove_all(&HeaderName::Via);
+        self.prepare_forward(&mut ack, out.listener, &branch);
+        self.send(target_flow, ack.to_bytes(), None);
+        let mut bye = ack.clone();
+        bye.start = StartLine::Request {
+            method: Method::Bye,
+            uri: bye.request_uri().unwrap_or_default().to_string(),
+        };
+        let seq = resp.cseq().map(|c| c.0).unwrap_or(1) + 1;
+        bye.set(HeaderName::CSeq, format!("{seq} BYE"));
+        let branch = self.new_branch();
+        bye.remove_all(&HeaderName::Via);
+        self.prepare_forward(&mut bye, out.listener, &branch);
+        target_flow.conn = None;
+        warn!(
+            call_id = resp.call_id().unwrap_or_default(),
+            "late 2xx on an abandoned branch: hanging up"
+        );
+        self.start_client(
+            now,
+            ClientKey {
+                branch,
+                method: Method::Bye,
+            },
+            bye,
+            target_flow,
+            None,
+            None,
+            None,
+        );
+    }
+
+    // ---- timers ---------------------------------------------------------------------------
+
+    fn fire(&mut self, now: Instant, timer: Timer) {
+        match timer {
+            Timer::ClientRetransmit(id) => {
+                let Some(key) = self.client_ids.get(&id).cloned() else {
+                    return;
+                };
+                let t2 = self.cfg.timers.t2;
+                let Some(ctx) = self.client_txs.get_mut(&key) else {
+                    return;
+                };
+                let is_invite = key.method == Method::Invite;
+                let active = match ctx.state {
+                    CState::Calling => true,
+                    CState::Proceeding => !is_invite,
+                    CState::Completed => false,
+                };
+                if !active {
+                    return;
+                }
+                self.out.push(ctx.out.clone());
+                ctx.retransmit = if is_invite {
+                    ctx.retransmit * 2
+                } else if ctx.state == CState::Proceeding {
+                    t2
+                } else {
+                    (ctx.retransmit * 2).min(t2)
+                };
+                let next = now + ctx.retransmit;
+                self.arm(next, Timer::ClientRetransmit(id));
+            }
+            Timer::ClientTimeout(id) => {
+                let Some(key) = self.client_ids.get(&id).cloned() else {
+                    return;
+                };
+                self.client_timeout(now, key, false);
+            }
+            Timer::ClientFinalTimeout(id) => {
+                let Some(key) = self.client_ids.get(&id).cloned() else {
+                    return;
+                };
+                let Some(ctx) = self.client_txs.get_mut(&key) else {
+                    return;
+                };
+                if ctx.state != CState::Proceeding || ctx.abandoned {
+                    return;
+                }
+                // Provisional but no final in time: CANCEL and try the next server.
+                ctx.abandoned = true;
+                let server = ctx.server.clone();
+                self.cancel_branch(
+                    now,
+                    &key,
+                    Some("SIP;cause=408;text=\"final response timeout\""),
+                );
+                if let Some(skey) = server {
+                    self.branch_gave_up(now, &skey, false);
+                }
+            }
+            Timer::ClientCleanup(id) => {
+                if let Some(key) = self.client_ids.remove(&id) {
+                    self.client_txs.remove(&key);
+                }
+            }
+            Timer::ServerRetransmit(id) => {
+                let Some(key) = self.server_ids.get(&id).cloned() else {
+                    return;
+                };
+                let t2 = self.cfg.timers.t2;
+                let Some(tx) = self.server_txs.get_mut(&key) else {
+                    return;
+                };
+                if tx.state != SState::Completed {
+                    return;
+                }
+                if let Some(last) = tx.last_response.clone() {
+                    let reply = tx.reply;
+                    tx.retransmit = (tx.retransmit * 2).min(t2);
+                    let next = now + tx.retransmit;
+                    self.send(reply, last, None);
+                    self.arm(next, Timer::ServerRetransmit(id));
+                }
+            }
+            Timer::ServerTimeout(id) | Timer::ServerCleanup(id) => {
+                if let Some(key) = self.server_ids.remove(&id) {
+                    self.server_txs.remove(&key);
+                }
+            }
+            Timer::Dialog(id) => {
+                let Some(key) = self.dialog_ids.get(&id).cloned() else {
+                    return;
+                };
+                let Some(d) = self.dialogs.get(&key) else {
+                    return;
+                };
+                let deadline = d.deadline();
+                if deadline > now {
+                    // Refreshed since the timer was set.
+                    self.arm(deadline, Timer::Dialog(id));
+                    return;
+                }
+                self.expire_dialog(now, &key);
+            }
+        }
+    }
+
+    fn client_timeout(&mut self, now: Instant, key: ClientKey, transport_error: bool) {
+        let Some(ctx) = self.client_txs.get_mut(&key) else {
+            return;
+        };
+        let is_invite = key.method == Method::Invite;
+        let timed_out = match ctx.state {
+            CState::Calling => true,
+            CState::Proceeding => !is_invite || transport_error,
+            CState::Completed => false,
+        };
+        if !timed_out || ctx.abandoned {
+            return;
+        }
+        ctx.abandoned = true;
+        ctx.state = CState::Completed;
+        let id = ctx.id;
+        let server = ctx.server.clone();
+        let dest = ctx.dest;
+        let cancel_pending = ctx.cancel_pending;
+        self.arm(now, Timer::ClientCleanup(id));
+        if is_invite {
+            if let Some(slot) = dest {
+                if let Some(d) = self.dests.get_mut(slot) {
+                    warn!(destination = %d.spec.id, uri = %d.spec.uri, "no response to INVITE: marked down");
+                    d.set_state(State::Down);
+                }
+            }
+        }
+        let Some(skey) = server else { return };
+        let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
+        if is_invite && is_call {
+            if cancel_pending {
+                let dkey = self
+                    .server_txs
+                    .get_mut(&skey)
+                    .and_then(|t| t.call.as_mut())
+                    .map(|c| {
+                        c.branch = None;
+                        c.dialog.clone()
+                    });
+                if let Some(dkey) = dkey {
+                    self.release_branch(&dkey);
+                }
+                return self.final_local(now, &skey, 487, "Request Terminated");
+            }
+            self.branch_gave_up(now, &skey, true);
+        } else {
+            self.final_local(now, &skey, 408, "Request Timeout");
+        }
+    }
+
+    /// The live branch of a call timed out: release its load and try the next destination.
+    fn branch_gave_up(&mut self, now: Instant, skey: &ServerKey, _no_response: bool) {
+        let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
+            return;
+        };
+        call.branch = None;
+        let dkey = call.dialog.clone();
+        let cancelled = call.cancelled;
+        self.release_branch(&dkey);
+        if cancelled {
+            return self.final_local(now, skey, 487, "Request Terminated");
+        }
+        self.try_next(now, skey);
+    }
+
+    // ---- dialogs --------------------------------------------------------------------------
+
+    fn end_dialog(&mut self, key: &DialogKey, how: End) {
+        let Some(d) = self.dialogs.remove(key) else {
+            return;
+        };
+        self.dialog_ids.remove(&d.id);
+        if let Some(slot) = d.dest {
+            self.dests.release(slot, &d.resources);
+        }
+        match d.phase {
+            Phase::Confirmed => self.stats.active = self.stats.active.saturating_sub(1),
+            Phase::Early => self.stats.early = self.stats.early.saturating_sub(1),
+            Phase::Trying => {}
+        }
+        match how {
+            End::Normal => {}
+            End::Failed => self.stats.failed += 1,
+            End::Expired => self.stats.expired += 1,
+        }
+    }
+
+    /// The lifetime or Session-Expires limit passed: BYE to both sides, load freed.
+    fn expire_dialog(&mut self, now: Instant, key: &DialogKey) {
+        let Some(d) = self.dialogs.get(key).cloned() else {
+            return;
+        };
+        if d.phase == Phase::Confirmed {
+            let to_tagged = match &d.to_tag {
+                Some(t) => format!("{};tag={t}", d.to_hdr),
+                None => d.to_hdr.clone(),
+            };
+            // Towards the callee: as the caller.
+            if let (Some(contact), Some(flow)) = (&d.callee.contact, d.callee.flow) {
+                let bye = self.make_bye(
+                    key,
+                    contact,
+                    &d.from_hdr,
+                    &to_tagged,
+                    d.caller.cseq + 1,
+                    &d.callee.routes,
+                );
+                self.send_own(now, bye, flow);
+            }
+            // Towards the caller: as the callee.
+            if let (Some(contact), Some(flow)) = (&d.caller.contact, d.caller.flow) {
+                let seq = d.callee.cseq.max(1) + 1;
+                let bye =
+                    self.make_bye(key, contact, &to_tagged, &d.from_hdr, seq, &d.caller.routes);
+                self.send_own(now, bye, flow);
+            }
+        }
+        info!(call_id = %key.call_id, "dialog expired: BYE sent to both sides");
+        self.end_dialog(key, End::Expired);
+    }
+
+    fn make_bye(
+        &self,
+        key: &DialogKey,
+        ruri: &str,
+        from: &str,
+        to: &str,
+        cseq: u32,
+        routes: &[String],
+    ) -> Message {
+        let mut bye = Message {
+            start: StartLine::Request {
+                method: Method::Bye,
+                uri: ruri.to_string(),
+            },
+            headers: Vec::new(),
+            body: Bytes::new(),
+        };
+        for r in routes {
+            bye.push(HeaderName::Route, r.clone());
+        }
+        bye.push(HeaderName::From, from.to_string());
+        bye.push(HeaderName::To, to.to_string());
+        bye.push(HeaderName::CallId, key.call_id.clone());
+        bye.push(HeaderName::CSeq, format!("{cseq} BYE"));
+        bye.push(
+            HeaderName::Reason,
+            "SIP;cause=408;text=\"dialog expired\"".to_string(),
+        );
+        bye
+    }
+
+    /// Sends a request the proxy originates, in a client transaction of its own.
+    fn send_own(&mut self, now: Instant, mut req: Message, mut flow: Flow) {
+        let Some(l) = self.out_listener(flow.transport, Some(flow.remote.is_ipv6())) else {
+            return;
+        };
+        flow.listener = l;
+        let branch = self.new_branch();
+        self.prepare_forward(&mut req, l, &branch);
+        let Some(method) = req.method().cloned() else {
+            return;
+        };
+        self.start_client(
+            now,
+            ClientKey { branch, method },
+            req,
+            flow,
+            None,
+            None,
+            None,
+        );
+    }
+}
+
+/// Preference among final responses when all branches failed (RFC 3261 16.7, simplified):
+/// 6xx, then 4xx, 3xx, then 5xx; 503 last.
+fn rank(code: u16) -> u16 {
+    match code {
+        503 => 1000,
+        600..=699 => code - 600,
+        400..=499 => 100 + code - 400,
+        300..=399 => 200 + code - 300,
+        _ => 300 + code,
+    }
+}
+
+/// The ACK for a non-2xx final response (RFC 3261 17.1.1.3): same branch and Request-URI as
+/// the INVITE, To from the response.
+fn make_ack(invite: &Message, resp: &Message) -> Message {
+    let mut ack = Message {
+        start: StartLine::Request {
+            method: Method::Ack,
+            uri: invite.request_uri().unwrap_or_default().to_string(),
+        },
+        headers: Vec::new(),
+        body: Bytes::new(),
+    };
+    if let Some(v) = invite.get(&HeaderName::Via) {
+        ack.push(HeaderName::Via, v.to_string());
+    }
+    ack.push(HeaderName::MaxForwards, "70".into());
+    if let Some(v) = invite.get(&HeaderName::From) {
+        ack.push(HeaderName::From, v.to_string());
+    }
+    if let Some(v) = resp.get(&HeaderName::To) {
+        ack.push(HeaderName::To, v.to_string());
+    }
+    if let Some(v) = invite.get(&HeaderName::CallId) {
+        ack.push(HeaderName::CallId, v.to_string());
+    }
+    let seq = invite.cseq().map(|c| c.0).unwrap_or(1);
+    ack.push(HeaderName::CSeq, format!("{seq} ACK"));
+    for r in invite.get_all(&HeaderName::Route) {
+        ack.push(HeaderName::Route, r.to_string());
+    }
+    ack
+}
+
+/// `Session-Expires: 600;refresher=uac` → 600 s.
+fn session_expires(msg: &Message) -> Option<Duration> {
+    let v = msg.get(&HeaderName::SessionExpires)?;
+    let secs: u64 = v.split(';').next()?.trim().parse().ok()?;
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// A small stable hash for deriving stateless branches.
+fn fxhash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+#[path = "proxy_tests.rs"]
+mod tests;

@@ -1,0 +1,891 @@
+//! The SIP message: start line, ordered raw headers, untouched body.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt;
+
+use super::uri::{split_host_port, write_host, SipUri};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Method {
+    Invite,
+    Ack,
+    Bye,
+    Cancel,
+    Options,
+    Update,
+    Info,
+    Prack,
+    Register,
+    Subscribe,
+    Notify,
+    Refer,
+    Message,
+    Publish,
+    Other(String),
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Method {
+        match s {
+            "INVITE" => Method::Invite,
+            "ACK" => Method::Ack,
+            "BYE" => Method::Bye,
+            "CANCEL" => Method::Cancel,
+            "OPTIONS" => Method::Options,
+            "UPDATE" => Method::Update,
+            "INFO" => Method::Info,
+            "PRACK" => Method::Prack,
+            "REGISTER" => Method::Register,
+            "SUBSCRIBE" => Method::Subscribe,
+            "NOTIFY" => Method::Notify,
+            "REFER" => Method::Refer,
+            "MESSAGE" => Method::Message,
+            "PUBLISH" => Method::Publish,
+            other => Method::Other(other.to_string()),
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Invite => "INVITE",
+            Method::Ack => "ACK",
+            Method::Bye => "BYE",
+            Method::Cancel => "CANCEL",
+            Method::Options => "OPTIONS",
+            Method::Update => "UPDATE",
+            Method::Info => "INFO",
+            Method::Prack => "PRACK",
+            Method::Register => "REGISTER",
+            Method::Subscribe => "SUBSCRIBE",
+            Method::Notify => "NOTIFY",
+            Method::Refer => "REFER",
+            Method::Message => "MESSAGE",
+            Method::Publish => "PUBLISH",
+            Method::Other(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartLine {
+    Request { method: Method, uri: String },
+    Response { code: u16, reason: String },
+}
+
+/// Header names the proxy reads or writes; everything else is carried as written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HeaderName {
+    Via,
+    From,
+    To,
+    CallId,
+    CSeq,
+    MaxForwards,
+    Route,
+    RecordRoute,
+    Contact,
+    ContentLength,
+    ContentType,
+    SessionExpires,
+    MinSe,
+    Supported,
+    Require,
+    Allow,
+    RetryAfter,
+    Server,
+    UserAgent,
+    Reason,
+    Other(String),
+}
+
+impl HeaderName {
+    pub fn parse(s: &str) -> HeaderName {
+        // Compact forms (RFC 3261 7.3.3, RFC 4028) are expanded.
+        let known = [
+            ("via", HeaderName::Via),
+            ("v", HeaderName::Via),
+            ("from", HeaderName::From),
+            ("f", HeaderName::From),
+            ("to", HeaderName::To),
+            ("t", HeaderName::To),
+            ("call-id", HeaderName::CallId),
+            ("i", HeaderName::CallId),
+            ("cseq", HeaderName::CSeq),
+            ("max-forwards", HeaderName::MaxForwards),
+            ("route", HeaderName::Route),
+            ("record-route", HeaderName::RecordRoute),
+            ("contact", HeaderName::Contact),
+            ("m", HeaderName::Contact),
+            ("content-length", HeaderName::ContentLength),
+            ("l", HeaderName::ContentLength),
+            ("content-type", HeaderName::ContentType),
+            ("c", HeaderName::ContentType),
+            ("session-expires", HeaderName::SessionExpires),
+            ("x", HeaderName::SessionExpires),
+            ("min-se", HeaderName::MinSe),
+            ("supported", HeaderName::Supported),
+            ("k", HeaderName::Supported),
+            ("require", HeaderName::Require),
+            ("allow", HeaderName::Allow),
+            ("retry-after", HeaderName::RetryAfter),
+            ("server", HeaderName::Server),
+            ("user-agent", HeaderName::UserAgent),
+            ("reason", HeaderName::Reason),
+        ];
+        for (n, h) in known {
+            if s.eq_ignore_ascii_case(n) {
+                return h;
+            }
+        }
+        HeaderName::Other(s.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            HeaderName::Via => "Via",
+            HeaderName::From => "From",
+            HeaderName::To => "To",
+            HeaderName::CallId => "Call-ID",
+            HeaderName::CSeq => "CSeq",
+            HeaderName::MaxForwards => "Max-Forwards",
+            HeaderName::Route => "Route",
+            HeaderName::RecordRoute => "Record-Route",
+            HeaderName::Contact => "Contact",
+            HeaderName::ContentLength => "Content-Length",
+            HeaderName::ContentType => "Content-Type",
+            HeaderName::SessionExpires => "Session-Expires",
+            HeaderName::MinSe => "Min-SE",
+            HeaderName::Supported => "Supported",
+            HeaderName::Require => "Require",
+            HeaderName::Allow => "Allow",
+            HeaderName::RetryAfter => "Retry-After",
+            HeaderName::Server => "Server",
+            HeaderName::UserAgent => "User-Agent",
+            HeaderName::Reason => "Reason",
+            HeaderName::Other(s) => s,
+        }
+    }
+
+    /// Headers whose comma-separated values are split into one entry each, so that the proxy
+    /// can add and remove single entries (RFC 3261 7.3.1).
+    fn is_list(&self) -> bool {
+        matches!(
+            self,
+            HeaderName::Via | HeaderName::Route | HeaderName::RecordRoute
+        )
+    }
+}
+
+/// Why a message could not be used.
+#[derive(Debug, Clone)]
+pub struct ParseError {
+    pub reason: String,
+    /// What could be read of the message, when its framing was sound: enough to address a
+    /// `400 Bad Request` to its sender.
+    pub partial: Option<Box<Message>>,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+fn perr(reason: impl Into<String>) -> ParseError {
+    ParseError {
+        reason: reason.into(),
+        partial: None,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub start: StartLine,
+    pub headers: Vec<(HeaderName, String)>,
+    pub body: Bytes,
+}
+
+/// Finds the end of the header section: the index just past the empty line.
+pub fn header_end(data: &[u8]) -> Option<usize> {
+    if let Some(i) = memfind(data, b"\r\n\r\n") {
+        return Some(i + 4);
+    }
+    memfind(data, b"\n\n").map(|i| i + 2)
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Message {
+    /// Parses one whole message (a UDP datagram or a framed TCP message).
+    pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
+        let data = trim_leading_crlf(data);
+        if data.is_empty() {
+            return Err(perr("empty message"));
+        }
+        let hend = header_end(data).ok_or_else(|| perr("no end of headers"))?;
+        let head =
+            std::str::from_utf8(&data[..hend]).map_err(|_| perr("header section is not UTF-8"))?;
+        let mut lines = unfold(head);
+        if lines.is_empty() {
+            return Err(perr("no start line"));
+        }
+        let first = lines.remove(0);
+        let start = parse_start_line(&first)?;
+        let mut headers = Vec::with_capacity(lines.len() + 2);
+        for line in lines {
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| perr(format!("header line without colon: {line:?}")))?;
+            let name = name.trim();
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(perr(format!("bad header name {name:?}")));
+            }
+            let name = HeaderName::parse(name);
+            let value = value.trim();
+            if name.is_list() {
+                for v in split_list(value) {
+                    headers.push((name.clone(), v.to_string()));
+                }
+            } else {
+                headers.push((name, value.to_string()));
+            }
+        }
+        let mut body = Bytes::copy_from_slice(&data[hend..]);
+        let mut msg = Message {
+            start,
+            headers,
+            body: Bytes::new(),
+        };
+        if let Some(cl) = msg.get(&HeaderName::ContentLength).map(str::to_string) {
+            let cl: usize = match cl.trim().parse() {
+                Ok(n) => n,
+                Err(_) => return Err(msg.invalid(format!("bad Content-Length {cl:?}"))),
+            };
+            if cl > body.len() {
+                return Err(msg.invalid(format!(
+                    "Content-Length {cl} but only {} body bytes",
+                    body.len()
+                )));
+            }
+            body.truncate(cl);
+        }
+        msg.body = body;
+        msg.check_essentials()
+    }
+
+    fn invalid(self, reason: String) -> ParseError {
+        ParseError {
+            reason,
+            partial: Some(Box::new(self)),
+        }
+    }
+
+    /// The headers every request and response must have, readable (RFC 3261 8.1.1).
+    fn check_essentials(self) -> Result<Message, ParseError> {
+        for h in [
+            HeaderName::Via,
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+            HeaderName::CSeq,
+        ] {
+            if self.get(&h).is_none() {
+                let reason = format!("missing {} header", h.as_str());
+                return Err(self.invalid(reason));
+            }
+        }
+        let Some((_, cseq_method)) = self.cseq() else {
+            let reason = format!("bad CSeq {:?}", self.get(&HeaderName::CSeq));
+            return Err(self.invalid(reason));
+        };
+        if let StartLine::Request { method, .. } = &self.start {
+            if *method != cseq_method {
+                let reason = format!("CSeq method {cseq_method} differs from {method}");
+                return Err(self.invalid(reason));
+            }
+        }
+        if self.top_via().is_none() {
+            let reason = format!("bad Via {:?}", self.get(&HeaderName::Via));
+            return Err(self.invalid(reason));
+        }
+        if let Some(mf) = self.get(&HeaderName::MaxForwards) {
+            if mf.trim().parse::<u32>().is_err() {
+                let reason = format!("bad Max-Forwards {mf:?}");
+                return Err(self.invalid(reason));
+            }
+        }
+        if let StartLine::Request { uri, .. } = &self.start {
+            if let Err(e) = SipUri::parse(uri) {
+                // tel: and other schemes are not ours to route, but are not malformed.
+                if uri.starts_with("sip") {
+                    return Err(self.invalid(format!("bad Request-URI: {e}")));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn is_request(&self) -> bool {
+        matches!(self.start, StartLine::Request { .. })
+    }
+
+    pub fn method(&self) -> Option<&Method> {
+        match &self.start {
+            StartLine::Request { method, .. } => Some(method),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<u16> {
+        match &self.start {
+            StartLine::Response { code, .. } => Some(*code),
+            StartLine::Request { .. } => None,
+        }
+    }
+
+    pub fn request_uri(&self) -> Option<&str> {
+        match &self.start {
+            StartLine::Request { uri, .. } => Some(uri),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    pub fn set_request_uri(&mut self, new: String) {
+        if let StartLine::Request { uri, .. } = &mut self.start {
+            *uri = new;
+        }
+    }
+
+    pub fn get(&self, name: &HeaderName) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn get_all<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn count(&self, name: &HeaderName) -> usize {
+        self.headers.iter().filter(|(n, _)| n == name).count()
+    }
+
+    /// Removes and returns the first header of that name.
+    pub fn remove_first(&mut self, name: &HeaderName) -> Option<String> {
+        let i = self.headers.iter().position(|(n, _)| n == name)?;
+        Some(self.headers.remove(i).1)
+    }
+
+    pub fn remove_all(&mut self, name: &HeaderName) {
+        self.headers.retain(|(n, _)| n != name);
+    }
+
+    /// Inserts a header above the first of its name (at the top when there is none).
+    pub fn push_front(&mut self, name: HeaderName, value: String) {
+        let i = self
+            .headers
+            .iter()
+            .position(|(n, _)| *n == name)
+            .unwrap_or(0);
+        self.headers.insert(i, (name, value));
+    }
+
+    /// Appends a header at the end.
+    pub fn push(&mut self, name: HeaderName, value: String) {
+        self.headers.push((name, value));
+    }
+
+    /// Replaces the first header of that name, or appends one.
+    pub fn set(&mut self, name: HeaderName, value: String) {
+        match self.headers.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v = value,
+            None => self.headers.push((name, value)),
+        }
+    }
+
+    pub fn call_id(&self) -> Option<&str> {
+        self.get(&HeaderName::CallId)
+    }
+
+    pub fn cseq(&self) -> Option<(u32, Method)> {
+        let v = self.get(&HeaderName::CSeq)?;
+        let mut it = v.split_whitespace();
+        let n = it.next()?.parse().ok()?;
+        let m = Method::parse(it.next()?);
+        if it.next().is_some() {
+            return None;
+        }
+        Some((n, m))
+    }
+
+    pub fn from_tag(&self) -> Option<&str> {
+        header_param(self.get(&HeaderName::From)?, "tag")
+    }
+
+    pub fn to_tag(&self) -> Option<&str> {
+        header_param(self.get(&HeaderName::To)?, "tag")
+    }
+
+    pub fn top_via(&self) -> Option<Via> {
+        Via::parse(self.get(&HeaderName::Via)?)
+    }
+
+    pub fn max_forwards(&self) -> Option<u32> {
+        self.get(&HeaderName::MaxForwards)?.trim().parse().ok()
+    }
+
+    /// Serialises with a Content-Length that matches the body.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut cap = 64 + self.body.len();
+        for (n, v) in &self.headers {
+            cap += n.as_str().len() + v.len() + 4;
+        }
+        let mut out = BytesMut::with_capacity(cap);
+        match &self.start {
+            StartLine::Request { method, uri } => {
+                out.put_slice(method.as_str().as_bytes());
+                out.put_u8(b' ');
+                out.put_slice(uri.as_bytes());
+                out.put_slice(b" SIP/2.0\r\n");
+            }
+            StartLine::Response { code, reason } => {
+                out.put_slice(b"SIP/2.0 ");
+                out.put_slice(code.to_string().as_bytes());
+                out.put_u8(b' ');
+                out.put_slice(reason.as_bytes());
+                out.put_slice(b"\r\n");
+            }
+        }
+        for (n, v) in &self.headers {
+            if *n == HeaderName::ContentLength {
+                continue;
+            }
+            out.put_slice(n.as_str().as_bytes());
+            out.put_slice(b": ");
+            out.put_slice(v.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        out.put_slice(b"Content-Length: ");
+        out.put_slice(self.body.len().to_string().as_bytes());
+        out.put_slice(b"\r\n\r\n");
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// A response to this request, copying Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6).
+    pub fn response(&self, code: u16, reason: &str) -> Message {
+        let mut headers = Vec::with_capacity(8);
+        for (n, v) in &self.headers {
+            match n {
+                HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
+                    headers.push((n.clone(), v.clone()))
+                }
+                HeaderName::To => headers.push((n.clone(), v.clone())),
+                _ => {}
+            }
+        }
+        Message {
+            start: StartLine::Response {
+                code,
+                reason: reason.to_string(),
+            },
+            headers,
+            body: Bytes::new(),
+        }
+    }
+}
+
+fn trim_leading_crlf(mut data: &[u8]) -> &[u8] {
+    while let [b'\r' | b'\n', rest @ ..] = data {
+        data = rest;
+    }
+    data
+}
+
+/// Splits the header section into logical lines, joining folded continuation lines.
+fn unfold(head: &str) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for raw in head.split('\n') {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = lines.last_mut() {
+                last.push(' ');
+                last.push_str(line.trim());
+                continue;
+            }
+        }
+        lines.push(line.to_string());
+    }
+    lines
+}
+
+fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
+    if let Some(rest) = line.strip_prefix("SIP/2.0 ") {
+        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        let code: u16 = code
+            .parse()
+            .ok()
+            .filter(|c| (100..700).contains(c))
+            .ok_or_else(|| perr(format!("bad status code in {line:?}")))?;
+        return Ok(StartLine::Response {
+            code,
+            reason: reason.to_string(),
+        });
+    }
+    let mut it = line.split(' ');
+    let (Some(method), Some(uri), Some(version), None) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
+        return Err(perr(format!("bad start line {line:?}")));
+    };
+    if version != "SIP/2.0" {
+        return Err(perr(format!("unsupported version {version:?}")));
+    }
+    if method.is_empty()
+        || !method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+    {
+        return Err(perr(format!("bad method {method:?}")));
+    }
+    if uri.is_empty() {
+        return Err(perr("empty Request-URI"));
+    }
+    Ok(StartLine::Request {
+        method: Method::parse(method),
+        uri: uri.to_string(),
+    })
+}
+
+/// Splits a header value at commas that are outside quotes and angle brackets.
+pub fn split_list(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut quoted, mut angle, mut escaped) = (false, false, false);
+    let mut start = 0;
+    for (i, c) in value.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !quoted && !angle => {
+                let part = value[start..i].trim();
+                if !part.is_empty() {
+                    out.push(part);
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    let part = value[start..].trim();
+    if !part.is_empty() {
+        out.push(part);
+    }
+    out
+}
+
+/// The URI inside a name-addr (`"x" <sip:a@b>;tag=1`) or addr-spec (`sip:a@b;tag=1`).
+pub fn name_addr_uri(value: &str) -> &str {
+    if let Some(start) = find_unquoted(value, '<') {
+        let rest = &value[start + 1..];
+        if let Some(end) = rest.find('>') {
+            return rest[..end].trim();
+        }
+    }
+    // addr-spec form: parameters after ';' belong to the header, not the URI.
+    value.split(';').next().unwrap_or(value).trim()
+}
+
+fn find_unquoted(value: &str, needle: char) -> Option<usize> {
+    let mut quoted = false;
+    for (i, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c == needle && !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A header parameter of a name-addr header (From/To tag), outside the URI.
+pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let params = match find_unquoted(value, '<') {
+        Some(start) => {
+            let end = value[start..].find('>')? + start;
+            &value[end + 1..]
+        }
+        None => value.split_once(';').map(|(_, p)| p).unwrap_or(""),
+    };
+    params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// One Via entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via {
+    /// UDP, TCP, TLS, ... as written.
+    pub transport: String,
+    pub host: String,
+    pub port: Option<u16>,
+    pub params: Vec<(String, Option<String>)>,
+}
+
+impl Via {
+    pub fn parse(value: &str) -> Option<Via> {
+        let mut parts = value.split(';');
+        let proto_host = parts.next()?.trim();
+        let (proto, sent_by) = proto_host.split_once(char::is_whitespace)?;
+        let mut p = proto.split('/');
+        let (name, version, transport) = (p.next()?, p.next()?, p.next()?);
+        if !name.trim().eq_ignore_ascii_case("SIP") || version.trim() != "2.0" {
+            return None;
+        }
+        let (host, port) = split_host_port(sent_by.trim())?;
+        if host.is_empty() {
+            return None;
+        }
+        let params = parts
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
+                None => (p.to_string(), None),
+            })
+            .collect();
+        Some(Via {
+            transport: transport.trim().to_ascii_uppercase(),
+            host: host.to_string(),
+            port,
+            params,
+        })
+    }
+
+    pub fn param(&self, name: &str) -> Option<Option<&str>> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_deref())
+    }
+
+    pub fn branch(&self) -> Option<&str> {
+        self.param("branch").flatten()
+    }
+
+    pub fn set_param(&mut self, name: &str, value: Option<String>) {
+        match self
+            .params
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some((_, v)) => *v = value,
+            None => self.params.push((name.to_string(), value)),
+        }
+    }
+
+    /// `host:port` as written, the transaction-matching sent-by.
+    pub fn sent_by(&self) -> String {
+        let mut s = String::new();
+        let _ = write_host(&mut s, &self.host);
+        if let Some(p) = self.port {
+            s.push(':');
+            s.push_str(&p.to_string());
+        }
+        s
+    }
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SIP/2.0/{} ", self.transport)?;
+        write_host(f, &self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        for (k, v) in &self.params {
+            match v {
+                Some(v) => write!(f, ";{k}={v}")?,
+                None => write!(f, ";{k}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `400 Bad Request` for a malformed request whose framing was sound and whose Via,
+/// From, To, Call-ID and CSeq can still be copied; None when no response can be addressed
+/// (a response, an ACK, or too little readable).
+pub fn bad_request(e: &ParseError) -> Option<Bytes> {
+    let msg = e.partial.as_deref()?;
+    match msg.method() {
+        None | Some(Method::Ack) => return None,
+        Some(_) => {}
+    }
+    for h in [
+        HeaderName::From,
+        HeaderName::To,
+        HeaderName::CallId,
+        HeaderName::CSeq,
+    ] {
+        msg.get(&h)?;
+    }
+    msg.top_via()?;
+    let mut resp = msg.response(400, "Bad Request");
+    let reason: String = e
+        .reason
+        .chars()
+        .filter(|c| *c != '"' && !c.is_control())
+        .take(200)
+        .collect();
+    resp.push(
+        HeaderName::Other("Warning".into()),
+        format!("399 mrcp-lb \"{reason}\""),
+    );
+    Some(resp.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:127.0.0.1:5060 SIP/2.0\r\n\
+v: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-1;rport, SIP/2.0/TCP 10.0.0.2;branch=z9hG4bK-0\r\n\
+Max-Forwards: 70\r\n\
+f: \"Alice, A.\" <sip:alice@10.0.0.1:5070>;tag=abc\r\n\
+To: <sip:127.0.0.1:5060>\r\n\
+Call-ID: 1-2@10.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Subject: folded\r\n line\r\n\
+Contact: <sip:alice@10.0.0.1:5070;transport=udp>\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: 4\r\n\r\nv=0\nTRAILING";
+
+    #[test]
+    fn parses_an_invite() {
+        let m = Message::parse(INVITE.as_bytes()).unwrap();
+        assert_eq!(m.method(), Some(&Method::Invite));
+        assert_eq!(m.count(&HeaderName::Via), 2, "comma-separated Via is split");
+        let via = m.top_via().unwrap();
+        assert_eq!(via.transport, "UDP");
+        assert_eq!(via.host, "10.0.0.1");
+        assert_eq!(via.port, Some(5070));
+        assert_eq!(via.branch(), Some("z9hG4bK-1"));
+        assert_eq!(via.param("rport"), Some(None));
+        assert_eq!(m.from_tag(), Some("abc"));
+        assert_eq!(m.to_tag(), None);
+        assert_eq!(m.cseq(), Some((1, Method::Invite)));
+        assert_eq!(
+            m.get(&HeaderName::Other("Subject".into())),
+            Some("folded line")
+        );
+        assert_eq!(&m.body[..], b"v=0\n", "body cut at Content-Length");
+    }
+
+    #[test]
+    fn serialises_with_fresh_content_length() {
+        let mut m = Message::parse(INVITE.as_bytes()).unwrap();
+        m.body = Bytes::from_static(b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\n");
+        let out = m.to_bytes();
+        let again = Message::parse(&out).unwrap();
+        assert_eq!(again.body, m.body);
+        assert_eq!(again.get(&HeaderName::ContentLength), Some("29"));
+        assert_eq!(again.count(&HeaderName::Via), 2);
+    }
+
+    #[test]
+    fn output_is_valid_sip_for_an_independent_parser() {
+        let m = Message::parse(INVITE.as_bytes()).unwrap();
+        let out = m.to_bytes();
+        let parsed = rsip::SipMessage::try_from(out.as_ref()).expect("rsip parses our output");
+        assert!(parsed.is_request());
+    }
+
+    #[test]
+    fn rejects_malformed_with_reason_and_partial() {
+        let e =
+            Message::parse(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n")
+                .unwrap_err();
+        assert!(e.reason.contains("From"), "{}", e.reason);
+        assert!(e.partial.is_some());
+        let e = Message::parse(b"garbage\r\n\r\n").unwrap_err();
+        assert!(e.partial.is_none());
+        let short = INVITE.replace("Content-Length: 4", "Content-Length: 400");
+        assert!(Message::parse(short.as_bytes()).is_err());
+        let bad_cseq = INVITE.replace("CSeq: 1 INVITE", "CSeq: one INVITE");
+        assert!(Message::parse(bad_cseq.as_bytes()).is_err());
+        let wrong = INVITE.replace("CSeq: 1 INVITE", "CSeq: 1 BYE");
+        assert!(Message::parse(wrong.as_bytes()).is_err());
+        assert!(Message::parse(b"").is_err());
+        assert!(Message::parse(&[0xff, 0xfe, b'\r', b'\n', b'\r', b'\n']).is_err());
+    }
+
+    #[test]
+    fn bad_request_is_addressed_when_possible() {
+        let no_cseq_number = INVITE.replace("CSeq: 1 INVITE", "CSeq: x INVITE");
+        let e = Message::parse(no_cseq_number.as_bytes()).unwrap_err();
+        let resp = bad_request(&e).expect("a 400 can be addressed");
+        let resp = String::from_utf8(resp.to_vec()).unwrap();
+        assert!(resp.starts_with("SIP/2.0 400 Bad Request\r\n"), "{resp}");
+        assert!(resp.contains("Call-ID: 1-2@10.0.0.1"));
+        assert!(resp.contains("Warning: 399 mrcp-lb"));
+        let e =
+            Message::parse(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n")
+                .unwrap_err();
+        assert!(
+            bad_request(&e).is_none(),
+            "no From/To/Call-ID: cannot answer"
+        );
+    }
+
+    #[test]
+    fn list_split_respects_quotes_and_brackets() {
+        assert_eq!(
+            split_list("<sip:a;x=1,2>, \"b,c\" <sip:b>,sip:c"),
+            vec!["<sip:a;x=1,2>", "\"b,c\" <sip:b>", "sip:c"]
+        );
+    }
+
+    #[test]
+    fn name_addr_helpers() {
+        assert_eq!(name_addr_uri("\"A <x>\" <sip:a@b>;tag=1"), "sip:a@b");
+        assert_eq!(name_addr_uri("sip:a@b;tag=1"), "sip:a@b");
+        assert_eq!(header_param("<sip:a@b;tag=no>;tag=yes", "tag"), Some("yes"));
+        assert_eq!(header_param("sip:a@b;tag=1", "tag"), Some("1"));
+        assert_eq!(header_param("<sip:a@b>", "tag"), None);
+    }
+
+    #[test]
+    fn via_round_trip_ipv6() {
+        let v = Via::parse("SIP/2.0/tcp [::1]:5060;branch=z9hG4bKx;received=::1").unwrap();
+        assert_eq!(v.host, "::1");
+        assert_eq!(
+            v.to_string(),
+            "SIP/2.0/TCP [::1]:5060;branch=z9hG4bKx;received=::1"
+        );
+        assert!(Via::parse("SIP/2.0/UDP").is_none());
+        assert!(Via::parse("HTTP/1.1/UDP h").is_none());
+    }
+}

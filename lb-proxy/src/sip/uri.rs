@@ -1,0 +1,226 @@
+//! SIP URIs (`sip:user@host:port;params?headers`) as far as routing needs them.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// A SIP transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        }
+    }
+    pub fn lower(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Transport> {
+        if s.eq_ignore_ascii_case("udp") {
+            Some(Transport::Udp)
+        } else if s.eq_ignore_ascii_case("tcp") {
+            Some(Transport::Tcp)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.lower())
+    }
+}
+
+/// A parsed `sip:` or `sips:` URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipUri {
+    pub secure: bool,
+    pub user: Option<String>,
+    /// Host without IPv6 brackets.
+    pub host: String,
+    pub port: Option<u16>,
+    /// URI parameters in order, names as written.
+    pub params: Vec<(String, Option<String>)>,
+    /// Everything after `?`, kept verbatim.
+    pub headers: Option<String>,
+}
+
+impl SipUri {
+    pub fn parse(s: &str) -> Result<SipUri, String> {
+        let s = s.trim();
+        let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
+            (false, r)
+        } else if let Some(r) = strip_prefix_ci(s, "sips:") {
+            (true, r)
+        } else {
+            return Err(format!("{s:?} is not a sip: or sips: URI"));
+        };
+        let (rest, headers) = match rest.split_once('?') {
+            Some((a, b)) => (a, Some(b.to_string())),
+            None => (rest, None),
+        };
+        let (userinfo, hostpart) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
+        let mut parts = hostpart.split(';');
+        let hostport = parts.next().unwrap_or_default();
+        let params = parts
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (p.to_string(), None),
+            })
+            .collect();
+        let (host, port) = split_host_port(hostport).ok_or_else(|| format!("bad host in {s:?}"))?;
+        if host.is_empty() {
+            return Err(format!("no host in {s:?}"));
+        }
+        Ok(SipUri {
+            secure,
+            user: userinfo.map(|u| u.to_string()),
+            host: host.to_string(),
+            port,
+            params,
+            headers,
+        })
+    }
+
+    pub fn param(&self, name: &str) -> Option<Option<&str>> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_deref())
+    }
+
+    pub fn has_param(&self, name: &str) -> bool {
+        self.param(name).is_some()
+    }
+
+    /// Transport named by the `transport` parameter, defaulting to UDP (TCP for sips).
+    pub fn transport(&self) -> Transport {
+        match self.param("transport").flatten().and_then(Transport::parse) {
+            Some(t) => t,
+            None if self.secure => Transport::Tcp,
+            None => Transport::Udp,
+        }
+    }
+
+    /// Port, or the default 5060.
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or(5060)
+    }
+
+    /// The host as an IP address, when it is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+
+    /// The socket address when the host is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.ip()
+            .map(|ip| SocketAddr::new(ip, self.port_or_default()))
+    }
+}
+
+impl fmt::Display for SipUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.secure { "sips:" } else { "sip:" })?;
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        write_host(f, &self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        for (k, v) in &self.params {
+            match v {
+                Some(v) => write!(f, ";{k}={v}")?,
+                None => write!(f, ";{k}")?,
+            }
+        }
+        if let Some(h) = &self.headers {
+            write!(f, "?{h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a host, bracketing IPv6 literals.
+pub fn write_host(f: &mut impl fmt::Write, host: &str) -> fmt::Result {
+    if host.contains(':') {
+        write!(f, "[{host}]")
+    } else {
+        f.write_str(host)
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    if s.len() >= prefix.len()
+        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`. Returns None for a malformed port.
+pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let host = &rest[..end];
+        let after = &rest[end + 1..];
+        if after.is_empty() {
+            return Some((host, None));
+        }
+        let port = after.strip_prefix(':')?.parse().ok()?;
+        return Some((host, Some(port)));
+    }
+    match s.rsplit_once(':') {
+        // A bare IPv6 address without brackets has several colons: take it as a host.
+        Some((h, _)) if h.contains(':') => Some((s, None)),
+        Some((h, p)) => Some((h, Some(p.parse().ok()?))),
+        None => Some((s, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_common_forms() {
+        let u = SipUri::parse("sip:127.0.0.1:5080").unwrap();
+        assert_eq!(u.host, "127.0.0.1");
+        assert_eq!(u.port, Some(5080));
+        assert_eq!(u.transport(), Transport::Udp);
+        let u = SipUri::parse("sip:svc@[::1]:5090;transport=TCP;lr").unwrap();
+        assert_eq!(u.user.as_deref(), Some("svc"));
+        assert_eq!(u.host, "::1");
+        assert_eq!(u.transport(), Transport::Tcp);
+        assert!(u.has_param("lr"));
+        assert_eq!(u.to_string(), "sip:svc@[::1]:5090;transport=TCP;lr");
+        let u = SipUri::parse("SIP:mrcp-0.mrcp.default.svc").unwrap();
+        assert_eq!(u.port_or_default(), 5060);
+        assert!(u.ip().is_none());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(SipUri::parse("http://x").is_err());
+        assert!(SipUri::parse("sip:").is_err());
+        assert!(SipUri::parse("sip:host:99999").is_err());
+        assert!(SipUri::parse("sip:[::1").is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! UDP and TCP: sockets, stream framing, connection reuse. The proxy core never touches a
+//! socket: it receives [`Inbound`] messages and emits [`Outbound`] ones.
+
+pub mod tcp;
+pub mod udp;
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+
+use crate::sip::{Message, Transport};
+
+/// Identifies one TCP connection for the life of the process.
+pub type ConnId = u64;
+
+/// Where a message came from, or where one goes: transport, the local listener, the peer, and
+/// the connection for TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub transport: Transport,
+    pub listener: usize,
+    pub remote: SocketAddr,
+    pub conn: Option<ConnId>,
+}
+
+/// A parsed message from the network.
+#[derive(Debug)]
+pub struct Inbound {
+    pub msg: Message,
+    pub flow: Flow,
+}
+
+/// Where an outbound message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// A host name still to be resolved.
+    Host(String, u16),
+}
+
+/// An opaque token the core attaches to a send so that a transport failure comes back to the
+/// transaction that caused it.
+pub type ErrorToken = u64;
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub transport: Transport,
+    pub listener: usize,
+    pub target: Target,
+    /// Existing TCP connection to use when it is still open.
+    pub conn: Option<ConnId>,
+    pub data: Bytes,
+    pub on_error: Option<ErrorToken>,
+}

@@ -1,0 +1,64 @@
+//! UDP: one socket per listener; each datagram is one message.
+
+use std::sync::Arc;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{Flow, Inbound};
+use crate::metrics::Counters;
+use crate::runtime::Event;
+use crate::sip::{Message, Transport};
+
+/// Receives datagrams until shutdown; malformed ones get a 400 when it can be addressed.
+pub async fn receive(
+    socket: Arc<UdpSocket>,
+    listener: usize,
+    events: mpsc::Sender<Event>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, remote) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors surface here on some systems; they concern one peer only.
+                    debug!("udp receive: {e}");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let data = &buf[..n];
+        if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
+            continue; // keep-alive
+        }
+        let flow = Flow {
+            transport: Transport::Udp,
+            listener,
+            remote,
+            conn: None,
+        };
+        match Message::parse(data) {
+            Ok(msg) => {
+                if events
+                    .send(Event::Message(Inbound { msg, flow }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                counters.malformed(&e);
+                debug!(%remote, "malformed datagram: {}", e.reason);
+                if let Some(resp) = crate::sip::bad_request(&e) {
+                    let _ = socket.try_send_to(&resp, remote);
+                }
+            }
+        }
+    }
+}
