@@ -489,7 +489,7 @@ impl RawConfig {
                     None => {
                         if bind.ip().is_unspecified() {
                             return Err(FieldError::new(
-                                format!("{field}"),
+                                field.clone(),
                                 format!("binds {bind}, which peers cannot reach: set `advertise` (globally or on this listener)"),
                             )
                             .into());

@@ -1050,35 +1050,24 @@ impl Proxy {
                 self.end_dialog(k, End::Normal);
             }
         }
-        let branch = if is_ack {
-            // Stateless: the branch must still be unique and stable for retransmissions.
-            let orig = key.branch.clone();
-            format!("{}a{:x}", self.branch_prefix, fxhash(&orig))
-        } else {
-            self.new_branch()
-        };
-        self.prepare_forward(&mut msg, target.listener, &branch);
         if is_ack {
+            // Stateless, but the branch must be unique and stable across retransmissions.
+            let branch = format!("{}a{:x}", self.branch_prefix, fxhash(&key.branch));
+            self.prepare_forward(&mut msg, target.listener, &branch);
             self.send(target, msg.to_bytes(), None);
             return;
         }
         let upstream = self.response_flow(&msg, flow);
         self.new_server_tx(msg.clone(), flow, &key);
         if method == Method::Invite {
-            let trying = self.make_response(&msg, 100, "Trying", None);
-            let mut trying = trying;
-            // Our Via is on top of `msg` now; the 100 goes upstream without it.
-            trying.remove_first(&HeaderName::Via);
-            let data = trying.to_bytes();
-            self.send(upstream, data.clone(), None);
+            let trying = self.make_response(&msg, 100, "Trying", None).to_bytes();
+            self.send(upstream, trying.clone(), None);
             if let Some(tx) = self.server_txs.get_mut(&key) {
-                tx.last_response = Some(data);
-                // The stored request is the one received (without our Via).
-                tx.request.remove_first(&HeaderName::Via);
+                tx.last_response = Some(trying);
             }
-        } else if let Some(tx) = self.server_txs.get_mut(&key) {
-            tx.request.remove_first(&HeaderName::Via);
         }
+        let branch = self.new_branch();
+        self.prepare_forward(&mut msg, target.listener, &branch);
         let ckey = ClientKey { branch, method };
         self.start_client(now, ckey, msg, target, Some(key), None, Some(upstream));
     }

@@ -1,0 +1,36 @@
+# mrcp-lb: the two commands a fresh machine needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+PROXY := target/release/lb-proxy
+
+.PHONY: help run demo test deps build fmt lint unit check-config
+
+help:
+	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
+	@echo "make demo   run the proxy with two sipp MRCP-like servers and a sipp client"
+	@echo "make test   install what the tests need, then lint and run every test"
+
+deps:
+	@./scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release -p lb-proxy
+
+run: build
+	./$(PROXY) --config examples/standalone.yaml
+
+demo: deps build
+	./scripts/demo.sh ./$(PROXY)
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --lib
+
+test: deps lint
+	$(CARGO) test --workspace
