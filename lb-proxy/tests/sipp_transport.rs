@@ -1,0 +1,181 @@
+//! Calls through the real proxy over each transport combination and dialog shape, driven by
+//! sipp. Every call must succeed on both sides.
+//!
+//! Needs `sipp` (Debian package `sip-tester`). Run: `cargo test -p lb-proxy --test sipp_transport`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const CALLS: u64 = 10;
+
+fn two_udp_dests() -> Vec<Dest> {
+    vec![
+        Dest::udp(1, SERVER1_PORT, "pstn=100"),
+        Dest::udp(2, SERVER2_PORT, "pstn=50"),
+    ]
+}
+
+/// Runs `CALLS` calls of `client_scenario` over `client_transport` against two servers running
+/// `server_scenario`, and checks every call succeeded on the client and on the servers, the
+/// servers took every INVITE between them, and the proxy ends idle.
+fn calls_succeed(
+    env: &TestEnv,
+    dests: &[Dest],
+    server_scenario: &'static str,
+    server_pause_ms: u64,
+    client_scenario: Scenario,
+    client_transport: Transport,
+    client_args: &[&str],
+) -> (SippReport, Vec<SippReport>) {
+    let mut proxy = Proxy::start(env, &config_yaml(env, "absolute", dests, ""));
+    let servers: Vec<Sipp> = dests
+        .iter()
+        .map(|d| {
+            let t = if d.tcp {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            };
+            Sipp::server(
+                env,
+                &format!("server{}", d.id),
+                server_scenario,
+                d.port,
+                t,
+                server_pause_ms,
+            )
+        })
+        .collect();
+    let ids: Vec<String> = dests.iter().map(|d| d.id.to_string()).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    proxy.wait_state(&ids, "up", Duration::from_secs(10));
+
+    let calls = CALLS.to_string();
+    let mut args = vec!["-m", calls.as_str(), "-r", "5", "-l", "20"];
+    args.extend_from_slice(client_args);
+    let client = Sipp::client(
+        env,
+        "client",
+        client_scenario,
+        CLIENT_PORT,
+        client_transport,
+        Duration::from_secs(30),
+        &args,
+    )
+    .wait(Duration::from_secs(30));
+    eprintln!("{}", client.summary());
+    proxy.assert_running();
+
+    for s in &servers {
+        s.wait_no_calls(Duration::from_secs(10));
+    }
+    let reports: Vec<SippReport> = servers.into_iter().map(Sipp::stop).collect();
+    for r in &reports {
+        eprintln!("{}", r.summary());
+    }
+
+    client.assert_all_ok(CALLS);
+    client.assert_no_stray_messages();
+    for r in &reports {
+        assert_server_clean(r);
+        r.assert_no_stray_messages();
+    }
+    let invites: u64 = reports.iter().map(SippReport::invites).sum();
+    assert_eq!(
+        invites, CALLS,
+        "servers took {invites} INVITEs for {CALLS} calls"
+    );
+
+    let stats = proxy.wait_idle(Duration::from_secs(10));
+    assert_eq!(stats.processed, CALLS, "proxy dialog stats: {stats:?}");
+    (client, reports)
+}
+
+#[test]
+fn udp_client_to_udp_servers() {
+    let env = TestEnv::new("udp_udp", "127.0.1.3");
+    calls_succeed(
+        &env,
+        &two_udp_dests(),
+        "uas.xml",
+        0,
+        Scenario::File("uac.xml"),
+        Transport::Udp,
+        &["-d", "500"],
+    );
+}
+
+#[test]
+fn tcp_client_to_udp_servers() {
+    let env = TestEnv::new("tcp_udp", "127.0.1.4");
+    calls_succeed(
+        &env,
+        &two_udp_dests(),
+        "uas.xml",
+        0,
+        Scenario::File("uac.xml"),
+        Transport::Tcp,
+        &["-d", "500"],
+    );
+}
+
+#[test]
+fn udp_client_to_tcp_server() {
+    let env = TestEnv::new("udp_tcp", "127.0.1.5");
+    // The TCP server has the larger capacity, so absolute mode sends it the calls.
+    let dests = [
+        Dest::tcp(1, SERVER1_PORT, "pstn=100"),
+        Dest::udp(2, SERVER2_PORT, "pstn=50"),
+    ];
+    let (_, servers) = calls_succeed(
+        &env,
+        &dests,
+        "uas.xml",
+        0,
+        Scenario::File("uac.xml"),
+        Transport::Udp,
+        &["-d", "500"],
+    );
+    assert!(
+        servers[0].invites() > 0,
+        "the TCP server took no call: {}",
+        servers[0].summary()
+    );
+}
+
+#[test]
+fn server_side_bye_goes_through_the_proxy() {
+    let env = TestEnv::new("server_bye", "127.0.1.6");
+    // uas_bye.xml hangs up after 500 ms, sending its BYE to the top Record-Route; the client
+    // (uac_long_expect_bye.xml) must receive it with its own dialog's tags and answer 200,
+    // and the server must get that 200.
+    calls_succeed(
+        &env,
+        &two_udp_dests(),
+        "uas_bye.xml",
+        500,
+        Scenario::File("uac_long_expect_bye.xml"),
+        Transport::Udp,
+        &[],
+    );
+}
+
+#[test]
+fn client_ignoring_record_route_is_routed_by_dialog() {
+    let env = TestEnv::new("builtin_uac", "127.0.1.7");
+    // sipp's built-in uac sends ACK and BYE to the proxy with its own R-URI and no Route
+    // header: the proxy must route them by its dialog memory.
+    calls_succeed(
+        &env,
+        &two_udp_dests(),
+        "uas.xml",
+        0,
+        Scenario::Builtin("uac"),
+        Transport::Udp,
+        &["-d", "500"],
+    );
+}
