@@ -27,11 +27,23 @@ async fn dialog_stats(State(events): State<Events>) -> Json<serde_json::Value> {
     ask(&events, Query::DialogStats).await
 }
 
+async fn metrics(State(events): State<Events>) -> impl axum::response::IntoResponse {
+    let Json(v) = ask(&events, Query::Metrics).await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        v.as_str().unwrap_or_default().to_string(),
+    )
+}
+
 pub async fn serve(listener: TcpListener, events: Events, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/destinations", get(destinations))
         .route("/v1/dialogs/stats", get(dialog_stats))
+        .route("/metrics", get(metrics))
         .with_state(events);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -24,6 +24,17 @@ pub enum State {
     Disabled,
 }
 
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+            State::Disabled => "disabled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ResourceLoad {
     pub name: String,
@@ -45,6 +56,8 @@ pub struct Destination {
     pub last_change: SystemTime,
     /// Calls routed here since start.
     pub calls: u64,
+    /// Answered 503 with Retry-After: no new calls until then.
+    pub held_until: Option<std::time::Instant>,
 }
 
 impl Destination {
@@ -69,6 +82,7 @@ impl Destination {
             removed: false,
             last_change: SystemTime::now(),
             calls: 0,
+            held_until: None,
         })
     }
 
@@ -89,7 +103,7 @@ impl Candidate for Destination {
         self.spec.group
     }
     fn usable(&self) -> bool {
-        self.state == State::Up && !self.removed && self.addr.is_some()
+        self.state == State::Up && !self.removed && self.addr.is_some() && self.held_until.is_none()
     }
     fn resource(&self, name: &str) -> Option<Capacity> {
         self.resources

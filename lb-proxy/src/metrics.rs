@@ -1,22 +1,278 @@
-//! Counters shared with the transport tasks (which run outside the core).
+//! Prometheus metrics. Counters and histograms are updated where things happen (atomics, no
+//! lock on the call path); per-destination gauges are filled from a snapshot of the core at
+//! scrape time, so a removed destination disappears from the output with its last call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
-use crate::sip::ParseError;
+use crate::sip::{Method, ParseError};
 
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Messages that could not be parsed (answered 400 when possible, otherwise dropped).
-    pub malformed: AtomicU64,
-    /// TCP streams closed because they could not be framed.
-    pub malformed_streams: AtomicU64,
+/// Every metric the proxy exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub dialogs_active: IntGauge,
+    pub dialogs_early: IntGauge,
+    pub dialogs_processed: IntCounter,
+    pub dialogs_expired: IntCounter,
+    pub dialogs_failed: IntCounter,
+    requests: IntCounterVec,
+    /// Pre-resolved children of `requests` for the methods of a normal call.
+    req_invite: IntCounter,
+    req_ack: IntCounter,
+    req_bye: IntCounter,
+    req_cancel: IntCounter,
+    req_options: IntCounter,
+    req_other: IntCounter,
+    responses: [IntCounter; 6],
+    pub malformed: IntCounter,
+    pub malformed_streams: IntCounter,
+    pub routed: IntCounter,
+    pub failovers: IntCounter,
+    pub rejected_no_capacity: IntCounter,
+    pub invite_setup: Histogram,
+    pub dest_capacity: IntGaugeVec,
+    pub dest_load: IntGaugeVec,
+    pub dest_state: IntGaugeVec,
+    pub dest_calls: IntGaugeVec,
+    pub probes: IntCounterVec,
+    pub probe_latency: prometheus::GaugeVec,
+    pub set_version: IntGauge,
+    pub set_updated: prometheus::Gauge,
 }
 
-impl Counters {
-    pub fn malformed(&self, _e: &ParseError) {
-        self.malformed.fetch_add(1, Ordering::Relaxed);
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, c.clone());
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, g.clone());
+    g
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, c.clone());
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, g.clone());
+    g
+}
+
+fn register(r: &Registry, c: impl prometheus::core::Collector + 'static) {
+    // Names are fixed in this file; a clash is a programming error caught by the tests.
+    if let Err(e) = r.register(Box::new(c)) {
+        panic!("metric registration: {e}");
     }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let requests = counter_vec(
+            &r,
+            "mrcp_lb_sip_requests_received_total",
+            "SIP requests received, by method.",
+            &["method"],
+        );
+        let responses = counter_vec(
+            &r,
+            "mrcp_lb_sip_responses_sent_total",
+            "SIP responses sent upstream (relayed or generated), by status class.",
+            &["class"],
+        );
+        let class = |c: &str| responses.with_label_values(&[c]);
+        let responses_by_class = [
+            class("1xx"),
+            class("2xx"),
+            class("3xx"),
+            class("4xx"),
+            class("5xx"),
+            class("6xx"),
+        ];
+        let invite_setup = Histogram::with_opts(
+            HistogramOpts::new(
+                "mrcp_lb_invite_setup_seconds",
+                "Time from an initial INVITE received to its final response sent.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        register(&r, invite_setup.clone());
+        let probe_latency = prometheus::GaugeVec::new(
+            Opts::new(
+                "mrcp_lb_destination_probe_latency_seconds",
+                "Moving average of OPTIONS probe round-trip time.",
+            ),
+            &["destination", "uri"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        register(&r, probe_latency.clone());
+        let set_updated = prometheus::Gauge::new(
+            "mrcp_lb_destination_set_last_update_timestamp_seconds",
+            "Unix time of the last destination set update.",
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        register(&r, set_updated.clone());
+        Metrics {
+            dialogs_active: gauge(
+                &r,
+                "mrcp_lb_dialogs_active",
+                "Answered dialogs not ended yet.",
+            ),
+            dialogs_early: gauge(
+                &r,
+                "mrcp_lb_dialogs_early",
+                "Dialogs with a provisional response, not answered yet.",
+            ),
+            dialogs_processed: counter(
+                &r,
+                "mrcp_lb_dialogs_processed_total",
+                "Dialogs created since start.",
+            ),
+            dialogs_expired: counter(
+                &r,
+                "mrcp_lb_dialogs_expired_total",
+                "Dialogs ended by the lifetime or Session-Expires limit.",
+            ),
+            dialogs_failed: counter(
+                &r,
+                "mrcp_lb_dialogs_failed_total",
+                "Dialogs never established (rejected, cancelled, no destination).",
+            ),
+            req_invite: requests.with_label_values(&["INVITE"]),
+            req_ack: requests.with_label_values(&["ACK"]),
+            req_bye: requests.with_label_values(&["BYE"]),
+            req_cancel: requests.with_label_values(&["CANCEL"]),
+            req_options: requests.with_label_values(&["OPTIONS"]),
+            req_other: requests.with_label_values(&["other"]),
+            requests,
+            responses: responses_by_class,
+            malformed: counter(
+                &r,
+                "mrcp_lb_sip_messages_malformed_total",
+                "Messages dropped or answered 400 because they could not be parsed.",
+            ),
+            malformed_streams: counter(
+                &r,
+                "mrcp_lb_tcp_streams_malformed_total",
+                "TCP connections closed because their byte stream could not be framed.",
+            ),
+            routed: counter(
+                &r,
+                "mrcp_lb_calls_routed_total",
+                "INVITE branches sent to a destination (first tries and failovers).",
+            ),
+            failovers: counter(
+                &r,
+                "mrcp_lb_failovers_total",
+                "INVITEs retried on another destination.",
+            ),
+            rejected_no_capacity: counter(
+                &r,
+                "mrcp_lb_rejected_no_capacity_total",
+                "INVITEs answered 503 because no destination had capacity.",
+            ),
+            invite_setup,
+            dest_capacity: gauge_vec(
+                &r,
+                "mrcp_lb_destination_capacity",
+                "Capacity of a destination's resource.",
+                &["destination", "uri", "resource"],
+            ),
+            dest_load: gauge_vec(
+                &r,
+                "mrcp_lb_destination_load",
+                "Live dialogs on a destination's resource.",
+                &["destination", "uri", "resource"],
+            ),
+            dest_state: gauge_vec(
+                &r,
+                "mrcp_lb_destination_state",
+                "1 for the destination's current state (up, down, draining, disabled).",
+                &["destination", "uri", "state"],
+            ),
+            dest_calls: gauge_vec(
+                &r,
+                "mrcp_lb_destination_calls_routed",
+                "Calls routed to the destination since start.",
+                &["destination", "uri"],
+            ),
+            probes: counter_vec(
+                &r,
+                "mrcp_lb_destination_probes_total",
+                "OPTIONS probes by result (success, failure, timeout).",
+                &["destination", "uri", "result"],
+            ),
+            probe_latency,
+            set_version: gauge(
+                &r,
+                "mrcp_lb_destination_set_version",
+                "Version of the destination set in force.",
+            ),
+            set_updated,
+            registry: r,
+        }
+    }
+
+    pub fn request(&self, m: &Method) {
+        match m {
+            Method::Invite => &self.req_invite,
+            Method::Ack => &self.req_ack,
+            Method::Bye => &self.req_bye,
+            Method::Cancel => &self.req_cancel,
+            Method::Options => &self.req_options,
+            Method::Update
+            | Method::Info
+            | Method::Prack
+            | Method::Register
+            | Method::Subscribe
+            | Method::Notify
+            | Method::Refer
+            | Method::Message
+            | Method::Publish => {
+                return self.requests.with_label_values(&[m.as_str()]).inc();
+            }
+            Method::Other(_) => &self.req_other,
+        }
+        .inc();
+    }
+
+    pub fn response_sent(&self, code: u16) {
+        let i = usize::from(code / 100).saturating_sub(1).min(5);
+        self.responses[i].inc();
+    }
+
+    pub fn malformed(&self, _e: &ParseError) {
+        self.malformed.inc();
+    }
+
     pub fn malformed_stream(&self) {
-        self.malformed_streams.fetch_add(1, Ordering::Relaxed);
+        self.malformed_streams.inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
     }
 }

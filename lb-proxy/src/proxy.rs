@@ -23,11 +23,15 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, Listener};
 use crate::destinations::{Destinations, State};
 use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
+use crate::metrics::Metrics;
 use crate::routing::{self, Want};
 use crate::sip::{
     name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport, Via, BRANCH_COOKIE,
 };
 use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
+
+/// The longest a 503 with Retry-After keeps a destination from new calls.
+const MAX_HOLD: Duration = Duration::from_secs(300);
 
 const ALLOW: &str =
     "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK, NOTIFY, REFER, MESSAGE";
@@ -127,6 +131,8 @@ enum Timer {
     ServerTimeout(u64),
     ServerCleanup(u64),
     Dialog(u64),
+    /// End of a Retry-After hold on a destination slot.
+    Hold(usize),
 }
 
 /// Routing outcome counters.
@@ -153,12 +159,17 @@ pub struct Proxy {
     branch_prefix: String,
     /// Our own host:port pairs, for Route and Via matching.
     self_addrs: Vec<(String, u16)>,
+    /// Gauges: active and early dialogs (the counters live in `metrics`).
     stats: DialogStats,
-    route_stats: RouteStats,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
     pub fn new(cfg: Arc<Config>, dests: Destinations) -> Proxy {
+        Proxy::with_metrics(cfg, dests, Arc::new(Metrics::new()))
+    }
+
+    pub fn with_metrics(cfg: Arc<Config>, dests: Destinations, metrics: Arc<Metrics>) -> Proxy {
         let mut rng = SmallRng::from_entropy();
         let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
         let mut self_addrs = Vec::new();
@@ -182,7 +193,7 @@ impl Proxy {
             branch_prefix,
             self_addrs,
             stats: DialogStats::default(),
-            route_stats: RouteStats::default(),
+            metrics,
         }
     }
 
@@ -195,11 +206,64 @@ impl Proxy {
     }
 
     pub fn dialog_stats(&self) -> DialogStats {
-        self.stats
+        let m = &self.metrics;
+        DialogStats {
+            active: self.stats.active,
+            early: self.stats.early,
+            processed: m.dialogs_processed.get(),
+            expired: m.dialogs_expired.get(),
+            failed: m.dialogs_failed.get(),
+        }
     }
 
     pub fn route_stats(&self) -> RouteStats {
-        self.route_stats
+        let m = &self.metrics;
+        RouteStats {
+            routed: m.routed.get(),
+            failovers: m.failovers.get(),
+            rejected_no_capacity: m.rejected_no_capacity.get(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Fills the gauges that mirror the core's state, before a scrape.
+    pub fn export_gauges(&self) {
+        let m = &self.metrics;
+        m.dialogs_active.set(self.stats.active as i64);
+        m.dialogs_early.set(self.stats.early as i64);
+        m.set_version.set(self.dests.version as i64);
+        m.dest_capacity.reset();
+        m.dest_load.reset();
+        m.dest_state.reset();
+        m.dest_calls.reset();
+        for d in self
+            .dests
+            .slots
+            .iter()
+            .filter(|d| !d.removed || d.total_load() > 0)
+        {
+            let (id, uri) = (d.spec.id.as_str(), d.spec.uri.as_str());
+            for r in &d.resources {
+                m.dest_capacity
+                    .with_label_values(&[id, uri, &r.name])
+                    .set(i64::from(r.capacity));
+                m.dest_load
+                    .with_label_values(&[id, uri, &r.name])
+                    .set(i64::from(r.load));
+            }
+            for st in [State::Up, State::Down, State::Draining, State::Disabled] {
+                let v = i64::from(d.state == st);
+                m.dest_state
+                    .with_label_values(&[id, uri, st.as_str()])
+                    .set(v);
+            }
+            m.dest_calls
+                .with_label_values(&[id, uri])
+                .set(d.calls as i64);
+        }
     }
 
     /// Messages queued for sending since the last call.
@@ -238,6 +302,31 @@ impl Proxy {
     fn arm(&mut self, at: Instant, t: Timer) {
         let seq = self.next_serial();
         self.timers.push(Reverse((at, seq, t)));
+        // Timers are cancelled lazily (a fired timer whose object is gone does nothing), so
+        // entries of ended dialogs could pile up for their whole lifetime limit: drop them
+        // when they outnumber the live objects.
+        let live = self.client_ids.len() + self.server_ids.len() + self.dialog_ids.len();
+        if self.timers.len() > 1024 + 4 * live {
+            self.compact_timers();
+        }
+    }
+
+    fn compact_timers(&mut self) {
+        let timers = std::mem::take(&mut self.timers);
+        self.timers = timers
+            .into_iter()
+            .filter(|Reverse((_, _, t))| match t {
+                Timer::ClientRetransmit(id)
+                | Timer::ClientTimeout(id)
+                | Timer::ClientFinalTimeout(id)
+                | Timer::ClientCleanup(id) => self.client_ids.contains_key(id),
+                Timer::ServerRetransmit(id)
+                | Timer::ServerTimeout(id)
+                | Timer::ServerCleanup(id) => self.server_ids.contains_key(id),
+                Timer::Dialog(id) => self.dialog_ids.contains_key(id),
+                Timer::Hold(_) => true,
+            })
+            .collect();
     }
 
     fn listener(&self, i: usize) -> &Listener {
@@ -268,6 +357,16 @@ impl Proxy {
     // ---- sending ------------------------------------------------------------------------
 
     fn send(&mut self, flow: Flow, data: Bytes, on_error: Option<ErrorToken>) {
+        self.push_out(flow, data, on_error);
+    }
+
+    /// Sends a response upstream, counting it by class.
+    fn send_response(&mut self, flow: Flow, code: u16, data: Bytes) {
+        self.metrics.response_sent(code);
+        self.push_out(flow, data, None);
+    }
+
+    fn push_out(&mut self, flow: Flow, data: Bytes, on_error: Option<ErrorToken>) {
         self.out.push(Outbound {
             transport: flow.transport,
             listener: flow.listener,
@@ -282,7 +381,7 @@ impl Proxy {
     fn reply(&mut self, req: &Message, flow: Flow, code: u16, reason: &str) {
         let resp = self.make_response(req, code, reason, None);
         let target = self.response_flow(req, flow);
-        self.send(target, resp.to_bytes(), None);
+        self.send_response(target, code, resp.to_bytes());
     }
 
     fn make_response(
@@ -538,15 +637,15 @@ impl Proxy {
         self.new_server_tx(msg.clone(), flow, &key);
         let reply = self.server_txs.get(&key).map(|t| t.reply);
         if let Some(reply) = reply {
-            self.send(reply, trying.clone(), None);
+            self.send_response(reply, 100, trying.clone());
         }
         if let Some(tx) = self.server_txs.get_mut(&key) {
             tx.last_response = Some(trying);
         }
         if self.dialogs.len() >= self.cfg.dialogs.max {
             warn!(call_id = %dkey.call_id, "dialog limit reached");
-            self.stats.processed += 1;
-            self.stats.failed += 1;
+            self.metrics.dialogs_processed.inc();
+            self.metrics.dialogs_failed.inc();
             return self.final_local(now, &key, 503, "Service Unavailable");
         }
         let callee_contact = None;
@@ -580,7 +679,7 @@ impl Proxy {
                 cseq: 0,
             },
         };
-        self.stats.processed += 1;
+        self.metrics.dialogs_processed.inc();
         self.dialogs.insert(dkey.clone(), dialog);
         self.dialog_ids.insert(id, dkey.clone());
         if let Some(tx) = self.server_txs.get_mut(&key) {
@@ -647,7 +746,7 @@ impl Proxy {
         call.tried.push(slot);
         call.attempts += 1;
         if call.attempts > 1 {
-            self.route_stats.failovers += 1;
+            self.metrics.failovers.inc();
         }
         let dkey = call.dialog.clone();
         self.dests.acquire(slot, &resources);
@@ -689,7 +788,7 @@ impl Proxy {
         if let Some(call) = self.server_txs.get_mut(key).and_then(|t| t.call.as_mut()) {
             call.branch = Some(ckey.clone());
         }
-        self.route_stats.routed += 1;
+        self.metrics.routed.inc();
         debug!(call_id = %dkey.call_id, destination = %dest_id, "INVITE forwarded");
         self.start_client(
             now,
@@ -767,7 +866,7 @@ impl Proxy {
             Some(resp) if resp.code() != Some(503) => self.final_upstream(now, key, resp),
             _ => {
                 if tried == 0 {
-                    self.route_stats.rejected_no_capacity += 1;
+                    self.metrics.rejected_no_capacity.inc();
                 }
                 self.final_local(now, key, 503, "Service Unavailable")
             }
@@ -812,7 +911,7 @@ impl Proxy {
         } else {
             tx.state = SState::Completed;
         }
-        self.send(reply, data, None);
+        self.send_response(reply, code, data);
         if is_invite && !(200..300).contains(&code) {
             if !reliable {
                 self.arm(now + t.t1, Timer::ServerRetransmit(id));
@@ -826,6 +925,7 @@ impl Proxy {
         }
         if let Some(call) = call {
             let setup = now.saturating_duration_since(call.received);
+            self.metrics.invite_setup.observe(setup.as_secs_f64());
             if !(200..300).contains(&code) {
                 self.end_dialog(&call.dialog, End::Failed);
             }
@@ -1061,7 +1161,7 @@ impl Proxy {
         self.new_server_tx(msg.clone(), flow, &key);
         if method == Method::Invite {
             let trying = self.make_response(&msg, 100, "Trying", None).to_bytes();
-            self.send(upstream, trying.clone(), None);
+            self.send_response(upstream, 100, trying.clone());
             if let Some(tx) = self.server_txs.get_mut(&key) {
                 tx.last_response = Some(trying);
             }
@@ -1127,20 +1227,27 @@ impl Proxy {
             {
                 msg.remove_first(&HeaderName::Via);
                 if let Some(next) = msg.top_via().and_then(|v| self.via_flow(&v)) {
-                    self.send(next, msg.to_bytes(), None);
+                    self.send_response(next, code, msg.to_bytes());
                 }
             }
             return;
         };
+        if ctx.server.is_some() && msg.count(&HeaderName::Via) < 2 {
+            // Nothing to relay it to: the server dropped the caller's Via.
+            debug!(branch = %key.branch, "response without the caller's Via dropped");
+            return;
+        }
         let id = ctx.id;
         let reliable = ctx.out.transport == Transport::Tcp;
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
         if ctx.state == CState::Completed {
             if is_invite && (200..300).contains(&code) {
-                if let Some(up) = ctx.upstream {
+                // A 2xx retransmission: relayed, unless the branch was given up on (then our
+                // own ACK and BYE have already answered it).
+                if let Some(up) = ctx.upstream.filter(|_| !ctx.abandoned) {
                     msg.remove_first(&HeaderName::Via);
-                    self.send(up, msg.to_bytes(), None);
+                    self.send_response(up, code, msg.to_bytes());
                 }
             } else if is_invite {
                 let ack = make_ack(&ctx.request, &msg);
@@ -1171,7 +1278,8 @@ impl Proxy {
                     c.retransmit = self.cfg.timers.t2;
                 }
             }
-            if cancel_pending {
+            // Cancelled by the caller, or given up on after a timeout: stop it ringing.
+            if cancel_pending || (abandoned && is_invite) {
                 return self.cancel_branch(now, &key, None);
             }
             if abandoned || code == 100 {
@@ -1187,7 +1295,7 @@ impl Proxy {
                     if stx.state == SState::Proceeding {
                         stx.last_response = Some(data.clone());
                         let reply = stx.reply;
-                        self.send(reply, data, None);
+                        self.send_response(reply, code, data);
                     }
                 }
             }
@@ -1197,6 +1305,7 @@ impl Proxy {
         ctx.state = CState::Completed;
         let abandoned = ctx.abandoned;
         let server = ctx.server.clone();
+        let dest = ctx.dest;
         let cleanup = if reliable {
             Duration::ZERO
         } else if is_invite {
@@ -1225,7 +1334,7 @@ impl Proxy {
         };
         let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
         if is_invite && is_call {
-            self.branch_final(now, &skey, msg);
+            self.branch_final(now, &skey, msg, dest);
         } else {
             if is_invite && (200..300).contains(&code) {
                 self.refresh_session(now, &msg);
@@ -1257,8 +1366,19 @@ impl Proxy {
     }
 
     /// A final response on the live branch of an initial INVITE.
-    fn branch_final(&mut self, now: Instant, skey: &ServerKey, mut msg: Message) {
+    fn branch_final(
+        &mut self,
+        now: Instant,
+        skey: &ServerKey,
+        mut msg: Message,
+        dest: Option<usize>,
+    ) {
         let Some(code) = msg.code() else { return };
+        if code == 503 {
+            if let (Some(slot), Some(secs)) = (dest, retry_after(&msg)) {
+                self.hold(now, slot, secs);
+            }
+        }
         let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
             return;
         };
@@ -1290,6 +1410,19 @@ impl Proxy {
             }
         }
         self.try_next(now, skey);
+    }
+
+    /// A server that answered 503 with Retry-After takes no new calls for that long
+    /// (RFC 3261 21.5.4), capped at [`MAX_HOLD`].
+    fn hold(&mut self, now: Instant, slot: usize, secs: u64) {
+        let until = now + Duration::from_secs(secs).min(MAX_HOLD);
+        if let Some(d) = self.dests.get_mut(slot) {
+            if d.held_until.is_none_or(|h| h < until) {
+                debug!(destination = %d.spec.id, secs, "503 with Retry-After: destination held");
+                d.held_until = Some(until);
+                self.arm(until, Timer::Hold(slot));
+            }
+        }
     }
 
     /// The branch's destination stops carrying the call's load.
@@ -1332,7 +1465,8 @@ impl Proxy {
             })
         });
         if let Some(i) = ours {
-            d.callee.routes = rrs[..i].iter().map(|s| s.to_string()).collect();
+            // Towards the callee the next hop is the entry just above ours (RFC 3261 12.1.2).
+            d.callee.routes = rrs[..i].iter().rev().map(|s| s.to_string()).collect();
         }
         if session_timer {
             if let Some(se) = session_expires(msg) {
@@ -1425,11 +1559,12 @@ impl Proxy {
                     return;
                 };
                 let is_invite = key.method == Method::Invite;
-                let active = match ctx.state {
-                    CState::Calling => true,
-                    CState::Proceeding => !is_invite,
-                    CState::Completed => false,
-                };
+                let active = !ctx.abandoned
+                    && match ctx.state {
+                        CState::Calling => true,
+                        CState::Proceeding => !is_invite,
+                        CState::Completed => false,
+                    };
                 if !active {
                     return;
                 }
@@ -1501,6 +1636,13 @@ impl Proxy {
                     self.server_txs.remove(&key);
                 }
             }
+            Timer::Hold(slot) => {
+                if let Some(d) = self.dests.get_mut(slot) {
+                    if d.held_until.is_some_and(|h| h <= now) {
+                        d.held_until = None;
+                    }
+                }
+            }
             Timer::Dialog(id) => {
                 let Some(key) = self.dialog_ids.get(&id).cloned() else {
                     return;
@@ -1533,12 +1675,18 @@ impl Proxy {
             return;
         }
         ctx.abandoned = true;
-        ctx.state = CState::Completed;
         let id = ctx.id;
         let server = ctx.server.clone();
         let dest = ctx.dest;
         let cancel_pending = ctx.cancel_pending;
-        self.arm(now, Timer::ClientCleanup(id));
+        if is_invite {
+            // Kept a while, so that a late answer is hung up rather than relayed.
+            let linger = self.cfg.timers.t1 * 64;
+            self.arm(now + linger, Timer::ClientCleanup(id));
+        } else {
+            ctx.state = CState::Completed;
+            self.arm(now, Timer::ClientCleanup(id));
+        }
         if is_invite {
             if let Some(slot) = dest {
                 if let Some(d) = self.dests.get_mut(slot) {
@@ -1602,8 +1750,8 @@ impl Proxy {
         }
         match how {
             End::Normal => {}
-            End::Failed => self.stats.failed += 1,
-            End::Expired => self.stats.expired += 1,
+            End::Failed => self.metrics.dialogs_failed.inc(),
+            End::Expired => self.metrics.dialogs_expired.inc(),
         }
     }
 
@@ -1737,6 +1885,12 @@ fn make_ack(invite: &Message, resp: &Message) -> Message {
         ack.push(HeaderName::Route, r.to_string());
     }
     ack
+}
+
+/// `Retry-After: 30;duration=60 (comment)` → 30 s.
+fn retry_after(msg: &Message) -> Option<u64> {
+    let v = msg.get(&HeaderName::RetryAfter)?;
+    v.split([';', ' ', '(']).next()?.trim().parse().ok()
 }
 
 /// `Session-Expires: 600;refresher=uac` → 600 s.

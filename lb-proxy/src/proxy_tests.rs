@@ -1,1 +1,1673 @@
+//! Deterministic tests of the proxy core: transactions, failover and dialogs.
+//!
+//! The core is driven directly: messages are injected as if received on a listener from a peer,
+//! time is a fake clock moved by hand (each timer runs at its own due time), and everything the
+//! proxy queues is parsed back so that the assertions read headers.
+//!
+//! The peers are a sipp-like UAC (`Call`) and UniMRCP-like servers (`Uas`) at
+//! 127.0.0.1:5080 (pstn=100) and 127.0.0.1:5090 (pstn=50); the proxy listens on UDP and TCP
+//! 127.0.0.1:5060.
 
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::sip::header_param;
+use std::fmt::Write as _;
+
+// ---- configuration ------------------------------------------------------------------------
+
+const UDP_L: usize = 0;
+const TCP_L: usize = 1;
+const S1: &str = "127.0.0.1:5080";
+const S2: &str = "127.0.0.1:5090";
+
+const TWO_DESTS: &str = r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50}
+"#;
+
+/// The standard listeners and short timers (T1 500 ms, INVITE timeout 3 s, final-response
+/// timeout 10 s), with `extra` top-level sections and the given destination list.
+fn config(destinations: &str, extra: &str) -> Config {
+    let yaml = format!(
+        "listeners:
+  - udp:127.0.0.1:5060
+  - tcp:127.0.0.1:5060
+timers:
+  t1: 500ms
+  t2: 4s
+  t4: 5s
+  inviteTimeout: 3s
+  inviteFinalTimeout: 10s
+{extra}
+destinations:{destinations}"
+    );
+    Config::from_yaml(&yaml).unwrap()
+}
+
+// ---- SDP bodies ----------------------------------------------------------------------------
+
+const CLIENT_SDP: &str = "v=0\r\n\
+o=sipp 3816 1 IN IP4 192.168.0.5\r\n\
+s=-\r\n\
+c=IN IP4 192.168.0.5\r\n\
+t=0 0\r\n\
+m=application 9 TCP/MRCPv2 1\r\n\
+a=setup:active\r\n\
+a=connection:new\r\n\
+a=resource:speechsynth\r\n\
+a=cmid:1\r\n\
+m=audio 6000 RTP/AVP 0 101\r\n\
+a=rtpmap:0 PCMU/8000\r\n\
+a=rtpmap:101 telephone-event/8000\r\n\
+a=recvonly\r\n\
+a=mid:1\r\n";
+
+const SERVER_SDP: &str = "v=0\r\n\
+o=UniMRCPServer 2890844526 2890844527 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+c=IN IP4 127.0.0.1\r\n\
+t=0 0\r\n\
+m=application 1544 TCP/MRCPv2 1\r\n\
+a=setup:passive\r\n\
+a=connection:new\r\n\
+a=channel:32AECB234338@speechsynth\r\n\
+a=cmid:1\r\n\
+m=audio 5000 RTP/AVP 0\r\n\
+a=rtpmap:0 PCMU/8000\r\n\
+a=sendonly\r\n\
+a=mid:1\r\n";
+
+// ---- harness -------------------------------------------------------------------------------
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A SIP peer outside the proxy, as the proxy sees it: transport, our listener, its address
+/// and, for TCP, the connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    transport: Transport,
+    listener: usize,
+    addr: SocketAddr,
+    conn: Option<u64>,
+}
+
+impl Peer {
+    fn udp_server(a: &str) -> Peer {
+        Peer {
+            transport: Transport::Udp,
+            listener: UDP_L,
+            addr: addr(a),
+            conn: None,
+        }
+    }
+
+    fn flow(&self) -> Flow {
+        Flow {
+            transport: self.transport,
+            listener: self.listener,
+            remote: self.addr,
+            conn: self.conn,
+        }
+    }
+}
+
+/// One message the proxy queued, parsed back.
+#[derive(Debug)]
+struct Sent {
+    out: Outbound,
+    msg: Message,
+}
+
+impl Sent {
+    fn to(&self) -> SocketAddr {
+        match &self.out.target {
+            Target::Addr(a) => *a,
+            Target::Host(h, p) => panic!("unresolved target {h}:{p}"),
+        }
+    }
+
+    fn is(&self, m: Method) -> bool {
+        self.msg.method() == Some(&m)
+    }
+
+    fn code(&self) -> Option<u16> {
+        self.msg.code()
+    }
+
+    fn get(&self, h: HeaderName) -> Option<&str> {
+        self.msg.get(&h)
+    }
+
+    fn all(&self, h: HeaderName) -> Vec<String> {
+        self.msg.get_all(&h).map(str::to_string).collect()
+    }
+
+    fn vias(&self) -> Vec<Via> {
+        self.msg
+            .get_all(&HeaderName::Via)
+            .map(|v| Via::parse(v).unwrap())
+            .collect()
+    }
+
+    fn branch(&self) -> String {
+        self.msg.top_via().unwrap().branch().unwrap().to_string()
+    }
+
+    fn ruri(&self) -> &str {
+        self.msg.request_uri().unwrap()
+    }
+
+    /// Sent to `peer` the way the proxy reaches it (transport, listener, address, connection).
+    fn assert_to(&self, peer: &Peer) {
+        assert_eq!(
+            (
+                self.out.transport,
+                self.out.listener,
+                self.to(),
+                self.out.conn
+            ),
+            (peer.transport, peer.listener, peer.addr, peer.conn),
+            "where {} went",
+            self.label()
+        );
+    }
+
+    fn label(&self) -> String {
+        let first = match &self.msg.start {
+            StartLine::Request { method, uri } => format!("{method} {uri}"),
+            StartLine::Response { code, reason } => format!("{code} {reason}"),
+        };
+        let cseq = self.get(HeaderName::CSeq).unwrap_or("-");
+        format!(
+            "{first} ({cseq}) -> {}/{} listener {} conn {:?}",
+            self.out.transport,
+            self.to(),
+            self.out.listener,
+            self.out.conn
+        )
+    }
+}
+
+fn describe(out: &[Sent]) -> String {
+    let mut s = String::new();
+    for m in out {
+        let _ = write!(s, "\n  {}", m.label());
+    }
+    if s.is_empty() {
+        s.push_str(" nothing");
+    }
+    s
+}
+
+/// Removes and returns the one message of `out` that matches.
+fn take(out: &mut Vec<Sent>, what: &str, f: impl Fn(&Sent) -> bool) -> Sent {
+    let found: Vec<usize> = (0..out.len()).filter(|&i| f(&out[i])).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {what}, the proxy sent:{}",
+        describe(out)
+    );
+    out.remove(found[0])
+}
+
+fn assert_none(out: &[Sent], what: &str) {
+    assert!(
+        out.is_empty(),
+        "expected nothing else ({what}), the proxy sent:{}",
+        describe(out)
+    );
+}
+
+struct Harness {
+    proxy: Proxy,
+    start: Instant,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::with(TWO_DESTS, "")
+    }
+
+    fn with(destinations: &str, extra: &str) -> Harness {
+        let cfg = config(destinations, extra);
+        let dests = Destinations::from_set(&cfg.destinations).unwrap();
+        let now = Instant::now();
+        Harness {
+            proxy: Proxy::new(Arc::new(cfg), dests),
+            start: now,
+            now,
+        }
+    }
+
+    /// Moves the clock to `at` after the start, running every timer at its own due time.
+    fn advance_to(&mut self, at: Duration) {
+        let target = self.start + at;
+        assert!(target >= self.now, "the clock only moves forward");
+        while let Some(t) = self.proxy.next_timer() {
+            if t > target {
+                break;
+            }
+            self.now = self.now.max(t);
+            self.proxy.on_timer(self.now);
+        }
+        self.now = target;
+        self.proxy.on_timer(self.now);
+    }
+
+    fn recv(&mut self, from: Peer, text: &str) {
+        let msg = Message::parse(text.as_bytes())
+            .unwrap_or_else(|e| panic!("test message does not parse: {e}\n{text}"));
+        self.proxy.on_message(
+            self.now,
+            Inbound {
+                msg,
+                flow: from.flow(),
+            },
+        );
+    }
+
+    /// Everything queued since the last call, parsed back.
+    fn out(&mut self) -> Vec<Sent> {
+        self.proxy
+            .take_outbound()
+            .into_iter()
+            .map(|out| {
+                let msg = Message::parse(&out.data).unwrap_or_else(|e| {
+                    panic!(
+                        "the proxy sent an unparsable message: {e}\n{}",
+                        String::from_utf8_lossy(&out.data)
+                    )
+                });
+                Sent { out, msg }
+            })
+            .collect()
+    }
+
+    fn load(&self, slot: usize) -> u32 {
+        self.proxy.destinations().get(slot).unwrap().total_load()
+    }
+
+    fn state(&self, slot: usize) -> State {
+        self.proxy.destinations().get(slot).unwrap().state
+    }
+}
+
+// ---- SIP text ------------------------------------------------------------------------------
+
+/// A message text: start line, headers in order, Content-Type for a body and Content-Length.
+fn sip(start: &str, headers: &[(&str, String)], body: &str) -> String {
+    let mut s = format!("{start}\r\n");
+    for (n, v) in headers {
+        let _ = write!(s, "{n}: {v}\r\n");
+    }
+    if !body.is_empty() {
+        s.push_str("Content-Type: application/sdp\r\n");
+    }
+    let _ = write!(s, "Content-Length: {}\r\n\r\n{body}", body.len());
+    s
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        100 => "Trying",
+        180 => "Ringing",
+        183 => "Session Progress",
+        200 => "OK",
+        481 => "Call/Transaction Does Not Exist",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        503 => "Service Unavailable",
+        _ => "Whatever",
+    }
+}
+
+/// A response as a UA builds it (RFC 3261 8.2.6): every Via, From, To (with `to_tag` added
+/// when the request's To has none), Call-ID and CSeq copied, then `extra`.
+fn response(
+    req: &Message,
+    code: u16,
+    to_tag: Option<&str>,
+    extra: &[(&str, String)],
+    body: &str,
+) -> String {
+    let mut h: Vec<(&str, String)> = Vec::new();
+    for v in req.get_all(&HeaderName::Via) {
+        h.push(("Via", v.to_string()));
+    }
+    h.push(("From", req.get(&HeaderName::From).unwrap().to_string()));
+    let mut to = req.get(&HeaderName::To).unwrap().to_string();
+    if let (Some(tag), None) = (to_tag, req.to_tag()) {
+        let _ = write!(to, ";tag={tag}");
+    }
+    h.push(("To", to));
+    h.push(("Call-ID", req.call_id().unwrap().to_string()));
+    h.push(("CSeq", req.get(&HeaderName::CSeq).unwrap().to_string()));
+    h.extend(extra.iter().cloned());
+    sip(&format!("SIP/2.0 {code} {}", reason(code)), &h, body)
+}
+
+/// A sipp-like caller: its transport and address as the proxy sees them, and its dialog
+/// state once answered.
+struct Call {
+    peer: Peer,
+    /// Via sent-by as the client writes it.
+    sent_by: String,
+    rport: bool,
+    call_id: String,
+    from: String,
+    to: String,
+    contact: String,
+    ruri: String,
+    cseq: u32,
+    /// Route set and remote target learnt from the 2xx.
+    routes: Vec<String>,
+    target: Option<String>,
+    /// Sends in-dialog requests to the proxy without Route, like sipp's built-in uac.
+    ignore_rr: bool,
+}
+
+impl Call {
+    /// A UDP client behind NAT: it writes 192.168.0.5:5061 in Via (asking for rport) and its
+    /// packets come from 10.0.0.5:40000.
+    fn udp(id: &str) -> Call {
+        Call {
+            peer: Peer {
+                transport: Transport::Udp,
+                listener: UDP_L,
+                addr: addr("10.0.0.5:40000"),
+                conn: None,
+            },
+            sent_by: "192.168.0.5:5061".into(),
+            rport: true,
+            call_id: format!("{id}-3816@192.168.0.5"),
+            from: format!("sipp <sip:sipp@192.168.0.5:5061>;tag={id}SIPpTag00"),
+            to: "<sip:service@127.0.0.1:5060>".into(),
+            contact: "<sip:sipp@192.168.0.5:5061>".into(),
+            ruri: "sip:service@127.0.0.1:5060".into(),
+            cseq: 1,
+            routes: Vec::new(),
+            target: None,
+            ignore_rr: false,
+        }
+    }
+
+    /// A TCP client on connection 7 from 127.0.0.1:41000, without rport.
+    fn tcp(id: &str) -> Call {
+        Call {
+            peer: Peer {
+                transport: Transport::Tcp,
+                listener: TCP_L,
+                addr: addr("127.0.0.1:41000"),
+                conn: Some(7),
+            },
+            sent_by: "127.0.0.1:41000".into(),
+            rport: false,
+            call_id: format!("{id}-4242@127.0.0.1"),
+            from: format!("sipp <sip:sipp@127.0.0.1:41000>;tag={id}SIPpTag01"),
+            to: "<sip:service@127.0.0.1:5060>".into(),
+            contact: "<sip:sipp@127.0.0.1:41000;transport=tcp>".into(),
+            ruri: "sip:service@127.0.0.1:5060;transport=tcp".into(),
+            cseq: 1,
+            routes: Vec::new(),
+            target: None,
+            ignore_rr: false,
+        }
+    }
+
+    fn tag(&self) -> &str {
+        header_param(&self.from, "tag").unwrap()
+    }
+
+    fn via(&self, branch: &str) -> String {
+        format!(
+            "SIP/2.0/{} {};branch={branch}{}",
+            self.peer.transport.as_str(),
+            self.sent_by,
+            if self.rport { ";rport" } else { "" }
+        )
+    }
+
+    fn invite_branch(&self) -> String {
+        format!("z9hG4bK-{}-1", self.call_id)
+    }
+
+    /// The initial INVITE with an MRCPv2 offer.
+    fn invite(&self) -> String {
+        sip(
+            &format!("INVITE {} SIP/2.0", self.ruri),
+            &[
+                ("Via", self.via(&self.invite_branch())),
+                ("Max-Forwards", "70".into()),
+                ("From", self.from.clone()),
+                ("To", self.to.clone()),
+                ("Call-ID", self.call_id.clone()),
+                ("CSeq", "1 INVITE".into()),
+                ("Contact", self.contact.clone()),
+                ("Subject", "MRCP synthesis".into()),
+                ("User-Agent", "sipp".into()),
+            ],
+            CLIENT_SDP,
+        )
+    }
+
+    /// A request outside a dialog (OPTIONS, REGISTER), to the proxy.
+    fn out_of_dialog(&self, method: &str, extra: &[(&str, String)]) -> String {
+        let mut h = vec![
+            (
+                "Via",
+                self.via(&format!("z9hG4bK-{}-{method}", self.call_id)),
+            ),
+            ("Max-Forwards", "70".into()),
+            ("From", self.from.clone()),
+            ("To", self.to.clone()),
+            ("Call-ID", self.call_id.clone()),
+            ("CSeq", format!("1 {method}")),
+        ];
+        h.extend(extra.iter().cloned());
+        sip(&format!("{method} {} SIP/2.0", self.ruri), &h, "")
+    }
+
+    /// CANCEL of the initial INVITE (same branch and Request-URI).
+    fn cancel(&self) -> String {
+        sip(
+            &format!("CANCEL {} SIP/2.0", self.ruri),
+            &[
+                ("Via", self.via(&self.invite_branch())),
+                ("Max-Forwards", "70".into()),
+                ("From", self.from.clone()),
+                ("To", self.to.clone()),
+                ("Call-ID", self.call_id.clone()),
+                ("CSeq", "1 CANCEL".into()),
+            ],
+            "",
+        )
+    }
+
+    /// ACK for a non-2xx final response: the INVITE's branch, the response's To.
+    fn ack_non_2xx(&self, resp: &Message) -> String {
+        sip(
+            &format!("ACK {} SIP/2.0", self.ruri),
+            &[
+                ("Via", self.via(&self.invite_branch())),
+                ("Max-Forwards", "70".into()),
+                ("From", self.from.clone()),
+                ("To", resp.get(&HeaderName::To).unwrap().to_string()),
+                ("Call-ID", self.call_id.clone()),
+                ("CSeq", "1 ACK".into()),
+            ],
+            "",
+        )
+    }
+
+    /// Learns the dialog from the 2xx: To tag, route set (Record-Route reversed), remote
+    /// target.
+    fn answered(&mut self, ok: &Message) {
+        self.to = ok.get(&HeaderName::To).unwrap().to_string();
+        let mut rr: Vec<String> = ok
+            .get_all(&HeaderName::RecordRoute)
+            .map(str::to_string)
+            .collect();
+        rr.reverse();
+        self.routes = rr;
+        self.target = Some(name_addr_uri(ok.get(&HeaderName::Contact).unwrap()).to_string());
+    }
+
+    /// An in-dialog request (ACK for the 2xx uses the current CSeq, the others the next one).
+    fn in_dialog(&mut self, method: &str, extra: &[(&str, String)], body: &str) -> String {
+        if method != "ACK" {
+            self.cseq += 1;
+        }
+        let branch = format!("z9hG4bK-{}-{}-{method}", self.call_id, self.cseq);
+        let mut h = vec![("Via", self.via(&branch))];
+        let ruri = if self.ignore_rr {
+            self.ruri.clone()
+        } else {
+            for r in &self.routes {
+                h.push(("Route", r.clone()));
+            }
+            self.target.clone().unwrap()
+        };
+        h.extend([
+            ("Max-Forwards", "70".to_string()),
+            ("From", self.from.clone()),
+            ("To", self.to.clone()),
+            ("Call-ID", self.call_id.clone()),
+            ("CSeq", format!("{} {method}", self.cseq)),
+        ]);
+        if method == "INVITE" {
+            h.push(("Contact", self.contact.clone()));
+        }
+        h.extend(extra.iter().cloned());
+        sip(&format!("{method} {ruri} SIP/2.0"), &h, body)
+    }
+
+    fn ack(&mut self) -> String {
+        self.in_dialog("ACK", &[], "")
+    }
+
+    fn bye(&mut self) -> String {
+        self.in_dialog("BYE", &[], "")
+    }
+}
+
+/// A UniMRCP-like server (UAS) answering what the proxy sends it.
+struct Uas {
+    peer: Peer,
+    tag: String,
+    /// Record-Route entries of proxies between us and the server, pushed above ours.
+    record_route: Vec<String>,
+}
+
+impl Uas {
+    fn new(a: &str, tag: &str) -> Uas {
+        Uas {
+            peer: Peer::udp_server(a),
+            tag: tag.to_string(),
+            record_route: Vec::new(),
+        }
+    }
+
+    fn contact(&self) -> String {
+        format!("<sip:mrcp@{};transport=udp>", self.peer.addr)
+    }
+
+    /// A response to `req`; provisional and 2xx responses to INVITE carry Contact and the
+    /// Record-Route entries, like sipp's `[last_Record-Route:]`.
+    fn reply(&self, req: &Message, code: u16, extra: &[(&str, String)], body: &str) -> String {
+        let mut h: Vec<(&str, String)> = Vec::new();
+        let dialog_forming = req.method() == Some(&Method::Invite) && (101..300).contains(&code);
+        if dialog_forming {
+            for r in &self.record_route {
+                h.push(("Record-Route", r.clone()));
+            }
+            for r in req.get_all(&HeaderName::RecordRoute) {
+                h.push(("Record-Route", r.to_string()));
+            }
+            h.push(("Contact", self.contact()));
+        }
+        h.push(("Server", "UniMRCP SofiaSIP 1.8.0".into()));
+        h.extend(extra.iter().cloned());
+        let tag = (code > 100).then_some(self.tag.as_str());
+        response(req, code, tag, &h, body)
+    }
+
+    /// BYE from the callee, built from the INVITE it received: Route from its Record-Route,
+    /// Request-URI the caller's Contact, From and To swapped.
+    fn bye(&self, invite: &Message) -> String {
+        let mut h = vec![(
+            "Via",
+            format!(
+                "SIP/2.0/UDP {};branch=z9hG4bK-{}-bye",
+                self.peer.addr, self.tag
+            ),
+        )];
+        for r in invite.get_all(&HeaderName::RecordRoute) {
+            h.push(("Route", r.to_string()));
+        }
+        h.extend([
+            ("Max-Forwards", "70".to_string()),
+            (
+                "From",
+                format!("{};tag={}", invite.get(&HeaderName::To).unwrap(), self.tag),
+            ),
+            ("To", invite.get(&HeaderName::From).unwrap().to_string()),
+            ("Call-ID", invite.call_id().unwrap().to_string()),
+            ("CSeq", "1 BYE".to_string()),
+        ]);
+        let ruri = name_addr_uri(invite.get(&HeaderName::Contact).unwrap());
+        sip(&format!("BYE {ruri} SIP/2.0"), &h, "")
+    }
+}
+
+/// Sends the call's INVITE; checks that a 100 Trying goes back to the caller and returns the
+/// INVITE the proxy forwarded.
+fn place(h: &mut Harness, call: &Call) -> Sent {
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    let trying = take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    trying.assert_to(&call.peer);
+    let inv = take(&mut out, "forwarded INVITE", |s| s.is(Method::Invite));
+    assert_none(&out, "after the INVITE");
+    inv
+}
+
+/// The server answers the forwarded INVITE with 200 (plus `extra`); the caller gets it and
+/// ACKs, and the ACK reaches the server. Returns the 200 the caller got.
+fn answer(
+    h: &mut Harness,
+    call: &mut Call,
+    srv: &Uas,
+    inv: &Sent,
+    extra: &[(&str, String)],
+) -> Sent {
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, extra, SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to the caller", |s| s.code() == Some(200));
+    ok.assert_to(&call.peer);
+    assert_none(&out, "after the 200");
+    call.answered(&ok.msg);
+    h.recv(call.peer, &call.ack());
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK to the server", |s| s.is(Method::Ack));
+    assert_eq!(ack.to(), srv.peer.addr, "ACK goes to the server");
+    assert_none(&out, "after the ACK");
+    ok
+}
+
+// ---- 1, 2: forwarding the initial INVITE ---------------------------------------------------
+
+#[test]
+fn initial_invite_goes_to_the_least_loaded_destination_rewritten() {
+    let mut h = Harness::new();
+    let call = Call::udp("c1");
+    h.recv(call.peer, &call.invite());
+    let out = h.out();
+    assert_eq!(out.len(), 2, "100 Trying and the INVITE:{}", describe(&out));
+
+    // 100 Trying at once, to where the request came from (rport), with received/rport filled.
+    let trying = &out[0];
+    assert_eq!(trying.code(), Some(100));
+    trying.assert_to(&call.peer);
+    let v = &trying.vias()[0];
+    assert_eq!(v.branch(), Some(call.invite_branch().as_str()));
+    assert_eq!(v.param("received"), Some(Some("10.0.0.5")));
+    assert_eq!(v.param("rport"), Some(Some("40000")));
+    assert_eq!(trying.msg.to_tag(), None, "no To tag on 100");
+
+    // The INVITE: to 5080 (100 free beats 50 free), over UDP from the UDP listener.
+    let inv = &out[1];
+    assert!(inv.is(Method::Invite));
+    inv.assert_to(&Peer::udp_server(S1));
+    assert!(inv.out.on_error.is_some(), "sends carry an error token");
+    let vias = inv.vias();
+    assert_eq!(vias.len(), 2);
+    assert_eq!(
+        (
+            vias[0].transport.as_str(),
+            vias[0].host.as_str(),
+            vias[0].port
+        ),
+        ("UDP", "127.0.0.1", Some(5060))
+    );
+    assert!(vias[0].branch().unwrap().starts_with("z9hG4bK"));
+    assert_ne!(vias[0].branch(), Some(call.invite_branch().as_str()));
+    assert_eq!(
+        vias[0].param("rport"),
+        Some(None),
+        "our UDP Via asks for rport"
+    );
+    // The client's Via, RFC 3581.
+    assert_eq!(
+        (vias[1].host.as_str(), vias[1].port),
+        ("192.168.0.5", Some(5061))
+    );
+    assert_eq!(vias[1].branch(), Some(call.invite_branch().as_str()));
+    assert_eq!(vias[1].param("received"), Some(Some("10.0.0.5")));
+    assert_eq!(vias[1].param("rport"), Some(Some("40000")));
+
+    assert_eq!(inv.msg.max_forwards(), Some(69));
+    assert_eq!(
+        inv.all(HeaderName::RecordRoute),
+        vec!["<sip:127.0.0.1:5060;transport=udp;lr>".to_string()]
+    );
+    assert_eq!(inv.ruri(), "sip:service@127.0.0.1:5080");
+    // Dialog identifiers and the rest untouched.
+    assert_eq!(inv.get(HeaderName::From), Some(call.from.as_str()));
+    assert_eq!(inv.get(HeaderName::To), Some(call.to.as_str()));
+    assert_eq!(inv.get(HeaderName::CallId), Some(call.call_id.as_str()));
+    assert_eq!(inv.get(HeaderName::CSeq), Some("1 INVITE"));
+    assert_eq!(inv.get(HeaderName::Contact), Some(call.contact.as_str()));
+    assert_eq!(
+        inv.get(HeaderName::Other("Subject".into())),
+        Some("MRCP synthesis")
+    );
+    // SDP byte for byte, Content-Length right.
+    assert_eq!(&inv.msg.body[..], CLIENT_SDP.as_bytes());
+    assert!(inv.out.data.ends_with(CLIENT_SDP.as_bytes()));
+    let cl = CLIENT_SDP.len().to_string();
+    assert_eq!(inv.get(HeaderName::ContentLength), Some(cl.as_str()));
+    assert_eq!(inv.msg.count(&HeaderName::ContentLength), 1);
+
+    assert_eq!((h.load(0), h.load(1)), (1, 0));
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.processed, st.active, st.early), (1, 0, 0));
+    assert_eq!(h.proxy.route_stats().routed, 1);
+}
+
+#[test]
+fn tcp_caller_to_udp_server_gets_a_double_record_route() {
+    let mut h = Harness::new();
+    let call = Call::tcp("c2");
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    let trying = take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    trying.assert_to(&call.peer);
+    let inv = take(&mut out, "INVITE", |s| s.is(Method::Invite));
+    inv.assert_to(&Peer::udp_server(S1));
+    assert_eq!(inv.out.listener, UDP_L, "sent from the UDP listener");
+
+    let rr = inv.all(HeaderName::RecordRoute);
+    assert_eq!(rr.len(), 2, "{rr:?}");
+    let top = SipUri::parse(name_addr_uri(&rr[0])).unwrap();
+    let second = SipUri::parse(name_addr_uri(&rr[1])).unwrap();
+    for (u, t) in [(&top, "udp"), (&second, "tcp")] {
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", Some(5060)));
+        assert_eq!(u.param("transport"), Some(Some(t)), "{rr:?}");
+        assert!(u.has_param("lr"), "{rr:?}");
+        assert_eq!(u.param("r2"), Some(Some("on")), "{rr:?}");
+    }
+
+    let vias = inv.vias();
+    assert_eq!(vias[0].transport, "UDP");
+    // The caller did not ask for rport and wrote its real address: its Via is untouched.
+    assert_eq!(
+        inv.msg.get_all(&HeaderName::Via).nth(1),
+        Some(call.via(&call.invite_branch()).as_str())
+    );
+}
+
+// ---- 3, 4, 5: dialogs ------------------------------------------------------------------------
+
+#[test]
+fn answered_call_relays_200_ack_bye_and_frees_the_load() {
+    let mut h = Harness::new();
+    let mut call = Call::udp("c3");
+    let srv = Uas::new(S1, "srv3");
+    let inv = place(&mut h, &call);
+    assert_eq!(inv.to(), addr(S1));
+
+    // 200 upstream, without our Via, to the caller's flow.
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200", |s| s.code() == Some(200));
+    assert_none(&out, "after the 200");
+    ok.assert_to(&call.peer);
+    let vias = ok.vias();
+    assert_eq!(vias.len(), 1, "our Via is removed");
+    assert_eq!(vias[0].branch(), Some(call.invite_branch().as_str()));
+    assert_eq!(vias[0].host, "192.168.0.5");
+    assert_eq!(ok.msg.to_tag(), Some("srv3"));
+    assert_eq!(
+        ok.all(HeaderName::RecordRoute),
+        vec!["<sip:127.0.0.1:5060;transport=udp;lr>".to_string()]
+    );
+    assert_eq!(&ok.msg.body[..], SERVER_SDP.as_bytes());
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.active, st.early, st.failed), (1, 0, 0));
+    assert_eq!(h.load(0), 1);
+
+    // ACK with Route: forwarded to the server, our Route removed.
+    call.answered(&ok.msg);
+    assert_eq!(
+        call.routes,
+        vec!["<sip:127.0.0.1:5060;transport=udp;lr>".to_string()]
+    );
+    h.recv(call.peer, &call.ack());
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK", |s| s.is(Method::Ack));
+    assert_none(&out, "after the ACK");
+    ack.assert_to(&srv.peer);
+    assert_eq!(ack.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
+    assert_eq!(ack.get(HeaderName::Route), None, "our Route is consumed");
+    let vias = ack.vias();
+    assert_eq!(vias.len(), 2);
+    assert!(vias[0].branch().unwrap().starts_with("z9hG4bK"));
+    assert_eq!(vias[0].host, "127.0.0.1");
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+
+    // BYE from the caller: forwarded, dialog over, load back to 0.
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    bye.assert_to(&srv.peer);
+    assert_eq!(bye.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
+    assert_eq!(bye.get(HeaderName::Route), None);
+    assert_eq!(bye.get(HeaderName::CSeq), Some("2 BYE"));
+    let st = h.proxy.dialog_stats();
+    assert_eq!(
+        (st.active, st.processed, st.failed, st.expired),
+        (0, 1, 0, 0)
+    );
+    assert_eq!(h.load(0), 0);
+
+    // 200 to the BYE goes back to the caller, without our Via.
+    h.recv(srv.peer, &response(&bye.msg, 200, None, &[], ""));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to BYE", |s| s.code() == Some(200));
+    assert_none(&out, "after the 200 to BYE");
+    ok.assert_to(&call.peer);
+    assert_eq!(ok.get(HeaderName::CSeq), Some("2 BYE"));
+    assert_eq!(ok.vias().len(), 1);
+    assert_eq!(
+        ok.vias()[0].branch(),
+        Some(format!("z9hG4bK-{}-2-BYE", call.call_id).as_str())
+    );
+}
+
+#[test]
+fn transactions_and_dialog_are_gone_after_a_call() {
+    let mut h = Harness::new();
+    let mut call = Call::udp("c3b");
+    let srv = Uas::new(S1, "srv3b");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE", |s| s.is(Method::Bye));
+    h.recv(srv.peer, &response(&bye.msg, 200, None, &[], ""));
+    h.out();
+    h.advance_to(secs(40));
+    assert_eq!(
+        h.proxy.sizes(),
+        (0, 0, 0),
+        "server txs, client txs, dialogs"
+    );
+}
+
+#[test]
+fn callee_bye_reaches_the_caller_on_its_tcp_connection() {
+    let mut h = Harness::new();
+    let mut call = Call::tcp("c4");
+    let srv = Uas::new(S1, "srv4");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+
+    h.recv(srv.peer, &srv.bye(&inv.msg));
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE to the caller", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    // The caller's own TCP connection, from the TCP listener.
+    bye.assert_to(&call.peer);
+    assert_eq!(bye.ruri(), "sip:sipp@127.0.0.1:41000;transport=tcp");
+    assert_eq!(bye.get(HeaderName::Route), None, "both our Routes consumed");
+    let vias = bye.vias();
+    assert_eq!(vias.len(), 2);
+    assert_eq!(
+        (vias[0].transport.as_str(), vias[0].port),
+        ("TCP", Some(5060))
+    );
+    assert_eq!(bye.msg.from_tag(), Some("srv4"));
+    assert_eq!(bye.msg.to_tag(), Some(call.tag()));
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.active, st.expired, st.failed), (0, 0, 0));
+    assert_eq!(h.load(0), 0);
+}
+
+#[test]
+fn response_to_a_callee_bye_goes_back_to_the_callee_across_transports() {
+    // Caller on TCP, server on UDP: the server's BYE goes out over TCP with our TCP Via (no
+    // rport). The caller's 200 must come back to the server that sent the BYE.
+    let mut h = Harness::new();
+    let mut call = Call::tcp("c4b");
+    let srv = Uas::new(S1, "srv4b");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.recv(srv.peer, &srv.bye(&inv.msg));
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE to the caller", |s| s.is(Method::Bye));
+    bye.assert_to(&call.peer);
+
+    h.recv(call.peer, &response(&bye.msg, 200, None, &[], ""));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to the BYE", |s| s.code() == Some(200));
+    assert_none(&out, "after the 200");
+    assert_eq!(ok.vias().len(), 1, "our Via removed");
+    assert_eq!(ok.vias()[0].port, Some(5080));
+    ok.assert_to(&srv.peer);
+}
+
+#[test]
+fn requests_without_route_are_routed_by_dialog_memory() {
+    let mut h = Harness::new();
+    let mut call = Call::udp("c5");
+    call.ignore_rr = true;
+    let srv = Uas::new(S1, "srv5");
+    let inv = place(&mut h, &call);
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200", |s| s.code() == Some(200));
+    call.answered(&ok.msg);
+
+    // ACK to the proxy's own address, no Route.
+    let ack_text = call.ack();
+    assert!(ack_text.starts_with("ACK sip:service@127.0.0.1:5060 SIP/2.0"));
+    assert!(!ack_text.contains("Route:"));
+    h.recv(call.peer, &ack_text);
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK", |s| s.is(Method::Ack));
+    assert_none(&out, "after the ACK");
+    ack.assert_to(&srv.peer);
+    assert_eq!(ack.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
+
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    bye.assert_to(&srv.peer);
+    assert_eq!(bye.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
+    assert_eq!(h.proxy.dialog_stats().active, 0);
+    assert_eq!(h.load(0), 0);
+
+    // A dialog the proxy does not know: 481, nothing forwarded.
+    let mut stray = Call::udp("unknown");
+    stray.ignore_rr = true;
+    stray.to = "<sip:service@127.0.0.1:5060>;tag=gone".into();
+    h.recv(stray.peer, &stray.bye());
+    let mut out = h.out();
+    let nope = take(&mut out, "481", |s| s.code() == Some(481));
+    assert_none(&out, "after the 481");
+    nope.assert_to(&stray.peer);
+    assert_eq!(nope.get(HeaderName::CSeq), Some("2 BYE"));
+}
+
+// ---- 6, 7, 8, 9: timers and failover -------------------------------------------------------
+
+#[test]
+fn unanswered_invite_is_retransmitted_then_fails_over_and_marks_down() {
+    let mut h = Harness::new();
+    let call = Call::udp("c6");
+    let inv = place(&mut h, &call);
+    assert_eq!(inv.to(), addr(S1));
+
+    // Timer A: T1, then 2*T1 later.
+    h.advance_to(ms(499));
+    assert_none(&h.out(), "before T1");
+    h.advance_to(ms(500));
+    let mut out = h.out();
+    let re = take(&mut out, "retransmission at T1", |s| s.is(Method::Invite));
+    assert_none(&out, "at T1");
+    assert_eq!(re.to(), addr(S1));
+    assert_eq!(re.out.data, inv.out.data, "same bytes");
+    h.advance_to(ms(1499));
+    assert_none(&h.out(), "before T1 + 2*T1");
+    h.advance_to(ms(1500));
+    let mut out = h.out();
+    let re = take(&mut out, "retransmission at 3*T1", |s| s.is(Method::Invite));
+    assert_none(&out, "at 3*T1");
+    assert_eq!(re.out.data, inv.out.data);
+    h.advance_to(ms(2999));
+    assert_none(&h.out(), "before inviteTimeout");
+
+    // inviteTimeout: 5080 marked down, the call goes to 5090 on a new branch.
+    h.advance_to(ms(3000));
+    let mut out = h.out();
+    let inv2 = take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite)
+    });
+    assert_none(&out, "at the timeout (nothing to the caller)");
+    inv2.assert_to(&Peer::udp_server(S2));
+    assert_eq!(inv2.ruri(), "sip:service@127.0.0.1:5090");
+    assert_ne!(inv2.branch(), inv.branch());
+    assert_eq!(&inv2.msg.body[..], CLIENT_SDP.as_bytes());
+    assert_eq!(h.state(0), State::Down);
+    assert_eq!((h.load(0), h.load(1)), (0, 1));
+    let rs = h.proxy.route_stats();
+    assert_eq!((rs.routed, rs.failovers), (2, 1));
+
+    // Only the new branch retransmits.
+    h.advance_to(ms(3500));
+    let mut out = h.out();
+    let re = take(&mut out, "retransmission", |s| s.is(Method::Invite));
+    assert_none(&out, "at 3.5 s");
+    assert_eq!(re.to(), addr(S2));
+
+    // The second server answers: the caller gets its 200.
+    let srv2 = Uas::new(S2, "srv6");
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200", |s| s.code() == Some(200));
+    assert_none(&out, "after the 200");
+    ok.assert_to(&call.peer);
+    assert_eq!(ok.msg.to_tag(), Some("srv6"));
+    assert_eq!(ok.vias().len(), 1);
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+    assert_eq!((h.load(0), h.load(1)), (0, 1));
+}
+
+#[test]
+fn late_200_from_a_timed_out_branch_is_hung_up_not_relayed() {
+    // The first server answers just after the proxy gave up on it: the proxy must ACK and
+    // BYE that answer itself; the caller must not see a second dialog.
+    let mut h = Harness::new();
+    let call = Call::udp("c6b");
+    let inv = place(&mut h, &call);
+    h.advance_to(ms(3000));
+    let mut out = h.out();
+    take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite) && s.to() == addr(S2)
+    });
+    h.advance_to(ms(3100));
+    h.out();
+
+    let srv1 = Uas::new(S1, "late");
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let to_caller: Vec<String> = out
+        .iter()
+        .filter(|s| s.to() == call.peer.addr)
+        .map(Sent::label)
+        .collect();
+    assert!(
+        to_caller.is_empty(),
+        "the late 200 was relayed to the caller: {to_caller:?}"
+    );
+    let ack = take(&mut out, "ACK to the late server", |s| s.is(Method::Ack));
+    assert_eq!(ack.to(), addr(S1));
+    let bye = take(&mut out, "BYE to the late server", |s| s.is(Method::Bye));
+    assert_eq!(bye.to(), addr(S1));
+    assert_eq!(bye.msg.to_tag(), Some("late"));
+}
+
+#[test]
+fn provisional_without_final_cancels_and_fails_over_without_marking_down() {
+    let mut h = Harness::new();
+    let call = Call::udp("c7");
+    let srv1 = Uas::new(S1, "srv7a");
+    let inv = place(&mut h, &call);
+    assert_eq!(inv.to(), addr(S1));
+
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 180, &[], ""));
+    let mut out = h.out();
+    let ringing = take(&mut out, "180 to the caller", |s| s.code() == Some(180));
+    assert_none(&out, "after the 180");
+    ringing.assert_to(&call.peer);
+    assert_eq!(ringing.vias().len(), 1);
+    assert_eq!(h.proxy.dialog_stats().early, 1);
+
+    // No retransmission after a provisional, no failover at inviteTimeout.
+    h.advance_to(ms(9999));
+    assert_none(&h.out(), "before inviteFinalTimeout");
+
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let cancel = take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    let inv2 = take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite)
+    });
+    assert_none(&out, "at the final-response timeout");
+    cancel.assert_to(&srv1.peer);
+    assert_eq!(
+        cancel.branch(),
+        inv.branch(),
+        "CANCEL on the INVITE's branch"
+    );
+    assert_eq!(cancel.vias().len(), 1);
+    assert_eq!(cancel.ruri(), inv.ruri());
+    assert_eq!(cancel.get(HeaderName::CSeq), Some("1 CANCEL"));
+    assert_eq!(cancel.get(HeaderName::CallId), inv.get(HeaderName::CallId));
+    assert_eq!(cancel.get(HeaderName::From), inv.get(HeaderName::From));
+    assert_eq!(cancel.get(HeaderName::To), inv.get(HeaderName::To));
+    inv2.assert_to(&Peer::udp_server(S2));
+    assert_ne!(inv2.branch(), inv.branch());
+
+    assert_eq!(h.state(0), State::Up, "a slow answer does not mark it down");
+    assert_eq!((h.load(0), h.load(1)), (0, 1));
+    assert_eq!(h.proxy.route_stats().failovers, 1);
+    assert_eq!(h.proxy.dialog_stats().early, 0);
+
+    // The first server confirms: 200 to CANCEL, 487 to INVITE (ACKed, not relayed).
+    h.recv(
+        srv1.peer,
+        &response(&cancel.msg, 200, Some("srv7a"), &[], ""),
+    );
+    assert_none(&h.out(), "200 to our CANCEL is absorbed");
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 487, &[], ""));
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK for the 487", |s| s.is(Method::Ack));
+    assert_none(&out, "the 487 is not relayed");
+    ack.assert_to(&srv1.peer);
+    assert_eq!(ack.branch(), inv.branch());
+
+    // The second server answers the call.
+    let srv2 = Uas::new(S2, "srv7b");
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200", |s| s.code() == Some(200));
+    ok.assert_to(&call.peer);
+    assert_eq!(ok.msg.to_tag(), Some("srv7b"));
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+}
+
+#[test]
+fn server_503_is_acknowledged_and_fails_over() {
+    let mut h = Harness::new();
+    let call = Call::udp("c8");
+    let srv1 = Uas::new(S1, "srv8");
+    let inv = place(&mut h, &call);
+
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 503, &[], ""));
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK for the 503", |s| s.is(Method::Ack));
+    let inv2 = take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite)
+    });
+    assert_none(&out, "nothing to the caller");
+    ack.assert_to(&srv1.peer);
+    assert_eq!(ack.branch(), inv.branch(), "ACK of a non-2xx: same branch");
+    assert_eq!(ack.vias().len(), 1);
+    assert_eq!(ack.msg.to_tag(), Some("srv8"));
+    assert_eq!(ack.ruri(), inv.ruri());
+    assert_eq!(ack.get(HeaderName::CSeq), Some("1 ACK"));
+    assert_eq!(ack.get(HeaderName::From), inv.get(HeaderName::From));
+    inv2.assert_to(&Peer::udp_server(S2));
+    assert_ne!(inv2.branch(), inv.branch());
+    assert_eq!(h.state(0), State::Up, "a 503 does not mark it down");
+    assert_eq!((h.load(0), h.load(1)), (0, 1));
+    assert_eq!(h.proxy.route_stats().failovers, 1);
+}
+
+#[test]
+fn busy_486_is_relayed_without_failover() {
+    let mut h = Harness::new();
+    let call = Call::udp("c8b");
+    let srv1 = Uas::new(S1, "srv8b");
+    let inv = place(&mut h, &call);
+    h.recv(
+        srv1.peer,
+        &srv1.reply(&inv.msg, 486, &[("Warning", "399 srv busy".into())], ""),
+    );
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK for the 486", |s| s.is(Method::Ack));
+    let busy = take(&mut out, "486 to the caller", |s| s.code() == Some(486));
+    assert_none(&out, "no failover");
+    ack.assert_to(&srv1.peer);
+    assert_eq!(ack.branch(), inv.branch());
+    busy.assert_to(&call.peer);
+    assert_eq!(
+        busy.msg.start,
+        StartLine::Response {
+            code: 486,
+            reason: "Busy Here".into()
+        }
+    );
+    assert_eq!(
+        busy.msg.to_tag(),
+        Some("srv8b"),
+        "the server's response, not ours"
+    );
+    assert_eq!(
+        busy.get(HeaderName::Other("Warning".into())),
+        Some("399 srv busy")
+    );
+    assert_eq!(busy.vias().len(), 1);
+    assert_eq!(busy.vias()[0].branch(), Some(call.invite_branch().as_str()));
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.failed, st.active, st.early), (1, 0, 0));
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+    assert_eq!(h.proxy.route_stats().failovers, 0);
+}
+
+#[test]
+fn all_destinations_503_gives_503_with_retry_after() {
+    let mut h = Harness::new();
+    let call = Call::udp("c9");
+    let inv = place(&mut h, &call);
+    let srv1 = Uas::new(S1, "srv9a");
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 503, &[], ""));
+    let mut out = h.out();
+    take(&mut out, "ACK to 5080", |s| s.is(Method::Ack));
+    let inv2 = take(&mut out, "INVITE to 5090", |s| s.is(Method::Invite));
+    assert_eq!(inv2.to(), addr(S2));
+
+    let srv2 = Uas::new(S2, "srv9b");
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 503, &[], ""));
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK to 5090", |s| s.is(Method::Ack));
+    ack.assert_to(&srv2.peer);
+    let fail = take(&mut out, "503 to the caller", |s| s.code() == Some(503));
+    assert_none(&out, "no destination left");
+    fail.assert_to(&call.peer);
+    assert_eq!(fail.get(HeaderName::RetryAfter), Some("5"));
+    assert_eq!(fail.vias().len(), 1);
+    assert!(fail.msg.to_tag().is_some());
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.failed, st.active), (1, 0));
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+    let rs = h.proxy.route_stats();
+    assert_eq!(
+        (rs.routed, rs.failovers, rs.rejected_no_capacity),
+        (2, 1, 0)
+    );
+}
+
+#[test]
+fn no_capacity_gives_an_immediate_503_with_retry_after() {
+    let mut h = Harness::with(
+        "\n  - {id: 1, group: 1, uri: \"sip:127.0.0.1:5080\", resources: pstn=1}\n",
+        "",
+    );
+    let mut first = Call::udp("c9b");
+    let srv = Uas::new(S1, "srv9c");
+    let inv = place(&mut h, &first);
+    answer(&mut h, &mut first, &srv, &inv, &[]);
+    assert_eq!(h.load(0), 1);
+
+    let second = Call::udp("c9c");
+    h.recv(second.peer, &second.invite());
+    let mut out = h.out();
+    take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    let fail = take(&mut out, "503", |s| s.code() == Some(503));
+    assert_none(&out, "nothing forwarded");
+    fail.assert_to(&second.peer);
+    assert_eq!(fail.get(HeaderName::RetryAfter), Some("5"));
+    assert_eq!(fail.get(HeaderName::CallId), Some(second.call_id.as_str()));
+    let rs = h.proxy.route_stats();
+    assert_eq!((rs.routed, rs.rejected_no_capacity), (1, 1));
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.active, st.failed, st.processed), (1, 1, 2));
+    assert_eq!(h.load(0), 1);
+}
+
+// ---- 10, 11, 12, 13: transaction details ---------------------------------------------------
+
+#[test]
+fn cancel_before_provisional_waits_for_a_provisional_then_cancels() {
+    let mut h = Harness::new();
+    let call = Call::udp("c10");
+    let srv = Uas::new(S1, "srv10");
+    let inv = place(&mut h, &call);
+
+    h.recv(call.peer, &call.cancel());
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to CANCEL", |s| s.code() == Some(200));
+    assert_none(&out, "no CANCEL before a provisional");
+    ok.assert_to(&call.peer);
+    assert_eq!(ok.get(HeaderName::CSeq), Some("1 CANCEL"));
+
+    h.recv(srv.peer, &srv.reply(&inv.msg, 180, &[], ""));
+    let mut out = h.out();
+    let cancel = take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    cancel.assert_to(&srv.peer);
+    assert_eq!(cancel.branch(), inv.branch());
+    assert_eq!(cancel.get(HeaderName::CSeq), Some("1 CANCEL"));
+    assert!(
+        out.iter().all(|s| s.to() != addr(S1) && s.to() != addr(S2)),
+        "only the CANCEL goes downstream:{}",
+        describe(&out)
+    );
+
+    h.recv(
+        srv.peer,
+        &response(&cancel.msg, 200, Some("srv10"), &[], ""),
+    );
+    assert_none(&h.out(), "200 to our CANCEL is absorbed");
+    h.recv(srv.peer, &srv.reply(&inv.msg, 487, &[], ""));
+    let mut out = h.out();
+    let ack = take(&mut out, "ACK for the 487", |s| s.is(Method::Ack));
+    ack.assert_to(&srv.peer);
+    assert_eq!(ack.branch(), inv.branch());
+    let term = take(&mut out, "487 to the caller", |s| s.code() == Some(487));
+    assert_none(&out, "no failover after CANCEL");
+    term.assert_to(&call.peer);
+    assert_eq!(term.get(HeaderName::CSeq), Some("1 INVITE"));
+
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.failed, st.early, st.active), (1, 0, 0));
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+    assert_eq!(h.proxy.route_stats().failovers, 0);
+}
+
+#[test]
+fn retransmitted_invite_is_absorbed_and_answered_with_the_last_response() {
+    let mut h = Harness::new();
+    let call = Call::udp("c11");
+    let srv = Uas::new(S1, "srv11");
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    let trying = take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    let inv = take(&mut out, "INVITE", |s| s.is(Method::Invite));
+
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    let again = take(&mut out, "100 Trying again", |s| s.code() == Some(100));
+    assert_none(&out, "nothing forwarded again");
+    again.assert_to(&call.peer);
+    assert_eq!(again.out.data, trying.out.data);
+    assert_eq!(h.proxy.route_stats().routed, 1);
+    assert_eq!(h.proxy.dialog_stats().processed, 1);
+    assert_eq!(h.load(0), 1);
+
+    // After a 180 the 180 is the last response.
+    h.recv(srv.peer, &srv.reply(&inv.msg, 180, &[], ""));
+    let mut out = h.out();
+    let ringing = take(&mut out, "180", |s| s.code() == Some(180));
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    let again = take(&mut out, "180 again", |s| s.code() == Some(180));
+    assert_none(&out, "nothing forwarded again");
+    assert_eq!(again.out.data, ringing.out.data);
+}
+
+#[test]
+fn non_2xx_final_is_retransmitted_over_udp_until_the_ack() {
+    let mut h = Harness::new();
+    let call = Call::udp("c12");
+    let srv = Uas::new(S1, "srv12");
+    let inv = place(&mut h, &call);
+    h.recv(srv.peer, &srv.reply(&inv.msg, 486, &[], ""));
+    let mut out = h.out();
+    take(&mut out, "ACK downstream", |s| s.is(Method::Ack));
+    let busy = take(&mut out, "486", |s| s.code() == Some(486));
+
+    // Timer G: T1, 2*T1, 4*T1 apart.
+    for (quiet, due) in [(499, 500), (1499, 1500), (3499, 3500)] {
+        h.advance_to(ms(quiet));
+        assert_none(&h.out(), &format!("before {due} ms"));
+        h.advance_to(ms(due));
+        let mut out = h.out();
+        let re = take(&mut out, &format!("486 again at {due} ms"), |s| {
+            s.code() == Some(486)
+        });
+        assert_none(&out, "only the 486");
+        re.assert_to(&call.peer);
+        assert_eq!(re.out.data, busy.out.data);
+    }
+
+    // The caller's ACK stops it and is not forwarded.
+    h.recv(call.peer, &call.ack_non_2xx(&busy.msg));
+    assert_none(&h.out(), "the ACK is absorbed");
+    h.advance_to(secs(40));
+    assert_none(&h.out(), "no retransmission after the ACK");
+}
+
+#[test]
+fn max_forwards_zero_options_and_register_are_answered_locally() {
+    let mut h = Harness::new();
+    let call = Call::udp("c13");
+    h.recv(
+        call.peer,
+        &call.invite().replace("Max-Forwards: 70", "Max-Forwards: 0"),
+    );
+    let mut out = h.out();
+    let hops = take(&mut out, "483", |s| s.code() == Some(483));
+    assert_none(&out, "nothing forwarded");
+    hops.assert_to(&call.peer);
+    assert_eq!(h.proxy.route_stats().routed, 0);
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+
+    let opt = Call::udp("c13o");
+    h.recv(
+        opt.peer,
+        &opt.out_of_dialog("OPTIONS", &[("Accept", "application/sdp".into())]),
+    );
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to OPTIONS", |s| s.code() == Some(200));
+    assert_none(&out, "OPTIONS is answered, not forwarded");
+    ok.assert_to(&opt.peer);
+    assert_eq!(ok.get(HeaderName::CSeq), Some("1 OPTIONS"));
+    let allow = ok.get(HeaderName::Allow).unwrap_or_default();
+    for m in ["INVITE", "ACK", "BYE", "CANCEL", "OPTIONS"] {
+        assert!(allow.contains(m), "Allow: {allow}");
+    }
+
+    let reg = Call::udp("c13r");
+    h.recv(
+        reg.peer,
+        &reg.out_of_dialog(
+            "REGISTER",
+            &[("Contact", reg.contact.clone()), ("Expires", "3600".into())],
+        ),
+    );
+    let mut out = h.out();
+    let no = take(&mut out, "405 to REGISTER", |s| s.code() == Some(405));
+    assert_none(&out, "REGISTER is not forwarded");
+    no.assert_to(&reg.peer);
+    assert!(no
+        .get(HeaderName::Allow)
+        .is_some_and(|a| a.contains("INVITE")));
+    assert_eq!(h.proxy.dialog_stats().processed, 0);
+}
+
+// ---- 14: dialog limits -----------------------------------------------------------------------
+
+/// Takes the two BYEs of an expired dialog and checks them: to the server as the caller, to
+/// the caller as the callee.
+fn expiry_byes(out: &mut Vec<Sent>, call: &Call, srv: &Uas) -> (Sent, Sent) {
+    let to_srv = take(out, "BYE to the server", |s| {
+        s.is(Method::Bye) && s.to() == srv.peer.addr
+    });
+    let to_caller = take(out, "BYE to the caller", |s| {
+        s.is(Method::Bye) && s.to() == call.peer.addr
+    });
+    to_srv.assert_to(&srv.peer);
+    assert_eq!(to_srv.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
+    assert_eq!(to_srv.msg.from_tag(), Some(call.tag()));
+    assert_eq!(to_srv.msg.to_tag(), Some(srv.tag.as_str()));
+    assert_eq!(to_srv.get(HeaderName::CallId), Some(call.call_id.as_str()));
+    assert!(to_srv.vias()[0].branch().unwrap().starts_with("z9hG4bK"));
+    to_caller.assert_to(&call.peer);
+    assert_eq!(to_caller.ruri(), "sip:sipp@192.168.0.5:5061");
+    assert_eq!(
+        to_caller.msg.from_tag(),
+        Some(srv.tag.as_str()),
+        "From = callee"
+    );
+    assert_eq!(
+        name_addr_uri(to_caller.get(HeaderName::From).unwrap()),
+        "sip:service@127.0.0.1:5060"
+    );
+    assert_eq!(to_caller.msg.to_tag(), Some(call.tag()), "To = caller");
+    assert_eq!(
+        name_addr_uri(to_caller.get(HeaderName::To).unwrap()),
+        "sip:sipp@192.168.0.5:5061"
+    );
+    assert_eq!(
+        to_caller.get(HeaderName::CallId),
+        Some(call.call_id.as_str())
+    );
+    (to_srv, to_caller)
+}
+
+#[test]
+fn dialog_lifetime_limit_sends_bye_to_both_sides() {
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+    let mut call = Call::udp("c14");
+    let srv = Uas::new(S1, "srv14");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+
+    h.advance_to(ms(9999));
+    assert_none(&h.out(), "before the lifetime");
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let (to_srv, to_caller) = expiry_byes(&mut out, &call, &srv);
+    assert_none(&out, "only the two BYEs");
+    assert_eq!(to_srv.get(HeaderName::CSeq), Some("2 BYE"));
+    assert!(to_caller
+        .get(HeaderName::CSeq)
+        .is_some_and(|c| c.ends_with(" BYE")));
+
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.expired, st.active, st.failed), (1, 0, 0));
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+
+    // Both sides answer; nothing is relayed.
+    h.recv(srv.peer, &response(&to_srv.msg, 200, None, &[], ""));
+    h.recv(call.peer, &response(&to_caller.msg, 200, None, &[], ""));
+    assert_none(&h.out(), "the 200s to our own BYEs are absorbed");
+}
+
+#[test]
+fn session_expires_ends_the_dialog_at_its_deadline() {
+    let mut h = Harness::new();
+    let mut call = Call::udp("c14b");
+    let srv = Uas::new(S1, "srv14b");
+    let inv = place(&mut h, &call);
+    let se = [("Session-Expires", "60;refresher=uac".to_string())];
+    let ok = answer(&mut h, &mut call, &srv, &inv, &se);
+    assert_eq!(ok.get(HeaderName::SessionExpires), Some("60;refresher=uac"));
+
+    h.advance_to(ms(59_999));
+    assert_none(&h.out(), "before Session-Expires");
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+    h.advance_to(secs(60));
+    let mut out = h.out();
+    expiry_byes(&mut out, &call, &srv);
+    assert_none(&out, "only the two BYEs");
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.expired, st.active), (1, 0));
+    assert_eq!(h.load(0), 0);
+}
+
+#[test]
+fn reinvite_with_session_expires_pushes_the_deadline() {
+    let mut h = Harness::new();
+    let mut call = Call::udp("c14c");
+    let srv = Uas::new(S1, "srv14c");
+    let inv = place(&mut h, &call);
+    let se = [("Session-Expires", "60;refresher=uac".to_string())];
+    answer(&mut h, &mut call, &srv, &inv, &se);
+
+    // Refresh at 30 s.
+    h.advance_to(secs(30));
+    h.out();
+    let reinvite = call.in_dialog(
+        "INVITE",
+        &[
+            ("Session-Expires", "60;refresher=uac".into()),
+            ("Supported", "timer".into()),
+        ],
+        CLIENT_SDP,
+    );
+    h.recv(call.peer, &reinvite);
+    let mut out = h.out();
+    let fwd = take(&mut out, "re-INVITE to the server", |s| {
+        s.is(Method::Invite)
+    });
+    fwd.assert_to(&srv.peer);
+    assert_eq!(fwd.get(HeaderName::CSeq), Some("2 INVITE"));
+    h.recv(srv.peer, &srv.reply(&fwd.msg, 200, &se, SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to the re-INVITE", |s| s.code() == Some(200));
+    ok.assert_to(&call.peer);
+    h.recv(call.peer, &call.ack());
+    let mut out = h.out();
+    take(&mut out, "ACK of the re-INVITE", |s| s.is(Method::Ack));
+
+    // The first deadline (60 s) passes quietly; the new one (90 s) ends the dialog.
+    h.advance_to(secs(60));
+    h.advance_to(ms(89_999));
+    let out = h.out();
+    assert!(
+        !out.iter().any(|s| s.is(Method::Bye)),
+        "BYE before the refreshed deadline:{}",
+        describe(&out)
+    );
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+    h.advance_to(secs(90));
+    let mut out = h.out();
+    expiry_byes(&mut out, &call, &srv);
+    assert_eq!(h.proxy.dialog_stats().expired, 1);
+}
+
+#[test]
+fn expiry_bye_towards_the_callee_follows_its_route_set_in_order() {
+    // The destination at 5080 is a proxy that record-routes, and forwards to another proxy
+    // (10.9.9.2) before the server. Our route set towards the callee is what lies above our
+    // Record-Route in the 200, in reverse: 5080 first, then 10.9.9.2.
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+    let mut call = Call::udp("c14d");
+    let mut srv = Uas::new(S1, "srv14d");
+    srv.record_route = vec![
+        "<sip:10.9.9.2;lr>".to_string(),
+        "<sip:127.0.0.1:5080;lr>".to_string(),
+    ];
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE to the callee side", |s| {
+        s.is(Method::Bye) && s.to() == addr(S1)
+    });
+    assert_eq!(
+        bye.all(HeaderName::Route),
+        vec![
+            "<sip:127.0.0.1:5080;lr>".to_string(),
+            "<sip:10.9.9.2;lr>".to_string()
+        ]
+    );
+}
+
+// ---- 15, 16: transport errors and routing ----------------------------------------------------
+
+#[test]
+fn transport_error_on_a_tcp_destination_fails_over_at_once() {
+    let mut h = Harness::with(
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080;transport=tcp", resources: pstn=100}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50}
+"#,
+        "",
+    );
+    let call = Call::udp("c15");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer {
+        transport: Transport::Tcp,
+        listener: TCP_L,
+        addr: addr(S1),
+        conn: None,
+    });
+    assert_eq!(inv.vias()[0].transport, "TCP");
+    let token = inv.out.on_error.expect("an error token on the INVITE");
+
+    h.proxy.on_transport_error(h.now, token);
+    let mut out = h.out();
+    let inv2 = take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite)
+    });
+    assert_none(&out, "nothing to the caller");
+    inv2.assert_to(&Peer::udp_server(S2));
+    assert_ne!(inv2.branch(), inv.branch());
+    assert_eq!(h.state(0), State::Down);
+    assert_eq!(h.state(1), State::Up);
+    assert_eq!((h.load(0), h.load(1)), (0, 1));
+    assert_eq!(h.proxy.route_stats().failovers, 1);
+
+    let srv2 = Uas::new(S2, "srv15");
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    take(&mut out, "200 to the caller", |s| {
+        s.code() == Some(200) && s.to() == call.peer.addr
+    });
+}
+
+#[test]
+fn relative_mode_splits_calls_by_capacity() {
+    let mut h = Harness::with(TWO_DESTS, "routing:\n  mode: relative\n");
+    let mut per_port = HashMap::<u16, u32>::new();
+    for i in 0..30 {
+        let mut call = Call::udp(&format!("c16-{i}"));
+        let inv = place(&mut h, &call);
+        *per_port.entry(inv.to().port()).or_default() += 1;
+        let srv = Uas {
+            peer: Peer::udp_server(&inv.to().to_string()),
+            tag: format!("srv16-{i}"),
+            record_route: Vec::new(),
+        };
+        answer(&mut h, &mut call, &srv, &inv, &[]);
+    }
+    assert_eq!(
+        (per_port.get(&5080), per_port.get(&5090)),
+        (Some(&20), Some(&10))
+    );
+    assert_eq!((h.load(0), h.load(1)), (20, 10));
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.active, st.processed, st.failed), (30, 30, 0));
+}

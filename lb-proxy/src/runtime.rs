@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::destinations::Destinations;
-use crate::metrics::Counters;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::sip::Transport;
 use crate::transport::{tcp, udp, ErrorToken, Inbound, Outbound, Target};
@@ -35,6 +35,8 @@ pub enum Event {
 pub enum Query {
     Destinations,
     DialogStats,
+    /// Prometheus text exposition.
+    Metrics,
 }
 
 /// A running proxy: its bound addresses and the handle to stop it.
@@ -50,7 +52,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
     let dests = Destinations::from_set(&cfg.destinations).map_err(anyhow::Error::msg)?;
     let shutdown = CancellationToken::new();
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Metrics::new());
     let (events, rx) = mpsc::channel::<Event>(65_536);
 
     let mut udp_sockets: Vec<Option<Arc<UdpSocket>>> = Vec::new();
@@ -108,13 +110,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             connect_timeout: cfg.tcp.connect_timeout,
         },
         shutdown: shutdown.clone(),
+        binds: Arc::new(cfg.listeners.iter().map(|l| l.bind).collect()),
     };
     for (i, l) in tcp_listeners {
         tokio::spawn(tcp::accept(l, i, tcp_shared.clone()));
     }
     tokio::spawn(resolve_loop(cfg.clone(), events.clone(), shutdown.clone()));
 
-    let proxy = Proxy::new(cfg.clone(), dests);
+    let proxy = Proxy::with_metrics(cfg.clone(), dests, counters.clone());
     let io = Io {
         udp: udp_sockets,
         tcp: tcp_shared,
@@ -207,7 +210,7 @@ async fn core_loop(
     mut proxy: Proxy,
     mut rx: mpsc::Receiver<Event>,
     io: Io,
-    counters: Arc<Counters>,
+    counters: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -240,7 +243,7 @@ async fn core_loop(
     }
 }
 
-fn handle(proxy: &mut Proxy, now: Instant, ev: Event, counters: &Counters) {
+fn handle(proxy: &mut Proxy, now: Instant, ev: Event, counters: &Metrics) {
     match ev {
         Event::Message(m) => proxy.on_message(now, m),
         Event::TransportError(t) => proxy.on_transport_error(now, t),
@@ -260,6 +263,10 @@ fn handle(proxy: &mut Proxy, now: Instant, ev: Event, counters: &Counters) {
         Event::Query(q, reply) => {
             let v = match q {
                 Query::Destinations => destinations_json(proxy),
+                Query::Metrics => {
+                    proxy.export_gauges();
+                    serde_json::Value::String(counters.encode())
+                }
                 Query::DialogStats => {
                     let mut v = serde_json::to_value(proxy.dialog_stats()).unwrap_or_default();
                     if let Some(o) = v.as_object_mut() {
@@ -267,13 +274,7 @@ fn handle(proxy: &mut Proxy, now: Instant, ev: Event, counters: &Counters) {
                         o.insert("routed".into(), r.routed.into());
                         o.insert("failovers".into(), r.failovers.into());
                         o.insert("rejectedNoCapacity".into(), r.rejected_no_capacity.into());
-                        o.insert(
-                            "malformed".into(),
-                            counters
-                                .malformed
-                                .load(std::sync::atomic::Ordering::Relaxed)
-                                .into(),
-                        );
+                        o.insert("malformed".into(), counters.malformed.get().into());
                     }
                     v
                 }
@@ -298,6 +299,7 @@ fn destinations_json(proxy: &Proxy) -> serde_json::Value {
                 "state": x.state,
                 "resources": x.resources,
                 "calls": x.calls,
+                "held": x.held_until.is_some(),
                 "lastChange": x.last_change.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             })
         })

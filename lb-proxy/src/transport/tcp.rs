@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{ConnId, ErrorToken, Flow, Inbound};
-use crate::metrics::Counters;
+use crate::metrics::Metrics;
 use crate::runtime::Event;
 use crate::sip::{header_end, Message, Transport};
 
@@ -82,9 +82,11 @@ impl Registry {
 pub struct Shared {
     pub registry: Arc<Registry>,
     pub events: mpsc::Sender<Event>,
-    pub counters: Arc<Counters>,
+    pub counters: Arc<Metrics>,
     pub limits: Limits,
     pub shutdown: CancellationToken,
+    /// Bind address of each listener, by index: outgoing connections leave from its IP.
+    pub binds: Arc<Vec<SocketAddr>>,
 }
 
 /// Accepts connections on one listener until shutdown.
@@ -288,8 +290,9 @@ pub fn send(
     }
     let shared = shared.clone();
     tokio::spawn(async move {
+        let local = shared.binds.get(listener).copied();
         let connect =
-            tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(remote));
+            tokio::time::timeout(shared.limits.connect_timeout, connect_from(local, remote));
         match connect.await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
@@ -309,6 +312,22 @@ pub fn send(
             }
         }
     });
+}
+
+/// Connects from the listener's IP (any port) when it has one of the remote's family, so that
+/// servers see the proxy's address, not whatever the kernel picks.
+async fn connect_from(local: Option<SocketAddr>, remote: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if remote.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    if let Some(l) = local {
+        if l.is_ipv6() == remote.is_ipv6() && !l.ip().is_unspecified() {
+            socket.bind(SocketAddr::new(l.ip(), 0))?;
+        }
+    }
+    socket.connect(remote).await
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{Flow, Inbound};
-use crate::metrics::Counters;
+use crate::metrics::Metrics;
 use crate::runtime::Event;
 use crate::sip::{Message, Transport};
 
@@ -16,7 +16,7 @@ pub async fn receive(
     socket: Arc<UdpSocket>,
     listener: usize,
     events: mpsc::Sender<Event>,
-    counters: Arc<Counters>,
+    counters: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; 65_536];
