@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod resources;
 
 pub use resources::{Resources, ResourcesError};
@@ -66,6 +67,26 @@ pub struct DestinationSpec {
     /// OPTIONS probing mode.
     #[serde(default)]
     pub probe_mode: ProbeMode,
+    /// What the control plane wants: `active` (default), `draining` (no new calls, open calls
+    /// continue; a terminating pod) or `down` (no new calls; a pod that is not Ready).
+    #[serde(default, skip_serializing_if = "DesiredState::is_active")]
+    pub state: DesiredState,
+}
+
+/// The state a destination set asks for; health and manual state in the proxy come on top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    #[default]
+    Active,
+    Draining,
+    Down,
+}
+
+impl DesiredState {
+    pub fn is_active(&self) -> bool {
+        *self == DesiredState::Active
+    }
 }
 
 fn default_group() -> u32 {

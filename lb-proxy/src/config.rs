@@ -105,16 +105,47 @@ pub struct Tcp {
     pub connect_timeout: Duration,
 }
 
+/// OPTIONS health probing.
+#[derive(Debug, Clone)]
+pub struct Probing {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// From URI of the probes.
+    pub from_uri: String,
+    /// Reply codes that count as alive besides 200.
+    pub alive_codes: Vec<CodeSet>,
+    /// Consecutive failures that mark an up destination down.
+    pub failure_threshold: u32,
+    /// Consecutive successes that bring a down destination back.
+    pub success_threshold: u32,
+}
+
+impl Probing {
+    pub fn is_alive(&self, code: u16) -> bool {
+        code == 200 || self.alive_codes.iter().any(|c| c.matches(code))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Bearer token required by the write endpoints; None leaves them open.
+    pub token: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listeners: Vec<Listener>,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
+    pub probing: Probing,
     pub routing: Routing,
     pub timers: Timers,
     pub dialogs: Dialogs,
     pub tcp: Tcp,
     pub dns_refresh: Duration,
-    pub destinations: DestinationSet,
+    /// The static set; None when the file has no `destinations` key (the proxy then waits for
+    /// a set pushed through the admin API and is not ready until one arrives).
+    pub destinations: Option<DestinationSet>,
 }
 
 /// A configuration problem, naming the field and the value.
@@ -152,7 +183,35 @@ struct RawConfig {
     #[serde(default)]
     dns: RawDns,
     #[serde(default)]
-    destinations: Vec<DestinationSpec>,
+    probing: RawProbing,
+    #[serde(default)]
+    destinations: Option<Vec<DestinationSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawProbing {
+    #[serde(deserialize_with = "duration")]
+    interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    timeout: Duration,
+    from_uri: Option<String>,
+    alive_codes: Vec<RawCode>,
+    failure_threshold: u32,
+    success_threshold: u32,
+}
+
+impl Default for RawProbing {
+    fn default() -> Self {
+        RawProbing {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(3),
+            from_uri: None,
+            alive_codes: Vec::new(),
+            failure_threshold: 3,
+            success_threshold: 2,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -178,6 +237,9 @@ struct RawListenerFull {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawAdmin {
     listen: String,
+    /// File holding the bearer token for write endpoints.
+    #[serde(default)]
+    token_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -356,12 +418,12 @@ fn parse_listener(s: &str, field: &str) -> Result<(Transport, SocketAddr), Field
     Ok((transport, bind))
 }
 
-fn parse_codes(codes: &[RawCode]) -> Result<Vec<CodeSet>, FieldError> {
+fn parse_codes(codes: &[RawCode], path: &str) -> Result<Vec<CodeSet>, FieldError> {
     codes
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let field = format!("routing.failoverCodes[{i}]");
+            let field = format!("{path}[{i}]");
             let s = match c {
                 RawCode::N(n) => n.to_string(),
                 RawCode::S(s) => s.trim().to_string(),
@@ -387,6 +449,27 @@ fn parse_codes(codes: &[RawCode]) -> Result<Vec<CodeSet>, FieldError> {
             }
         })
         .collect()
+}
+
+/// Environment variable holding the admin bearer token when `admin.tokenFile` is not set.
+pub const TOKEN_ENV: &str = "LB_PROXY_ADMIN_TOKEN";
+
+/// Checks a destination set against the grammar and the listeners: every URI parses and
+/// names a transport the proxy has a listener for.
+pub fn check_set(listeners: &[Listener], set: &DestinationSet) -> Result<(), FieldError> {
+    validate_destinations(set)?;
+    for (i, d) in set.destinations.iter().enumerate() {
+        if let Ok(uri) = SipUri::parse(&d.uri) {
+            let t = uri.transport();
+            if !listeners.iter().any(|l| l.transport == t) {
+                return Err(FieldError::new(
+                    format!("destinations[{i}].uri"),
+                    format!("{:?} uses {t}, but no {t} listener is configured", d.uri),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks the parts of a destination set that need the SIP grammar: each URI.
@@ -453,7 +536,7 @@ impl RawConfig {
                 group: r.group,
                 resources: r.resources.clone(),
                 max_attempts: r.max_attempts,
-                failover_codes: parse_codes(&r.failover_codes)?,
+                failover_codes: parse_codes(&r.failover_codes, "routing.failoverCodes")?,
                 retry_after: r.retry_after,
             }
         };
@@ -525,13 +608,64 @@ impl RawConfig {
             });
         }
         let admin = match &self.admin {
-            Some(a) => Some(a.listen.parse().map_err(|_| {
-                FieldError::new(
-                    "admin.listen",
-                    format!("{:?} is not an IP address and port", a.listen),
-                )
-            })?),
+            Some(a) => {
+                let listen = a.listen.parse().map_err(|_| {
+                    FieldError::new(
+                        "admin.listen",
+                        format!("{:?} is not an IP address and port", a.listen),
+                    )
+                })?;
+                let token = match &a.token_file {
+                    Some(path) => {
+                        let t = std::fs::read_to_string(path).map_err(|e| {
+                            FieldError::new("admin.tokenFile", format!("cannot read {path:?}: {e}"))
+                        })?;
+                        let t = t.trim().to_string();
+                        if t.is_empty() {
+                            return Err(FieldError::new(
+                                "admin.tokenFile",
+                                format!("{path:?} is empty"),
+                            )
+                            .into());
+                        }
+                        Some(t)
+                    }
+                    None => std::env::var(TOKEN_ENV)
+                        .ok()
+                        .map(|t| t.trim().to_string())
+                        .filter(|t| !t.is_empty()),
+                };
+                Some(Admin { listen, token })
+            }
             None => None,
+        };
+        let p = &self.probing;
+        if p.interval.is_zero() {
+            return Err(FieldError::new("probing.interval", "must be greater than zero").into());
+        }
+        if p.timeout.is_zero() {
+            return Err(FieldError::new("probing.timeout", "must be greater than zero").into());
+        }
+        if p.failure_threshold == 0 {
+            return Err(FieldError::new("probing.failureThreshold", "must be at least 1").into());
+        }
+        if p.success_threshold == 0 {
+            return Err(FieldError::new("probing.successThreshold", "must be at least 1").into());
+        }
+        let from_uri = match &p.from_uri {
+            Some(u) => {
+                SipUri::parse(u).map_err(|e| FieldError::new("probing.fromUri", e))?;
+                u.clone()
+            }
+            None => format!("sip:mrcp-lb@{}", listeners[0].advertise),
+        };
+        let probing = Probing {
+            interval: p.interval,
+            timeout: p.timeout,
+            from_uri,
+            alive_codes: parse_codes(&p.alive_codes, "probing.aliveCodes")?,
+            failure_threshold: p.failure_threshold,
+            success_threshold: p.success_threshold,
         };
         let t = &self.timers;
         for (name, d) in [
@@ -563,14 +697,21 @@ impl RawConfig {
             )
             .into());
         }
-        let destinations = DestinationSet {
-            version: 0,
-            destinations: self.destinations,
+        let destinations = match self.destinations {
+            Some(list) => {
+                let set = DestinationSet {
+                    version: 0,
+                    destinations: list,
+                };
+                check_set(&listeners, &set)?;
+                Some(set)
+            }
+            None => None,
         };
-        validate_destinations(&destinations)?;
         Ok(Config {
             listeners,
             admin,
+            probing,
             routing,
             timers,
             dialogs: Dialogs {
@@ -605,12 +746,12 @@ mod tests {
         assert_eq!(c.listeners.len(), 2);
         assert_eq!(c.listeners[0].transport, Transport::Udp);
         assert_eq!(c.listeners[1].transport, Transport::Tcp);
-        assert_eq!(c.admin, Some("127.0.0.1:8081".parse().unwrap()));
-        assert_eq!(c.destinations.destinations.len(), 2);
-        assert_eq!(
-            c.destinations.destinations[1].resources.get("pstn"),
-            Some(50)
-        );
+        assert_eq!(c.admin.unwrap().listen, "127.0.0.1:8081".parse().unwrap());
+        let set = c.destinations.unwrap();
+        assert_eq!(set.destinations.len(), 2);
+        assert_eq!(set.destinations[1].resources.get("pstn"), Some(50));
+        assert_eq!(c.probing.interval, Duration::from_secs(10));
+        assert_eq!(c.probing.from_uri, "sip:mrcp-lb@127.0.0.1:5060");
         assert_eq!(c.timers.invite_timeout, Duration::from_secs(3));
         assert_eq!(c.dialogs.lifetime, Duration::from_secs(12 * 3600));
     }

@@ -1,7 +1,6 @@
 //! Dialogs: one per call, from the initial INVITE to its end, and the counters OpenSIPS'
 //! `dialog` module reports (`get_statistics dialog:`).
 
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,16 +78,4 @@ pub enum End {
 }
 
 /// The dialog counters, as OpenSIPS names them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct DialogStats {
-    /// Answered (2xx), not ended.
-    pub active: u64,
-    /// Provisional with To tag, not answered yet.
-    pub early: u64,
-    /// Created since start.
-    pub processed: u64,
-    /// Ended by the proxy's lifetime or Session-Expires limit.
-    pub expired: u64,
-    /// Never established (cancelled, rejected, no destination).
-    pub failed: u64,
-}
+pub use lb_api::admin::DialogStats;

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let running = match lb_proxy::runtime::start(cfg).await {
+        let running = match lb_proxy::runtime::start(cfg, Some(cli.config.clone())).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("lb-proxy: {e:#}");

@@ -1,20 +1,23 @@
-//! Wiring: binds the listeners, runs the transport tasks, the admin server, the resolver and
-//! the one task that owns the proxy core.
+//! Wiring: binds the listeners, runs the transport tasks, the admin server, the resolver, the
+//! SIGHUP reloader and the one task that owns the proxy core.
 
 use anyhow::Context;
-use serde_json::json;
+use lb_api::admin::{Action, DestinationsStatus, DialogStats, State};
+use lb_api::DestinationSet;
+use serde::Serialize;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::destinations::Destinations;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Applied, Proxy, SetError};
 use crate::sip::Transport;
 use crate::transport::{tcp, udp, ErrorToken, Inbound, Outbound, Target};
 
@@ -28,15 +31,33 @@ pub enum Event {
         id: String,
         addr: SocketAddr,
     },
-    Query(Query, oneshot::Sender<serde_json::Value>),
+    Control(Control),
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum Query {
-    Destinations,
-    DialogStats,
+/// Requests from the admin API and the reloader, answered by the core task.
+#[derive(Debug)]
+pub enum Control {
+    Status(oneshot::Sender<DestinationsStatus>),
+    Stats(oneshot::Sender<Stats>),
     /// Prometheus text exposition.
-    Metrics,
+    Metrics(oneshot::Sender<String>),
+    Ready(oneshot::Sender<bool>),
+    Replace(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
+    /// A set re-read from the config file: versioned by the core.
+    Reload(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
+    Manual(String, Action, oneshot::Sender<Option<State>>),
+}
+
+/// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    #[serde(flatten)]
+    pub dialogs: DialogStats,
+    pub routed: u64,
+    pub failovers: u64,
+    pub rejected_no_capacity: u64,
+    pub malformed: u64,
 }
 
 /// A running proxy: its bound addresses and the handle to stop it.
@@ -47,12 +68,19 @@ pub struct Running {
     pub done: tokio::task::JoinHandle<()>,
 }
 
+/// Host names of the destinations, for the resolver: (id, host, port).
+type Names = Vec<(String, String, u16)>;
+
 /// Binds everything (failing before any traffic when a bind fails) and starts the tasks.
-pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+/// `config_path`, when given, is re-read on SIGHUP for a new destination set.
+pub async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
-    let dests = Destinations::from_set(&cfg.destinations).map_err(anyhow::Error::msg)?;
+    let dests = match &cfg.destinations {
+        Some(set) => Destinations::from_set(set).map_err(anyhow::Error::msg)?,
+        None => Destinations::waiting(),
+    };
     let shutdown = CancellationToken::new();
-    let counters = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new());
     let (events, rx) = mpsc::channel::<Event>(65_536);
 
     let mut udp_sockets: Vec<Option<Arc<UdpSocket>>> = Vec::new();
@@ -77,13 +105,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             }
         }
     }
-    let admin = match cfg.admin {
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
+    let admin = match &cfg.admin {
+        Some(a) => {
+            let l = TcpListener::bind(a.listen)
                 .await
-                .with_context(|| format!("admin.listen: cannot bind {addr}"))?;
+                .with_context(|| format!("admin.listen: cannot bind {}", a.listen))?;
             let local = l.local_addr()?;
-            tokio::spawn(crate::admin::serve(l, events.clone(), shutdown.clone()));
+            let api = crate::admin::Api {
+                events: events.clone(),
+                token: a.token.clone().map(Arc::from),
+            };
+            tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
             Some(local)
         }
         None => None,
@@ -95,7 +127,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 s.clone(),
                 i,
                 events.clone(),
-                counters.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             ));
         }
@@ -103,7 +135,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let tcp_shared = tcp::Shared {
         registry: Arc::new(tcp::Registry::default()),
         events: events.clone(),
-        counters: counters.clone(),
+        counters: metrics.clone(),
         limits: tcp::Limits {
             max_message_size: cfg.tcp.max_message_size,
             idle_timeout: cfg.tcp.idle_timeout,
@@ -115,15 +147,30 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     for (i, l) in tcp_listeners {
         tokio::spawn(tcp::accept(l, i, tcp_shared.clone()));
     }
-    tokio::spawn(resolve_loop(cfg.clone(), events.clone(), shutdown.clone()));
 
-    let proxy = Proxy::with_metrics(cfg.clone(), dests, counters.clone());
+    let mut proxy = Proxy::with_metrics(cfg.clone(), dests, metrics.clone());
+    proxy.start(Instant::now());
+    let (names_tx, names_rx) = watch::channel(host_names(&proxy));
+    tokio::spawn(resolve_loop(
+        cfg.dns_refresh,
+        names_rx,
+        events.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(path) = config_path {
+        tokio::spawn(reload_on_sighup(path, events.clone(), shutdown.clone()));
+    }
     let io = Io {
         udp: udp_sockets,
         tcp: tcp_shared,
         events: events.clone(),
     };
-    let done = tokio::spawn(core_loop(proxy, rx, io, counters, shutdown.clone()));
+    let core = Core {
+        proxy,
+        metrics,
+        names: names_tx,
+    };
+    let done = tokio::spawn(core.run(rx, io, shutdown.clone()));
     for (t, a) in &bound {
         info!("listening on {t}:{a}");
     }
@@ -206,143 +253,199 @@ impl Io {
     }
 }
 
-async fn core_loop(
-    mut proxy: Proxy,
-    mut rx: mpsc::Receiver<Event>,
-    io: Io,
-    counters: Arc<Metrics>,
+struct Core {
+    proxy: Proxy,
+    metrics: Arc<Metrics>,
+    names: watch::Sender<Names>,
+}
+
+impl Core {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>, io: Io, shutdown: CancellationToken) {
+        loop {
+            let next = self.proxy.next_timer();
+            let sleep = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { return };
+                    let now = Instant::now();
+                    self.handle(now, ev);
+                    // Drain what is already queued before flushing.
+                    for _ in 0..256 {
+                        match rx.try_recv() {
+                            Ok(ev) => self.handle(now, ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep => self.proxy.on_timer(Instant::now()),
+                _ = shutdown.cancelled() => return,
+            }
+            for out in self.proxy.take_outbound() {
+                io.send(out);
+            }
+        }
+    }
+
+    fn handle(&mut self, now: Instant, ev: Event) {
+        let proxy = &mut self.proxy;
+        match ev {
+            Event::Message(m) => proxy.on_message(now, m),
+            Event::TransportError(t) => proxy.on_transport_error(now, t),
+            Event::Resolved { id, addr } => {
+                let dests = proxy.destinations_mut();
+                if let Some(d) = dests.find(&id).and_then(|s| dests.get_mut(s)) {
+                    if d.addr != Some(addr) {
+                        info!(destination = %id, %addr, "destination address resolved");
+                        d.addr = Some(addr);
+                    }
+                }
+            }
+            Event::Control(c) => self.control(now, c),
+        }
+    }
+
+    fn control(&mut self, now: Instant, c: Control) {
+        let proxy = &mut self.proxy;
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(proxy.status());
+            }
+            Control::Stats(reply) => {
+                let r = proxy.route_stats();
+                let _ = reply.send(Stats {
+                    dialogs: proxy.dialog_stats(),
+                    routed: r.routed,
+                    failovers: r.failovers,
+                    rejected_no_capacity: r.rejected_no_capacity,
+                    malformed: self.metrics.malformed.get(),
+                });
+            }
+            Control::Metrics(reply) => {
+                proxy.export_gauges();
+                let _ = reply.send(self.metrics.encode());
+            }
+            Control::Ready(reply) => {
+                let _ = reply.send(proxy.has_set());
+            }
+            Control::Replace(set, reply) => {
+                let r = proxy.replace_set(now, &set);
+                let _ = reply.send(r);
+                self.publish_names();
+            }
+            Control::Reload(set, reply) => {
+                let r = proxy.reload_set(now, set);
+                let _ = reply.send(r);
+                self.publish_names();
+            }
+            Control::Manual(id, action, reply) => {
+                let _ = reply.send(proxy.set_manual(&id, action));
+            }
+        }
+    }
+
+    fn publish_names(&self) {
+        let names = host_names(&self.proxy);
+        self.names.send_if_modified(|old| {
+            let changed = *old != names;
+            if changed {
+                *old = names;
+            }
+            changed
+        });
+    }
+}
+
+/// Destinations given by host name rather than IP.
+fn host_names(proxy: &Proxy) -> Names {
+    proxy
+        .destinations()
+        .visible()
+        .filter_map(|d| {
+            let u = &d.uri;
+            u.ip()
+                .is_none()
+                .then(|| (d.spec.id.clone(), u.host.clone(), u.port_or_default()))
+        })
+        .collect()
+}
+
+/// Resolves destinations given by host name, at once when the set changes and again every
+/// `dns.refreshInterval`, so a name that moved stops getting calls at its old address.
+async fn resolve_loop(
+    every: Duration,
+    mut names: watch::Receiver<Names>,
+    events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let next = proxy.next_timer();
-        let sleep = async {
-            match next {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            ev = rx.recv() => {
-                let Some(ev) = ev else { return };
-                let now = Instant::now();
-                handle(&mut proxy, now, ev, &counters);
-                // Drain what is already queued before flushing.
-                for _ in 0..256 {
-                    match rx.try_recv() {
-                        Ok(ev) => handle(&mut proxy, now, ev, &counters),
-                        Err(_) => break,
-                    }
-                }
-            }
-            _ = sleep => proxy.on_timer(Instant::now()),
-            _ = shutdown.cancelled() => return,
-        }
-        for out in proxy.take_outbound() {
-            io.send(out);
-        }
-    }
-}
-
-fn handle(proxy: &mut Proxy, now: Instant, ev: Event, counters: &Metrics) {
-    match ev {
-        Event::Message(m) => proxy.on_message(now, m),
-        Event::TransportError(t) => proxy.on_transport_error(now, t),
-        Event::Resolved { id, addr } => {
-            if let Some(d) = proxy
-                .destinations_mut()
-                .slots
-                .iter_mut()
-                .find(|d| d.spec.id == id)
-            {
-                if d.addr != Some(addr) {
-                    info!(destination = %id, %addr, "destination resolved");
-                    d.addr = Some(addr);
-                }
-            }
-        }
-        Event::Query(q, reply) => {
-            let v = match q {
-                Query::Destinations => destinations_json(proxy),
-                Query::Metrics => {
-                    proxy.export_gauges();
-                    serde_json::Value::String(counters.encode())
-                }
-                Query::DialogStats => {
-                    let mut v = serde_json::to_value(proxy.dialog_stats()).unwrap_or_default();
-                    if let Some(o) = v.as_object_mut() {
-                        let r = proxy.route_stats();
-                        o.insert("routed".into(), r.routed.into());
-                        o.insert("failovers".into(), r.failovers.into());
-                        o.insert("rejectedNoCapacity".into(), r.rejected_no_capacity.into());
-                        o.insert("malformed".into(), counters.malformed.get().into());
-                    }
-                    v
-                }
-            };
-            let _ = reply.send(v);
-        }
-    }
-}
-
-fn destinations_json(proxy: &Proxy) -> serde_json::Value {
-    let d = proxy.destinations();
-    let list: Vec<_> = d
-        .slots
-        .iter()
-        .filter(|x| !x.removed || x.total_load() > 0)
-        .map(|x| {
-            json!({
-                "id": x.spec.id,
-                "group": x.spec.group,
-                "uri": x.spec.uri,
-                "address": x.addr.map(|a| a.to_string()),
-                "state": x.state,
-                "resources": x.resources,
-                "calls": x.calls,
-                "held": x.held_until.is_some(),
-                "lastChange": x.last_change.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            })
-        })
-        .collect();
-    json!({ "version": d.version, "destinations": list })
-}
-
-/// Resolves destinations given by host name, now and every `dns.refreshInterval`, so a name
-/// that moved stops getting calls at its old address.
-async fn resolve_loop(cfg: Arc<Config>, events: mpsc::Sender<Event>, shutdown: CancellationToken) {
-    let names: Vec<(String, String, u16)> = cfg
-        .destinations
-        .destinations
-        .iter()
-        .filter_map(|d| {
-            let u = crate::sip::SipUri::parse(&d.uri).ok()?;
-            u.ip()
-                .is_none()
-                .then(|| (d.id.clone(), u.host.clone(), u.port_or_default()))
-        })
-        .collect();
-    if names.is_empty() {
-        return;
-    }
-    loop {
-        for (id, host, port) in &names {
+        let list = names.borrow_and_update().clone();
+        for (id, host, port) in &list {
             match tokio::net::lookup_host((host.as_str(), *port)).await {
-                Ok(mut addrs) => {
-                    if let Some(addr) = addrs.next() {
-                        let _ = events
-                            .send(Event::Resolved {
-                                id: id.clone(),
-                                addr,
-                            })
-                            .await;
+                Ok(addrs) => {
+                    let addrs: Vec<SocketAddr> = addrs.collect();
+                    // Prefer IPv4 when both are offered: listeners are usually IPv4.
+                    let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first());
+                    if let Some(addr) = pick {
+                        let ev = Event::Resolved {
+                            id: id.clone(),
+                            addr: *addr,
+                        };
+                        if events.send(ev).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Err(e) => warn!(destination = %id, %host, "cannot resolve: {e}"),
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(cfg.dns_refresh.max(Duration::from_secs(1))) => {}
+            _ = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
+            r = names.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Re-reads the config file on SIGHUP and applies its destination set (other keys need a
+/// restart). A file that does not parse is reported and changes nothing.
+async fn reload_on_sighup(path: PathBuf, events: mpsc::Sender<Event>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; reloads disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            r = hup.recv() => if r.is_none() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        let set = match Config::load(&path) {
+            Ok(c) => c.destinations.unwrap_or_default(),
+            Err(e) => {
+                warn!("SIGHUP: {} not reloaded: {e}", path.display());
+                continue;
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if events
+            .send(Event::Control(Control::Reload(set, tx)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        match rx.await {
+            Ok(Ok(Applied::Replaced)) => {
+                info!("SIGHUP: destination set reloaded from {}", path.display())
+            }
+            Ok(Ok(Applied::Unchanged)) => info!("SIGHUP: destination set unchanged"),
+            Ok(Err(e)) => warn!("SIGHUP: destination set rejected, the old one stays: {e}"),
+            Err(_) => return,
         }
     }
 }

@@ -6,6 +6,11 @@
 //! clients on N:5070 (and N:5071 for a second one). sipp's control and media sockets get
 //! per-process ports on the same address.
 //!
+//! IPv6 tests share the one IPv6 loopback address, `::1`: they put their sipp processes there
+//! with `Sipp::server_at`/`Sipp::client_at` on ports no other test uses, keep the proxy's admin
+//! API on their own 127.0.1.N, and start their `TestEnv` with `TestEnv::with_sipp_slots` so that
+//! the media ports sipp binds on `::1` (20000 + 10 × slot) do not collide either.
+//!
 //! Every process is a child held by a guard that kills it (by its PID) and reaps it on drop,
 //! panics included. A test's files (config, proxy log, sipp logs and statistics) live in
 //! `target/tmp/<test>-<pid>-<ms>/`; they are kept, and the interesting ones printed, when the
@@ -86,6 +91,13 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new(name: &str, ip: &str) -> TestEnv {
+        TestEnv::with_sipp_slots(name, ip, 0)
+    }
+
+    /// As `new`, numbering this test's sipp processes from `first_slot` (control port
+    /// 8800 + slot, media ports 20000 + 10 × slot): for tests whose sipp processes share an
+    /// address with another test's (`::1`).
+    pub fn with_sipp_slots(name: &str, ip: &str, first_slot: u16) -> TestEnv {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "{name}-{}-{}",
             std::process::id(),
@@ -99,7 +111,7 @@ impl TestEnv {
             name: name.to_string(),
             ip: ip.to_string(),
             dir,
-            next_slot: AtomicU16::new(0),
+            next_slot: AtomicU16::new(first_slot),
         }
     }
 
@@ -544,6 +556,109 @@ pub fn dialog_stats(admin: SocketAddr) -> DialogStats {
     try_dialog_stats(admin).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// One numeric field of `/v1/dialogs/stats` (e.g. `malformed`, `routed`).
+pub fn stats_number(admin: SocketAddr, key: &str) -> u64 {
+    let v = get_json(admin, "/v1/dialogs/stats");
+    v.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("/v1/dialogs/stats has no number {key:?}: {v}"))
+}
+
+/// The Prometheus text of `GET /metrics`.
+pub fn metrics_text(admin: SocketAddr) -> String {
+    match http_get(admin, "/metrics") {
+        Ok((200, body)) => body,
+        Ok((code, body)) => panic!("GET /metrics answered {code}: {body}"),
+        Err(e) => panic!("GET /metrics: {e}"),
+    }
+}
+
+/// One sample line of a Prometheus text exposition: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl MetricSample {
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels.get(name).map(String::as_str)
+    }
+}
+
+fn bad_metrics_line(line: &str) -> ! {
+    panic!("unreadable metrics line {line:?}")
+}
+
+/// The sample lines of a Prometheus text exposition (comments skipped). Label values are read
+/// with their escapes (`\\`, `\"`, `\n`) undone; a line that cannot be read panics.
+pub fn parse_metrics(text: &str) -> Vec<MetricSample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line
+            .find(|c: char| c == '{' || c.is_whitespace())
+            .unwrap_or_else(|| bad_metrics_line(line));
+        let name = line[..name_end].to_string();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut chars = r.char_indices();
+            let mut key = String::new();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '}' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    ',' | ' ' => {}
+                    '=' => {
+                        if chars.next().map(|(_, c)| c) != Some('"') {
+                            bad_metrics_line(line);
+                        }
+                        let mut val = String::new();
+                        loop {
+                            match chars.next().map(|(_, c)| c) {
+                                Some('"') => break,
+                                Some('\\') => match chars.next().map(|(_, c)| c) {
+                                    Some('n') => val.push('\n'),
+                                    Some(c) => val.push(c),
+                                    None => bad_metrics_line(line),
+                                },
+                                Some(c) => val.push(c),
+                                None => bad_metrics_line(line),
+                            }
+                        }
+                        labels.insert(std::mem::take(&mut key), val);
+                    }
+                    c => key.push(c),
+                }
+            }
+            rest = &r[end.unwrap_or_else(|| bad_metrics_line(line))..];
+        }
+        let value = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| match v {
+                "+Inf" => Some(f64::INFINITY),
+                "-Inf" => Some(f64::NEG_INFINITY),
+                v => v.parse().ok(),
+            })
+            .unwrap_or_else(|| bad_metrics_line(line));
+        out.push(MetricSample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DestState {
     pub id: String,
@@ -896,11 +1011,25 @@ impl Sipp {
         transport: Transport,
         pause_ms: u64,
     ) -> Sipp {
+        let local = SocketAddr::new(env.ip.parse().expect("test IP"), port);
+        Sipp::server_at(env, name, scenario, local, transport, pause_ms)
+    }
+
+    /// As `server`, on another address than the test's (e.g. `[::1]:16080`). Its control
+    /// socket stays on the test's address.
+    pub fn server_at(
+        env: &TestEnv,
+        name: &str,
+        scenario: &'static str,
+        local: SocketAddr,
+        transport: Transport,
+        pause_ms: u64,
+    ) -> Sipp {
         let args: Vec<String> = vec![
             "-i".into(),
-            env.ip.clone(),
+            local.ip().to_string(),
             "-p".into(),
-            port.to_string(),
+            local.port().to_string(),
             "-t".into(),
             transport.flag().into(),
             "-trace_counts".into(),
@@ -930,11 +1059,29 @@ impl Sipp {
         timeout: Duration,
         extra: &[&str],
     ) -> Sipp {
+        let local = SocketAddr::new(env.ip.parse().expect("test IP"), port);
+        let target = env.proxy_target();
+        Sipp::client_at(env, name, scenario, local, &target, transport, timeout, extra)
+    }
+
+    /// As `client`, from another address than the test's (e.g. `[::1]:16070`) to `target`
+    /// (`IP:port`, IPv6 as `[::1]:16060`). Its control socket stays on the test's address.
+    #[allow(clippy::too_many_arguments)]
+    pub fn client_at(
+        env: &TestEnv,
+        name: &str,
+        scenario: Scenario,
+        local: SocketAddr,
+        target: &str,
+        transport: Transport,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> Sipp {
         let mut args: Vec<String> = vec![
             "-i".into(),
-            env.ip.clone(),
+            local.ip().to_string(),
             "-p".into(),
-            port.to_string(),
+            local.port().to_string(),
             "-t".into(),
             transport.flag().into(),
             "-timeout".into(),
@@ -942,7 +1089,7 @@ impl Sipp {
             "-timeout_error".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(env.proxy_target());
+        args.push(target.to_string());
         Sipp::spawn(env, name, &scenario, &args)
     }
 

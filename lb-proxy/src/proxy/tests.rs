@@ -12,6 +12,7 @@
 
 use super::*;
 use crate::sip::header_param;
+use lb_api::admin::State;
 use std::fmt::Write as _;
 
 // ---- configuration ------------------------------------------------------------------------
@@ -243,7 +244,7 @@ impl Harness {
 
     fn with(destinations: &str, extra: &str) -> Harness {
         let cfg = config(destinations, extra);
-        let dests = Destinations::from_set(&cfg.destinations).unwrap();
+        let dests = Destinations::from_set(cfg.destinations.as_ref().unwrap()).unwrap();
         let now = Instant::now();
         Harness {
             proxy: Proxy::new(Arc::new(cfg), dests),
@@ -301,7 +302,7 @@ impl Harness {
     }
 
     fn state(&self, slot: usize) -> State {
-        self.proxy.destinations().get(slot).unwrap().state
+        self.proxy.destinations().get(slot).unwrap().state()
     }
 }
 

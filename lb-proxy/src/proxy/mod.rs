@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, Listener};
-use crate::destinations::{Destinations, State};
+use crate::destinations::{Destinations, Health};
 use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
 use crate::metrics::Metrics;
 use crate::routing::{self, Want};
@@ -112,13 +112,24 @@ struct ClientTx {
     retransmit: Duration,
     /// Upstream transaction; None when the proxy itself sent the request.
     server: Option<ServerKey>,
-    /// Destination slot of an initial INVITE branch.
-    dest: Option<usize>,
+    /// What the transaction is for, beyond relaying.
+    role: Role,
     cancel_pending: bool,
     /// Given up on by the proxy: late responses are absorbed.
     abandoned: bool,
     /// Upstream flow for stateless forwarding of 2xx retransmissions.
     upstream: Option<Flow>,
+}
+
+/// What a client transaction is for, beyond relaying a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A relayed in-dialog request, or one the proxy sends itself (CANCEL, BYE).
+    Plain,
+    /// A branch of an initial INVITE to the destination in (slot, uid).
+    Branch(usize, u64),
+    /// An OPTIONS health probe of the destination in (slot, uid), sent at that time.
+    Probe(usize, u64, Instant),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -133,6 +144,8 @@ enum Timer {
     Dialog(u64),
     /// End of a Retry-After hold on a destination slot.
     Hold(usize),
+    /// Time to probe the destination in (slot, uid).
+    Probe(usize, u64),
 }
 
 /// Routing outcome counters.
@@ -229,43 +242,6 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Fills the gauges that mirror the core's state, before a scrape.
-    pub fn export_gauges(&self) {
-        let m = &self.metrics;
-        m.dialogs_active.set(self.stats.active as i64);
-        m.dialogs_early.set(self.stats.early as i64);
-        m.set_version.set(self.dests.version as i64);
-        m.dest_capacity.reset();
-        m.dest_load.reset();
-        m.dest_state.reset();
-        m.dest_calls.reset();
-        for d in self
-            .dests
-            .slots
-            .iter()
-            .filter(|d| !d.removed || d.total_load() > 0)
-        {
-            let (id, uri) = (d.spec.id.as_str(), d.spec.uri.as_str());
-            for r in &d.resources {
-                m.dest_capacity
-                    .with_label_values(&[id, uri, &r.name])
-                    .set(i64::from(r.capacity));
-                m.dest_load
-                    .with_label_values(&[id, uri, &r.name])
-                    .set(i64::from(r.load));
-            }
-            for st in [State::Up, State::Down, State::Draining, State::Disabled] {
-                let v = i64::from(d.state == st);
-                m.dest_state
-                    .with_label_values(&[id, uri, st.as_str()])
-                    .set(v);
-            }
-            m.dest_calls
-                .with_label_values(&[id, uri])
-                .set(d.calls as i64);
-        }
-    }
-
     /// Messages queued for sending since the last call.
     pub fn take_outbound(&mut self) -> Vec<Outbound> {
         std::mem::take(&mut self.out)
@@ -324,7 +300,7 @@ impl Proxy {
                 | Timer::ServerTimeout(id)
                 | Timer::ServerCleanup(id) => self.server_ids.contains_key(id),
                 Timer::Dialog(id) => self.dialog_ids.contains_key(id),
-                Timer::Hold(_) => true,
+                Timer::Hold(_) | Timer::Probe(..) => true,
             })
             .collect();
     }
@@ -732,6 +708,7 @@ impl Proxy {
         let dest_transport = dest.transport;
         let dest_uri = dest.uri.clone();
         let dest_id = dest.spec.id.clone();
+        let dest_uid = dest.uid;
         let Some(out_l) = self.out_listener(dest_transport, Some(addr.is_ipv6())) else {
             warn!(destination = %dest_id, "no listener for transport {dest_transport}");
             return self.call_failed(now, key);
@@ -796,7 +773,7 @@ impl Proxy {
             fwd,
             flow,
             Some(key.clone()),
-            Some(slot),
+            Role::Branch(slot, dest_uid),
             Some(in_flow),
         );
     }
@@ -810,7 +787,7 @@ impl Proxy {
         request: Message,
         flow: Flow,
         server: Option<ServerKey>,
-        dest: Option<usize>,
+        role: Role,
         upstream: Option<Flow>,
     ) {
         let id = self.next_serial();
@@ -830,10 +807,10 @@ impl Proxy {
         if flow.transport == Transport::Udp {
             self.arm(now + t1, Timer::ClientRetransmit(id));
         }
-        let timeout = if key.method == Method::Invite {
-            invite_timeout
-        } else {
-            non_invite_timeout
+        let timeout = match role {
+            Role::Probe(..) => self.cfg.probing.timeout,
+            _ if key.method == Method::Invite => invite_timeout,
+            _ => non_invite_timeout,
         };
         self.arm(now + timeout, Timer::ClientTimeout(id));
         self.client_ids.insert(id, key.clone());
@@ -846,7 +823,7 @@ impl Proxy {
                 state: CState::Calling,
                 retransmit: t1,
                 server,
-                dest,
+                role,
                 cancel_pending: false,
                 abandoned: false,
                 upstream,
@@ -1052,7 +1029,7 @@ impl Proxy {
             method: Method::Cancel,
         };
         if !self.client_txs.contains_key(&key) {
-            self.start_client(now, key, cancel, flow, None, None, None);
+            self.start_client(now, key, cancel, flow, None, Role::Plain, None);
         }
     }
 
@@ -1169,7 +1146,15 @@ impl Proxy {
         let branch = self.new_branch();
         self.prepare_forward(&mut msg, target.listener, &branch);
         let ckey = ClientKey { branch, method };
-        self.start_client(now, ckey, msg, target, Some(key), None, Some(upstream));
+        self.start_client(
+            now,
+            ckey,
+            msg,
+            target,
+            Some(key),
+            Role::Plain,
+            Some(upstream),
+        );
     }
 
     fn find_dialog(&self, msg: &Message) -> Option<DialogKey> {
@@ -1305,7 +1290,7 @@ impl Proxy {
         ctx.state = CState::Completed;
         let abandoned = ctx.abandoned;
         let server = ctx.server.clone();
-        let dest = ctx.dest;
+        let role = ctx.role;
         let cleanup = if reliable {
             Duration::ZERO
         } else if is_invite {
@@ -1329,11 +1314,24 @@ impl Proxy {
             }
             return;
         }
+        if let Role::Probe(slot, uid, sent) = role {
+            let alive = self.cfg.probing.is_alive(code);
+            return self.probe_result(
+                slot,
+                uid,
+                code,
+                alive.then(|| now.saturating_duration_since(sent)),
+            );
+        }
         let Some(skey) = server else {
             return; // Our own request (CANCEL, expiry BYE): nothing to relay.
         };
         let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
         if is_invite && is_call {
+            let dest = match role {
+                Role::Branch(slot, uid) => Some((slot, uid)),
+                _ => None,
+            };
             self.branch_final(now, &skey, msg, dest);
         } else {
             if is_invite && (200..300).contains(&code) {
@@ -1371,12 +1369,12 @@ impl Proxy {
         now: Instant,
         skey: &ServerKey,
         mut msg: Message,
-        dest: Option<usize>,
+        dest: Option<(usize, u64)>,
     ) {
         let Some(code) = msg.code() else { return };
         if code == 503 {
-            if let (Some(slot), Some(secs)) = (dest, retry_after(&msg)) {
-                self.hold(now, slot, secs);
+            if let (Some((slot, uid)), Some(secs)) = (dest, retry_after(&msg)) {
+                self.hold(now, slot, uid, secs);
             }
         }
         let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
@@ -1414,9 +1412,9 @@ impl Proxy {
 
     /// A server that answered 503 with Retry-After takes no new calls for that long
     /// (RFC 3261 21.5.4), capped at [`MAX_HOLD`].
-    fn hold(&mut self, now: Instant, slot: usize, secs: u64) {
+    fn hold(&mut self, now: Instant, slot: usize, uid: u64, secs: u64) {
         let until = now + Duration::from_secs(secs).min(MAX_HOLD);
-        if let Some(d) = self.dests.get_mut(slot) {
+        if let Some(d) = self.dests.live_mut(slot, uid) {
             if d.held_until.is_none_or(|h| h < until) {
                 debug!(destination = %d.spec.id, secs, "503 with Retry-After: destination held");
                 d.held_until = Some(until);
@@ -1541,7 +1539,7 @@ impl Proxy {
             bye,
             target_flow,
             None,
-            None,
+            Role::Plain,
             None,
         );
     }
@@ -1636,6 +1634,7 @@ impl Proxy {
                     self.server_txs.remove(&key);
                 }
             }
+            Timer::Probe(slot, uid) => self.probe_due(now, slot, uid),
             Timer::Hold(slot) => {
                 if let Some(d) = self.dests.get_mut(slot) {
                     if d.held_until.is_some_and(|h| h <= now) {
@@ -1677,7 +1676,7 @@ impl Proxy {
         ctx.abandoned = true;
         let id = ctx.id;
         let server = ctx.server.clone();
-        let dest = ctx.dest;
+        let role = ctx.role;
         let cancel_pending = ctx.cancel_pending;
         if is_invite {
             // Kept a while, so that a late answer is hung up rather than relayed.
@@ -1687,13 +1686,16 @@ impl Proxy {
             ctx.state = CState::Completed;
             self.arm(now, Timer::ClientCleanup(id));
         }
-        if is_invite {
-            if let Some(slot) = dest {
-                if let Some(d) = self.dests.get_mut(slot) {
+        match role {
+            Role::Branch(slot, uid) if is_invite => {
+                if let Some(d) = self.dests.live_mut(slot, uid) {
                     warn!(destination = %d.spec.id, uri = %d.spec.uri, "no response to INVITE: marked down");
-                    d.set_state(State::Down);
+                    d.probe.consecutive_successes = 0;
+                    d.set_health(Health::DownTimeout);
                 }
             }
+            Role::Probe(slot, uid, _) => return self.probe_result(slot, uid, 408, None),
+            _ => {}
         }
         let Some(skey) = server else { return };
         let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
@@ -1837,7 +1839,7 @@ impl Proxy {
             req,
             flow,
             None,
-            None,
+            Role::Plain,
             None,
         );
     }
@@ -1910,6 +1912,10 @@ fn fxhash(s: &str) -> u64 {
     h
 }
 
+mod control;
+mod probe;
+
+pub use control::{Applied, SetError};
+
 #[cfg(test)]
-#[path = "proxy_tests.rs"]
 mod tests;

@@ -1,0 +1,134 @@
+//! The proxy's admin API bodies: what `GET /v1/destinations` returns, what
+//! `POST /v1/destinations/{id}/state` takes, and `GET /v1/dialogs/stats`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ProbeMode;
+
+/// Effective state of a destination in the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Takes new calls.
+    Up,
+    /// Failed (INVITE timeout, probes) or not ready: no new calls.
+    Down,
+    /// No new calls; open calls continue.
+    Draining,
+    /// Switched off by hand: no new calls.
+    Disabled,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Up, State::Down, State::Draining, State::Disabled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+            State::Disabled => "disabled",
+        }
+    }
+}
+
+/// `POST /v1/destinations/{id}/state` body, as OpenSIPS `lb_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Clear manual state and health: the destination takes calls again (probing may take
+    /// it down again).
+    Enable,
+    /// No new calls until enabled.
+    Disable,
+    /// No new calls; open calls continue.
+    Drain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    pub name: String,
+    pub capacity: u32,
+    pub load: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeStatus {
+    pub mode: ProbeMode,
+    pub sent: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+    /// Moving average of the OPTIONS round trip, in milliseconds.
+    pub latency_ms: Option<f64>,
+    /// Status code of the last reply, or 408 for a timeout.
+    pub last_code: Option<u16>,
+}
+
+/// One destination as the proxy sees it (the equivalent of OpenSIPS `lb_list`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationStatus {
+    pub id: String,
+    pub group: u32,
+    pub uri: String,
+    /// Resolved address, when known.
+    pub address: Option<String>,
+    pub state: State,
+    /// Why it is in that state, e.g. "probe failures", "not ready", "manual".
+    pub reason: String,
+    /// No longer in the set; shown until its open calls end.
+    pub removed: bool,
+    pub resources: Vec<ResourceStatus>,
+    /// Open calls (dialogs) on this destination.
+    pub open_calls: u32,
+    /// Calls routed here since the proxy started.
+    pub calls: u64,
+    pub probe: ProbeStatus,
+    /// Unix time (seconds) of the last state change.
+    pub last_change: u64,
+}
+
+/// `GET /v1/destinations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationsStatus {
+    pub version: u64,
+    /// Unix time (seconds) of the last set update; 0 when none was loaded.
+    pub updated: u64,
+    pub destinations: Vec<DestinationStatus>,
+}
+
+/// `GET /v1/dialogs/stats`: the counters OpenSIPS' `get_statistics dialog:` reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DialogStats {
+    /// Answered (2xx), not ended.
+    pub active: u64,
+    /// Provisional with To tag, not answered yet.
+    pub early: u64,
+    /// Created since start.
+    pub processed: u64,
+    /// Ended by the proxy's lifetime or Session-Expires limit.
+    pub expired: u64,
+    /// Never established (cancelled, rejected, no destination).
+    pub failed: u64,
+}
+
+/// An error body of the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// The offending field, when there is one (e.g. `destinations[2].uri`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}

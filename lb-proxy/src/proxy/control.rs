@@ -1,0 +1,177 @@
+//! The control side of the core: replacing the destination set, manual state, status views
+//! and the gauges exported at scrape time. The admin API and SIGHUP reach these through the
+//! runtime's event channel, so they run on the core task between two messages and never race
+//! the call path.
+
+use lb_api::admin::{Action, DestinationsStatus, State};
+use lb_api::{DestinationSet, FieldError};
+use std::time::{Instant, SystemTime};
+use tracing::info;
+
+use super::Proxy;
+use crate::config::check_set;
+use crate::destinations::{unix, Health, Manual};
+
+/// Why a destination set was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    /// The set is invalid; the old one stays in force.
+    #[error("{0}")]
+    Invalid(#[from] FieldError),
+    /// Older than the set in force, or the same version with other content.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// What applying a set did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Same version and content as the set in force: nothing to do.
+    Unchanged,
+    Replaced,
+}
+
+impl Proxy {
+    /// Starts what runs on its own: probing of the initial set.
+    pub fn start(&mut self, now: Instant) {
+        for slot in 0..self.dests.slots.len() {
+            self.schedule_first_probe(now, slot);
+        }
+    }
+
+    /// Replaces the destination set atomically. Ids that stay keep load, health and manual
+    /// state; removed ids take no new calls and count their open calls down to zero. An
+    /// invalid set changes nothing. The same version with the same content is a no-op; an
+    /// older version, or the same version with other content, is a conflict.
+    pub fn replace_set(&mut self, now: Instant, set: &DestinationSet) -> Result<Applied, SetError> {
+        check_set(&self.cfg.listeners, set)?;
+        if self.dests.updated.is_some() {
+            let current = self.dests.version;
+            if set.version < current {
+                return Err(SetError::Conflict(format!(
+                    "version {} is older than the set in force ({current})",
+                    set.version
+                )));
+            }
+            if set.version == current {
+                return if self.same_as_current(set) {
+                    Ok(Applied::Unchanged)
+                } else {
+                    Err(SetError::Conflict(format!(
+                        "version {current} is in force with other content; send a new version"
+                    )))
+                };
+            }
+        }
+        let fresh = self
+            .dests
+            .replace(set)
+            .map_err(|e| SetError::Invalid(FieldError::new("destinations", e)))?;
+        for slot in fresh {
+            self.schedule_first_probe(now, slot);
+        }
+        self.metrics.set_updated.set(unix_f64(SystemTime::now()));
+        info!(
+            version = set.version,
+            destinations = set.destinations.len(),
+            "destination set replaced"
+        );
+        Ok(Applied::Replaced)
+    }
+
+    /// Applies a set re-read from the config file (SIGHUP): the next version when it differs
+    /// from the set in force.
+    pub fn reload_set(
+        &mut self,
+        now: Instant,
+        mut set: DestinationSet,
+    ) -> Result<Applied, SetError> {
+        if self.dests.updated.is_some() && self.same_as_current(&set) {
+            return Ok(Applied::Unchanged);
+        }
+        set.version = self.dests.version + 1;
+        self.replace_set(now, &set)
+    }
+
+    fn same_as_current(&self, set: &DestinationSet) -> bool {
+        let current: Vec<_> = self
+            .dests
+            .slots
+            .iter()
+            .filter(|d| !d.removed)
+            .map(|d| &d.spec)
+            .collect();
+        current.len() == set.destinations.len()
+            && set.destinations.iter().all(|s| current.contains(&s))
+    }
+
+    /// Enables, disables or drains one destination by hand (OpenSIPS `lb_status`). Enabling
+    /// also clears a down health mark; probing may set it again.
+    pub fn set_manual(&mut self, id: &str, action: Action) -> Option<State> {
+        let slot = self.dests.find(id)?;
+        let d = self.dests.get_mut(slot)?;
+        d.change(|d| match action {
+            Action::Enable => {
+                d.manual = Manual::None;
+                d.health = Health::Up;
+                d.held_until = None;
+            }
+            Action::Disable => d.manual = Manual::Disabled,
+            Action::Drain => d.manual = Manual::Draining,
+        });
+        info!(destination = %id, ?action, state = d.state().as_str(), "manual state change");
+        Some(d.state())
+    }
+
+    /// Whether a destination set is loaded (from the file or pushed).
+    pub fn has_set(&self) -> bool {
+        self.dests.updated.is_some()
+    }
+
+    /// `GET /v1/destinations`.
+    pub fn status(&self) -> DestinationsStatus {
+        DestinationsStatus {
+            version: self.dests.version,
+            updated: self.dests.updated.map(unix).unwrap_or(0),
+            destinations: self.dests.visible().map(|d| d.status()).collect(),
+        }
+    }
+
+    /// Fills the gauges that mirror the core's state, before a scrape.
+    pub fn export_gauges(&self) {
+        let m = &self.metrics;
+        m.dialogs_active.set(self.stats.active as i64);
+        m.dialogs_early.set(self.stats.early as i64);
+        m.set_version.set(self.dests.version as i64);
+        m.dest_capacity.reset();
+        m.dest_load.reset();
+        m.dest_state.reset();
+        m.dest_calls.reset();
+        for d in self.dests.visible() {
+            let (id, uri) = (d.spec.id.as_str(), d.spec.uri.as_str());
+            for r in &d.resources {
+                m.dest_capacity
+                    .with_label_values(&[id, uri, &r.name])
+                    .set(i64::from(r.capacity));
+                m.dest_load
+                    .with_label_values(&[id, uri, &r.name])
+                    .set(i64::from(r.load));
+            }
+            let state = d.state();
+            for st in State::ALL {
+                m.dest_state
+                    .with_label_values(&[id, uri, st.as_str()])
+                    .set(i64::from(state == st));
+            }
+            m.dest_calls
+                .with_label_values(&[id, uri])
+                .set(d.calls as i64);
+        }
+    }
+}
+
+fn unix_f64(t: SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
