@@ -214,11 +214,33 @@ impl Default for RawProbing {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawListener {
     Short(String),
     Full(RawListenerFull),
+}
+
+// Not `#[serde(untagged)]`: that hides why the object form failed (an unknown key, say).
+impl<'de> Deserialize<'de> for RawListener {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawListener;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"transport:address:port\" or {address, advertise, group, resources}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawListener, E> {
+                Ok(RawListener::Short(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawListener, A::Error> {
+                RawListenerFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawListener::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -503,9 +525,15 @@ impl Config {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
+            let mut inner = e.into_inner().to_string();
+            // serde_yaml_ng starts its message with the (less precise) path it knows: drop it.
+            if let Some((prefix, rest)) = inner.split_once(": ") {
+                if !prefix.contains(' ') && path.starts_with(prefix) {
+                    inner = rest.to_string();
+                }
+            }
             if path == "." || path.is_empty() {
-                ConfigError::Syntax(inner.to_string())
+                ConfigError::Syntax(inner)
             } else {
                 ConfigError::Syntax(format!("{path}: {inner}"))
             }
@@ -779,6 +807,10 @@ mod tests {
         );
         let e = err("listeners: [\"udp:0.0.0.0:5060\"]\n");
         assert!(e.contains("listeners[0]") && e.contains("advertise"), "{e}");
+        let e = err("listeners:\n - {address: \"udp:127.0.0.1:5060\", advertize: \"x:1\"}\n");
+        assert!(e.contains("listeners[0]") && e.contains("advertize"), "{e}");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\ntimers: {t1: soon}\n");
+        assert_eq!(e.matches("timers").count(), 1, "path said once: {e}");
         let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nroutng: {}\n");
         assert!(e.contains("routng"), "{e}");
         let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nrouting: {failoverCodes: [\"5x\"]}\n");

@@ -121,7 +121,10 @@ fn calls_succeed(
 fn ipv6_client_to_ipv4_servers() {
     let env = TestEnv::new("ipv6_to_ipv4", "127.0.1.20");
     let proxy_v6 = v6(16060);
-    let listeners = [format!("udp:{proxy_v6}"), format!("udp:{}", env.proxy_target())];
+    let listeners = [
+        format!("udp:{proxy_v6}"),
+        format!("udp:{}", env.proxy_target()),
+    ];
     let dests = [
         (1, format!("sip:{}", env.addr(SERVER1_PORT))),
         (2, format!("sip:{}", env.addr(SERVER2_PORT))),

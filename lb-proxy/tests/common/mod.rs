@@ -1061,7 +1061,9 @@ impl Sipp {
     ) -> Sipp {
         let local = SocketAddr::new(env.ip.parse().expect("test IP"), port);
         let target = env.proxy_target();
-        Sipp::client_at(env, name, scenario, local, &target, transport, timeout, extra)
+        Sipp::client_at(
+            env, name, scenario, local, &target, transport, timeout, extra,
+        )
     }
 
     /// As `client`, from another address than the test's (e.g. `[::1]:16070`) to `target`
