@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit check-config
+.PHONY: help run demo test deps build fmt lint unit crds k8s
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -24,6 +24,16 @@ demo: deps build
 
 fmt:
 	$(CARGO) fmt --all
+
+# The CRD YAML is generated from the Rust types; a test fails when the committed copy differs.
+crds:
+	$(CARGO) run -q -p lb-operator --bin crdgen > crds/mrcpserver.yaml
+	@if [ -d charts/mrcp-lb/crds ]; then cp crds/mrcpserver.yaml charts/mrcp-lb/crds/mrcpserver.yaml; fi
+
+# Real Kubernetes binaries (kube-apiserver, etcd, kwok, helm ...), built once and cached
+# outside the repo.
+k8s:
+	./tests/k8s/build.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

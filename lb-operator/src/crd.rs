@@ -1,0 +1,123 @@
+//! The `MrcpServer` custom resource: "these pods are MRCP servers".
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Field manager for everything the operator writes.
+pub const MANAGER: &str = "mrcp-lb-operator";
+
+/// Pod annotation: PSTN channels of one server, e.g. `"100"`.
+pub const PSTN_CAPACITY: &str = "mrcp-lb.io/pstn-capacity";
+/// Pod annotation: several resources, e.g. `"pstn=100;tts=20"`.
+pub const RESOURCES: &str = "mrcp-lb.io/resources";
+
+/// A set of UniMRCP server pods that lb-proxy balances SIP sessions over.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mrcp-lb.io",
+    version = "v1alpha1",
+    kind = "MrcpServer",
+    namespaced,
+    shortname = "mrcp",
+    status = "MrcpServerStatus",
+    doc = "A set of UniMRCP (MRCPv2) server pods that lb-proxy balances SIP sessions over.",
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyDestinations",
+        description = "Ready destinations"
+    ),
+    printcolumn(
+        name = "Capacity",
+        type_ = "string",
+        json_path = ".status.capacitySummary",
+        description = "Capacity of the ready destinations"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MrcpServerSpec {
+    /// Selects the MRCP server pods (typically a StatefulSet's), in this namespace.
+    pub selector: LabelSelector,
+    /// SIP port of the servers.
+    #[serde(default = "default_sip_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub sip_port: u16,
+    /// SIP transport towards the servers.
+    #[serde(default)]
+    pub transport: SipTransport,
+    /// Load-balancing group the servers join.
+    #[serde(default = "default_group")]
+    #[schemars(range(min = 0))]
+    pub group: u32,
+    /// Resources of a pod that has no capacity annotation, as in the OpenSIPS table:
+    /// `pstn=100` or `pstn=100;tts=20`.
+    #[serde(default = "default_resources")]
+    #[schemars(regex(
+        pattern = r"^\s*[A-Za-z0-9_-]+\s*=\s*[0-9]+\s*(;\s*[A-Za-z0-9_-]+\s*=\s*[0-9]+\s*)*;?\s*$"
+    ))]
+    pub default_resources: String,
+    /// OPTIONS probing: 0 never, 1 only while down, 2 always.
+    #[serde(default = "default_probe_mode")]
+    #[schemars(range(min = 0, max = 2))]
+    pub probe_mode: u8,
+}
+
+fn default_sip_port() -> u16 {
+    8060
+}
+fn default_group() -> u32 {
+    lb_api::DEFAULT_GROUP
+}
+fn default_resources() -> String {
+    "pstn=100".to_string()
+}
+fn default_probe_mode() -> u8 {
+    2
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SipTransport {
+    #[default]
+    Udp,
+    Tcp,
+}
+
+/// What the operator found.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MrcpServerStatus {
+    /// Generation of the spec this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Destinations that take new calls.
+    pub ready_destinations: u32,
+    /// Total capacity of the ready destinations, per resource.
+    pub capacity: BTreeMap<String, u64>,
+    /// `capacity` as one string, for `kubectl get mrcp`.
+    pub capacity_summary: String,
+    /// Every matching pod with an IP.
+    pub destinations: Vec<DestinationEntry>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationEntry {
+    pub pod: String,
+    /// Destination id in the proxies.
+    pub id: String,
+    pub uri: String,
+    pub resources: String,
+    /// active, down (not Ready) or draining (terminating).
+    pub state: String,
+}

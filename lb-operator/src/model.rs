@@ -1,0 +1,272 @@
+//! All `MrcpServer`s and pods → the one destination set every proxy gets, and each server's
+//! status. A pure function: the watches feed it, tests call it directly.
+
+use k8s_openapi::api::core::v1::Pod;
+use lb_api::{DesiredState, DestinationSpec, Resources};
+use std::collections::{BTreeMap, HashSet};
+
+use crate::crd::{DestinationEntry, MrcpServer, MrcpServerStatus};
+use crate::pods::{self, BadAnnotation};
+
+/// A server's status without the condition timestamps (the writer keeps those stable).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerView {
+    pub namespace: String,
+    pub name: String,
+    pub status: MrcpServerStatus,
+    /// Ready condition: status ("True"/"False"), reason, message.
+    pub ready: (bool, &'static str, String),
+}
+
+/// A pod whose annotation could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub problem: BadAnnotation,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Computed {
+    /// Sorted by id, so equal inputs give equal sets.
+    pub destinations: Vec<DestinationSpec>,
+    pub servers: Vec<ServerView>,
+    pub warnings: Vec<Warning>,
+}
+
+/// Computes the destination set and the servers' statuses.
+pub fn compute<'a>(
+    servers: impl IntoIterator<Item = &'a MrcpServer>,
+    pods: &[&'a Pod],
+) -> Computed {
+    let mut out = Computed::default();
+    let mut taken = HashSet::new();
+    let mut servers: Vec<&MrcpServer> = servers.into_iter().collect();
+    servers.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    for server in servers {
+        let ns = server.metadata.namespace.clone().unwrap_or_default();
+        let name = server.metadata.name.clone().unwrap_or_default();
+        let mut status = MrcpServerStatus {
+            observed_generation: server.metadata.generation,
+            ..Default::default()
+        };
+        let default: Resources = match server.spec.default_resources.parse() {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!(
+                    "spec.defaultResources {:?}: {e}",
+                    server.spec.default_resources
+                );
+                out.servers.push(ServerView {
+                    namespace: ns,
+                    name,
+                    status,
+                    ready: (false, "InvalidSpec", msg),
+                });
+                continue;
+            }
+        };
+        let mut matched = 0;
+        let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
+        for pod in pods
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        {
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if !pods::selector_matches(&server.spec.selector, &labels) {
+                continue;
+            }
+            matched += 1;
+            let Some((dest, bad)) = pods::destination(&server.spec, &default, pod) else {
+                continue;
+            };
+            if let Some(problem) = bad {
+                out.warnings.push(Warning {
+                    namespace: ns.clone(),
+                    pod: pod.metadata.name.clone().unwrap_or_default(),
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    problem,
+                });
+            }
+            // A pod matched by two servers belongs to the first (by namespace/name).
+            if !taken.insert(dest.id.clone()) {
+                continue;
+            }
+            let state = match dest.state {
+                DesiredState::Active => "active",
+                DesiredState::Draining => "draining",
+                DesiredState::Down => "down",
+            };
+            if dest.state == DesiredState::Active {
+                status.ready_destinations += 1;
+                for (r, c) in dest.resources.iter() {
+                    *capacity.entry(r.to_string()).or_default() += u64::from(c);
+                }
+            }
+            status.destinations.push(DestinationEntry {
+                pod: pod.metadata.name.clone().unwrap_or_default(),
+                id: dest.id.clone(),
+                uri: dest.uri.clone(),
+                resources: dest.resources.to_string(),
+                state: state.to_string(),
+            });
+            out.destinations.push(dest);
+        }
+        status.capacity_summary = capacity
+            .iter()
+            .map(|(r, c)| format!("{r}={c}"))
+            .collect::<Vec<_>>()
+            .join(";");
+        status.capacity = capacity;
+        status.destinations.sort_by(|a, b| a.pod.cmp(&b.pod));
+        let ready = match (matched, status.ready_destinations) {
+            (0, _) => (
+                false,
+                "NoMatchingPods",
+                "no pod matches spec.selector".to_string(),
+            ),
+            (_, 0) => (
+                false,
+                "NoReadyPods",
+                format!("{matched} pods match, none is Ready with an IP"),
+            ),
+            (_, n) => (
+                true,
+                "DestinationsReady",
+                format!("{n} destinations take calls"),
+            ),
+        };
+        out.servers.push(ServerView {
+            namespace: ns,
+            name,
+            status,
+            ready,
+        });
+    }
+    out.destinations.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+
+    fn server(name: &str, app: &str, extra: serde_json::Value) -> MrcpServer {
+        let mut spec = serde_json::json!({"selector": {"matchLabels": {"app": app}}});
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        let mut s = MrcpServer::new(name, serde_json::from_value(spec).unwrap());
+        s.metadata.namespace = Some("speech".into());
+        s.metadata.generation = Some(3);
+        s
+    }
+
+    fn pod(name: &str, app: &str, ip: &str, ready: bool, pstn: Option<&str>) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("speech".into());
+        p.metadata.uid = Some(format!("uid-{name}"));
+        p.metadata.labels = Some([("app".to_string(), app.to_string())].into());
+        if let Some(c) = pstn {
+            p.metadata.annotations =
+                Some([(crate::crd::PSTN_CAPACITY.to_string(), c.to_string())].into());
+        }
+        p.status = Some(PodStatus {
+            pod_ip: Some(ip.into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn servers_and_pods_become_one_set_and_statuses() {
+        let a = server(
+            "asr",
+            "unimrcp",
+            serde_json::json!({"group": 2, "transport": "tcp"}),
+        );
+        let empty = server("tts", "nothing", serde_json::json!({}));
+        let pods = [
+            pod("mrcp-0", "unimrcp", "127.0.2.1", true, Some("100")),
+            pod("mrcp-1", "unimrcp", "127.0.2.2", true, Some("50")),
+            pod("mrcp-2", "unimrcp", "127.0.2.3", false, None),
+            pod("other", "web", "127.0.2.9", true, None),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let c = compute([&a, &empty], &refs);
+        assert_eq!(c.destinations.len(), 3);
+        assert_eq!(c.destinations[0].uri, "sip:127.0.2.1:8060;transport=tcp");
+        assert_eq!(c.destinations[0].group, 2);
+        assert_eq!(c.destinations[2].state, DesiredState::Down);
+        let asr = c.servers.iter().find(|s| s.name == "asr").unwrap();
+        assert_eq!(asr.status.ready_destinations, 2);
+        assert_eq!(asr.status.capacity_summary, "pstn=150");
+        assert_eq!(asr.status.observed_generation, Some(3));
+        assert_eq!(asr.ready.1, "DestinationsReady");
+        assert_eq!(asr.status.destinations.len(), 3);
+        let tts = c.servers.iter().find(|s| s.name == "tts").unwrap();
+        assert_eq!(
+            tts.ready,
+            (
+                false,
+                "NoMatchingPods",
+                "no pod matches spec.selector".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn bad_annotation_is_a_warning_and_the_default_is_used() {
+        let a = server(
+            "asr",
+            "unimrcp",
+            serde_json::json!({"defaultResources": "pstn=10"}),
+        );
+        let pods = [pod("mrcp-0", "unimrcp", "127.0.2.1", true, Some("many"))];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let c = compute([&a], &refs);
+        assert_eq!(c.destinations[0].resources.to_string(), "pstn=10");
+        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(c.warnings[0].pod, "mrcp-0");
+        assert!(c.warnings[0].problem.to_string().contains("\"many\""));
+    }
+
+    #[test]
+    fn equal_inputs_give_equal_sets() {
+        let a = server("asr", "unimrcp", serde_json::json!({}));
+        let pods = [
+            pod("mrcp-1", "unimrcp", "127.0.2.2", true, None),
+            pod("mrcp-0", "unimrcp", "127.0.2.1", true, None),
+        ];
+        let fwd: Vec<&Pod> = pods.iter().collect();
+        let rev: Vec<&Pod> = pods.iter().rev().collect();
+        assert_eq!(
+            compute([&a], &fwd).destinations,
+            compute([&a], &rev).destinations
+        );
+    }
+
+    #[test]
+    fn no_ready_pods_and_invalid_spec() {
+        let a = server("asr", "unimrcp", serde_json::json!({}));
+        let pods = [pod("mrcp-0", "unimrcp", "127.0.2.1", false, None)];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        assert_eq!(compute([&a], &refs).servers[0].ready.1, "NoReadyPods");
+        let bad = server(
+            "asr",
+            "unimrcp",
+            serde_json::json!({"defaultResources": "pstn=99999999999"}),
+        );
+        let c = compute([&bad], &refs);
+        assert_eq!(c.servers[0].ready.1, "InvalidSpec");
+        assert!(c.destinations.is_empty());
+    }
+}
