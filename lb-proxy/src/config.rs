@@ -143,6 +143,8 @@ pub struct Config {
     pub dialogs: Dialogs,
     pub tcp: Tcp,
     pub dns_refresh: Duration,
+    /// How long SIGTERM waits for open calls before the process exits.
+    pub shutdown_drain: Duration,
     /// The static set; None when the file has no `destinations` key (the proxy then waits for
     /// a set pushed through the admin API and is not ready until one arrives).
     pub destinations: Option<DestinationSet>,
@@ -185,7 +187,24 @@ struct RawConfig {
     #[serde(default)]
     probing: RawProbing,
     #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
     destinations: Option<Vec<DestinationSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawShutdown {
+    #[serde(deserialize_with = "duration")]
+    drain_period: Duration,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        RawShutdown {
+            drain_period: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -514,14 +533,23 @@ pub fn validate_destinations(set: &DestinationSet) -> Result<(), FieldError> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, &Overrides::default())
+    }
+
+    /// Reads the file, with command-line overrides applied before validation.
+    pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_yaml(&text)
+        Config::from_yaml_with(&text, overrides)
     }
 
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_with(text, &Overrides::default())
+    }
+
+    pub fn from_yaml_with(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -538,8 +566,21 @@ impl Config {
                 ConfigError::Syntax(format!("{path}: {inner}"))
             }
         })?;
+        let mut raw: RawConfig = raw;
+        if let Some(a) = &overrides.advertise {
+            HostPort::parse(a).map_err(|e| FieldError::new("--advertise", e))?;
+            raw.advertise = Some(a.clone());
+        }
         raw.into_config()
     }
+}
+
+/// Settings given on the command line (or environment) that take precedence over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `host:port` for Via and Record-Route of every listener without its own `advertise`
+    /// (in Kubernetes: the pod IP from the downward API, or the Service address).
+    pub advertise: Option<String>,
 }
 
 impl RawConfig {
@@ -753,6 +794,7 @@ impl RawConfig {
                 connect_timeout: self.tcp.connect_timeout,
             },
             dns_refresh: self.dns.refresh_interval,
+            shutdown_drain: self.shutdown.drain_period,
             destinations,
         })
     }

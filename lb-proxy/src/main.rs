@@ -10,6 +10,9 @@ struct Cli {
     /// YAML configuration file.
     #[arg(long, short, env = "LB_PROXY_CONFIG")]
     config: PathBuf,
+    /// Advertised `host:port` for Via and Record-Route, overriding the file's `advertise`.
+    #[arg(long, env = "LB_PROXY_ADVERTISE")]
+    advertise: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -35,7 +38,10 @@ fn main() -> ExitCode {
     } else {
         sub.init();
     }
-    let cfg = match lb_proxy::config::Config::load(&cli.config) {
+    let overrides = lb_proxy::config::Overrides {
+        advertise: cli.advertise.clone().filter(|a| !a.is_empty()),
+    };
+    let cfg = match lb_proxy::config::Config::load_with(&cli.config, &overrides) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
@@ -60,7 +66,9 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let running = match lb_proxy::runtime::start(cfg, Some(cli.config.clone())).await {
+        let drain_period = cfg.shutdown_drain;
+        let reload = Some((cli.config.clone(), overrides.clone()));
+        let running = match lb_proxy::runtime::start(cfg, reload).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("lb-proxy: {e:#}");
@@ -68,12 +76,18 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = running.shutdown.clone();
+        let handle = running.handle.clone();
+        let mut done = running.done;
         tokio::select! {
             _ = shutdown_signal() => {
-                tracing::info!("shutting down");
+                tracing::info!("SIGTERM: draining for up to {drain_period:?} (a second signal stops at once)");
+                tokio::select! {
+                    _ = handle.drain(drain_period) => {}
+                    _ = shutdown_signal() => tracing::warn!("second signal: stopping now"),
+                }
                 shutdown.cancel();
             }
-            _ = running.done => {}
+            _ = &mut done => {}
         }
         ExitCode::SUCCESS
     })

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::destinations::Destinations;
 use crate::metrics::Metrics;
 use crate::proxy::{Applied, Proxy, SetError};
@@ -46,6 +46,8 @@ pub enum Control {
     /// A set re-read from the config file: versioned by the core.
     Reload(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
     Manual(String, Action, oneshot::Sender<Option<State>>),
+    /// SIGTERM: stop taking new calls; answers how many calls are still open.
+    Drain(oneshot::Sender<u64>),
 }
 
 /// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
@@ -66,6 +68,43 @@ pub struct Running {
     pub admin: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub done: tokio::task::JoinHandle<()>,
+    pub handle: Handle,
+}
+
+/// Talks to the running core from outside (main's signal handling).
+#[derive(Clone)]
+pub struct Handle {
+    events: mpsc::Sender<Event>,
+}
+
+impl Handle {
+    /// Graceful shutdown: readiness turns false and new INVITEs get 503 (so an upstream
+    /// retries elsewhere) while transactions in flight finish and in-dialog requests keep
+    /// being relayed; returns when no call is open or `period` has passed.
+    pub async fn drain(&self, period: Duration) {
+        let deadline = tokio::time::Instant::now() + period;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            if self
+                .events
+                .send(Event::Control(Control::Drain(tx)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let open = rx.await.unwrap_or(0);
+            if open == 0 {
+                info!("drained: no call open");
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(open, "drain period over with calls still open");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// Host names of the destinations, for the resolver: (id, host, port).
@@ -73,7 +112,7 @@ type Names = Vec<(String, String, u16)>;
 
 /// Binds everything (failing before any traffic when a bind fails) and starts the tasks.
 /// `config_path`, when given, is re-read on SIGHUP for a new destination set.
-pub async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
+pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
     let dests = match &cfg.destinations {
         Some(set) => Destinations::from_set(set).map_err(anyhow::Error::msg)?,
@@ -157,8 +196,13 @@ pub async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         events.clone(),
         shutdown.clone(),
     ));
-    if let Some(path) = config_path {
-        tokio::spawn(reload_on_sighup(path, events.clone(), shutdown.clone()));
+    if let Some((path, overrides)) = reload {
+        tokio::spawn(reload_on_sighup(
+            path,
+            overrides,
+            events.clone(),
+            shutdown.clone(),
+        ));
     }
     let io = Io {
         udp: udp_sockets,
@@ -179,6 +223,7 @@ pub async fn start(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<
         admin,
         shutdown,
         done,
+        handle: Handle { events },
     })
 }
 
@@ -330,7 +375,7 @@ impl Core {
                 let _ = reply.send(self.metrics.encode());
             }
             Control::Ready(reply) => {
-                let _ = reply.send(proxy.has_set());
+                let _ = reply.send(proxy.has_set() && !proxy.is_draining());
             }
             Control::Replace(set, reply) => {
                 let r = proxy.replace_set(now, &set);
@@ -344,6 +389,10 @@ impl Core {
             }
             Control::Manual(id, action, reply) => {
                 let _ = reply.send(proxy.set_manual(&id, action));
+            }
+            Control::Drain(reply) => {
+                proxy.start_draining();
+                let _ = reply.send(proxy.open_calls());
             }
         }
     }
@@ -413,7 +462,12 @@ async fn resolve_loop(
 
 /// Re-reads the config file on SIGHUP and applies its destination set (other keys need a
 /// restart). A file that does not parse is reported and changes nothing.
-async fn reload_on_sighup(path: PathBuf, events: mpsc::Sender<Event>, shutdown: CancellationToken) {
+async fn reload_on_sighup(
+    path: PathBuf,
+    overrides: Overrides,
+    events: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         warn!("cannot listen for SIGHUP; reloads disabled");
@@ -424,7 +478,7 @@ async fn reload_on_sighup(path: PathBuf, events: mpsc::Sender<Event>, shutdown: 
             r = hup.recv() => if r.is_none() { return },
             _ = shutdown.cancelled() => return,
         }
-        let set = match Config::load(&path) {
+        let set = match Config::load_with(&path, &overrides) {
             Ok(c) => c.destinations.unwrap_or_default(),
             Err(e) => {
                 warn!("SIGHUP: {} not reloaded: {e}", path.display());

@@ -115,12 +115,31 @@ impl Proxy {
                 d.manual = Manual::None;
                 d.health = Health::Up;
                 d.held_until = None;
+                // A fresh start: the full failure threshold again before probes take it down.
+                d.probe.consecutive_failures = 0;
             }
             Action::Disable => d.manual = Manual::Disabled,
             Action::Drain => d.manual = Manual::Draining,
         });
         info!(destination = %id, ?action, state = d.state().as_str(), "manual state change");
         Some(d.state())
+    }
+
+    /// Graceful shutdown: from now on new calls get 503; open ones continue.
+    pub fn start_draining(&mut self) {
+        if !self.draining {
+            info!(open = self.open_calls(), "draining: new calls get 503");
+            self.draining = true;
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Calls not ended yet (dialogs in any phase) and INVITE transactions in flight.
+    pub fn open_calls(&self) -> u64 {
+        self.dialogs.len() as u64
     }
 
     /// Whether a destination set is loaded (from the file or pushed).

@@ -172,6 +172,8 @@ pub struct Proxy {
     branch_prefix: String,
     /// Our own host:port pairs, for Route and Via matching.
     self_addrs: Vec<(String, u16)>,
+    /// Shutting down: new calls get 503.
+    draining: bool,
     /// Gauges: active and early dialogs (the counters live in `metrics`).
     stats: DialogStats,
     metrics: Arc<Metrics>,
@@ -205,6 +207,7 @@ impl Proxy {
             serial: 0,
             branch_prefix,
             self_addrs,
+            draining: false,
             stats: DialogStats::default(),
             metrics,
         }
@@ -617,6 +620,11 @@ impl Proxy {
         }
         if let Some(tx) = self.server_txs.get_mut(&key) {
             tx.last_response = Some(trying);
+        }
+        if self.draining {
+            self.metrics.dialogs_processed.inc();
+            self.metrics.dialogs_failed.inc();
+            return self.final_local(now, &key, 503, "Service Unavailable");
         }
         if self.dialogs.len() >= self.cfg.dialogs.max {
             warn!(call_id = %dkey.call_id, "dialog limit reached");

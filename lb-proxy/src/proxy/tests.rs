@@ -1672,3 +1672,1271 @@ fn relative_mode_splits_calls_by_capacity() {
     let st = h.proxy.dialog_stats();
     assert_eq!((st.active, st.processed, st.failed), (30, 30, 0));
 }
+
+// ---- 17: OPTIONS probing -----------------------------------------------------------------------
+
+use lb_api::admin::Action;
+use lb_api::{DesiredState, DestinationSet};
+
+/// Probing every 10 s, 3 s timeout, down after 3 failures, up after 2 successes.
+const PROBING: &str = "probing:
+  interval: 10s
+  timeout: 3s
+  failureThreshold: 3
+  successThreshold: 2
+";
+
+/// One destination, always probed.
+const ONE_PROBED: &str = r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100, probeMode: 2}
+"#;
+
+impl Harness {
+    /// A harness whose proxy has been started, as the runtime does right after building it:
+    /// probing runs from the start of the fake clock.
+    fn started(destinations: &str, extra: &str) -> Harness {
+        let mut h = Harness::with(destinations, extra);
+        h.proxy.start(h.now);
+        h
+    }
+
+    /// A harness on a configuration of its own (other listeners), not started.
+    fn from_config(cfg: Config) -> Harness {
+        let dests = Destinations::from_set(cfg.destinations.as_ref().unwrap()).unwrap();
+        let now = Instant::now();
+        Harness {
+            proxy: Proxy::new(Arc::new(cfg), dests),
+            start: now,
+            now,
+        }
+    }
+
+    /// Time since the start of the fake clock.
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn dest(&self, slot: usize) -> &crate::destinations::Destination {
+        self.proxy.destinations().get(slot).unwrap()
+    }
+
+    fn probe_stats(&self, slot: usize) -> crate::destinations::ProbeStats {
+        self.dest(slot).probe.clone()
+    }
+}
+
+/// Runs the clock to `until`, one timer due time at a time, handing each message the proxy
+/// sends to `on_sent` as soon as it is sent (so that it can be answered at that instant).
+fn run_until(h: &mut Harness, until: Duration, mut on_sent: impl FnMut(&mut Harness, Sent)) {
+    let target = h.start + until;
+    assert!(target >= h.now, "the clock only moves forward");
+    loop {
+        for s in h.out() {
+            on_sent(h, s);
+        }
+        match h.proxy.next_timer() {
+            Some(t) if t <= target => {
+                h.now = h.now.max(t);
+                h.proxy.on_timer(h.now);
+            }
+            _ => break,
+        }
+    }
+    h.now = target;
+    h.proxy.on_timer(h.now);
+    for s in h.out() {
+        on_sent(h, s);
+    }
+}
+
+/// The destination a probe went to answers it with `code`.
+fn answer_probe(h: &mut Harness, probe: &Sent, code: u16) {
+    let peer = Peer {
+        transport: probe.out.transport,
+        listener: probe.out.listener,
+        addr: probe.to(),
+        conn: None,
+    };
+    h.recv(peer, &response(&probe.msg, code, Some("probed"), &[], ""));
+}
+
+/// A probe answered 200 at once, with the state of its destination before and after.
+struct Answered {
+    at: Duration,
+    before: State,
+    after: State,
+    probe: Sent,
+}
+
+/// An `on_sent` for [`run_until`]: answers every probe 200 at once and logs it; keeps
+/// everything else.
+fn answer_probes_200<'a>(
+    probes: &'a mut Vec<Answered>,
+    others: &'a mut Vec<Sent>,
+) -> impl FnMut(&mut Harness, Sent) + 'a {
+    move |h, s| {
+        if !s.is(Method::Options) {
+            return others.push(s);
+        }
+        let slot = if s.to() == addr(S1) { 0 } else { 1 };
+        let before = h.state(slot);
+        answer_probe(h, &s, 200);
+        probes.push(Answered {
+            at: h.elapsed(),
+            before,
+            after: h.state(slot),
+            probe: s,
+        });
+    }
+}
+
+/// Steps through the probes of tests that answer each one by hand: the clock runs timer by
+/// timer until a new OPTIONS goes out. Retransmissions of earlier probes are counted; the
+/// proxy must send nothing else.
+#[derive(Default)]
+struct Prober {
+    branches: std::collections::HashSet<String>,
+    retransmissions: u32,
+}
+
+impl Prober {
+    /// Takes what the proxy sent since the last look: retransmissions of earlier probes only.
+    fn drain(&mut self, h: &mut Harness) {
+        for s in h.out() {
+            assert!(
+                s.is(Method::Options) && self.branches.contains(&s.branch()),
+                "only retransmissions of probes: {}",
+                s.label()
+            );
+            self.retransmissions += 1;
+        }
+    }
+
+    /// The next new probe, sent by `limit` after the start, with the time it went out.
+    fn next(&mut self, h: &mut Harness, limit: Duration) -> (Duration, Sent) {
+        let target = h.start + limit;
+        loop {
+            let mut found = None;
+            for s in h.out() {
+                assert!(s.is(Method::Options), "only probes: {}", s.label());
+                if self.branches.insert(s.branch()) {
+                    assert!(found.is_none(), "two new probes at once");
+                    found = Some(s);
+                } else {
+                    self.retransmissions += 1;
+                }
+            }
+            if let Some(s) = found {
+                return (h.elapsed(), s);
+            }
+            match h.proxy.next_timer() {
+                Some(t) if t <= target => {
+                    h.now = h.now.max(t);
+                    h.proxy.on_timer(h.now);
+                }
+                _ => panic!(
+                    "no probe by {limit:?} (now {:?}, next timer {:?})",
+                    h.elapsed(),
+                    h.proxy.next_timer().map(|t| t - h.start)
+                ),
+            }
+        }
+    }
+}
+
+/// Checks one OPTIONS probe: where it went and how it is built.
+fn check_probe(p: &Sent, to: &Peer, ruri: &str, from_uri: &str) {
+    assert!(p.is(Method::Options), "{}", p.label());
+    p.assert_to(to);
+    assert!(p.out.on_error.is_some(), "probes carry an error token");
+    assert_eq!(p.ruri(), ruri);
+    let vias = p.vias();
+    assert_eq!(vias.len(), 1, "only our Via");
+    let (transport, rport) = match to.transport {
+        Transport::Udp => ("UDP", Some(None)),
+        Transport::Tcp => ("TCP", None),
+    };
+    assert_eq!(
+        (
+            vias[0].transport.as_str(),
+            vias[0].host.as_str(),
+            vias[0].port
+        ),
+        (transport, "127.0.0.1", Some(5060)),
+        "our Via, from the advertised address of the {transport} listener"
+    );
+    assert_eq!(vias[0].param("rport"), rport);
+    assert!(vias[0].branch().unwrap().starts_with("z9hG4bK"));
+    let from = p.get(HeaderName::From).unwrap();
+    assert_eq!(name_addr_uri(from), from_uri, "From: {from}");
+    assert!(
+        p.msg.from_tag().is_some_and(|t| !t.is_empty()),
+        "From has a tag: {from}"
+    );
+    assert_eq!(name_addr_uri(p.get(HeaderName::To).unwrap()), ruri);
+    assert_eq!(p.msg.to_tag(), None);
+    assert_eq!(p.get(HeaderName::CSeq), Some("1 OPTIONS"));
+    assert_eq!(p.msg.max_forwards(), Some(70));
+    assert!(p.get(HeaderName::CallId).is_some_and(|c| !c.is_empty()));
+}
+
+#[test]
+fn probes_go_out_within_the_first_interval_then_every_interval() {
+    let mut h = Harness::started(
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100, probeMode: 2}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090;transport=tcp", resources: pstn=50, probeMode: 2}
+"#,
+        PROBING,
+    );
+    let mut probes: Vec<(Duration, Sent)> = Vec::new();
+    run_until(&mut h, secs(45), |h, s| {
+        assert!(s.is(Method::Options), "only probes: {}", s.label());
+        answer_probe(h, &s, 200);
+        probes.push((h.elapsed(), s));
+    });
+
+    let udp = Peer::udp_server(S1);
+    let tcp = Peer {
+        transport: Transport::Tcp,
+        listener: TCP_L,
+        addr: addr(S2),
+        conn: None,
+    };
+    let mut call_ids = std::collections::HashSet::new();
+    let mut tags = std::collections::HashSet::new();
+    for (slot, peer, ruri) in [
+        (0, udp, "sip:127.0.0.1:5080"),
+        (1, tcp, "sip:127.0.0.1:5090;transport=tcp"),
+    ] {
+        let times: Vec<Duration> = probes
+            .iter()
+            .filter(|(_, s)| s.to() == peer.addr)
+            .map(|(t, _)| *t)
+            .collect();
+        assert!(!times.is_empty(), "no probe to {}", peer.addr);
+        assert!(
+            times[0] <= secs(10),
+            "first probe to {} within the first interval: {times:?}",
+            peer.addr
+        );
+        for w in times.windows(2) {
+            assert_eq!(w[1] - w[0], secs(10), "every interval: {times:?}");
+        }
+        assert!(
+            *times.last().unwrap() + secs(10) > secs(45),
+            "a probe is missing: {times:?}"
+        );
+        for (_, p) in probes.iter().filter(|(_, s)| s.to() == peer.addr) {
+            check_probe(p, &peer, ruri, "sip:mrcp-lb@127.0.0.1:5060");
+            assert!(call_ids.insert(p.get(HeaderName::CallId).unwrap().to_string()));
+            assert!(tags.insert(p.msg.from_tag().unwrap().to_string()));
+        }
+        let st = h.probe_stats(slot);
+        let n = times.len() as u64;
+        assert_eq!((st.sent, st.succeeded, st.failed), (n, n, 0));
+        assert_eq!(st.last_code, Some(200));
+        assert_eq!(h.state(slot), State::Up);
+    }
+}
+
+#[test]
+fn probe_failures_take_a_destination_down_only_at_the_threshold() {
+    let extra = format!("{PROBING}  aliveCodes: [404]\n  fromUri: \"sip:health@lb.example.com\"\n");
+    let mut h = Harness::started(ONE_PROBED, &extra);
+    let srv = Peer::udp_server(S1);
+    let mut p = Prober::default();
+
+    // Three probes without an answer: up after the first and second timeouts, down after the
+    // third, that is (threshold - 1) intervals plus the timeout after the first probe.
+    let (t1, first) = p.next(&mut h, secs(10));
+    check_probe(
+        &first,
+        &srv,
+        "sip:127.0.0.1:5080",
+        "sip:health@lb.example.com",
+    );
+    for k in 0..3u32 {
+        let tk = t1 + secs(10) * k;
+        if k > 0 {
+            let (t, probe) = p.next(&mut h, tk);
+            assert_eq!(t, tk, "probe {} one interval after the last", k + 1);
+            probe.assert_to(&srv);
+        }
+        h.advance_to(tk + ms(2999));
+        assert_eq!(
+            h.probe_stats(0).consecutive_failures,
+            k,
+            "before timeout {}",
+            k + 1
+        );
+        assert_eq!(h.state(0), State::Up);
+        h.advance_to(tk + secs(3));
+        let st = h.probe_stats(0);
+        assert_eq!(
+            (st.failed, st.consecutive_failures),
+            (u64::from(k) + 1, k + 1)
+        );
+        assert_eq!(st.last_code, Some(408), "a timeout is reported as 408");
+        if k < 2 {
+            assert_eq!(h.state(0), State::Up, "after {} failure(s)", k + 1);
+        }
+    }
+    assert_eq!(h.state(0), State::Down, "after the third failure");
+    assert_eq!(h.dest(0).health, Health::DownProbes);
+    assert_eq!(h.dest(0).reason(), "probe failures");
+    assert_eq!(h.probe_stats(0).sent, 3, "retransmissions are not probes");
+    p.drain(&mut h);
+    assert_eq!(p.retransmissions, 6, "UDP: T1 and 3*T1 after each probe");
+
+    // Down: no new calls.
+    refused(
+        &mut h,
+        &Call::udp("p2"),
+        "nothing forwarded to a down destination",
+    );
+
+    // 404 is configured as alive: two of them bring it back.
+    let (t4, probe) = p.next(&mut h, t1 + secs(30));
+    assert_eq!(t4, t1 + secs(30));
+    answer_probe(&mut h, &probe, 404);
+    let st = h.probe_stats(0);
+    assert_eq!(
+        (st.succeeded, st.consecutive_successes, st.last_code),
+        (1, 1, Some(404))
+    );
+    assert_eq!(h.state(0), State::Down, "one success is not enough");
+    let (_, probe) = p.next(&mut h, t1 + secs(40));
+    answer_probe(&mut h, &probe, 404);
+    assert_eq!(h.state(0), State::Up, "404 counts as alive");
+
+    // A 503 is a failure: the third one takes it down at once, without waiting for a timeout.
+    for k in 0..3u32 {
+        let (t, probe) = p.next(&mut h, t1 + secs(50) + secs(10) * k);
+        answer_probe(&mut h, &probe, 503);
+        let st = h.probe_stats(0);
+        assert_eq!((st.consecutive_failures, st.last_code), (k + 1, Some(503)));
+        assert_eq!(
+            h.state(0),
+            if k < 2 { State::Up } else { State::Down },
+            "after {} 503(s) at {t:?}",
+            k + 1
+        );
+    }
+    let st = h.probe_stats(0);
+    assert_eq!((st.sent, st.succeeded, st.failed), (8, 2, 6));
+
+    h.proxy.export_gauges();
+    let text = h.proxy.metrics().encode();
+    for (result, n) in [("timeout", 3), ("failure", 3), ("success", 2)] {
+        let line = metric_line(
+            &text,
+            "mrcp_lb_destination_probes_total",
+            &[("result", result)],
+        );
+        assert!(line.ends_with(&format!(" {n}")), "{line}");
+    }
+}
+
+/// The line of a metric whose labels include `destination="1"` and `labels`.
+fn metric_line<'a>(text: &'a str, name: &str, labels: &[(&str, &str)]) -> &'a str {
+    metric_line_of(text, name, "1", labels)
+        .unwrap_or_else(|| panic!("no {name} for destination 1 {labels:?} in:\n{text}"))
+}
+
+fn metric_line_of<'a>(
+    text: &'a str,
+    name: &str,
+    dest: &str,
+    labels: &[(&str, &str)],
+) -> Option<&'a str> {
+    text.lines().find(|l| {
+        l.starts_with(&format!("{name}{{"))
+            && l.contains(&format!("destination=\"{dest}\""))
+            && labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+    })
+}
+
+#[test]
+fn probe_successes_bring_a_destination_back_with_statistics() {
+    let mut h = Harness::started(ONE_PROBED, PROBING);
+    let mut p = Prober::default();
+    let (t1, _) = p.next(&mut h, secs(10));
+    for k in 1..3u32 {
+        h.advance_to(t1 + secs(10) * k - ms(1));
+        p.next(&mut h, t1 + secs(10) * k);
+    }
+    h.advance_to(t1 + secs(23));
+    assert_eq!(h.state(0), State::Down);
+    assert_eq!(h.probe_stats(0).latency, None, "timeouts give no latency");
+
+    // First 200, 200 ms after the probe: still down.
+    let (t4, probe) = p.next(&mut h, t1 + secs(30));
+    h.advance_to(t4 + ms(200));
+    answer_probe(&mut h, &probe, 200);
+    assert_eq!(h.state(0), State::Down, "one success of two");
+    let st = h.probe_stats(0);
+    assert_eq!((st.consecutive_successes, st.consecutive_failures), (1, 0));
+    let lat = st.latency.unwrap();
+    assert!((lat - 0.2).abs() < 1e-9, "first sample: {lat}");
+
+    // Second consecutive 200, 100 ms after its probe: up.
+    let (t5, probe) = p.next(&mut h, t1 + secs(40));
+    assert_eq!(t5, t4 + secs(10));
+    h.advance_to(t5 + ms(100));
+    answer_probe(&mut h, &probe, 200);
+    assert_eq!(h.state(0), State::Up, "two consecutive successes");
+    assert_eq!(h.dest(0).health, Health::Up);
+    let st = h.probe_stats(0);
+    assert_eq!(
+        (st.sent, st.succeeded, st.failed),
+        (5, 2, 3),
+        "sent, succeeded, failed"
+    );
+    assert_eq!((st.consecutive_successes, st.consecutive_failures), (2, 0));
+    assert_eq!(st.last_code, Some(200));
+    // Moving average: 0.2 + 0.3 * (0.1 - 0.2).
+    let lat = st.latency.unwrap();
+    assert!((lat - 0.17).abs() < 1e-9, "moving average: {lat}");
+
+    let status = h.proxy.status();
+    let ps = &status.destinations[0].probe;
+    assert_eq!((ps.sent, ps.succeeded, ps.failed), (5, 2, 3));
+    assert_eq!((ps.consecutive_successes, ps.consecutive_failures), (2, 0));
+    assert_eq!(ps.last_code, Some(200));
+    assert!(
+        ps.latency_ms.is_some_and(|l| (l - 170.0).abs() < 1e-6),
+        "{ps:?}"
+    );
+    assert_eq!(status.destinations[0].state, State::Up);
+    assert_eq!(status.destinations[0].reason, "");
+
+    h.proxy.export_gauges();
+    let text = h.proxy.metrics().encode();
+    let line = metric_line(&text, "mrcp_lb_destination_probe_latency_seconds", &[]);
+    let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((v - 0.17).abs() < 1e-9, "{line}");
+
+    // It takes calls again.
+    let call = Call::udp("p3");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer::udp_server(S1));
+}
+
+#[test]
+fn probe_mode_never_and_while_down() {
+    // 5080 is probed only while down; 5090 never.
+    let mut h = Harness::started(
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100, probeMode: 1}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50, probeMode: 0}
+"#,
+        PROBING,
+    );
+    run_until(&mut h, secs(30), |_, s| {
+        panic!("nothing while up: {}", s.label())
+    });
+
+    // Both servers are silent: the call times out on 5080, then on 5090; both are down.
+    let call = Call::udp("p4");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer::udp_server(S1));
+    let mut probes = Vec::new();
+    let mut others = Vec::new();
+    run_until(
+        &mut h,
+        secs(36),
+        answer_probes_200(&mut probes, &mut others),
+    );
+    assert_eq!(h.state(0), State::Down);
+    assert_eq!(h.state(1), State::Down);
+    run_until(
+        &mut h,
+        secs(100),
+        answer_probes_200(&mut probes, &mut others),
+    );
+
+    assert!(
+        probes.iter().all(|p| p.probe.to() == addr(S1)),
+        "mode 0 never probes, even when down"
+    );
+    let times: Vec<Duration> = probes.iter().map(|p| p.at).collect();
+    assert_eq!(
+        times.len(),
+        2,
+        "two probes bring 5080 back, then none: {times:?}"
+    );
+    assert!(
+        times[0] > secs(33) && times[0] <= secs(43),
+        "probing starts within an interval of the INVITE timeout: {times:?}"
+    );
+    assert_eq!(times[1] - times[0], secs(10));
+    assert!(probes.iter().all(|p| p.before == State::Down));
+    for p in &probes {
+        check_probe(
+            &p.probe,
+            &Peer::udp_server(S1),
+            "sip:127.0.0.1:5080",
+            "sip:mrcp-lb@127.0.0.1:5060",
+        );
+    }
+    assert_eq!(h.state(0), State::Up);
+    assert_eq!(
+        h.state(1),
+        State::Down,
+        "nothing brings a mode 0 destination back"
+    );
+    assert_eq!(h.probe_stats(0).sent, 2);
+    assert_eq!(h.probe_stats(1).sent, 0);
+    assert!(
+        others
+            .iter()
+            .any(|s| s.code() == Some(503) && s.to() == call.peer.addr),
+        "the call failed:{}",
+        describe(&others)
+    );
+}
+
+#[test]
+fn invite_timeout_marks_down_and_probes_bring_it_back() {
+    let mut h = Harness::started(
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100, probeMode: 2}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50, probeMode: 0}
+"#,
+        PROBING,
+    );
+    // Every probe is answered 200 at once.
+    let mut probes = Vec::new();
+    let mut others = Vec::new();
+
+    let mut call = Call::udp("p5");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer::udp_server(S1));
+    run_until(&mut h, secs(3), answer_probes_200(&mut probes, &mut others));
+    assert_eq!(
+        h.state(0),
+        State::Down,
+        "marked down at once by the INVITE timeout"
+    );
+    assert_eq!(h.dest(0).reason(), "INVITE timeout");
+    assert_eq!(
+        h.probe_stats(0).consecutive_successes,
+        0,
+        "successes before the timeout do not count"
+    );
+    let inv2 = take(&mut others, "INVITE to 5090", |s| {
+        s.is(Method::Invite) && s.to() == addr(S2)
+    });
+    others.clear();
+    let srv2 = Uas::new(S2, "srv-p5");
+    answer(&mut h, &mut call, &srv2, &inv2, &[]);
+
+    // While down, new calls go to 5090 although 5080 has more room.
+    let mut second = Call::udp("p5b");
+    let inv = place(&mut h, &second);
+    inv.assert_to(&srv2.peer);
+    answer(&mut h, &mut second, &srv2, &inv, &[]);
+
+    run_until(
+        &mut h,
+        secs(25),
+        answer_probes_200(&mut probes, &mut others),
+    );
+    assert!(
+        probes.iter().all(|p| p.probe.to() == addr(S1)),
+        "mode 0 is never probed"
+    );
+    let log: Vec<_> = probes.iter().map(|p| (p.at, p.before, p.after)).collect();
+    let down: Vec<_> = log.iter().filter(|p| p.1 == State::Down).collect();
+    assert!(down.len() >= 2, "probes while down: {log:?}");
+    assert_eq!(down[0].2, State::Down, "one success is not enough: {log:?}");
+    assert_eq!(down[1].2, State::Up, "the second brings it back: {log:?}");
+    assert_eq!(down[1].0 - down[0].0, secs(10));
+    assert_eq!(h.state(0), State::Up);
+
+    // A new call goes to 5080 again.
+    let third = Call::udp("p5c");
+    let inv = place(&mut h, &third);
+    inv.assert_to(&Peer::udp_server(S1));
+    assert_eq!((h.load(0), h.load(1)), (1, 2));
+}
+
+// ---- 18: live destination sets ----------------------------------------------------------------
+
+/// A destination set from a YAML list in the format of the configuration file.
+fn dest_set(version: u64, destinations: &str) -> DestinationSet {
+    let destinations: Vec<lb_api::DestinationSpec> = serde_yaml_ng::from_str(destinations).unwrap();
+    DestinationSet {
+        version,
+        destinations,
+    }
+}
+
+fn status_of(h: &Harness, id: &str) -> Option<lb_api::admin::DestinationStatus> {
+    h.proxy
+        .status()
+        .destinations
+        .into_iter()
+        .find(|d| d.id == id)
+}
+
+fn pstn(capacity: u32, load: u32) -> Vec<lb_api::admin::ResourceStatus> {
+    vec![lb_api::admin::ResourceStatus {
+        name: "pstn".into(),
+        capacity,
+        load,
+    }]
+}
+
+/// Sends an INVITE that no destination can take: 100 then 503, nothing forwarded; the caller
+/// ACKs the 503.
+fn refused(h: &mut Harness, call: &Call, why: &str) {
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    let fail = take(&mut out, "503", |s| s.code() == Some(503));
+    fail.assert_to(&call.peer);
+    assert_none(&out, why);
+    h.recv(call.peer, &call.ack_non_2xx(&fail.msg));
+    assert_none(&h.out(), "the ACK of the 503 is absorbed");
+}
+
+/// The caller hangs up; the BYE reaches `srv`.
+fn hang_up(h: &mut Harness, call: &mut Call, srv: &Uas) {
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    bye.assert_to(&srv.peer);
+    h.recv(srv.peer, &response(&bye.msg, 200, None, &[], ""));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to the BYE", |s| s.code() == Some(200));
+    ok.assert_to(&call.peer);
+}
+
+/// Places and answers a call, checking which server gets it.
+fn open_call(h: &mut Harness, id: &str, srv: &Uas) -> Call {
+    let mut call = Call::udp(id);
+    let inv = place(h, &call);
+    inv.assert_to(&srv.peer);
+    answer(h, &mut call, srv, &inv, &[]);
+    call
+}
+
+const ONLY_1_RESIZED: &str = r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=200}
+"#;
+
+#[test]
+fn replacing_the_set_keeps_open_calls_and_counts_removed_ones_down() {
+    let mut h = Harness::new();
+    let srv1 = Uas::new(S1, "srv-r1");
+    let srv2 = Uas::new(S2, "srv-r2");
+    let mut a = open_call(&mut h, "r1", &srv1);
+    let mut b = open_call(&mut h, "r2", &srv1);
+    // A third call is refused by 5080 (503, no Retry-After) and lands on 5090.
+    let mut c = Call::udp("r3");
+    let inv = place(&mut h, &c);
+    inv.assert_to(&srv1.peer);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 503, &[], ""));
+    let mut out = h.out();
+    take(&mut out, "ACK of the 503", |s| s.is(Method::Ack));
+    let inv2 = take(&mut out, "INVITE to 5090", |s| s.is(Method::Invite));
+    inv2.assert_to(&srv2.peer);
+    answer(&mut h, &mut c, &srv2, &inv2, &[]);
+    assert_eq!((h.load(0), h.load(1)), (2, 1));
+
+    // 1 resized, 2 removed.
+    let r = h.proxy.replace_set(h.now, &dest_set(1, ONLY_1_RESIZED));
+    assert_eq!(r.unwrap(), Applied::Replaced);
+    let one = status_of(&h, "1").unwrap();
+    assert_eq!(one.resources, pstn(200, 2), "load kept, capacity resized");
+    assert_eq!(
+        (one.open_calls, one.state, one.removed),
+        (2, State::Up, false)
+    );
+    let two = status_of(&h, "2").expect("shown while it carries a call");
+    assert!(two.removed);
+    assert_eq!(two.reason, "removed from the set");
+    assert_eq!((two.open_calls, two.resources[0].load), (1, 1));
+    assert_eq!(h.proxy.status().version, 1);
+
+    // A new call refused by 5080 is not failed over to the removed 5090.
+    let d = Call::udp("r4");
+    let inv = place(&mut h, &d);
+    inv.assert_to(&srv1.peer);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 503, &[], ""));
+    let mut out = h.out();
+    take(&mut out, "ACK of the 503", |s| s.is(Method::Ack));
+    let fail = take(&mut out, "503 to the caller", |s| s.code() == Some(503));
+    fail.assert_to(&d.peer);
+    assert_none(&out, "no INVITE to a removed destination");
+
+    // The open calls end normally.
+    hang_up(&mut h, &mut a, &srv1);
+    assert_eq!(h.load(0), 1);
+    hang_up(&mut h, &mut b, &srv1);
+    assert_eq!(h.load(0), 0);
+    let one = status_of(&h, "1").unwrap();
+    assert_eq!((one.resources.clone(), one.open_calls), (pstn(200, 0), 0));
+    hang_up(&mut h, &mut c, &srv2);
+    assert_eq!(h.load(1), 0);
+    assert!(status_of(&h, "2").is_none(), "gone with its last call");
+    assert_eq!(h.proxy.status().destinations.len(), 1);
+    h.proxy.export_gauges();
+    let text = h.proxy.metrics().encode();
+    assert!(
+        metric_line_of(&text, "mrcp_lb_destination_load", "2", &[]).is_none(),
+        "{text}"
+    );
+    assert_eq!(h.proxy.dialog_stats().active, 0);
+}
+
+#[test]
+fn set_versions_conflicts_and_invalid_sets() {
+    let mut h = Harness::new();
+    let v1 = dest_set(
+        1,
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=200}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50}
+"#,
+    );
+    assert_eq!(h.proxy.replace_set(h.now, &v1).unwrap(), Applied::Replaced);
+    assert_eq!(h.proxy.replace_set(h.now, &v1).unwrap(), Applied::Unchanged);
+
+    let older = DestinationSet {
+        version: 0,
+        ..v1.clone()
+    };
+    assert!(
+        matches!(
+            h.proxy.replace_set(h.now, &older),
+            Err(SetError::Conflict(_))
+        ),
+        "an older version"
+    );
+    let other = dest_set(1, ONLY_1_RESIZED);
+    assert!(
+        matches!(
+            h.proxy.replace_set(h.now, &other),
+            Err(SetError::Conflict(_))
+        ),
+        "the same version with other content"
+    );
+    assert_eq!(status_of(&h, "1").unwrap().resources, pstn(200, 0));
+    assert!(status_of(&h, "2").is_some_and(|d| !d.removed));
+
+    // Invalid sets name the field and change nothing. Each would send new calls to 5070.
+    for (set, field) in [
+        (
+            r#"
+  - {id: 3, group: 1, uri: "sip:127.0.0.1:5070", resources: pstn=1000}
+  - {id: 4, group: 1, uri: "mailto:x@example.com", resources: pstn=1000}
+"#,
+            "destinations[1].uri",
+        ),
+        (
+            r#"
+  - {id: 3, group: 1, uri: "sip:127.0.0.1:5070", resources: pstn=1000}
+  - {id: 3, group: 1, uri: "sip:127.0.0.1:5071", resources: pstn=1000}
+"#,
+            "destinations[1].id",
+        ),
+    ] {
+        match h.proxy.replace_set(h.now, &dest_set(2, set)) {
+            Err(SetError::Invalid(e)) => assert_eq!(e.field, field, "{e}"),
+            other => panic!("expected Invalid({field}), got {other:?}"),
+        }
+        let st = h.proxy.status();
+        assert_eq!(st.version, 1);
+        let ids: Vec<&str> = st.destinations.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, vec!["1", "2"]);
+    }
+    let call = Call::udp("v1");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer::udp_server(S1));
+
+    // The version an invalid set carried is still free.
+    let v2 = dest_set(
+        2,
+        r#"
+  - {id: 3, group: 1, uri: "sip:127.0.0.1:5070", resources: pstn=1000}
+"#,
+    );
+    assert_eq!(h.proxy.replace_set(h.now, &v2).unwrap(), Applied::Replaced);
+    let call = Call::udp("v2");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer::udp_server("127.0.0.1:5070"));
+}
+
+#[test]
+fn a_tcp_destination_without_a_tcp_listener_is_invalid() {
+    let cfg = Config::from_yaml(
+        "listeners:
+  - udp:127.0.0.1:5060
+destinations:
+  - {id: 1, group: 1, uri: \"sip:127.0.0.1:5080\", resources: pstn=100}
+",
+    )
+    .unwrap();
+    let mut h = Harness::from_config(cfg);
+    let set = dest_set(
+        1,
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090;transport=tcp", resources: pstn=500}
+"#,
+    );
+    match h.proxy.replace_set(h.now, &set) {
+        Err(SetError::Invalid(e)) => {
+            assert_eq!(e.field, "destinations[1].uri", "{e}");
+            assert!(
+                e.message.contains("tcp") || e.message.contains("TCP"),
+                "{e}"
+            );
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let st = h.proxy.status();
+    assert_eq!((st.version, st.destinations.len()), (0, 1));
+    let call = Call::udp("t1");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&Peer::udp_server(S1));
+}
+
+// ---- 19: manual state and the state a set asks for ---------------------------------------------
+
+#[test]
+fn health_and_manual_state_survive_a_replace() {
+    let mut h = Harness::new();
+    let srv1 = Uas::new(S1, "srv-m1");
+    let srv2 = Uas::new(S2, "srv-m2");
+
+    // 5080 never answers: marked down; the call lands on 5090.
+    let mut x = Call::udp("m1");
+    let inv = place(&mut h, &x);
+    inv.assert_to(&srv1.peer);
+    h.advance_to(secs(3));
+    let mut out = h.out();
+    let inv2 = take(&mut out, "INVITE to 5090", |s| {
+        s.is(Method::Invite) && s.to() == addr(S2)
+    });
+    answer(&mut h, &mut x, &srv2, &inv2, &[]);
+    assert_eq!(h.state(0), State::Down);
+
+    // A replace keeping both ids (5080 resized) keeps the mark.
+    let both = |v: u64| {
+        dest_set(
+            v,
+            r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=150}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50}
+"#,
+        )
+    };
+    assert_eq!(
+        h.proxy.replace_set(h.now, &both(1)).unwrap(),
+        Applied::Replaced
+    );
+    assert_eq!(h.state(0), State::Down, "the health mark survives");
+    let one = status_of(&h, "1").unwrap();
+    assert_eq!(
+        (one.reason.as_str(), one.resources.clone()),
+        ("INVITE timeout", pstn(150, 0))
+    );
+    let mut y = open_call(&mut h, "m2", &srv2);
+
+    // Drain 5090: no new calls, open calls go on and end normally.
+    assert_eq!(
+        h.proxy.set_manual("2", Action::Drain),
+        Some(State::Draining)
+    );
+    refused(&mut h, &Call::udp("m3"), "5080 down, 5090 draining");
+    hang_up(&mut h, &mut x, &srv2);
+    assert_eq!(h.load(1), 1);
+
+    // Manual state survives a replace too.
+    assert_eq!(
+        h.proxy.replace_set(h.now, &both(2)).unwrap(),
+        Applied::Replaced
+    );
+    assert_eq!(h.state(1), State::Draining);
+    assert_eq!(h.state(0), State::Down);
+    assert_eq!(status_of(&h, "2").unwrap().reason, "drained by hand");
+
+    // Disable: no new calls either.
+    assert_eq!(
+        h.proxy.set_manual("2", Action::Disable),
+        Some(State::Disabled)
+    );
+    refused(&mut h, &Call::udp("m4"), "5080 down, 5090 disabled");
+    hang_up(&mut h, &mut y, &srv2);
+    assert_eq!(h.load(1), 0);
+    assert_eq!(status_of(&h, "2").unwrap().reason, "disabled by hand");
+
+    // Enable clears the down mark of 5080, which takes calls again.
+    assert_eq!(h.proxy.set_manual("1", Action::Enable), Some(State::Up));
+    assert_eq!(h.dest(0).health, Health::Up);
+    open_call(&mut h, "m5", &srv1);
+    assert_eq!(h.proxy.set_manual("2", Action::Enable), Some(State::Up));
+    assert_eq!(h.state(1), State::Up);
+
+    assert_eq!(h.proxy.set_manual("nope", Action::Drain), None);
+    assert_eq!(h.proxy.set_manual("nope", Action::Enable), None);
+}
+
+#[test]
+fn a_set_asking_draining_or_down_takes_no_new_calls() {
+    let mut h = Harness::new();
+    let srv1 = Uas::new(S1, "srv-s1");
+    let srv2 = Uas::new(S2, "srv-s2");
+    let mut a = open_call(&mut h, "s1", &srv1);
+
+    let set = |v: u64, s1: &str, s2: &str| {
+        dest_set(
+            v,
+            &format!(
+                r#"
+  - {{id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100, state: {s1}}}
+  - {{id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50, state: {s2}}}
+"#
+            ),
+        )
+    };
+    let r = h.proxy.replace_set(h.now, &set(1, "draining", "active"));
+    assert_eq!(r.unwrap(), Applied::Replaced);
+    assert_eq!(
+        h.proxy.destinations().get(0).unwrap().spec.state,
+        DesiredState::Draining
+    );
+    assert_eq!(h.state(0), State::Draining);
+    assert_eq!(status_of(&h, "1").unwrap().reason, "draining (set)");
+    // 5080 has more room but is draining.
+    let mut b = open_call(&mut h, "s2", &srv2);
+    // Its open call goes on.
+    hang_up(&mut h, &mut a, &srv1);
+    assert_eq!(h.load(0), 0);
+
+    let r = h.proxy.replace_set(h.now, &set(2, "down", "draining"));
+    assert_eq!(r.unwrap(), Applied::Replaced);
+    assert_eq!((h.state(0), h.state(1)), (State::Down, State::Draining));
+    assert_eq!(status_of(&h, "1").unwrap().reason, "down (set: not ready)");
+    refused(&mut h, &Call::udp("s3"), "5080 down, 5090 draining");
+    hang_up(&mut h, &mut b, &srv2);
+
+    let r = h.proxy.replace_set(h.now, &set(3, "active", "active"));
+    assert_eq!(r.unwrap(), Applied::Replaced);
+    assert_eq!((h.state(0), h.state(1)), (State::Up, State::Up));
+    open_call(&mut h, "s4", &srv1);
+}
+
+// ---- 20: advertised address and loops ----------------------------------------------------------
+
+const ADVERTISE: &str = "advertise: \"lb.example.com:5070\"\n";
+
+#[test]
+fn advertised_address_goes_in_via_and_record_route_and_routes_back() {
+    let mut h = Harness::with(TWO_DESTS, ADVERTISE);
+    let mut call = Call::udp("a1");
+    let srv = Uas::new(S1, "srv-a1");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&srv.peer);
+    let v = &inv.vias()[0];
+    assert_eq!(
+        (v.transport.as_str(), v.host.as_str(), v.port),
+        ("UDP", "lb.example.com", Some(5070))
+    );
+    assert_eq!(
+        inv.all(HeaderName::RecordRoute),
+        vec!["<sip:lb.example.com:5070;transport=udp;lr>".to_string()]
+    );
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+
+    // An in-dialog request routed through our advertised name (no transport parameter).
+    call.routes = vec!["<sip:lb.example.com:5070;lr>".to_string()];
+    let bye = call.bye();
+    assert!(bye.contains("Route: <sip:lb.example.com:5070;lr>\r\n"));
+    h.recv(call.peer, &bye);
+    let mut out = h.out();
+    let fwd = take(&mut out, "BYE to the server", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    fwd.assert_to(&srv.peer);
+    assert_eq!(fwd.get(HeaderName::Route), None, "our Route popped");
+    assert_eq!(fwd.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
+    let v = &fwd.vias()[0];
+    assert_eq!((v.host.as_str(), v.port), ("lb.example.com", Some(5070)));
+    assert_eq!(h.load(0), 0);
+    assert_eq!(h.proxy.dialog_stats().active, 0);
+
+    // Probes come from the advertised address too, with the default From on it.
+    let mut h = Harness::started(ONE_PROBED, &format!("{ADVERTISE}{PROBING}"));
+    let (_, probe) = Prober::default().next(&mut h, secs(10));
+    let v = &probe.vias()[0];
+    assert_eq!((v.host.as_str(), v.port), ("lb.example.com", Some(5070)));
+    assert_eq!(
+        name_addr_uri(probe.get(HeaderName::From).unwrap()),
+        "sip:mrcp-lb@lb.example.com:5070"
+    );
+}
+
+#[test]
+fn a_request_carrying_our_via_is_a_loop_and_max_forwards_1_goes_out_as_0() {
+    let mut h = Harness::with(TWO_DESTS, ADVERTISE);
+    let first = Call::udp("l1");
+    let inv = place(&mut h, &first);
+    let ours = inv.branch();
+    let prefix = &ours[..=ours.rfind('-').unwrap()];
+    assert!(prefix.starts_with("z9hG4bK"), "{ours}");
+
+    // A new INVITE that went through us already (a server sent it back): its top Via is the
+    // server's, then ours, then the caller's.
+    let looped = Call::udp("l2");
+    let text = looped.invite().replacen(
+        "Via: ",
+        &format!(
+            "Via: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bK-srv-loop\r\n\
+             Via: SIP/2.0/UDP lb.example.com:5070;branch={prefix}beef;rport\r\n\
+             Via: "
+        ),
+        1,
+    );
+    let server = Peer::udp_server(S1);
+    h.recv(server, &text);
+    let mut out = h.out();
+    let loop_ = take(&mut out, "482", |s| s.code() == Some(482));
+    assert_none(&out, "nothing forwarded");
+    loop_.assert_to(&server);
+    assert_eq!(loop_.get(HeaderName::CSeq), Some("1 INVITE"));
+    assert_eq!(h.proxy.route_stats().routed, 1);
+    assert_eq!((h.load(0), h.load(1)), (1, 0));
+
+    // Max-Forwards 1 is still forwarded, with 0.
+    let last_hop = Call::udp("l3");
+    h.recv(
+        last_hop.peer,
+        &last_hop
+            .invite()
+            .replace("Max-Forwards: 70", "Max-Forwards: 1"),
+    );
+    let mut out = h.out();
+    take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    let fwd = take(&mut out, "INVITE", |s| s.is(Method::Invite));
+    assert_none(&out, "after the INVITE");
+    assert_eq!(fwd.msg.max_forwards(), Some(0));
+}
+
+// ---- 21: status and gauges ---------------------------------------------------------------------
+
+#[test]
+fn status_and_gauges_reflect_the_destinations() {
+    let mut h = Harness::new();
+    let srv1 = Uas::new(S1, "srv-g1");
+    let mut call = open_call(&mut h, "g1", &srv1);
+    let r = h.proxy.replace_set(h.now, &dest_set(3, TWO_DESTS));
+    assert_eq!(r.unwrap(), Applied::Replaced);
+    assert_eq!(
+        h.proxy.set_manual("2", Action::Disable),
+        Some(State::Disabled)
+    );
+
+    let st = h.proxy.status();
+    assert_eq!(st.version, 3);
+    assert!(st.updated > 0);
+    assert_eq!(st.destinations.len(), 2);
+    let one = &st.destinations[0];
+    assert_eq!(
+        (one.id.as_str(), one.group, one.uri.as_str()),
+        ("1", 1, "sip:127.0.0.1:5080")
+    );
+    assert_eq!(one.address.as_deref(), Some("127.0.0.1:5080"));
+    assert_eq!(
+        (one.state, one.reason.as_str(), one.removed),
+        (State::Up, "", false)
+    );
+    assert_eq!(one.resources, pstn(100, 1));
+    assert_eq!((one.open_calls, one.calls), (1, 1));
+    assert_eq!(one.probe.mode, lb_api::ProbeMode::Always);
+    let two = &st.destinations[1];
+    assert_eq!(
+        (two.state, two.reason.as_str()),
+        (State::Disabled, "disabled by hand")
+    );
+    assert_eq!(two.resources, pstn(50, 0));
+    assert_eq!((two.open_calls, two.calls), (0, 0));
+
+    h.proxy.export_gauges();
+    let text = h.proxy.metrics().encode();
+    let load = metric_line(&text, "mrcp_lb_destination_load", &[("resource", "pstn")]);
+    assert!(load.ends_with("} 1"), "{load}");
+    assert!(load.contains("uri=\"sip:127.0.0.1:5080\""), "{load}");
+    let load2 = metric_line_of(&text, "mrcp_lb_destination_load", "2", &[]).unwrap();
+    assert!(load2.ends_with("} 0"), "{load2}");
+    let cap = metric_line(&text, "mrcp_lb_destination_capacity", &[]);
+    assert!(cap.ends_with("} 100"), "{cap}");
+    let up = metric_line(&text, "mrcp_lb_destination_state", &[("state", "up")]);
+    assert!(up.ends_with("} 1"), "{up}");
+    let disabled = metric_line_of(
+        &text,
+        "mrcp_lb_destination_state",
+        "2",
+        &[("state", "disabled")],
+    )
+    .unwrap();
+    assert!(disabled.ends_with("} 1"), "{disabled}");
+    let calls = metric_line(&text, "mrcp_lb_destination_calls_routed", &[]);
+    assert!(calls.ends_with("} 1"), "{calls}");
+    assert!(
+        text.contains("\nmrcp_lb_destination_set_version 3\n"),
+        "{text}"
+    );
+
+    hang_up(&mut h, &mut call, &srv1);
+    let one = status_of(&h, "1").unwrap();
+    assert_eq!(
+        (one.resources.clone(), one.open_calls, one.calls),
+        (pstn(100, 0), 0, 1)
+    );
+    h.proxy.export_gauges();
+    let text = h.proxy.metrics().encode();
+    let load = metric_line(&text, "mrcp_lb_destination_load", &[]);
+    assert!(load.ends_with("} 0"), "{load}");
+}
+
+// ---- 22: probing across set changes and manual state ---------------------------------------------
+
+#[test]
+fn replaced_sets_probe_new_destinations_once_and_removed_ones_no_more() {
+    let mut h = Harness::started(TWO_DESTS, PROBING);
+    let mut probes = Vec::new();
+    let mut others = Vec::new();
+    run_until(
+        &mut h,
+        secs(15),
+        answer_probes_200(&mut probes, &mut others),
+    );
+
+    // 5090 goes (it carries nothing: gone at once), then comes back under the same id, before
+    // its old probe timer fires; 5070 is new.
+    let only_1 = dest_set(
+        1,
+        "\n  - {id: 1, group: 1, uri: \"sip:127.0.0.1:5080\", resources: pstn=100}\n",
+    );
+    assert_eq!(
+        h.proxy.replace_set(h.now, &only_1).unwrap(),
+        Applied::Replaced
+    );
+    assert!(status_of(&h, "2").is_none());
+    let back = dest_set(
+        2,
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50}
+  - {id: 3, group: 1, uri: "sip:127.0.0.1:5070", resources: pstn=10}
+"#,
+    );
+    assert_eq!(
+        h.proxy.replace_set(h.now, &back).unwrap(),
+        Applied::Replaced
+    );
+    probes.clear();
+    run_until(
+        &mut h,
+        secs(75),
+        answer_probes_200(&mut probes, &mut others),
+    );
+    assert_none(&others, "only probes");
+    for a in [S1, S2, "127.0.0.1:5070"] {
+        let times: Vec<Duration> = probes
+            .iter()
+            .filter(|p| p.probe.to() == addr(a))
+            .map(|p| p.at)
+            .collect();
+        assert!(
+            !times.is_empty() && times[0] <= secs(25),
+            "{a} probed within an interval: {times:?}"
+        );
+        for w in times.windows(2) {
+            assert_eq!(
+                w[1] - w[0],
+                secs(10),
+                "{a}: one probe per interval: {times:?}"
+            );
+        }
+    }
+
+    // Removed for good: no more probes, even while it still carries a call.
+    let srv3 = Uas::new("127.0.0.1:5070", "srv-x3");
+    let srv1 = Uas::new(S1, "srv-x1");
+    let mut calls = Vec::new();
+    // 5080 refuses, 5090 refuses: the call lands on 5070.
+    let mut call = Call::udp("x1");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&srv1.peer);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 503, &[], ""));
+    let mut out = h.out();
+    let inv2 = take(&mut out, "INVITE to 5090", |s| s.is(Method::Invite));
+    inv2.assert_to(&Peer::udp_server(S2));
+    h.recv(
+        Peer::udp_server(S2),
+        &Uas::new(S2, "srv-x2").reply(&inv2.msg, 503, &[], ""),
+    );
+    let mut out = h.out();
+    let inv3 = take(&mut out, "INVITE to 5070", |s| s.is(Method::Invite));
+    inv3.assert_to(&srv3.peer);
+    answer(&mut h, &mut call, &srv3, &inv3, &[]);
+    calls.push(call);
+    let without_3 = dest_set(
+        3,
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=100}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=50}
+"#,
+    );
+    assert_eq!(
+        h.proxy.replace_set(h.now, &without_3).unwrap(),
+        Applied::Replaced
+    );
+    assert!(status_of(&h, "3").is_some_and(|d| d.removed));
+    probes.clear();
+    run_until(
+        &mut h,
+        secs(120),
+        answer_probes_200(&mut probes, &mut others),
+    );
+    assert!(
+        probes.iter().all(|p| p.probe.to() != srv3.peer.addr),
+        "a removed destination is not probed"
+    );
+    hang_up(&mut h, &mut calls[0], &srv3);
+    assert!(status_of(&h, "3").is_none());
+}
+
+#[test]
+fn enable_gives_a_destination_the_full_failure_threshold_again() {
+    // Down after three failed probes, enabled by hand: "failureThreshold consecutive failures
+    // take an up destination down" should count from the enable, not before it.
+    let mut h = Harness::started(ONE_PROBED, PROBING);
+    let mut p = Prober::default();
+    let (t1, _) = p.next(&mut h, secs(10));
+    for k in 1..3u32 {
+        p.next(&mut h, t1 + secs(10) * k);
+    }
+    h.advance_to(t1 + secs(23));
+    assert_eq!(h.state(0), State::Down);
+    assert_eq!(h.proxy.set_manual("1", Action::Enable), Some(State::Up));
+
+    // One more probe without an answer.
+    let (t4, _) = p.next(&mut h, t1 + secs(30));
+    h.advance_to(t4 + secs(3));
+    assert_eq!(h.probe_stats(0).failed, 4);
+    assert_eq!(
+        h.state(0),
+        State::Up,
+        "one failure after the enable took it down again (consecutive_failures = {})",
+        h.probe_stats(0).consecutive_failures
+    );
+}
