@@ -3,12 +3,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
 	@echo "make demo   run the proxy with two sipp MRCP-like servers and a sipp client"
-	@echo "make test   install what the tests need, then lint and run every test"
+	@echo "make test   install what the tests need, then lint and run every test (unit, sipp, operator, e2e)"
+	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
+	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 
 deps:
 	@./scripts/install-deps.sh
@@ -31,9 +33,17 @@ crds:
 	@if [ -d charts/mrcp-lb/crds ]; then cp crds/mrcpserver.yaml charts/mrcp-lb/crds/mrcpserver.yaml; fi
 
 # Real Kubernetes binaries (kube-apiserver, etcd, kwok, helm ...), built once and cached
-# outside the repo.
+# outside the repo (~/.cache/mrcp-lb). Uses both cores unless told otherwise.
 k8s:
-	./tests/k8s/build.sh
+	K8S_BUILD_JOBS=$${K8S_BUILD_JOBS:-2} ./tests/k8s/build.sh
+
+chart-lint: k8s
+	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=speech > /dev/null
+
+e2e: deps k8s
+	./tests/e2e/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -42,5 +52,6 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib
 
-test: deps lint
+test: deps k8s lint chart-lint
 	$(CARGO) test --workspace
+	$(MAKE) e2e

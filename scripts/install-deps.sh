@@ -6,6 +6,8 @@ set -euo pipefail
 need_apt=()
 command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # control-plane certificates
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 # promtool (checks the /metrics output) comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 
@@ -17,6 +19,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+if ! command -v go >/dev/null 2>&1; then
+  echo "go is missing: the Kubernetes test binaries are built from the Go module proxy (install Go >= 1.26)" >&2
+  exit 1
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install Rust (rustup) first" >&2
   exit 1

@@ -126,7 +126,7 @@ build_one() {
 	tmp=$(mktemp "$dir/.$name.XXXXXX")
 	t0=$(date +%s)
 	(cd "$K8S_DIR/$wrapper" &&
-		CGO_ENABLED=0 nice -n 19 go build -p 1 -trimpath -ldflags "$ldflags" -o "$tmp" "$pkg")
+		CGO_ENABLED=0 nice -n 19 go build -p "${K8S_BUILD_JOBS:-1}" -trimpath -ldflags "$ldflags" -o "$tmp" "$pkg")
 	chmod 0755 "$tmp"
 	mv -f "$tmp" "$bin"
 	if [ "$name" = kwok ]; then kwok_stages "$dir/stages.yaml"; fi
