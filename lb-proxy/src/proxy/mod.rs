@@ -998,28 +998,9 @@ impl Proxy {
             CState::Proceeding => {}
         }
         let req = &ctx.request;
-        let mut cancel = Message {
-            start: StartLine::Request {
-                method: Method::Cancel,
-                uri: req.request_uri().unwrap_or_default().to_string(),
-            },
-            headers: Vec::new(),
-            body: Bytes::new(),
-        };
-        if let Some(v) = req.get(&HeaderName::Via) {
-            cancel.push(HeaderName::Via, v.to_string());
-        }
-        cancel.push(HeaderName::MaxForwards, "70".into());
-        for h in [HeaderName::From, HeaderName::To, HeaderName::CallId] {
-            if let Some(v) = req.get(&h) {
-                cancel.push(h, v.to_string());
-            }
-        }
-        let seq = req.cseq().map(|c| c.0).unwrap_or(1);
-        cancel.push(HeaderName::CSeq, format!("{seq} CANCEL"));
-        for r in req.get_all(&HeaderName::Route) {
-            cancel.push(HeaderName::Route, r.to_string());
-        }
+        // RFC 3261 9.1: same Request-URI, top Via, From, To, Call-ID, CSeq number and Route.
+        let to = req.get(&HeaderName::To).unwrap_or_default().to_string();
+        let mut cancel = same_transaction(req, Method::Cancel, &to);
         if let Some(reason) = reason {
             cancel.push(HeaderName::Reason, reason.to_string());
         }
@@ -1808,14 +1789,7 @@ impl Proxy {
         cseq: u32,
         routes: &[String],
     ) -> Message {
-        let mut bye = Message {
-            start: StartLine::Request {
-                method: Method::Bye,
-                uri: ruri.to_string(),
-            },
-            headers: Vec::new(),
-            body: Bytes::new(),
-        };
+        let mut bye = Message::request(Method::Bye, ruri);
         for r in routes {
             bye.push(HeaderName::Route, r.clone());
         }
@@ -1868,33 +1842,34 @@ fn rank(code: u16) -> u16 {
 /// The ACK for a non-2xx final response (RFC 3261 17.1.1.3): same branch and Request-URI as
 /// the INVITE, To from the response.
 fn make_ack(invite: &Message, resp: &Message) -> Message {
-    let mut ack = Message {
-        start: StartLine::Request {
-            method: Method::Ack,
-            uri: invite.request_uri().unwrap_or_default().to_string(),
-        },
-        headers: Vec::new(),
-        body: Bytes::new(),
-    };
+    same_transaction(
+        invite,
+        Method::Ack,
+        resp.get(&HeaderName::To).unwrap_or_default(),
+    )
+}
+
+/// A request in the INVITE's own transaction (ACK for a non-2xx, CANCEL): its Request-URI,
+/// top Via, From, Call-ID, CSeq number and Route set, with the given method and To.
+fn same_transaction(invite: &Message, method: Method, to: &str) -> Message {
+    let mut m = Message::request(method.clone(), invite.request_uri().unwrap_or_default());
     if let Some(v) = invite.get(&HeaderName::Via) {
-        ack.push(HeaderName::Via, v.to_string());
+        m.push(HeaderName::Via, v.to_string());
     }
-    ack.push(HeaderName::MaxForwards, "70".into());
+    m.push(HeaderName::MaxForwards, "70".into());
     if let Some(v) = invite.get(&HeaderName::From) {
-        ack.push(HeaderName::From, v.to_string());
+        m.push(HeaderName::From, v.to_string());
     }
-    if let Some(v) = resp.get(&HeaderName::To) {
-        ack.push(HeaderName::To, v.to_string());
-    }
+    m.push(HeaderName::To, to.to_string());
     if let Some(v) = invite.get(&HeaderName::CallId) {
-        ack.push(HeaderName::CallId, v.to_string());
+        m.push(HeaderName::CallId, v.to_string());
     }
     let seq = invite.cseq().map(|c| c.0).unwrap_or(1);
-    ack.push(HeaderName::CSeq, format!("{seq} ACK"));
+    m.push(HeaderName::CSeq, format!("{seq} {method}"));
     for r in invite.get_all(&HeaderName::Route) {
-        ack.push(HeaderName::Route, r.to_string());
+        m.push(HeaderName::Route, r.to_string());
     }
-    ack
+    m
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.

@@ -7,14 +7,13 @@
 //! `failureThreshold` consecutive failures take an up destination down; `successThreshold`
 //! consecutive successes bring a down one back.
 
-use bytes::Bytes;
 use rand::Rng;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{ClientKey, Proxy, Role, Timer};
 use crate::destinations::Health;
-use crate::sip::{HeaderName, Message, Method, StartLine};
+use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Flow;
 
 /// Weight of the newest sample in the probe latency moving average.
@@ -67,14 +66,7 @@ impl Proxy {
         };
         let tag = self.new_tag();
         let call_id = format!("probe-{:016x}@mrcp-lb", self.rng.gen::<u64>());
-        let mut req = Message {
-            start: StartLine::Request {
-                method: Method::Options,
-                uri: uri.to_string(),
-            },
-            headers: Vec::with_capacity(8),
-            body: Bytes::new(),
-        };
+        let mut req = Message::request(Method::Options, &uri.to_string());
         req.push(
             HeaderName::From,
             format!("<{}>;tag={tag}", self.cfg.probing.from_uri),

@@ -2208,14 +2208,26 @@ fn invite_timeout_marks_down_and_probes_bring_it_back() {
 "#,
         PROBING,
     );
-    // Every probe is answered 200 at once.
+    // Every probe is answered 200 at once: 5080 answers its probes (at least two by 20 s),
+    // but not the INVITE.
     let mut probes = Vec::new();
     let mut others = Vec::new();
+    run_until(
+        &mut h,
+        secs(20),
+        answer_probes_200(&mut probes, &mut others),
+    );
+    assert!(h.probe_stats(0).consecutive_successes >= 2);
+    assert_eq!(h.state(0), State::Up);
 
     let mut call = Call::udp("p5");
     let inv = place(&mut h, &call);
     inv.assert_to(&Peer::udp_server(S1));
-    run_until(&mut h, secs(3), answer_probes_200(&mut probes, &mut others));
+    run_until(
+        &mut h,
+        secs(23),
+        answer_probes_200(&mut probes, &mut others),
+    );
     assert_eq!(
         h.state(0),
         State::Down,
@@ -2242,7 +2254,7 @@ fn invite_timeout_marks_down_and_probes_bring_it_back() {
 
     run_until(
         &mut h,
-        secs(25),
+        secs(45),
         answer_probes_200(&mut probes, &mut others),
     );
     assert!(

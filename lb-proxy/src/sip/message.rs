@@ -334,6 +334,18 @@ impl Message {
         Ok(self)
     }
 
+    /// A new request with no headers and no body.
+    pub fn request(method: Method, uri: &str) -> Message {
+        Message {
+            start: StartLine::Request {
+                method,
+                uri: uri.to_string(),
+            },
+            headers: Vec::with_capacity(10),
+            body: Bytes::new(),
+        }
+    }
+
     pub fn is_request(&self) -> bool {
         matches!(self.start, StartLine::Request { .. })
     }
@@ -685,10 +697,7 @@ impl Via {
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_deref())
+        super::uri::find_param(&self.params, name)
     }
 
     pub fn branch(&self) -> Option<&str> {

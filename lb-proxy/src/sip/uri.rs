@@ -96,10 +96,7 @@ impl SipUri {
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_deref())
+        find_param(&self.params, name)
     }
 
     pub fn has_param(&self, name: &str) -> bool {
@@ -153,6 +150,17 @@ impl fmt::Display for SipUri {
         }
         Ok(())
     }
+}
+
+/// A `;name=value` parameter by case-insensitive name: Some(None) for a flag like `lr`.
+pub fn find_param<'a>(
+    params: &'a [(String, Option<String>)],
+    name: &str,
+) -> Option<Option<&'a str>> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_deref())
 }
 
 /// Writes a host, bracketing IPv6 literals.
