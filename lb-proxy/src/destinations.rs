@@ -107,6 +107,10 @@ impl Destination {
 
     /// The effective state: manual state first, then what the set asks, then health.
     pub fn state(&self) -> State {
+        if self.removed {
+            // Out of the set but still carrying calls: no new ones, open ones finish.
+            return State::Draining;
+        }
         match (self.manual, self.spec.state, self.health) {
             (Manual::Disabled, _, _) => State::Disabled,
             (Manual::Draining, _, _) | (_, DesiredState::Draining, _) => State::Draining,

@@ -479,7 +479,16 @@ async fn reload_on_sighup(
             _ = shutdown.cancelled() => return,
         }
         let set = match Config::load_with(&path, &overrides) {
-            Ok(c) => c.destinations.unwrap_or_default(),
+            Ok(Config {
+                destinations: Some(set),
+                ..
+            }) => set,
+            Ok(_) => {
+                // No `destinations` key: the file does not manage the set (the operator
+                // pushes it), so a SIGHUP (log rotation, say) must not empty it.
+                info!("SIGHUP: {} has no destinations; the set in force stays", path.display());
+                continue;
+            }
             Err(e) => {
                 warn!("SIGHUP: {} not reloaded: {e}", path.display());
                 continue;

@@ -1179,3 +1179,194 @@ pub fn assert_server_clean(r: &SippReport) {
         r.summary()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admin API writes, raw responses, config file, sipp statistics history
+
+/// A raw HTTP response: status code, headers (names lower-cased) and body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub code: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON; panics (showing the body) when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON body ({e}): {:?}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`); `bearer` adds `Authorization: Bearer <token>`,
+/// `headers` any other header, `body` is sent as `application/json`.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    bearer: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<HttpResponse> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        write!(req, "{k}: {v}\r\n").unwrap();
+    }
+    if let Some(t) = bearer {
+        write!(req, "Authorization: Bearer {t}\r\n").unwrap();
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method != "GET" {
+        write!(
+            req,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+        .unwrap();
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end in {text:?}")))?;
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok(HttpResponse {
+        code,
+        headers,
+        body,
+    })
+}
+
+/// `http_request`, panicking on a transport error.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    http_request(addr, method, path, &[], bearer, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// `PUT /v1/destinations` with a JSON body.
+pub fn put_destinations(admin: SocketAddr, bearer: Option<&str>, body: &str) -> HttpResponse {
+    http(admin, "PUT", "/v1/destinations", bearer, Some(body))
+}
+
+/// `POST /v1/destinations/{id}/state` with `{"action": action}`.
+pub fn post_state(admin: SocketAddr, bearer: Option<&str>, id: &str, action: &str) -> HttpResponse {
+    let body = serde_json::json!({ "action": action }).to_string();
+    http(
+        admin,
+        "POST",
+        &format!("/v1/destinations/{id}/state"),
+        bearer,
+        Some(&body),
+    )
+}
+
+/// The raw JSON of `GET /v1/destinations`.
+pub fn destinations_json(admin: SocketAddr) -> Value {
+    get_json(admin, "/v1/destinations")
+}
+
+/// The raw JSON of one destination in `GET /v1/destinations`, if listed.
+pub fn destination_json(admin: SocketAddr, id: &str) -> Option<Value> {
+    destinations_json(admin)
+        .get("destinations")?
+        .as_array()?
+        .iter()
+        .find(|d| parse_destination(d).is_ok_and(|p| p.id == id))
+        .cloned()
+}
+
+/// The config file `Proxy::start` wrote (what a SIGHUP re-reads).
+pub fn proxy_config_path(env: &TestEnv) -> PathBuf {
+    env.dir.join("proxy").join("config.yaml")
+}
+
+/// Whether the proxy log (ANSI colours removed) contains `needle`.
+pub fn proxy_log_contains(proxy: &Proxy, needle: &str) -> bool {
+    strip_ansi(&read_lossy(&proxy.log)).contains(needle)
+}
+
+/// One row of a sipp `-trace_stat` file: when it was written (Unix seconds) and the calls
+/// open then.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SippStatRow {
+    pub at: f64,
+    pub current_calls: u64,
+}
+
+impl Sipp {
+    /// Every statistics row written so far (one a second with `-fd 1`), oldest first.
+    pub fn stat_rows(&self) -> Vec<SippStatRow> {
+        let text = read_lossy(&self.dir.join("stat.csv"));
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let Some(header) = lines.next() else {
+            return Vec::new();
+        };
+        let cols: Vec<&str> = header.split(';').collect();
+        let time_col = cols.iter().position(|c| *c == "CurrentTime");
+        let calls_col = cols.iter().position(|c| *c == "CurrentCall");
+        let (Some(tc), Some(cc)) = (time_col, calls_col) else {
+            return Vec::new();
+        };
+        lines
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(';').collect();
+                let at = f
+                    .get(tc)?
+                    .split('\t')
+                    .next_back()?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()?;
+                let current_calls = f.get(cc)?.trim().parse::<u64>().ok()?;
+                Some(SippStatRow { at, current_calls })
+            })
+            .collect()
+    }
+}
+
+/// Unix time now, in seconds.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
