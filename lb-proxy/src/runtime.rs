@@ -486,7 +486,10 @@ async fn reload_on_sighup(
             Ok(_) => {
                 // No `destinations` key: the file does not manage the set (the operator
                 // pushes it), so a SIGHUP (log rotation, say) must not empty it.
-                info!("SIGHUP: {} has no destinations; the set in force stays", path.display());
+                info!(
+                    "SIGHUP: {} has no destinations; the set in force stays",
+                    path.display()
+                );
                 continue;
             }
             Err(e) => {

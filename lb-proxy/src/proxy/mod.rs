@@ -13,8 +13,9 @@
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,12 +196,12 @@ impl Proxy {
         Proxy {
             cfg,
             dests,
-            server_txs: HashMap::new(),
-            client_txs: HashMap::new(),
-            dialogs: HashMap::new(),
-            server_ids: HashMap::new(),
-            client_ids: HashMap::new(),
-            dialog_ids: HashMap::new(),
+            server_txs: HashMap::default(),
+            client_txs: HashMap::default(),
+            dialogs: HashMap::default(),
+            server_ids: HashMap::default(),
+            client_ids: HashMap::default(),
+            dialog_ids: HashMap::default(),
             timers: BinaryHeap::new(),
             out: Vec::new(),
             rng,

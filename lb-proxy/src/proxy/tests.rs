@@ -1652,7 +1652,7 @@ fn transport_error_on_a_tcp_destination_fails_over_at_once() {
 #[test]
 fn relative_mode_splits_calls_by_capacity() {
     let mut h = Harness::with(TWO_DESTS, "routing:\n  mode: relative\n");
-    let mut per_port = HashMap::<u16, u32>::new();
+    let mut per_port = HashMap::<u16, u32>::default();
     for i in 0..30 {
         let mut call = Call::udp(&format!("c16-{i}"));
         let inv = place(&mut h, &call);

@@ -1,6 +1,7 @@
 //! The SIP message: start line, ordered raw headers, untouched body.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::borrow::Cow;
 use std::fmt;
 
 use super::uri::{split_host_port, write_host, SipUri};
@@ -105,44 +106,38 @@ pub enum HeaderName {
 
 impl HeaderName {
     pub fn parse(s: &str) -> HeaderName {
-        // Compact forms (RFC 3261 7.3.3, RFC 4028) are expanded.
-        let known = [
-            ("via", HeaderName::Via),
-            ("v", HeaderName::Via),
-            ("from", HeaderName::From),
-            ("f", HeaderName::From),
-            ("to", HeaderName::To),
-            ("t", HeaderName::To),
-            ("call-id", HeaderName::CallId),
-            ("i", HeaderName::CallId),
-            ("cseq", HeaderName::CSeq),
-            ("max-forwards", HeaderName::MaxForwards),
-            ("route", HeaderName::Route),
-            ("record-route", HeaderName::RecordRoute),
-            ("contact", HeaderName::Contact),
-            ("m", HeaderName::Contact),
-            ("content-length", HeaderName::ContentLength),
-            ("l", HeaderName::ContentLength),
-            ("content-type", HeaderName::ContentType),
-            ("c", HeaderName::ContentType),
-            ("session-expires", HeaderName::SessionExpires),
-            ("x", HeaderName::SessionExpires),
-            ("min-se", HeaderName::MinSe),
-            ("supported", HeaderName::Supported),
-            ("k", HeaderName::Supported),
-            ("require", HeaderName::Require),
-            ("allow", HeaderName::Allow),
-            ("retry-after", HeaderName::RetryAfter),
-            ("server", HeaderName::Server),
-            ("user-agent", HeaderName::UserAgent),
-            ("reason", HeaderName::Reason),
-        ];
-        for (n, h) in known {
-            if s.eq_ignore_ascii_case(n) {
-                return h;
-            }
+        // Lower-case into a small buffer and match: this runs for every header of every
+        // message. Compact forms (RFC 3261 7.3.3, RFC 4028) are expanded.
+        let mut buf = [0u8; 16];
+        let Some(lower) = buf.get_mut(..s.len()) else {
+            return HeaderName::Other(s.to_string());
+        };
+        for (d, c) in lower.iter_mut().zip(s.bytes()) {
+            *d = c.to_ascii_lowercase();
         }
-        HeaderName::Other(s.to_string())
+        match &*lower {
+            b"via" | b"v" => HeaderName::Via,
+            b"from" | b"f" => HeaderName::From,
+            b"to" | b"t" => HeaderName::To,
+            b"call-id" | b"i" => HeaderName::CallId,
+            b"cseq" => HeaderName::CSeq,
+            b"max-forwards" => HeaderName::MaxForwards,
+            b"route" => HeaderName::Route,
+            b"record-route" => HeaderName::RecordRoute,
+            b"contact" | b"m" => HeaderName::Contact,
+            b"content-length" | b"l" => HeaderName::ContentLength,
+            b"content-type" | b"c" => HeaderName::ContentType,
+            b"session-expires" | b"x" => HeaderName::SessionExpires,
+            b"min-se" => HeaderName::MinSe,
+            b"supported" | b"k" => HeaderName::Supported,
+            b"require" => HeaderName::Require,
+            b"allow" => HeaderName::Allow,
+            b"retry-after" => HeaderName::RetryAfter,
+            b"server" => HeaderName::Server,
+            b"user-agent" => HeaderName::UserAgent,
+            b"reason" => HeaderName::Reason,
+            _ => HeaderName::Other(s.to_string()),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -214,14 +209,10 @@ pub struct Message {
 
 /// Finds the end of the header section: the index just past the empty line.
 pub fn header_end(data: &[u8]) -> Option<usize> {
-    if let Some(i) = memfind(data, b"\r\n\r\n") {
+    if let Some(i) = memchr::memmem::find(data, b"\r\n\r\n") {
         return Some(i + 4);
     }
-    memfind(data, b"\n\n").map(|i| i + 2)
-}
-
-fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(data, b"\n\n").map(|i| i + 2)
 }
 
 impl Message {
@@ -528,8 +519,8 @@ fn trim_leading_crlf(mut data: &[u8]) -> &[u8] {
 }
 
 /// Splits the header section into logical lines, joining folded continuation lines.
-fn unfold(head: &str) -> Vec<String> {
-    let mut lines: Vec<String> = Vec::new();
+fn unfold(head: &str) -> Vec<Cow<'_, str>> {
+    let mut lines: Vec<Cow<'_, str>> = Vec::with_capacity(16);
     for raw in head.split('\n') {
         let line = raw.strip_suffix('\r').unwrap_or(raw);
         if line.is_empty() {
@@ -537,12 +528,13 @@ fn unfold(head: &str) -> Vec<String> {
         }
         if line.starts_with([' ', '\t']) {
             if let Some(last) = lines.last_mut() {
-                last.push(' ');
-                last.push_str(line.trim());
+                let joined = last.to_mut();
+                joined.push(' ');
+                joined.push_str(line.trim());
                 continue;
             }
         }
-        lines.push(line.to_string());
+        lines.push(Cow::Borrowed(line));
     }
     lines
 }
