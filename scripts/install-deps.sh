@@ -8,6 +8,7 @@ command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # control-plane certificates
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)   # e2e: proves no packet left loopback
 # promtool (checks the /metrics output) comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 

@@ -43,7 +43,9 @@ pub struct ResourceLoad {
 pub struct ProbeStats {
     pub sent: u64,
     pub succeeded: u64,
+    /// Failures, timeouts included.
     pub failed: u64,
+    pub timeouts: u64,
     pub consecutive_successes: u32,
     pub consecutive_failures: u32,
     /// Exponential moving average of the round trip, seconds.

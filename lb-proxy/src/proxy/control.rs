@@ -166,6 +166,8 @@ impl Proxy {
         m.dest_load.reset();
         m.dest_state.reset();
         m.dest_calls.reset();
+        m.probes.reset();
+        m.probe_latency.reset();
         for d in self.dests.visible() {
             let (id, uri) = (d.spec.id.as_str(), d.spec.uri.as_str());
             for r in &d.resources {
@@ -185,6 +187,21 @@ impl Proxy {
             m.dest_calls
                 .with_label_values(&[id, uri])
                 .set(d.calls as i64);
+            // Counters rebuilt from the destination's own totals: monotonic for its life,
+            // gone with it.
+            let p = &d.probe;
+            for (result, n) in [
+                ("success", p.succeeded),
+                ("failure", p.failed - p.timeouts),
+                ("timeout", p.timeouts),
+            ] {
+                if n > 0 {
+                    m.probes.with_label_values(&[id, uri, result]).inc_by(n);
+                }
+            }
+            if let Some(avg) = p.latency {
+                m.probe_latency.with_label_values(&[id, uri]).set(avg);
+            }
         }
     }
 }

@@ -480,6 +480,7 @@ impl Proxy {
         let Some(method) = msg.method().cloned() else {
             return;
         };
+        self.metrics.request(&method);
         // RFC 3581: note where the request really came from.
         if flow.remote.ip().to_string() != via.host || via.param("rport").is_some() {
             let mut v = via.clone();

@@ -105,13 +105,15 @@ impl Proxy {
             self.cfg.probing.failure_threshold,
             self.cfg.probing.success_threshold,
         );
-        let metrics = self.metrics.clone();
         let Some(d) = self.dests.live_mut(slot, uid) else {
             return;
         };
         let p = &mut d.probe;
         p.last_code = Some(code);
-        let (id, uri) = (d.spec.id.clone(), d.spec.uri.clone());
+        let id = d.spec.id.clone();
+        let uri = d.spec.uri.clone();
+        // The probe metrics are exported from these statistics at scrape time (so that a
+        // removed destination's series go with it).
         match latency {
             Some(rtt) => {
                 p.succeeded += 1;
@@ -123,14 +125,6 @@ impl Proxy {
                     None => rtt,
                 };
                 p.latency = Some(avg);
-                metrics
-                    .probe_latency
-                    .with_label_values(&[&id, &uri])
-                    .set(avg);
-                metrics
-                    .probes
-                    .with_label_values(&[&id, &uri, "success"])
-                    .inc();
                 if d.health != Health::Up && d.probe.consecutive_successes >= ok_n {
                     info!(destination = %id, %uri, "probes succeed again: destination up");
                     d.set_health(Health::Up);
@@ -138,10 +132,11 @@ impl Proxy {
             }
             None => {
                 p.failed += 1;
+                if code == 408 {
+                    p.timeouts += 1;
+                }
                 p.consecutive_failures += 1;
                 p.consecutive_successes = 0;
-                let result = if code == 408 { "timeout" } else { "failure" };
-                metrics.probes.with_label_values(&[&id, &uri, result]).inc();
                 if d.health == Health::Up && d.probe.consecutive_failures >= fail_n {
                     warn!(destination = %id, %uri, code, "probes fail: destination down");
                     d.set_health(Health::DownProbes);

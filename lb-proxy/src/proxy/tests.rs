@@ -2027,6 +2027,7 @@ fn probe_failures_take_a_destination_down_only_at_the_threshold() {
     assert_eq!((st.sent, st.succeeded, st.failed), (8, 2, 6));
 
     h.proxy.export_gauges();
+    h.proxy.export_gauges();
     let text = h.proxy.metrics().encode();
     for (result, n) in [("timeout", 3), ("failure", 3), ("success", 2)] {
         let line = metric_line(
@@ -2113,6 +2114,7 @@ fn probe_successes_bring_a_destination_back_with_statistics() {
     assert_eq!(status.destinations[0].state, State::Up);
     assert_eq!(status.destinations[0].reason, "");
 
+    h.proxy.export_gauges();
     h.proxy.export_gauges();
     let text = h.proxy.metrics().encode();
     let line = metric_line(&text, "mrcp_lb_destination_probe_latency_seconds", &[]);
@@ -2398,6 +2400,7 @@ fn replacing_the_set_keeps_open_calls_and_counts_removed_ones_down() {
     assert_eq!(h.load(1), 0);
     assert!(status_of(&h, "2").is_none(), "gone with its last call");
     assert_eq!(h.proxy.status().destinations.len(), 1);
+    h.proxy.export_gauges();
     h.proxy.export_gauges();
     let text = h.proxy.metrics().encode();
     assert!(
@@ -2781,6 +2784,7 @@ fn status_and_gauges_reflect_the_destinations() {
     assert_eq!((two.open_calls, two.calls), (0, 0));
 
     h.proxy.export_gauges();
+    h.proxy.export_gauges();
     let text = h.proxy.metrics().encode();
     let load = metric_line(&text, "mrcp_lb_destination_load", &[("resource", "pstn")]);
     assert!(load.ends_with("} 1"), "{load}");
@@ -2812,6 +2816,7 @@ fn status_and_gauges_reflect_the_destinations() {
         (one.resources.clone(), one.open_calls, one.calls),
         (pstn(100, 0), 0, 1)
     );
+    h.proxy.export_gauges();
     h.proxy.export_gauges();
     let text = h.proxy.metrics().encode();
     let load = metric_line(&text, "mrcp_lb_destination_load", &[]);

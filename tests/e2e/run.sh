@@ -1,0 +1,981 @@
+#!/usr/bin/env bash
+# End-to-end test of mrcp-lb: the Helm chart installed into a real Kubernetes control plane
+# (tests/k8s: etcd, kube-apiserver, controller-manager, scheduler, kwok fake nodes), the real
+# lb-proxy and lb-operator binaries, sipp as the UniMRCP servers and the client, a real
+# Prometheus, and the chart's Grafana dashboard queries. Everything stays on loopback.
+#
+#   tests/e2e/run.sh
+#
+# What it does (see tests/e2e/README.md for the why):
+#   1. helm lint; control plane (--full --nodes 2); helm install --wait; every rendered object
+#      present; a DaemonSet/hostNetwork/watchNamespace rendering accepted by the API server
+#      (dry-run); the chart's operator Deployment scaled to 0 (its pod is only simulated).
+#   2. One real lb-proxy per chart proxy pod, bound to that pod's IP (kwok gives pods
+#      127.1.x.y), with the chart's ConfigMap, args and env (token from the chart's Secret);
+#      the real lb-operator runs locally with the chart's args, as the chart's ServiceAccount
+#      (a TokenRequest token: the chart's RBAC is what it gets), and finds the proxies through
+#      the chart's own label selector.
+#   3. examples/unimrcp-statefulset.yaml + examples/mrcpserver.yaml in namespace speech, one sipp
+#      server (tests/sipp/uas.xml) per pod on podIP:8060; scale 1 -> 3 -> 1 and time how fast
+#      every proxy's GET /v1/destinations follows (scale-down: terminating pods are held by a
+#      finalizer so that their draining state is observable, as with a real kubelet's grace
+#      period, then released).
+#   4. sipp client traffic (tests/sipp/uac.xml) through one proxy at 3 servers (all calls must
+#      succeed and spread), and a burst through the other proxy while two servers drain (none
+#      may reach them).
+#   5. A bad capacity annotation must give a Warning Event (the chart's RBAC must allow it).
+#      Prometheus (1 s scrapes; proxies found by the chart's prometheus.io pod annotations, with
+#      the labels Kubernetes SD would give them, through file_sd; the operator statically) and
+#      every PromQL expression of charts/mrcp-lb/dashboards/mrcp-lb.json: each must return
+#      data; a few values are checked. Reported as warnings (fatal with E2E_STRICT=1): series of
+#      removed destinations left in a proxy's /metrics, dashboard counters that the traffic
+#      did not move.
+#   6. Loopback only: every destination address and every proxy the operator discovered is in
+#      127.0.0.0/8; with tcpdump, a capture on "any" must hold no SIP/admin packet with an
+#      endpoint outside loopback.
+#
+# Environment:
+#   LB_PROXY_BIN, LB_OPERATOR_BIN  use these binaries instead of `cargo build`
+#   E2E_IP                          loopback address for the sipp client, the operator's
+#                                   metrics and Prometheus (default 127.0.6.1)
+#   E2E_CALLS, E2E_RATE             client calls and calls/s (default 75 at 5/s: 15 s)
+#   E2E_STEP_TIMEOUT                seconds each scaling step may take to show (default 15)
+#   E2E_DASHBOARD                   dashboard JSON whose queries are checked (default the chart's)
+#   E2E_TCPDUMP=auto|1|0            capture with tcpdump: when available (default), required, off
+#   E2E_STRICT=1                    fail on warnings too (problems found that are reported
+#                                   without failing the run, e.g. stale per-destination metrics)
+#   E2E_KEEP=1                      keep the work directory (it is always kept on failure)
+set -Eeuo pipefail
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+
+E2E_IP=${E2E_IP:-127.0.6.1}
+E2E_CALLS=${E2E_CALLS:-75}
+E2E_RATE=${E2E_RATE:-5}
+E2E_STEP_TIMEOUT=${E2E_STEP_TIMEOUT:-15}
+E2E_TCPDUMP=${E2E_TCPDUMP:-auto}
+RELEASE=mrcp-lb
+NS=mrcp-system
+APP_NS=speech
+SIP_PORT=8060 # MrcpServer sipPort in examples/mrcpserver.yaml
+HOLD_FINALIZER=e2e.mrcp-lb.io/hold
+
+# Nothing here may go through an HTTP proxy: every address is local.
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY
+export NO_PROXY='*' no_proxy='*'
+
+T0=${EPOCHREALTIME/./}
+ms() { local t=${EPOCHREALTIME/./}; echo $(((t - T0) / 1000)); }
+secs() { printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)); }
+log() { printf '[%8ss] %s\n' "$(secs "$(ms)")" "$*"; }
+
+WORK=""
+FAILED=1
+CP_STARTED=false
+declare -A PID_OF=()  # name -> pid of every background process this script started
+declare -a STARTED=() # names, in start order
+declare -a SUMMARY=()
+declare -a TIMINGS=()
+declare -a PROXY_IPS=()
+declare -a PROXY_PODS=()
+declare -A SIPP_IP=() # MRCP server pod name -> IP its sipp server listens on
+
+fail() {
+	echo >&2
+	echo "E2E FAILED: $*" >&2
+	exit 1
+}
+pass() {
+	SUMMARY+=("ok    $*")
+	log "ok: $*"
+}
+note() {
+	SUMMARY+=("note  $*")
+	log "note: $*"
+}
+declare -a WARNINGS=()
+warn() { # a problem found that does not fail the run unless E2E_STRICT=1
+	SUMMARY+=("WARN  $*")
+	WARNINGS+=("$*")
+	log "WARNING: $*"
+}
+trap 'rc=$?; echo "e2e: command failed (exit $rc) at line $LINENO: $BASH_COMMAND" >&2' ERR
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every one is started here, remembered by PID and stopped by that PID.
+
+start_bg() { # NAME DIR LOGFILE CMD...: run CMD in DIR in the background
+	local name=$1 dir=$2 logf=$3
+	shift 3
+	(cd "$dir" && exec "$@") </dev/null >"$logf" 2>&1 &
+	PID_OF[$name]=$!
+	STARTED+=("$name")
+}
+
+alive() { [ -n "${PID_OF[$1]:-}" ] && kill -0 "${PID_OF[$1]}" 2>/dev/null; }
+
+stop_bg() { # NAME [SECONDS]: TERM, then KILL after SECONDS (default 5); reap
+	local name=$1 grace=${2:-5} pid i
+	pid=${PID_OF[$name]:-}
+	[ -n "$pid" ] || return 0
+	if kill -0 "$pid" 2>/dev/null; then
+		kill -TERM "$pid" 2>/dev/null || true
+		case $name in
+		# SIGTERM makes lb-proxy drain (up to the chart's 300 s); a second one stops it.
+		proxy-*)
+			sleep 0.2
+			kill -TERM "$pid" 2>/dev/null || true
+			;;
+		esac
+		for ((i = 0; i < grace * 10; i++)); do
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$pid" 2>/dev/null; then
+			echo "e2e: $name (pid $pid) ignored SIGTERM; killing it" >&2
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
+	fi
+	wait "$pid" 2>/dev/null || true
+	unset "PID_OF[$name]"
+}
+
+cleanup() {
+	local rc=$? i name
+	trap - ERR
+	set +e
+	if [ "$FAILED" != 0 ] && [ "$rc" = 0 ]; then rc=1; fi
+	if [ "$rc" != 0 ] && [ -n "$WORK" ]; then
+		echo >&2
+		echo "---- last lines of the logs ($WORK) ----" >&2
+		for f in "$WORK"/proxy-*/proxy.log "$WORK"/operator/operator.log "$WORK"/prometheus/prometheus.log; do
+			[ -f "$f" ] || continue
+			echo "== $f" >&2
+			tail -n 15 "$f" >&2
+		done
+	fi
+	for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+		name=${STARTED[$i]}
+		[ -n "${PID_OF[$name]:-}" ] && stop_bg "$name" 5
+	done
+	if $CP_STARTED; then
+		"$ROOT/tests/k8s/control-plane.sh" stop "$WORK/cp" >"$WORK/cp-stop.log" 2>&1 ||
+			echo "e2e: control-plane.sh stop failed (see $WORK/cp-stop.log)" >&2
+	fi
+	if [ "$rc" = 0 ]; then
+		if [ "${E2E_KEEP:-0}" = 1 ]; then echo "e2e: files kept in $WORK"; else rm -rf "$WORK"; fi
+	elif [ -n "$WORK" ]; then
+		echo "e2e: FAILED (exit $rc); logs and files kept in $WORK" >&2
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+
+free_port() { # a free TCP port on $E2E_IP
+	python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$E2E_IP"
+}
+
+udp_ports() { # IP N: a port P such that UDP P .. P+N-1 are free on IP (for sipp's control and
+	# media sockets: free ports rather than fixed ones, in case something holds them on 0.0.0.0)
+	python3 - "$1" "$2" <<'PY'
+import random, socket, sys
+ip, n = sys.argv[1], int(sys.argv[2])
+for _ in range(200):
+    base = random.randrange(20000, 30000 - n)
+    socks = []
+    try:
+        for p in range(base, base + n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.bind((ip, p))
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+    print(base)
+    sys.exit(0)
+sys.exit("no free UDP ports on " + ip)
+PY
+}
+
+is_loopback4() { # IPv4 address in 127.0.0.0/8
+	[[ $1 =~ ^127\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]] &&
+		[ "${BASH_REMATCH[1]}" -le 255 ] && [ "${BASH_REMATCH[2]}" -le 255 ] && [ "${BASH_REMATCH[3]}" -le 255 ]
+}
+
+hcurl() { curl -fsS --noproxy '*' --max-time 3 "$@"; }
+
+# ---------------------------------------------------------------------------------------------
+# 0. Tools, one run at a time, builds.
+
+for t in curl jq python3 sipp prometheus openssl base64 ss flock; do
+	command -v "$t" >/dev/null || fail "$t is needed (make deps / apt-get install prometheus sip-tester jq curl)"
+done
+
+# Pod IPs (127.1.x.y) are the same in every control plane: two runs at once would collide.
+exec 9>"${TMPDIR:-/tmp}/mrcp-lb-e2e.lock"
+flock -w 900 9 || fail "another tests/e2e/run.sh holds ${TMPDIR:-/tmp}/mrcp-lb-e2e.lock"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/mrcp-lb-e2e.XXXXXX")
+CP=$WORK/cp
+mkdir -p "$WORK/helm"
+export HELM_CACHE_HOME=$WORK/helm/cache HELM_CONFIG_HOME=$WORK/helm/config HELM_DATA_HOME=$WORK/helm/data
+log "work directory $WORK"
+
+log "building the Kubernetes binaries (cached)"
+"$ROOT/tests/k8s/build.sh" >"$WORK/k8s-build.log" 2>&1 || {
+	tail -20 "$WORK/k8s-build.log" >&2
+	fail "tests/k8s/build.sh failed"
+}
+# shellcheck source=../k8s/env.sh
+source "$ROOT/tests/k8s/env.sh"
+if [ -n "${LB_PROXY_BIN:-}" ] && [ -n "${LB_OPERATOR_BIN:-}" ]; then
+	log "using LB_PROXY_BIN=$LB_PROXY_BIN LB_OPERATOR_BIN=$LB_OPERATOR_BIN"
+else
+	log "cargo build -p lb-proxy -p lb-operator"
+	cargo build -p lb-proxy -p lb-operator >"$WORK/cargo-build.log" 2>&1 || {
+		tail -30 "$WORK/cargo-build.log" >&2
+		fail "cargo build -p lb-proxy -p lb-operator failed"
+	}
+	tdir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+	LB_PROXY_BIN=${LB_PROXY_BIN:-$tdir/debug/lb-proxy}
+	LB_OPERATOR_BIN=${LB_OPERATOR_BIN:-$tdir/debug/lb-operator}
+fi
+[ -x "$LB_PROXY_BIN" ] || fail "no lb-proxy binary at $LB_PROXY_BIN"
+[ -x "$LB_OPERATOR_BIN" ] || fail "no lb-operator binary at $LB_OPERATOR_BIN"
+
+# Nobody else may hold the ports the pods' processes bind (a wildcard bind would block ours).
+busy=$(ss -Htuln | awk '{print $5}' | grep -E '^(0\.0\.0\.0|\*|\[::\]|127\.1\.[0-9]+\.[0-9]+):(5060|8060|8081)$' || true)
+[ -z "$busy" ] || fail "ports the pod processes need are taken: $(echo "$busy" | tr '\n' ' ')(ss -tulnp)"
+
+"$HELM" lint charts/mrcp-lb >"$WORK/helm-lint.log" 2>&1 || {
+	cat "$WORK/helm-lint.log" >&2
+	fail "helm lint charts/mrcp-lb"
+}
+pass "helm lint charts/mrcp-lb ($(grep -c '\[WARNING\]' "$WORK/helm-lint.log" || true) warnings)"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Control plane, traffic capture, helm install.
+
+t=$(ms)
+CP_STARTED=true
+"$ROOT/tests/k8s/control-plane.sh" start "$CP" --full --nodes 2 >"$WORK/cp-start.log" 2>&1 || {
+	tail -20 "$WORK/cp-start.log" >&2
+	fail "control plane did not start (logs in $CP)"
+}
+export KUBECONFIG=$CP/kubeconfig
+k() { "$KUBECTL" "$@"; }
+TIMINGS+=("control plane up (etcd, apiserver, controller-manager, scheduler, kwok, 2 nodes): $(secs $(($(ms) - t))) s")
+log "control plane up ($K8S_VERSIONS)"
+
+TCPDUMP_FILTER='port 5060 or port 8060 or port 8081'
+# Any IPv4 packet with an endpoint outside 127.0.0.0/8, any IPv6 packet not ::1 to ::1. A
+# superset of "not net 127.0.0.0/8 and not ip6" (which would miss a packet from a loopback
+# address to the outside).
+LEAK_FILTER='(ip and not (src net 127.0.0.0/8 and dst net 127.0.0.0/8)) or (ip6 and not (src host ::1 and dst host ::1))'
+CAPTURING=false
+if [ "$E2E_TCPDUMP" != 0 ]; then
+	if command -v tcpdump >/dev/null; then
+		mkdir -p "$WORK/tcpdump"
+		start_bg tcpdump "$WORK/tcpdump" "$WORK/tcpdump/tcpdump.log" \
+			tcpdump -i any -n -U -s 256 -Z root -w "$WORK/tcpdump/capture.pcap" "$TCPDUMP_FILTER"
+		for ((i = 0; i < 50; i++)); do
+			grep -q 'listening on' "$WORK/tcpdump/tcpdump.log" 2>/dev/null && break
+			alive tcpdump || break
+			sleep 0.1
+		done
+		if grep -q 'listening on' "$WORK/tcpdump/tcpdump.log" && alive tcpdump; then
+			CAPTURING=true
+			log "tcpdump capturing on any: $TCPDUMP_FILTER"
+		else
+			stop_bg tcpdump 2
+			msg="tcpdump cannot capture here: $(head -3 "$WORK/tcpdump/tcpdump.log" | tr '\n' ' ')"
+			[ "$E2E_TCPDUMP" = 1 ] && fail "$msg"
+			note "$msg; packet capture skipped"
+		fi
+	else
+		[ "$E2E_TCPDUMP" = 1 ] && fail "E2E_TCPDUMP=1 but tcpdump is not installed (apt-get install tcpdump)"
+		note "tcpdump not installed: packet capture skipped (apt-get install tcpdump to enable)"
+	fi
+fi
+
+t=$(ms)
+"$HELM" install "$RELEASE" charts/mrcp-lb -n "$NS" --create-namespace --wait --timeout 120s \
+	>"$WORK/helm-install.log" 2>&1 || {
+	cat "$WORK/helm-install.log" >&2
+	fail "helm install $RELEASE charts/mrcp-lb -n $NS --wait"
+}
+k -n "$NS" wait --for=condition=Available deployment --all --timeout=60s >/dev/null ||
+	fail "the chart's Deployments did not become Available"
+k wait --for=condition=Established crd/mrcpservers.mrcp-lb.io --timeout=30s >/dev/null ||
+	fail "CRD mrcpservers.mrcp-lb.io not Established"
+"$HELM" get manifest "$RELEASE" -n "$NS" >"$WORK/manifest.yaml"
+rendered=$(grep -c '^kind:' "$WORK/manifest.yaml")
+present=$(k -n "$NS" get -f "$WORK/manifest.yaml" -o name | tee "$WORK/objects.txt" | wc -l)
+[ "$present" = "$rendered" ] || fail "helm rendered $rendered objects but $present exist: $(cat "$WORK/objects.txt")"
+TIMINGS+=("helm install --wait: $(secs $(($(ms) - t))) s")
+pass "helm install: $present objects + CRD accepted by kube-apiserver $KUBE_VERSION; Deployments Available ($(k -n "$NS" get deploy -o json | jq -r '[.items[] | "\(.metadata.name) \(.status.availableReplicas)/\(.spec.replicas)"] | join(", ")'))"
+
+# The other shape of the chart, checked by the API server without being installed.
+k create namespace "$APP_NS" >/dev/null
+"$HELM" template variant charts/mrcp-lb -n "$NS" \
+	--set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace="$APP_NS" \
+	>"$WORK/variant.yaml" 2>"$WORK/variant.err" || {
+	cat "$WORK/variant.err" >&2
+	fail "helm template with proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=$APP_NS"
+}
+k apply --dry-run=server -f "$WORK/variant.yaml" >"$WORK/variant-apply.log" 2>&1 || {
+	cat "$WORK/variant-apply.log" >&2
+	fail "kube-apiserver rejects the DaemonSet/hostNetwork/watchNamespace rendering"
+}
+pass "DaemonSet + hostNetwork + watchNamespace rendering: $(grep -c '^kind:' "$WORK/variant.yaml") objects accepted (server dry-run)"
+
+# The chart's operator pod is simulated by kwok: the real operator runs locally instead.
+OP_DEPLOY=$(k -n "$NS" get deploy -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=operator" -o json)
+[ "$(jq '.items | length' <<<"$OP_DEPLOY")" = 1 ] || fail "expected one operator Deployment"
+OP_DEPLOY=$(jq '.items[0]' <<<"$OP_DEPLOY")
+OP_DEPLOY_NAME=$(jq -r .metadata.name <<<"$OP_DEPLOY")
+PROXY_DEPLOY=$(k -n "$NS" get deploy -l "app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=proxy" -o json | jq '.items[0]')
+[ "$PROXY_DEPLOY" != null ] || fail "no proxy Deployment"
+k -n "$NS" scale deployment "$OP_DEPLOY_NAME" --replicas=0 >/dev/null
+k -n "$NS" wait --for=delete pod -l "$(jq -r '.spec.selector.matchLabels | to_entries | map("\(.key)=\(.value)") | join(",")' <<<"$OP_DEPLOY")" \
+	--timeout=30s >/dev/null 2>&1 || true
+[ "$(k -n "$NS" get pods -l app.kubernetes.io/component=operator -o name | wc -l)" = 0 ] ||
+	fail "the operator Deployment's pod is still there after scaling to 0"
+log "operator Deployment $OP_DEPLOY_NAME scaled to 0"
+
+# ---------------------------------------------------------------------------------------------
+# 2. Real proxies on the proxy pods' IPs, the real operator with the chart's args.
+
+# The operator's args exactly as the chart renders them; only the token path and the listen
+# address are local.
+mapfile -t CHART_OP_ARGS < <(jq -r '.spec.template.spec.containers[0].args[]' <<<"$OP_DEPLOY")
+PROXY_SELECTOR="" PROXY_NAMESPACE="" PROXY_ADMIN_PORT="" LEASE_NAME=""
+for a in "${CHART_OP_ARGS[@]}"; do
+	case $a in
+	--proxy-selector=*) PROXY_SELECTOR=${a#*=} ;;
+	--proxy-namespace=*) PROXY_NAMESPACE=${a#*=} ;;
+	--proxy-admin-port=*) PROXY_ADMIN_PORT=${a#*=} ;;
+	--lease-name=*) LEASE_NAME=${a#*=} ;;
+	esac
+done
+[ -n "$PROXY_SELECTOR" ] && [ -n "$PROXY_NAMESPACE" ] && [ -n "$PROXY_ADMIN_PORT" ] ||
+	fail "the operator Deployment lacks --proxy-selector=/--proxy-namespace=/--proxy-admin-port=: ${CHART_OP_ARGS[*]}"
+log "chart operator args: ${CHART_OP_ARGS[*]}"
+
+# The container's env as the kubelet would build it (value with $(VAR) references, fieldRef,
+# secretKeyRef), one NAME=VALUE per line.
+pod_env() { # DEPLOYMENT_JSON POD_NAME POD_IP
+	local dep=$1 pod=$2 ip=$3 name kind arg val v
+	local -A seen=()
+	while IFS=$'\t' read -r name kind arg; do
+		case $kind in
+		value)
+			val=$arg
+			for v in "${!seen[@]}"; do val=${val//"\$($v)"/${seen[$v]}}; done
+			;;
+		field)
+			case $arg in
+			metadata.name) val=$pod ;;
+			metadata.namespace) val=$NS ;;
+			status.podIP) val=$ip ;;
+			*) fail "unsupported fieldRef $arg in env $name" ;;
+			esac
+			;;
+		secret) val=$(k -n "$NS" get secret "${arg%%/*}" -o json | jq -er --arg k "${arg#*/}" '.data[$k]' | base64 -d) ||
+			fail "env $name: secret key $arg not found" ;;
+		*) fail "unsupported env source for $name" ;;
+		esac
+		seen[$name]=$val
+		printf '%s=%s\n' "$name" "$val"
+	done < <(jq -r '.spec.template.spec.containers[0].env[]? |
+		[.name,
+		 (if .value != null then "value" elif .valueFrom.fieldRef then "field" elif .valueFrom.secretKeyRef then "secret" else "other" end),
+		 (.value // .valueFrom.fieldRef.fieldPath // (.valueFrom.secretKeyRef | if . then "\(.name)/\(.key)" else "" end))] | @tsv' <<<"$dep")
+}
+
+PROXY_CM=$(jq -r '.spec.template.spec.volumes[] | select(.configMap) | .configMap.name' <<<"$PROXY_DEPLOY" | head -1)
+[ -n "$PROXY_CM" ] || fail "the proxy Deployment mounts no ConfigMap"
+k -n "$NS" get configmap "$PROXY_CM" -o json | jq -er '.data["config.yaml"]' >"$WORK/chart-proxy-config.yaml" ||
+	fail "ConfigMap $PROXY_CM has no config.yaml"
+mapfile -t CHART_PROXY_ARGS < <(jq -r '.spec.template.spec.containers[0].args[]' <<<"$PROXY_DEPLOY")
+
+PODS=$(k -n "$PROXY_NAMESPACE" get pods -l "$PROXY_SELECTOR" -o json)
+want_replicas=$(jq -r .spec.replicas <<<"$PROXY_DEPLOY")
+[ "$(jq '.items | length' <<<"$PODS")" = "$want_replicas" ] ||
+	fail "the operator's selector $PROXY_SELECTOR finds $(jq '.items | length' <<<"$PODS") pods, the Deployment wants $want_replicas"
+while read -r pod ip; do
+	is_loopback4 "$ip" || fail "proxy pod $pod has IP $ip, not in 127.0.0.0/8"
+	PROXY_PODS+=("$pod")
+	PROXY_IPS+=("$ip")
+done < <(jq -r '.items[] | "\(.metadata.name) \(.status.podIP)"' <<<"$PODS")
+
+t=$(ms)
+for i in "${!PROXY_IPS[@]}"; do
+	pod=${PROXY_PODS[$i]} ip=${PROXY_IPS[$i]}
+	d=$WORK/proxy-$ip
+	mkdir -p "$d"
+	# In the pod 0.0.0.0 means the pod's own interfaces; here that is the pod IP.
+	sed "s/0\.0\.0\.0/$ip/g" "$WORK/chart-proxy-config.yaml" >"$d/config.yaml"
+	args=()
+	for a in "${CHART_PROXY_ARGS[@]}"; do
+		case $a in --config=*) a=--config=$d/config.yaml ;; esac
+		args+=("$a")
+	done
+	pod_env "$PROXY_DEPLOY" "$pod" "$ip" >"$d/env.all"
+	mapfile -t envs <"$d/env.all"
+	sed 's/\(TOKEN=\).*/\1<redacted>/' "$d/env.all" >"$d/env.txt"
+	rm -f "$d/env.all"
+	start_bg "proxy-$ip" "$d" "$d/proxy.log" env "${envs[@]}" "$LB_PROXY_BIN" "${args[@]}"
+done
+for ip in "${PROXY_IPS[@]}"; do
+	for ((i = 0; ; i++)); do
+		hcurl "http://$ip:$PROXY_ADMIN_PORT/healthz" >/dev/null 2>&1 && break
+		alive "proxy-$ip" || fail "lb-proxy for $ip exited: $(tail -5 "$WORK/proxy-$ip/proxy.log")"
+		[ "$i" -lt 100 ] || fail "lb-proxy on $ip: no /healthz after 10 s"
+		sleep 0.1
+	done
+	code=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' -X PUT -d '{}' "http://$ip:$PROXY_ADMIN_PORT/v1/destinations")
+	[ "$code" = 401 ] || fail "PUT /v1/destinations without the token on $ip: HTTP $code, want 401 (the chart's LB_PROXY_ADMIN_TOKEN not in effect?)"
+	code=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' "http://$ip:$PROXY_ADMIN_PORT/readyz")
+	[ "$code" = 503 ] || fail "/readyz on $ip before any destination set: HTTP $code, want 503"
+done
+pass "${#PROXY_IPS[@]} lb-proxy processes on the chart's proxy pod IPs (${PROXY_IPS[*]}): UDP+TCP :5060, admin :$PROXY_ADMIN_PORT, chart ConfigMap/args/env; 401 without token, /readyz 503 before the first set"
+
+# The operator as the chart's ServiceAccount: the chart's RBAC is all it gets.
+OP_SA=$(jq -r .spec.template.spec.serviceAccountName <<<"$OP_DEPLOY")
+mkdir -p "$WORK/operator"
+SA_TOKEN=$(k -n "$NS" create token "$OP_SA" --duration=2h) || fail "TokenRequest for ServiceAccount $NS/$OP_SA"
+APISERVER=$(k config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+OPKC=$WORK/operator/kubeconfig
+KUBECONFIG=$OPKC k config set-cluster e2e --server="$APISERVER" --certificate-authority="$CP/pki/ca.crt" --embed-certs >/dev/null
+KUBECONFIG=$OPKC k config set-credentials "$OP_SA" --token="$SA_TOKEN" >/dev/null
+KUBECONFIG=$OPKC k config set-context e2e --cluster=e2e --user="$OP_SA" >/dev/null
+KUBECONFIG=$OPKC k config use-context e2e >/dev/null
+chmod 600 "$OPKC"
+
+TOKEN_SECRET=$(jq -r '.spec.template.spec.volumes[] | select(.secret) | .secret.secretName' <<<"$OP_DEPLOY" | head -1)
+TOKEN_KEY=$(jq -r '.spec.template.spec.volumes[] | select(.secret) | (.secret.items[0].key // "token")' <<<"$OP_DEPLOY" | head -1)
+(umask 077 && k -n "$NS" get secret "$TOKEN_SECRET" -o json | jq -er --arg k "$TOKEN_KEY" '.data[$k]' | base64 -d >"$WORK/operator/token") ||
+	fail "admin token Secret $TOKEN_SECRET/$TOKEN_KEY"
+
+OP_PORT=$(free_port)
+OP_URL=http://$E2E_IP:$OP_PORT
+op_args=()
+next=""
+for a in "${CHART_OP_ARGS[@]}"; do
+	case $next in
+	token) a=$WORK/operator/token ;;
+	listen) a=$E2E_IP:$OP_PORT ;;
+	esac
+	next=""
+	case $a in
+	--token-file=*) a=--token-file=$WORK/operator/token ;;
+	--listen=*) a=--listen=$E2E_IP:$OP_PORT ;;
+	--token-file) next=token ;;
+	--listen) next=listen ;;
+	esac
+	op_args+=("$a")
+done
+pod_env "$OP_DEPLOY" "e2e-local-operator" "$E2E_IP" >"$WORK/operator/env.txt"
+mapfile -t op_env <"$WORK/operator/env.txt"
+t=$(ms)
+start_bg operator "$WORK/operator" "$WORK/operator/operator.log" \
+	env KUBECONFIG="$OPKC" "${op_env[@]}" "$LB_OPERATOR_BIN" "${op_args[@]}"
+for ((i = 0; ; i++)); do
+	[ "$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' "$OP_URL/readyz")" = 200 ] && break
+	alive operator || fail "lb-operator exited: $(tail -5 "$WORK/operator/operator.log")"
+	[ "$i" -lt 300 ] || fail "lb-operator not ready after 30 s"
+	sleep 0.1
+done
+for ip in "${PROXY_IPS[@]}"; do
+	for ((i = 0; ; i++)); do
+		[ "$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' "http://$ip:$PROXY_ADMIN_PORT/readyz")" = 200 ] && break
+		alive operator || fail "lb-operator exited: $(tail -5 "$WORK/operator/operator.log")"
+		[ "$i" -lt 300 ] || fail "proxy $ip not ready 30 s after the operator started (no set pushed?): $(tail -5 "$WORK/operator/operator.log")"
+		sleep 0.1
+	done
+done
+TIMINGS+=("operator start -> every proxy /readyz 200 (first set pushed): $(secs $(($(ms) - t))) s")
+lease=$LEASE_NAME
+if [ -n "$lease" ]; then
+	for ((i = 0; ; i++)); do
+		holder=$(k -n "$NS" get lease "$lease" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+		[ "$holder" = e2e-local-operator ] && break
+		[ "$i" -lt 50 ] || fail "Lease $NS/$lease is held by '$holder', want e2e-local-operator"
+		sleep 0.1
+	done
+fi
+pass "lb-operator (chart args, ServiceAccount $NS/$OP_SA token, Lease ${lease:-none} held) ready; every proxy got a set and is ready"
+
+# The proxies the operator found: exactly the chart's proxy pods, all on loopback.
+operator_proxies() {
+	jq -rR 'fromjson? | select((.fields.message // "") == "proxy found") | .fields.proxy' "$WORK/operator/operator.log" | sort -u
+}
+for ((i = 0; ; i++)); do
+	found=$(operator_proxies)
+	[ "$(wc -l <<<"$found")" -ge "${#PROXY_IPS[@]}" ] && [ -n "$found" ] && break
+	[ "$i" -lt 50 ] || fail "the operator logged no 'proxy found' for every proxy: $found"
+	sleep 0.1
+done
+want=$(for ip in "${PROXY_IPS[@]}"; do echo "http://$ip:$PROXY_ADMIN_PORT"; done | sort -u)
+[ "$found" = "$want" ] || fail "operator discovered $(echo "$found" | tr '\n' ' ')but the chart's proxy pods are $(echo "$want" | tr '\n' ' ')"
+while read -r u; do
+	h=${u#http://}
+	h=${h%:*}
+	is_loopback4 "$h" || fail "operator discovered proxy $u outside 127.0.0.0/8"
+done <<<"$found"
+pass "operator discovered exactly the chart's proxies via '$PROXY_SELECTOR' in $PROXY_NAMESPACE: $(paste -sd' ' <<<"$found") (all 127.0.0.0/8)"
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus: proxies by the chart's pod annotations, the operator statically. Debian's
+# prometheus is built without kubernetes_sd_configs, so the pods go to a file_sd target file
+# with the labels Kubernetes SD (role: pod) would give them (one target per container port,
+# __meta_kubernetes_pod_*), and the usual annotation relabelling does the rest.
+
+PROM_PORT=$(free_port)
+PROM=http://$E2E_IP:$PROM_PORT
+mkdir -p "$WORK/prometheus/data"
+k get pods -n "$NS" -o json | jq '[.items[] | . as $p | select(($p.status.podIP // "") != "") |
+	([$p.spec.containers[] | .name as $c | (.ports // [{}])[] | {container: $c, port: .}][]) as $cp |
+	{targets: [if $cp.port.containerPort then "\($p.status.podIP):\($cp.port.containerPort)" else $p.status.podIP end],
+	 labels: ({
+		__meta_kubernetes_namespace: $p.metadata.namespace,
+		__meta_kubernetes_pod_name: $p.metadata.name,
+		__meta_kubernetes_pod_ip: $p.status.podIP,
+		__meta_kubernetes_pod_phase: ($p.status.phase // ""),
+		__meta_kubernetes_pod_node_name: ($p.spec.nodeName // ""),
+		__meta_kubernetes_pod_container_name: $cp.container,
+		__meta_kubernetes_pod_container_port_name: ($cp.port.name // ""),
+		__meta_kubernetes_pod_container_port_number: ($cp.port.containerPort // "" | tostring),
+		__meta_kubernetes_pod_container_port_protocol: ($cp.port.protocol // "")}
+	  + ($p.metadata.annotations // {} | with_entries(.key |= "__meta_kubernetes_pod_annotation_" + gsub("[^a-zA-Z0-9_]"; "_")))
+	  + ($p.metadata.labels // {} | with_entries(.key |= "__meta_kubernetes_pod_label_" + gsub("[^a-zA-Z0-9_]"; "_"))))}]' \
+	>"$WORK/prometheus/pods.json"
+cat >"$WORK/prometheus/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  # The usual annotation-driven pod scraping (prometheus.io/scrape, /port, /path).
+  - job_name: kubernetes-pods
+    file_sd_configs:
+      - files: ["$WORK/prometheus/pods.json"]
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]
+        action: keep
+        regex: "true"
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]
+        action: replace
+        target_label: __metrics_path__
+        regex: (.+)
+      - source_labels: [__meta_kubernetes_pod_ip, __meta_kubernetes_pod_annotation_prometheus_io_port]
+        action: replace
+        regex: (.+);(\d+)
+        replacement: \$1:\$2
+        target_label: __address__
+      - source_labels: [__meta_kubernetes_namespace]
+        target_label: namespace
+      - source_labels: [__meta_kubernetes_pod_name]
+        target_label: pod
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+        target_label: component
+  # The chart's operator pod is only simulated; the real one runs on this machine.
+  - job_name: lb-operator
+    static_configs:
+      - targets: ["$E2E_IP:$OP_PORT"]
+        labels: {component: operator}
+EOF
+promtool check config "$WORK/prometheus/prometheus.yml" >"$WORK/prometheus/check.log" 2>&1 || {
+	cat "$WORK/prometheus/check.log" >&2
+	fail "promtool check config"
+}
+start_bg prometheus "$WORK/prometheus" "$WORK/prometheus/prometheus.log" \
+	prometheus --config.file="$WORK/prometheus/prometheus.yml" --storage.tsdb.path="$WORK/prometheus/data" \
+	--web.listen-address="$E2E_IP:$PROM_PORT" --storage.tsdb.retention.time=1h
+for ((i = 0; ; i++)); do
+	hcurl "$PROM/-/ready" >/dev/null 2>&1 && break
+	alive prometheus || fail "prometheus exited: $(tail -5 "$WORK/prometheus/prometheus.log")"
+	[ "$i" -lt 300 ] || fail "prometheus not ready after 30 s"
+	sleep 0.1
+done
+log "prometheus at $PROM"
+
+# ---------------------------------------------------------------------------------------------
+# 3. The MRCP servers: the example StatefulSet and MrcpServer; scale 1 -> 3 -> 1.
+
+start_uas() { # POD IP: a sipp MRCP server on IP:SIP_PORT, as the pod's UniMRCP server
+	local pod=$1 ip=$2 d cp mp
+	is_loopback4 "$ip" || fail "MRCP server pod $pod has IP $ip, not in 127.0.0.0/8"
+	d=$WORK/uas-$pod-$ip
+	mkdir -p "$d"
+	cp=$(udp_ports "$ip" 1)
+	mp=$(udp_ports "$ip" 4)
+	start_bg "uas-$pod" "$d" "$d/screen.log" sipp -sf "$ROOT/tests/sipp/uas.xml" \
+		-i "$ip" -p "$SIP_PORT" -t u1 -ci "$ip" -cp "$cp" -mi "$ip" -mp "$mp" \
+		-nostdin -trace_err -error_file "$d/errors.log" -trace_stat -stf "$d/stat.csv" -fd 1 -trace_counts
+	SIPP_IP[$pod]=$ip
+}
+wait_uas() { # POD: until its sipp server has bound its port (it writes its first statistics row)
+	local pod=$1 ip=${SIPP_IP[$1]} d i
+	d=$WORK/uas-$pod-$ip
+	for ((i = 0; ; i++)); do
+		[ -f "$d/stat.csv" ] && [ "$(wc -l <"$d/stat.csv")" -ge 2 ] && break
+		alive "uas-$pod" || fail "sipp server for $pod ($ip) exited: $(tail -3 "$d/screen.log")"
+		[ "$i" -lt 200 ] || fail "sipp server for $pod ($ip) did not start in 10 s"
+		sleep 0.05
+	done
+	log "sipp server up for pod $pod on $ip:$SIP_PORT"
+}
+
+sync_uas() { # PODS_JSON: a sipp server for every pod with an IP, none for pods gone
+	local name ip
+	local -A wanted=()
+	while read -r name ip; do
+		[ -n "$name" ] && wanted[$name]=$ip
+	done < <(jq -r '.items[] | select((.status.podIP // "") != "") | "\(.metadata.name) \(.status.podIP)"' <<<"$1")
+	for name in "${!SIPP_IP[@]}"; do
+		if [ "${wanted[$name]:-}" != "${SIPP_IP[$name]}" ]; then
+			stop_bg "uas-$name" 5
+			log "sipp server for pod $name (${SIPP_IP[$name]}) stopped: pod gone"
+			unset "SIPP_IP[$name]"
+		fi
+	done
+	local new=()
+	for name in "${!wanted[@]}"; do
+		[ -n "${SIPP_IP[$name]:-}" ] && continue
+		start_uas "$name" "${wanted[$name]}"
+		new+=("$name")
+	done
+	for name in "${new[@]}"; do wait_uas "$name"; done
+}
+
+proxy_json() { hcurl "http://$1:$PROXY_ADMIN_PORT/v1/destinations"; }
+# A proxy's destinations reduced to what the pods determine.
+view_of() {
+	jq -c '[.destinations[] | {id, state, resources: ([.resources[] | "\(.name)=\(.capacity)"] | join(";")), removed}] | sort_by(.id)'
+}
+
+LOOPBACK_CHECKED=0
+check_loopback() { # PROXY_IP: every destination URI host and resolved address in 127.0.0.0/8
+	local json id uri addr h
+	json=$(proxy_json "$1") || fail "GET /v1/destinations on $1"
+	while read -r id uri addr; do
+		[ -n "$id" ] || continue
+		h=${uri#*:}
+		h=${h%%;*}
+		h=${h#*@}
+		h=${h%:*}
+		is_loopback4 "$h" || fail "proxy $1: destination $id has URI $uri outside 127.0.0.0/8"
+		[ "$addr" = - ] && fail "proxy $1: destination $id has no resolved address"
+		is_loopback4 "${addr%:*}" || fail "proxy $1: destination $id resolves to $addr, outside 127.0.0.0/8"
+		LOOPBACK_CHECKED=$((LOOPBACK_CHECKED + 1))
+	done < <(jq -r '.destinations[] | "\(.id) \(.uri) \(.address // "-")"' <<<"$json")
+}
+
+EXPECTED="" LAST_VIEWS="" PODS_OK_AT=""
+converged() { # UP DRAINING: that many pods Ready / terminating, and every proxy shows exactly them
+	local pods ip v n_up n_dr
+	pods=$(k -n "$APP_NS" get pods -l app=unimrcp -o json) || return 1
+	sync_uas "$pods"
+	EXPECTED=$(jq -c '[.items[] | select((.status.podIP // "") != "") |
+		{id: "\(.metadata.namespace)/\(.metadata.name)@\(.metadata.uid[0:8])",
+		 state: (if .metadata.deletionTimestamp then "draining"
+		         elif any(.status.conditions[]?; .type == "Ready" and .status == "True") then "up"
+		         else "down" end),
+		 resources: "pstn=100", removed: false}] | sort_by(.id)' <<<"$pods")
+	n_up=$(jq '[.[] | select(.state == "up")] | length' <<<"$EXPECTED")
+	n_dr=$(jq '[.[] | select(.state == "draining")] | length' <<<"$EXPECTED")
+	[ "$(jq '.items | length' <<<"$pods")" = $(($1 + $2)) ] && [ "$n_up" = "$1" ] && [ "$n_dr" = "$2" ] || return 1
+	[ -n "$PODS_OK_AT" ] || PODS_OK_AT=$(ms)
+	LAST_VIEWS=""
+	for ip in "${PROXY_IPS[@]}"; do
+		v=$(proxy_json "$ip" | view_of) || return 1
+		LAST_VIEWS+="$ip: $v"$'\n'
+		[ "$v" = "$EXPECTED" ] || return 1
+	done
+}
+
+wait_converged() { # LABEL UP DRAINING START_MS
+	local label=$1 t0=$4 done_at ip
+	PODS_OK_AT=""
+	until converged "$2" "$3"; do
+		if [ $(($(ms) - t0)) -gt $((E2E_STEP_TIMEOUT * 1000)) ]; then
+			echo "expected (from the pods): $EXPECTED" >&2
+			echo "proxies:" >&2
+			for ip in "${PROXY_IPS[@]}"; do echo "  $ip: $(proxy_json "$ip" | view_of)" >&2; done
+			k -n "$APP_NS" get pods -o wide >&2 || true
+			fail "$label: the proxies did not follow within ${E2E_STEP_TIMEOUT}s"
+		fi
+		sleep 0.1
+	done
+	done_at=$(ms)
+	for ip in "${PROXY_IPS[@]}"; do check_loopback "$ip"; done
+	TIMINGS+=("$(printf '%-44s pods %6ss, every proxy %6ss' "$label:" "$(secs $((PODS_OK_AT - t0)))" "$(secs $((done_at - t0)))")")
+	pass "$label: every proxy shows $(jq -r 'map("\(.id | sub("^[^/]*/"; ""))=\(.state)") | join(" ")' <<<"$EXPECTED") (pstn=100) after $(secs $((done_at - t0))) s"
+}
+
+mrcp_status_is() { # READY: the MrcpServer's status counts READY ready destinations, Ready=True when > 0
+	local s
+	s=$(k -n "$APP_NS" get mrcpserver unimrcp -o json | jq -c '.status // {}') || return 1
+	[ "$(jq '.readyDestinations // -1' <<<"$s")" = "$1" ] || return 1
+	[ "$1" = 0 ] || [ "$(jq -r '.conditions[]? | select(.type == "Ready") | .status' <<<"$s")" = True ]
+}
+wait_mrcp_status() { # READY START_MS
+	local i
+	for ((i = 0; ; i++)); do
+		mrcp_status_is "$1" && break
+		[ "$i" -lt 100 ] || fail "MrcpServer $APP_NS/unimrcp status: $(k -n "$APP_NS" get mrcpserver unimrcp -o jsonpath='{.status}'), want readyDestinations=$1"
+		sleep 0.1
+	done
+	log "MrcpServer status after $(secs $(($(ms) - $2))) s: $(k -n "$APP_NS" get mrcpserver unimrcp --no-headers | tr -s ' ')"
+}
+
+t=$(ms)
+k -n "$APP_NS" apply -f examples/unimrcp-statefulset.yaml -f examples/mrcpserver.yaml >/dev/null
+wait_converged "apply StatefulSet (1 replica) + MrcpServer" 1 0 "$t"
+wait_mrcp_status 1 "$t"
+
+t=$(ms)
+k -n "$APP_NS" scale statefulset unimrcp --replicas=3 >/dev/null
+wait_converged "scale 1 -> 3" 3 0 "$t"
+wait_mrcp_status 3 "$t"
+
+# ---------------------------------------------------------------------------------------------
+# 4. Traffic through one proxy while three servers are up.
+
+sipp_col() { # CSV COLUMN: the value of COLUMN in the last row of a sipp -trace_stat file
+	awk -F';' -v c="$2" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == c) col = i } END { if (col) print $col }' "$1"
+}
+
+run_client() { # NAME PROXY_IP CALLS RATE PAUSE_MS: sipp uac.xml through PROXY_IP:5060; all must succeed
+	local name=$1 target=$2 calls=$3 rate=$4 pause=$5 d rc ok failed
+	d=$WORK/$name
+	mkdir -p "$d"
+	start_bg "$name" "$d" "$d/screen.log" sipp -sf "$ROOT/tests/sipp/uac.xml" \
+		-i "$E2E_IP" -p "$(udp_ports "$E2E_IP" 1)" -t u1 -ci "$E2E_IP" -cp "$(udp_ports "$E2E_IP" 1)" \
+		-mi "$E2E_IP" -mp "$(udp_ports "$E2E_IP" 4)" \
+		-m "$calls" -r "$rate" -l 50 -d "$pause" -timeout "$((calls / rate + 30))s" -timeout_error \
+		-nostdin -trace_err -error_file "$d/errors.log" -trace_stat -stf "$d/stat.csv" -fd 1 \
+		"$target:5060"
+	rc=0
+	wait "${PID_OF[$name]}" || rc=$?
+	unset "PID_OF[$name]"
+	ok=$(sipp_col "$d/stat.csv" 'SuccessfulCall(C)')
+	failed=$(sipp_col "$d/stat.csv" 'FailedCall(C)')
+	[ "$rc" = 0 ] && [ "$ok" = "$calls" ] && [ "$failed" = 0 ] ||
+		fail "sipp client $name via $target: exit $rc, $ok/$calls successful, $failed failed ($d; $(tail -3 "$d/errors.log" 2>/dev/null))"
+}
+
+PA=${PROXY_IPS[0]} PB=${PROXY_IPS[1]:-${PROXY_IPS[0]}}
+t=$(ms)
+log "traffic: $E2E_CALLS calls at $E2E_RATE/s (1 s each) through proxy $PA:5060"
+run_client client-main "$PA" "$E2E_CALLS" "$E2E_RATE" 1000
+for ((i = 0; ; i++)); do
+	active=$(hcurl "http://$PA:$PROXY_ADMIN_PORT/v1/dialogs/stats" | jq .active)
+	[ "$active" = 0 ] && break
+	[ "$i" -lt 50 ] || fail "proxy $PA still has $active active dialogs 5 s after the client ended"
+	sleep 0.1
+done
+stats=$(hcurl "http://$PA:$PROXY_ADMIN_PORT/v1/dialogs/stats")
+spread=$(proxy_json "$PA" | jq -r '[.destinations[] | "\(.id | sub("^[^/]*/"; ""))=\(.calls)"] | join(" ")')
+total=$(proxy_json "$PA" | jq '[.destinations[].calls] | add')
+[ "$total" = "$E2E_CALLS" ] || fail "proxy $PA routed $total calls, want $E2E_CALLS: $spread"
+proxy_json "$PA" | jq -e '[.destinations[].calls] | all(. > 0)' >/dev/null || fail "calls did not reach every server: $spread"
+[ "$(jq .failed <<<"$stats")" = 0 ] || fail "proxy $PA counts failed dialogs: $stats"
+for ip in "${PROXY_IPS[@]}"; do
+	# Every server answered OPTIONS probes from every proxy.
+	proxy_json "$ip" | jq -e '[.destinations[].probe | .succeeded > 0 and .lastCode == 200] | all' >/dev/null ||
+		fail "proxy $ip: not every destination answers its OPTIONS probes: $(proxy_json "$ip" | jq -c '[.destinations[] | {id, probe}]')"
+done
+TIMINGS+=("traffic: $E2E_CALLS calls through $PA: $(secs $(($(ms) - t))) s")
+pass "$E2E_CALLS/$E2E_CALLS calls through $PA succeeded, spread $spread; dialogs $(jq -c . <<<"$stats"); every server answers every proxy's probes"
+
+# ---------------------------------------------------------------------------------------------
+# Scale 3 -> 1. kwok deletes a terminating pod at once; a finalizer holds unimrcp-1 and -2 the
+# way a real kubelet's grace period would, so their draining state is seen, then lets them go.
+
+for p in unimrcp-1 unimrcp-2; do
+	k -n "$APP_NS" patch pod "$p" --type=merge -p "{\"metadata\":{\"finalizers\":[\"$HOLD_FINALIZER\"]}}" >/dev/null
+done
+t=$(ms)
+k -n "$APP_NS" scale statefulset unimrcp --replicas=1 >/dev/null
+wait_converged "scale 3 -> 1: terminating pods draining" 1 2 "$t"
+wait_mrcp_status 1 "$t"
+
+# New calls go only to the server that stays, through the other proxy this time.
+before=$(proxy_json "$PB" | jq -c '[.destinations[] | {id, calls, state}]')
+run_client client-drain "$PB" 10 10 200
+after=$(proxy_json "$PB" | jq -c '[.destinations[] | {id, calls, state}]')
+jq -e --argjson b "$before" '
+	(map({key: .id, value: .}) | from_entries) as $a |
+	all($b[]; if .state == "draining" then $a[.id].calls == .calls else $a[.id].calls == .calls + 10 end)' <<<"$after" >/dev/null ||
+	fail "calls during the drain: before $before, after $after (draining servers must get none)"
+pass "10/10 calls through $PB during the drain all went to unimrcp-0; the draining servers got none"
+
+t=$(ms)
+for p in unimrcp-1 unimrcp-2; do
+	k -n "$APP_NS" patch pod "$p" --type=json -p '[{"op":"remove","path":"/metadata/finalizers"}]' >/dev/null
+done
+wait_converged "scale 3 -> 1: terminated pods gone" 1 0 "$t"
+[ "${#SIPP_IP[@]}" = 1 ] || fail "sipp servers still running for: ${!SIPP_IP[*]}"
+
+# Per-destination series of removed destinations must leave the proxies' /metrics too.
+for ip in "${PROXY_IPS[@]}"; do
+	ids=$(proxy_json "$ip" | jq -r '.destinations[].id' | sort -u)
+	hcurl "http://$ip:$PROXY_ADMIN_PORT/metrics" >"$WORK/metrics-$ip.txt"
+	stale=$(grep -o 'destination="[^"]*"' "$WORK/metrics-$ip.txt" | sed 's/^destination="//; s/"$//' | sort -u | comm -23 - <(echo "$ids") || true)
+	if [ -n "$stale" ]; then
+		lines=$(grep -F -f <(sed 's/.*/destination="&"/' <<<"$stale") "$WORK/metrics-$ip.txt")
+		families=$(sed 's/[{ ].*//' <<<"$lines" | sort -u | paste -sd' ')
+		warn "proxy $ip /metrics still exports $(wc -l <<<"$lines") series of the removed destinations $(paste -sd' ' <<<"$stale") ($families), e.g. $(head -1 <<<"$lines")"
+	fi
+done
+
+# A bad capacity annotation: the operator falls back to defaultResources (pstn=100 here, so
+# nothing changes in the proxies) and records a Warning Event, which the chart's RBAC must allow.
+t=$(ms)
+k -n "$APP_NS" annotate pod unimrcp-0 --overwrite mrcp-lb.io/pstn-capacity=lots >/dev/null
+for ((i = 0; ; i++)); do
+	ev=$(k -n "$APP_NS" get events.events.k8s.io -o json |
+		jq -c '[.items[] | select(.reason == "InvalidCapacityAnnotation" and .regarding.name == "unimrcp-0")] | first // empty')
+	[ -n "$ev" ] && break
+	[ "$i" -lt 100 ] || fail "no InvalidCapacityAnnotation Event for pod unimrcp-0 10 s after a bad annotation (operator: $(grep -i event "$WORK/operator/operator.log" | tail -3))"
+	sleep 0.1
+done
+[ "$(jq -r .type <<<"$ev")" = Warning ] || fail "the InvalidCapacityAnnotation Event is not a Warning: $ev"
+converged 1 0 || fail "a bad annotation changed the proxies' view: $LAST_VIEWS"
+pass "bad annotation mrcp-lb.io/pstn-capacity=lots: Warning Event by $(jq -r '.reportingController // "?"' <<<"$ev") after $(secs $(($(ms) - t))) s (\"$(jq -r .note <<<"$ev")\"), proxies unchanged"
+
+# ---------------------------------------------------------------------------------------------
+# 5. Prometheus: targets, then every dashboard query.
+
+promq() { hcurl -G "$PROM/api/v1/query" --data-urlencode "query=$1"; }
+
+for ((i = 0; ; i++)); do
+	targets=$(hcurl "$PROM/api/v1/targets?state=active")
+	n_up=$(jq '[.data.activeTargets[] | select(.health == "up")] | length' <<<"$targets")
+	[ "$n_up" = $((${#PROXY_IPS[@]} + 1)) ] && break
+	[ "$i" -lt 100 ] || fail "Prometheus targets: $(jq -c '[.data.activeTargets[] | {scrapeUrl, health, lastError}]' <<<"$targets")"
+	sleep 0.1
+done
+got=$(jq -r '.data.activeTargets[] | select(.labels.job == "kubernetes-pods") | .labels.instance' <<<"$targets" | sort)
+want=$(for ip in "${PROXY_IPS[@]}"; do echo "$ip:$PROXY_ADMIN_PORT"; done | sort)
+[ "$got" = "$want" ] || fail "Prometheus found by the pod annotations: $(echo "$got" | tr '\n' ' '), want the proxies $(echo "$want" | tr '\n' ' ')"
+pass "Prometheus scrapes the proxies found by the chart's prometheus.io annotations ($(paste -sd' ' <<<"$got")) and the operator; all up"
+sleep 3 # a few scrapes after the last change
+
+DASH=${E2E_DASHBOARD:-charts/mrcp-lb/dashboards/mrcp-lb.json}
+mapfile -t QUERIES < <(jq -r '[.. | objects | select(has("targets")) | .title as $t | .targets[]? | select(.expr != null and .expr != "") |
+	[$t, .expr] | @base64] | .[]' "$DASH" 2>/dev/null || fail "cannot read $DASH")
+[ "${#QUERIES[@]}" -gt 0 ] || fail "no PromQL expression found in $DASH"
+empty=()
+QUERY_TABLE=()
+for q in "${QUERIES[@]}"; do
+	title=$(base64 -d <<<"$q" | jq -r '.[0]')
+	expr=$(base64 -d <<<"$q" | jq -r '.[1]')
+	# Grafana's interval variables, should a query use them.
+	e=${expr//'$__rate_interval'/1m}
+	e=${e//'$__interval'/1s}
+	e=${e//'$__range'/5m}
+	res=$(promq "$e") || fail "Prometheus rejected the query of panel \"$title\": $expr"
+	[ "$(jq -r .status <<<"$res")" = success ] || fail "query of panel \"$title\" failed: $(jq -c . <<<"$res")"
+	n=$(jq '.data.result | length' <<<"$res")
+	real=$(jq '[.data.result[] | .value[1] | select(. != "NaN")] | length' <<<"$res")
+	vals=$(jq -r '[.data.result[] |
+		((.metric | del(.__name__) | [.[]] | join("/")) as $l |
+		 (.value[1] | if . == "NaN" then . else (tonumber * 1000 | round / 1000 | tostring) end) as $v |
+		 if $l == "" then $v else "\($l | sub("^[^/]*/"; ""))=\($v)" end)] | sort | .[0:6] | join(", ")' <<<"$res")
+	QUERY_TABLE+=("$(printf '%3s series  %-38s %s   [%s]' "$n" "\"$title\"" "$expr" "$vals")")
+	if [ "$n" = 0 ]; then
+		empty+=("\"$title\": $expr (no series)")
+	elif [ "$real" = 0 ]; then
+		empty+=("\"$title\": $expr ($n series, only NaN)")
+	fi
+done
+echo
+echo "Dashboard queries ($DASH) against Prometheus:"
+printf '  %s\n' "${QUERY_TABLE[@]}"
+if [ ${#empty[@]} -gt 0 ]; then
+	printf '  EMPTY: %s\n' "${empty[@]}" >&2
+	fail "${#empty[@]} dashboard quer$([ ${#empty[@]} = 1 ] && echo y || echo ies) returned no data: ${empty[*]}"
+fi
+pass "all ${#QUERIES[@]} dashboard queries return data"
+
+# A few values the run determines.
+value_is() { # EXPR WANT
+	local v
+	v=$(promq "$1" | jq -r '.data.result[0].value[1] // "none"')
+	[ "$v" = "$2" ] || fail "PromQL $1 = $v, want $2"
+}
+value_is 'count(max by (destination) (mrcp_lb_destination_state{state="up"}) == 1)' 1
+value_is 'sum(mrcp_lb_calls_routed_total)' $((E2E_CALLS + 10))
+value_is 'sum(mrcp_lb_dialogs_active)' 0
+value_is 'sum(mrcp_lb_operator_proxies_in_sync)' "${#PROXY_IPS[@]}"
+value_is 'sum(mrcp_lb_operator_proxies)' "${#PROXY_IPS[@]}"
+value_is 'sum(mrcp_lb_operator_errors_total) or vector(0)' 0
+value_is 'sum(mrcp_lb_operator_leader)' 1
+# The traffic of this run must show in the counters the dashboard plots.
+moved=0
+unmoved=()
+for m in \
+	'mrcp_lb_sip_requests_received_total{method="INVITE"}' \
+	'mrcp_lb_sip_requests_received_total{method="ACK"}' \
+	'mrcp_lb_sip_requests_received_total{method="BYE"}' \
+	'mrcp_lb_sip_responses_sent_total' \
+	'mrcp_lb_dialogs_processed_total' \
+	'mrcp_lb_calls_routed_total' \
+	'mrcp_lb_invite_setup_seconds_count' \
+	'mrcp_lb_destination_probes_total{result="success"}' \
+	'mrcp_lb_operator_pushes_total{result="ok"}'; do
+	v=$(promq "sum(increase(${m}[5m]))" | jq -r '.data.result[0].value[1] // "none"')
+	if [ "$v" = none ] || ! jq -ne --arg v "$v" '$v | tonumber > 0' >/dev/null 2>&1; then
+		unmoved+=("$m")
+	else
+		moved=$((moved + 1))
+	fi
+done
+[ ${#unmoved[@]} = 0 ] ||
+	warn "counters that did not move with this run's traffic (sum(increase(X[5m])) = 0; their dashboard panels stay at 0): ${unmoved[*]}"
+pass "$moved of 9 SIP/dialog/probe/push counters moved with the traffic"
+pass "Prometheus values: 1 destination up, $((E2E_CALLS + 10)) calls routed, 0 active dialogs, ${#PROXY_IPS[@]} proxies in sync, operator leads with 0 errors"
+
+# ---------------------------------------------------------------------------------------------
+# 6. Loopback only.
+
+for ip in "${PROXY_IPS[@]}"; do check_loopback "$ip"; done
+found=$(operator_proxies)
+[ "$found" = "$(for ip in "${PROXY_IPS[@]}"; do echo "http://$ip:$PROXY_ADMIN_PORT"; done | sort -u)" ] ||
+	fail "operator's proxies changed during the run: $found"
+pass "loopback: $LOOPBACK_CHECKED destination URIs/addresses seen by the proxies and $(wc -l <<<"$found") operator-discovered proxies, all in 127.0.0.0/8"
+
+if $CAPTURING; then
+	stop_bg tcpdump 5
+	total=$(tcpdump -r "$WORK/tcpdump/capture.pcap" -n 2>/dev/null | wc -l)
+	to_pods=$(tcpdump -r "$WORK/tcpdump/capture.pcap" -n 'dst net 127.1.0.0/16' 2>/dev/null | wc -l)
+	tcpdump -r "$WORK/tcpdump/capture.pcap" -n "$LEAK_FILTER" >"$WORK/tcpdump/leaks.txt" 2>/dev/null || true
+	leaks=$(wc -l <"$WORK/tcpdump/leaks.txt")
+	[ "$to_pods" -gt 0 ] || fail "tcpdump captured no packet to the pod addresses: the capture does not work"
+	[ "$leaks" = 0 ] || fail "$leaks SIP/admin packets left loopback: $(head -5 "$WORK/tcpdump/leaks.txt")"
+	pass "tcpdump on any ($TCPDUMP_FILTER): $total packets, $to_pods to pod IPs, 0 with an endpoint outside loopback"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 7. Summary.
+
+if [ ${#WARNINGS[@]} -gt 0 ] && [ "${E2E_STRICT:-0}" = 1 ]; then
+	fail "E2E_STRICT=1 and ${#WARNINGS[@]} warning(s): ${WARNINGS[*]}"
+fi
+FAILED=0
+echo
+echo "================ mrcp-lb e2e: PASSED in $(secs "$(ms)") s$([ ${#WARNINGS[@]} = 0 ] || echo " with ${#WARNINGS[@]} warning(s)") ================"
+echo "Timings:"
+printf '  %s\n' "${TIMINGS[@]}"
+echo "Checks:"
+printf '  %s\n' "${SUMMARY[@]}"
