@@ -22,6 +22,28 @@ use kube::CustomResourceExt;
 
 /// The CRD as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> anyhow::Result<String> {
-    let crd = crd::MrcpServer::crd();
+    let mut crd = serde_json::to_value(crd::MrcpServer::crd())?;
+    drop_unknown_formats(&mut crd);
     Ok(serde_yaml_ng::to_string(&crd)?)
+}
+
+/// schemars writes formats such as `uint32` that Kubernetes does not know (the API server
+/// warns on apply); the bounds are in `minimum`/`maximum` already.
+fn drop_unknown_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let unknown = map.get("format").and_then(|f| f.as_str()).is_some_and(|f| {
+                matches!(
+                    f,
+                    "uint" | "uint8" | "uint16" | "uint32" | "uint64" | "int8" | "int16"
+                )
+            });
+            if unknown {
+                map.remove("format");
+            }
+            map.values_mut().for_each(drop_unknown_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_unknown_formats),
+        _ => {}
+    }
 }

@@ -130,6 +130,7 @@ pub async fn run(
 
     // Leadership.
     let (leading_tx, leading) = watch::channel(settings.lease.is_none());
+    let mut elector_task = None;
     if let Some(l) = &settings.lease {
         let elector = Elector {
             api: Api::<Lease>::namespaced(client.clone(), &l.namespace),
@@ -138,7 +139,7 @@ pub async fn run(
             duration: Duration::from_secs(15),
             renew: Duration::from_secs(2),
         };
-        tokio::spawn(elector.run(leading_tx, shutdown.clone()));
+        elector_task = Some(tokio::spawn(elector.run(leading_tx, shutdown.clone())));
     } else {
         std::mem::forget(leading_tx); // Always leading; keep the channel open.
     }
@@ -167,15 +168,21 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    for (what, store) in [("mrcpservers", None), ("pods", Some(&pods))] {
-        let _ = what;
-        if let Some(s) = store {
-            s.wait_until_ready().await?;
+    // Caches first; a shutdown meanwhile is a clean stop, not an error.
+    let synced = async {
+        servers.wait_until_ready().await?;
+        pods.wait_until_ready().await?;
+        if let Some(p) = &proxy_pods {
+            p.wait_until_ready().await?;
         }
-    }
-    servers.wait_until_ready().await?;
-    if let Some(p) = &proxy_pods {
-        p.wait_until_ready().await?;
+        Ok::<(), reflector::store::WriterDropped>(())
+    };
+    tokio::select! {
+        r = synced => r?,
+        _ = shutdown.cancelled() => {
+            finish(elector_task).await;
+            return Ok(());
+        }
     }
     ready.store(true, Ordering::Relaxed);
     info!("caches synced");
@@ -196,6 +203,7 @@ pub async fn run(
     };
     let mut current: Option<Arc<DestinationSet>> = None;
     let mut leading = leading;
+    let mut was_leading = false;
     loop {
         // Batch bursts of events (a StatefulSet scaling touches many pods at once).
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -207,9 +215,15 @@ pub async fn run(
         let computed = compute(server_objs.iter().map(|s| s.as_ref()), &pod_refs);
 
         let floor_v = floor.load(Ordering::Relaxed);
-        let changed = current
-            .as_ref()
-            .is_none_or(|c| c.destinations != computed.destinations || c.version <= floor_v);
+        let now_leading = *leading.borrow_and_update();
+        // A replica that just took the lead versions its set now: a standby's set was
+        // versioned when it computed it, possibly before the old leader's last push.
+        let took_lead = now_leading && !was_leading;
+        was_leading = now_leading;
+        let changed = took_lead
+            || current
+                .as_ref()
+                .is_none_or(|c| c.destinations != computed.destinations || c.version <= floor_v);
         if changed {
             let last = current.as_ref().map(|c| c.version).unwrap_or(0);
             let version = unix_millis().max(last + 1).max(floor_v + 1);
@@ -248,7 +262,7 @@ pub async fn run(
                 c
             });
         }
-        if *leading.borrow_and_update() {
+        if now_leading {
             metrics.leader.set(1);
             writer.write(&server_objs, &computed).await;
         } else {
@@ -263,7 +277,21 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
         }
     }
+    finish(elector_task).await;
     Ok(())
+}
+
+/// Waits (briefly) for the elector to release the lease, so that a standby takes over at once
+/// instead of when the lease expires.
+async fn finish(elector: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(task) = elector {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            warn!("the lease was not released within 5 s");
+        }
+    }
 }
 
 fn proxy_url(ip: &str, port: u16) -> String {

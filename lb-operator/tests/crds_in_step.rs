@@ -15,8 +15,8 @@ fn committed_crds_match_the_code() {
         places.push(chart);
     }
     for path in places {
-        let committed = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let committed =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
             committed == generated,
             "{} differs from what lb-operator generates: run `make crds`",

@@ -1,0 +1,1263 @@
+//! Harness for the operator's tests against a real control plane (etcd + kube-apiserver from
+//! `tests/k8s/`, no fake API server), real `lb-proxy` processes and sipp.
+//!
+//! - One control plane serves every test of the binary: the first test that needs it starts it
+//!   (`tests/k8s/control-plane.sh start`), applies `crds/mrcpserver.yaml` and waits for the CRD
+//!   to be Established; the last test that holds it stops it by PID when it drops (panics
+//!   included). A watchdog shell stops it too if the test process dies without unwinding.
+//! - Each test has its own namespace (`it-<name>`), runs its operators with `--namespace`, and
+//!   takes its own loopback addresses: proxies, operators and sipp clients on `127.0.4.T`
+//!   (T = 1..=11; a second address `127.0.4.(100 + T)` when a test needs two), pod IPs in
+//!   `127.0.3.0/24` (see `TestEnv::pod_ip`). Nothing is sent outside loopback: the pod IPs the proxies
+//!   receive (and may probe) are 127.x, and every process is started with the proxy
+//!   environment variables removed.
+//! - There is no kubelet: pods stay Pending until a test writes their status (IP, phase,
+//!   Ready condition) through the `status` subresource.
+//! - Every process is a child held by a guard that kills it by PID on drop. A test's files
+//!   (configs, logs, sipp statistics) live in `target/tmp/lb-operator-k8s/<test>-<pid>-<ms>/`;
+//!   on a failure they are kept and the logs' tails printed.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use lb_api::admin::{DestinationStatus, DestinationsStatus};
+use lb_operator::crd::MrcpServer;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Environment variables that would send HTTP(S) through a proxy: removed from every child.
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// Environment variables the operator reads its flags from: removed so that only the test's
+/// flags count.
+const OPERATOR_VARS: [&str; 12] = [
+    "LB_OPERATOR_NAMESPACE",
+    "LB_OPERATOR_PROXY_SELECTOR",
+    "LB_OPERATOR_PROXY_NAMESPACE",
+    "LB_OPERATOR_PROXY_ADMIN_PORT",
+    "LB_OPERATOR_PROXY_URLS",
+    "LB_OPERATOR_TOKEN_FILE",
+    "LB_OPERATOR_LISTEN",
+    "LB_OPERATOR_RESYNC_SECONDS",
+    "LB_OPERATOR_LEASE_NAME",
+    "POD_NAMESPACE",
+    "POD_NAME",
+    "LB_OPERATOR_LOG_LEVEL",
+];
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+fn clean_env(cmd: &mut Command) -> &mut Command {
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.env("NO_PROXY", "127.0.0.0/8,localhost")
+        .env("no_proxy", "127.0.0.0/8,localhost")
+}
+
+/// Set when a test fails, so the control plane's folder is kept for inspection.
+static SOME_TEST_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// `KEEP_TEST_FILES=1`: keep every test's files, passed or failed.
+fn keep_requested() -> bool {
+    std::env::var_os("KEEP_TEST_FILES").is_some_and(|v| v != "0")
+}
+
+fn keep_files() -> bool {
+    SOME_TEST_FAILED.load(Ordering::SeqCst) || keep_requested()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Polling
+
+/// Calls `f` every `every` until it returns `Ok`; panics after `timeout` with what it last
+/// returned.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {e}");
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process killed (SIGKILL, by its PID) and reaped when dropped.
+pub struct ChildGuard {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(name: &str, child: Child) -> ChildGuard {
+        ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().expect("try_wait");
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.is_some() && self.try_wait().is_none()
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") to this process only, by PID.
+    pub fn signal(&self, sig: &str) {
+        if self.child.is_some() {
+            let st = clean_env(&mut Command::new("kill"))
+                .arg(format!("-{sig}"))
+                .arg(self.pid().to_string())
+                .stdin(Stdio::null())
+                .status()
+                .expect("run kill");
+            assert!(
+                st.success(),
+                "kill -{sig} {} ({}) failed",
+                self.pid(),
+                self.name
+            );
+        }
+    }
+
+    /// Waits for the process to end; `None` if it still runs after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The text without ANSI colour sequences.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = strip_ansi(&read_lossy(path));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control plane
+
+/// Path of a binary that `tests/k8s/build.sh` caches (it may not exist).
+fn k8s_bin(name: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"source "$1/tests/k8s/lib.sh" && k8s_bin "$2""#)
+        .arg("k8s_bin")
+        .arg(repo())
+        .arg(name)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bash to source tests/k8s/lib.sh");
+    assert!(
+        out.status.success(),
+        "cannot locate {name} with tests/k8s/lib.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// etcd + kube-apiserver on 127.0.0.1, with the MrcpServer CRD applied.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    watchdog: Option<ChildGuard>,
+}
+
+impl ControlPlane {
+    fn start() -> ControlPlane {
+        let mut missing = Vec::new();
+        for b in ["etcd", "kube-apiserver", "kubectl"] {
+            let p = k8s_bin(b);
+            if !p.is_file() {
+                missing.push(p.display().to_string());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "the control-plane binaries are missing ({}): run `make k8s` (tests/k8s/build.sh) \
+             to build them; these tests need a real kube-apiserver and are not skipped",
+            missing.join(", ")
+        );
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("lb-operator-k8s")
+            .join(format!("control-plane-{}-{}", std::process::id(), millis()));
+        fs::create_dir_all(&dir).expect("create control-plane dir");
+        let script = repo().join("tests/k8s/control-plane.sh");
+        let t0 = Instant::now();
+        let out = clean_env(&mut Command::new(&script))
+            .arg("start")
+            .arg(&dir)
+            .env_remove("APISERVER_PORT")
+            .env_remove("ETCD_PORT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/k8s/control-plane.sh");
+        // Whatever happened, the watchdog stops what was started if this process dies.
+        let watchdog = clean_env(&mut Command::new("sh"))
+            .arg("-c")
+            .arg(r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" stop "$3""#)
+            .arg("lb-operator-test-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(&script)
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("watchdog.log")).expect("watchdog log"))
+            .stderr(Stdio::from(
+                fs::File::options()
+                    .append(true)
+                    .open(dir.join("watchdog.log"))
+                    .expect("watchdog log"),
+            ))
+            .spawn()
+            .expect("spawn watchdog");
+        let cp = ControlPlane {
+            kubeconfig: dir.join("kubeconfig"),
+            kubectl: k8s_bin("kubectl"),
+            dir,
+            watchdog: Some(ChildGuard::new("watchdog", watchdog)),
+        };
+        if !out.status.success() {
+            SOME_TEST_FAILED.store(true, Ordering::SeqCst);
+            panic!(
+                "tests/k8s/control-plane.sh start {} failed ({}):\n{}{}",
+                cp.dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        eprintln!(
+            "[k8s] control plane up in {:.1?} ({})",
+            t0.elapsed(),
+            cp.dir.display()
+        );
+        cp.kubectl_ok(&[
+            "apply",
+            "-f",
+            repo().join("crds/mrcpserver.yaml").to_str().unwrap(),
+        ]);
+        cp.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/mrcpservers.mrcp-lb.io",
+        ]);
+        cp
+    }
+
+    /// Runs kubectl against this control plane; returns (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = clean_env(&mut Command::new(&self.kubectl))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs kubectl and panics unless it succeeds; returns its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.kubectl(args);
+        assert!(ok, "kubectl {args:?} failed:\n{out}{err}");
+        out
+    }
+
+    /// Stops etcd and kube-apiserver by the PIDs control-plane.sh recorded: TERM, then KILL
+    /// after 10 s.
+    fn stop(&mut self) {
+        for c in ["kube-apiserver", "etcd"] {
+            let pidfile = self.dir.join(format!("{c}.pid"));
+            let Some(pid) = fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let runs_it = || {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .ok()
+                    .and_then(|b| {
+                        b.split(|&x| x == 0)
+                            .next()
+                            .map(|a| String::from_utf8_lossy(a).ends_with(c))
+                    })
+                    .unwrap_or(false)
+            };
+            if runs_it() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while runs_it() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if runs_it() {
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .arg(pid.to_string())
+                        .status();
+                }
+            }
+            let _ = fs::remove_file(&pidfile);
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // The watchdog first, so it does not stop the control plane a second time.
+        if let Some(mut w) = self.watchdog.take() {
+            w.kill();
+        }
+        self.stop();
+        if keep_files() {
+            // The logs stay; etcd's data (tens of MB) only on request.
+            if !keep_requested() {
+                let _ = fs::remove_dir_all(self.dir.join("etcd-data"));
+            }
+            eprintln!(
+                "[k8s] control plane stopped; files in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+static CONTROL_PLANE: Mutex<Weak<ControlPlane>> = Mutex::new(Weak::new());
+
+/// The shared control plane, started on first use; it stops when the last holder drops it.
+pub fn control_plane() -> Arc<ControlPlane> {
+    let mut g = CONTROL_PLANE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(cp) = g.upgrade() {
+        return cp;
+    }
+    let cp = Arc::new(ControlPlane::start());
+    *g = Arc::downgrade(&cp);
+    cp
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binaries
+
+/// `lb-proxy`, built once per test binary with `cargo build -p lb-proxy --bin lb-proxy` into
+/// the same target folder and profile as this test.
+pub fn lb_proxy_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let operator = Path::new(env!("CARGO_BIN_EXE_lb-operator"));
+        let profile_dir = operator.parent().expect("profile dir");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo())
+            .args(["build", "-p", "lb-proxy", "--bin", "lb-proxy"])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .stdin(Stdio::null());
+        if profile != "debug" {
+            cmd.args(["--profile", profile]);
+        }
+        let t0 = Instant::now();
+        let out = cmd
+            .output()
+            .map_err(|e| format!("run cargo build -p lb-proxy: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build -p lb-proxy failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let bin = profile_dir.join("lb-proxy");
+        if !bin.is_file() {
+            return Err(format!("{} missing after cargo build", bin.display()));
+        }
+        eprintln!("[k8s] lb-proxy built in {:.1?}", t0.elapsed());
+        Ok(bin)
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test environment
+
+/// One test: its namespace, loopback addresses, folder, and API client.
+pub struct TestEnv {
+    pub name: String,
+    pub index: u8,
+    /// 127.0.4.<index>: proxies, operators and sipp clients.
+    pub ip: String,
+    pub ns: String,
+    pub dir: PathBuf,
+    pub cp: Arc<ControlPlane>,
+    pub client: kube::Client,
+    pub http: reqwest::Client,
+    logs: Mutex<Vec<(String, PathBuf)>>,
+    next_sipp_slot: AtomicU16,
+}
+
+impl TestEnv {
+    /// Creates the namespace `it-<name>` (with its default ServiceAccount: no controller
+    /// manager makes it) on the shared control plane.
+    pub async fn new(name: &str, index: u8) -> TestEnv {
+        assert!((1..=11).contains(&index), "test index 1..=11");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("lb-operator-k8s")
+            .join(format!("{name}-{}-{}", std::process::id(), millis()));
+        let cp = control_plane();
+        fs::create_dir_all(&dir).expect("create test dir");
+        let kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).expect("read kubeconfig");
+        let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("kubeconfig");
+        cfg.proxy_url = None;
+        let client = kube::Client::try_from(cfg).expect("kube client");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("http client");
+        let ns = format!("it-{name}");
+        let env = TestEnv {
+            name: name.to_string(),
+            index,
+            ip: format!("127.0.4.{index}"),
+            ns: ns.clone(),
+            dir,
+            cp,
+            client,
+            http,
+            logs: Mutex::new(Vec::new()),
+            next_sipp_slot: AtomicU16::new(0),
+        };
+        let namespaces: Api<Namespace> = Api::all(env.client.clone());
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.clone());
+        namespaces
+            .create(&PostParams::default(), &n)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {ns}: {e}"));
+        let sas: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &ns);
+        let mut sa = ServiceAccount::default();
+        sa.metadata.name = Some("default".into());
+        sas.create(&PostParams::default(), &sa)
+            .await
+            .unwrap_or_else(|e| panic!("create serviceaccount {ns}/default: {e}"));
+        env
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        format!("{}:{port}", self.ip).parse().unwrap()
+    }
+
+    /// The IP of this test's pod number `k`: test 1 has 127.0.3.1 to .24; test T ≥ 2 has eight,
+    /// 127.0.3.(24 + 8·(T − 2) + k) for k = 1..=8.
+    pub fn pod_ip(&self, k: u8) -> String {
+        let (base, max) = match self.index {
+            1 => (0, 24),
+            t => (24 + 8 * (u16::from(t) - 2), 8),
+        };
+        assert!((1..=max).contains(&u16::from(k)), "pod number 1..={max}");
+        format!("127.0.3.{}", base + u16::from(k))
+    }
+
+    fn subdir(&self, name: &str) -> PathBuf {
+        let d = self.dir.join(name);
+        fs::create_dir_all(&d).expect("create process dir");
+        d
+    }
+
+    fn register_log(&self, name: &str, path: &Path) {
+        self.logs
+            .lock()
+            .unwrap()
+            .push((name.to_string(), path.to_path_buf()));
+    }
+
+    /// sipp's control and media ports, unique per sipp process of this test (on its own IP).
+    fn sipp_ports(&self) -> (u16, u16) {
+        let k = self.next_sipp_slot.fetch_add(1, Ordering::SeqCst);
+        (8800 + k, 20000 + 10 * k)
+    }
+
+    // --- Kubernetes objects
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn servers(&self) -> Api<MrcpServer> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates an MrcpServer from a JSON spec.
+    pub async fn create_server(&self, name: &str, spec: Value) -> MrcpServer {
+        let obj: MrcpServer = serde_json::from_value(json!({
+            "apiVersion": "mrcp-lb.io/v1alpha1",
+            "kind": "MrcpServer",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("MrcpServer JSON");
+        self.servers()
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("create MrcpServer {name}: {e}"))
+    }
+
+    /// Creates a pod (Pending: there is no kubelet) with labels, annotations and, optionally,
+    /// a finalizer that holds it while it terminates.
+    pub async fn create_pod(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        finalizer: bool,
+    ) -> Pod {
+        let map = |kv: &[(&str, &str)]| -> Value {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let mut meta = json!({
+            "name": name,
+            "labels": map(labels),
+            "annotations": map(annotations),
+        });
+        if finalizer {
+            meta["finalizers"] = json!(["mrcp-lb.io/test-hold"]);
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta,
+            "spec": {
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "unimrcp", "image": "unimrcp-server:test"}],
+            },
+        }))
+        .expect("pod JSON");
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("create pod {name}: {e}"))
+    }
+
+    /// Writes the pod's status as a kubelet would: Running, the IP, the Ready condition.
+    pub async fn set_pod_status(&self, name: &str, ip: &str, ready: bool) -> Pod {
+        let status = if ready { "True" } else { "False" };
+        let patch = json!({"status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [
+                {"type": "Ready", "status": status},
+                {"type": "ContainersReady", "status": status},
+            ],
+        }});
+        self.pods()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("patch status of pod {name}: {e}"))
+    }
+
+    pub async fn annotate_pod(&self, name: &str, key: &str, value: &str) -> Pod {
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        self.pods()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("annotate pod {name}: {e}"))
+    }
+
+    pub async fn delete_pod(&self, name: &str) {
+        self.pods()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete pod {name}: {e}"));
+    }
+
+    pub async fn remove_finalizers(&self, name: &str) {
+        let patch = json!({"metadata": {"finalizers": null}});
+        self.pods()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("remove finalizers of pod {name}: {e}"));
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.cp.kubectl(args);
+        assert!(ok, "kubectl {args:?} failed:\n{out}{err}");
+        out
+    }
+
+    // --- HTTP
+
+    /// GET over plain HTTP; (status, body).
+    pub async fn get(&self, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+        let resp = self
+            .http
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| format!("GET http://{addr}{path} body: {e}"))?;
+        Ok((code, body))
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            SOME_TEST_FAILED.store(true, Ordering::SeqCst);
+            eprintln!(
+                "\n===== {}: test failed; files kept in {} =====",
+                self.name,
+                self.dir.display()
+            );
+            for (name, path) in self.logs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let lines = if name.starts_with("operator") { 80 } else { 30 };
+                eprintln!(
+                    "----- {name}: {} (last {lines} lines) -----",
+                    path.display()
+                );
+                eprintln!("{}", tail(path, lines));
+            }
+        } else if keep_requested() {
+            eprintln!("{}: files kept in {}", self.name, self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// lb-proxy
+
+pub struct Proxy {
+    pub name: String,
+    pub guard: ChildGuard,
+    pub sip: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Proxy {
+    /// Starts lb-proxy with UDP+TCP listeners on `sip_port` and the admin API on `admin_port`
+    /// (both on the test's IP) and no `destinations` key: it waits for a push. Returns once
+    /// its admin API answers.
+    pub async fn start(env: &TestEnv, name: &str, sip_port: u16, admin_port: u16) -> Proxy {
+        Proxy::start_at(env, name, &env.ip, sip_port, admin_port).await
+    }
+
+    /// As `start`, on another loopback address than the test's.
+    pub async fn start_at(
+        env: &TestEnv,
+        name: &str,
+        ip: &str,
+        sip_port: u16,
+        admin_port: u16,
+    ) -> Proxy {
+        let bin = lb_proxy_bin();
+        let dir = env.subdir(name);
+        let sip: SocketAddr = format!("{ip}:{sip_port}").parse().unwrap();
+        let admin: SocketAddr = format!("{ip}:{admin_port}").parse().unwrap();
+        let config = format!(
+            "listeners:\n  - udp:{sip}\n  - tcp:{sip}\n\
+             admin:\n  listen: {admin}\n\
+             routing:\n  group: 1\n  resources: [pstn]\n  mode: absolute\n\
+             timers:\n  inviteTimeout: 3s\n"
+        );
+        let cfg = dir.join("config.yaml");
+        fs::write(&cfg, &config).expect("write proxy config");
+        let log = dir.join("proxy.log");
+        let child = clean_env(&mut Command::new(bin))
+            .env("NO_COLOR", "1")
+            .env_remove("LB_PROXY_ADMIN_TOKEN")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("stdout.log")).expect("proxy stdout"))
+            .stderr(fs::File::create(&log).expect("proxy log"))
+            .spawn()
+            .expect("spawn lb-proxy");
+        env.register_log(name, &log);
+        let mut p = Proxy {
+            name: name.to_string(),
+            guard: ChildGuard::new(name, child),
+            sip,
+            admin,
+            log,
+            http: env.http.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = p.guard.try_wait() {
+                panic!(
+                    "{name} exited during startup with {st}; config:\n{config}\nlog:\n{}",
+                    tail(&p.log, 40)
+                );
+            }
+            if let Ok((200, _)) = p.get("/healthz").await {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: admin API at {admin} did not answer within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let url = format!("http://{}{path}", self.admin);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let code = resp.status().as_u16();
+        let body = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+        Ok((code, body))
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        self.get("/readyz")
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name))
+            .0
+    }
+
+    pub async fn try_destinations(&self) -> Result<DestinationsStatus, String> {
+        let (code, body) = self.get("/v1/destinations").await?;
+        if code != 200 {
+            return Err(format!(
+                "{}: /v1/destinations answered {code}: {body}",
+                self.name
+            ));
+        }
+        serde_json::from_str(&body)
+            .map_err(|e| format!("{}: /v1/destinations: {e} in {body}", self.name))
+    }
+
+    pub async fn destinations(&self) -> DestinationsStatus {
+        self.try_destinations()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Capacity and load of one resource of a destination.
+pub fn resource(d: &DestinationStatus, name: &str) -> Option<(u32, u32)> {
+    d.resources
+        .iter()
+        .find(|r| r.name == name)
+        .map(|r| (r.capacity, r.load))
+}
+
+/// The destinations of a set, for messages: id, uri, state, resources.
+pub fn describe(set: &DestinationsStatus) -> String {
+    let ds: Vec<String> = set
+        .destinations
+        .iter()
+        .map(|d| {
+            let rs: Vec<String> = d
+                .resources
+                .iter()
+                .map(|r| format!("{}={}/{}", r.name, r.load, r.capacity))
+                .collect();
+            format!(
+                "{} {} {} [{}]{}",
+                d.id,
+                d.uri,
+                d.state.as_str(),
+                rs.join(";"),
+                if d.removed { " (removed)" } else { "" }
+            )
+        })
+        .collect();
+    format!("version {}: {{{}}}", set.version, ds.join(", "))
+}
+
+pub fn by_uri<'a>(set: &'a DestinationsStatus, uri: &str) -> Option<&'a DestinationStatus> {
+    set.destinations.iter().find(|d| d.uri == uri)
+}
+
+// ---------------------------------------------------------------------------------------------
+// lb-operator
+
+pub struct Operator {
+    pub name: String,
+    pub guard: ChildGuard,
+    pub listen: SocketAddr,
+    pub log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Operator {
+    /// Starts lb-operator for the test's namespace with `--proxy-url` for each proxy,
+    /// `--listen` on the test's IP, `--resync-seconds 2` and `extra` flags; returns once its
+    /// /healthz answers.
+    pub async fn start(
+        env: &TestEnv,
+        name: &str,
+        port: u16,
+        proxies: &[&Proxy],
+        extra: &[&str],
+    ) -> Operator {
+        Operator::start_with_kubeconfig(env, name, port, proxies, extra, &env.cp.kubeconfig).await
+    }
+
+    pub async fn start_with_kubeconfig(
+        env: &TestEnv,
+        name: &str,
+        port: u16,
+        proxies: &[&Proxy],
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Operator {
+        let listen = env.addr(port);
+        let dir = env.subdir("operators");
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lb-operator"));
+        clean_env(&mut cmd);
+        for v in OPERATOR_VARS {
+            cmd.env_remove(v);
+        }
+        cmd.env("KUBECONFIG", kubeconfig)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .arg("--namespace")
+            .arg(&env.ns)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--resync-seconds")
+            .arg("2")
+            .arg("--log-level")
+            .arg("info,lb_operator=debug");
+        for p in proxies {
+            cmd.arg("--proxy-url").arg(p.url());
+        }
+        cmd.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(fs::File::create(&log).expect("operator log")))
+            .stderr(Stdio::from(
+                fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("operator log"),
+            ));
+        fs::write(
+            dir.join(format!("{name}.command.txt")),
+            format!("{cmd:?}\n"),
+        )
+        .unwrap();
+        let child = cmd.spawn().expect("spawn lb-operator");
+        env.register_log(&format!("operator {name}"), &log);
+        let mut op = Operator {
+            name: name.to_string(),
+            guard: ChildGuard::new(name, child),
+            listen,
+            log,
+            http: env.http.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = op.guard.try_wait() {
+                panic!(
+                    "operator {name} exited during startup with {st}; log:\n{}",
+                    tail(&op.log, 40)
+                );
+            }
+            if let Ok((200, _)) = op.get("/healthz").await {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator {name}: /healthz at {listen} did not answer within 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        op
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let url = format!("http://{}{path}", self.listen);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let code = resp.status().as_u16();
+        let body = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+        Ok((code, body))
+    }
+
+    pub async fn metrics(&self) -> Result<String, String> {
+        match self.get("/metrics").await? {
+            (200, body) => Ok(body),
+            (code, body) => Err(format!("{}: /metrics answered {code}: {body}", self.name)),
+        }
+    }
+
+    /// The value of one series, e.g. `mrcp_lb_operator_leader` or
+    /// `mrcp_lb_operator_pushes_total{result="ok"}`; None when absent.
+    pub async fn metric(&self, series: &str) -> Result<Option<f64>, String> {
+        Ok(metric_value(&self.metrics().await?, series))
+    }
+
+    pub fn log_text(&self) -> String {
+        strip_ansi(&read_lossy(&self.log))
+    }
+
+    /// Lines of the log that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// One sample of a Prometheus text exposition: `series` is the name with its labels exactly as
+/// printed (`name{label="v"}`).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, v) = l.trim().rsplit_once(' ')?;
+        (name == series).then(|| v.parse().ok()).flatten()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// sipp
+
+fn sipp_bin() -> String {
+    std::env::var("SIPP").unwrap_or_else(|_| "sipp".to_string())
+}
+
+pub fn scenario(name: &str) -> PathBuf {
+    let p = repo().join("tests/sipp").join(name);
+    assert!(p.is_file(), "no scenario {}", p.display());
+    p
+}
+
+/// A running sipp: a server (runs until dropped) or a client.
+pub struct Sipp {
+    pub name: String,
+    pub dir: PathBuf,
+    pub guard: ChildGuard,
+}
+
+/// The last statistics row of a finished sipp and its exit code.
+#[derive(Debug)]
+pub struct SippReport {
+    pub name: String,
+    pub exit: Option<i32>,
+    pub stats: HashMap<String, String>,
+    pub errors: String,
+}
+
+impl SippReport {
+    pub fn stat(&self, key: &str) -> u64 {
+        self.stats
+            .get(key)
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{}: no numeric stat {key:?} in {:?}", self.name, self.stats))
+    }
+    pub fn summary(&self) -> String {
+        let get = |k: &str| self.stats.get(k).map(String::as_str).unwrap_or("?");
+        format!(
+            "{}: exit={:?} created={} successful={} failed={} errors={:?}",
+            self.name,
+            self.exit,
+            get("TotalCallCreated"),
+            get("SuccessfulCall(C)"),
+            get("FailedCall(C)"),
+            self.errors.lines().take(10).collect::<Vec<_>>().join(" | ")
+        )
+    }
+    pub fn assert_all_ok(&self, calls: u64) {
+        assert!(
+            self.exit == Some(0)
+                && self.stat("SuccessfulCall(C)") == calls
+                && self.stat("FailedCall(C)") == 0,
+            "expected {calls} successful calls and none failed; {}",
+            self.summary()
+        );
+    }
+}
+
+fn last_csv_row(path: &Path) -> HashMap<String, String> {
+    let text = read_lossy(path);
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let (Some(header), Some(last)) = (lines.next(), lines.next_back()) else {
+        return HashMap::new();
+    };
+    header
+        .split(';')
+        .map(str::to_string)
+        .zip(last.split(';').map(str::to_string))
+        .collect()
+}
+
+impl Sipp {
+    fn spawn(env: &TestEnv, name: &str, args: &[String]) -> Sipp {
+        let dir = env.subdir(name);
+        let (cp, mp) = env.sipp_ports();
+        let mut cmd = Command::new(sipp_bin());
+        clean_env(&mut cmd)
+            .args(["-nostdin", "-trace_err", "-trace_stat", "-fd", "1"])
+            .arg("-error_file")
+            .arg(dir.join("errors.log"))
+            .arg("-stf")
+            .arg(dir.join("stat.csv"))
+            .args(["-ci", &env.ip, "-cp", &cp.to_string()])
+            .args(["-mp", &mp.to_string()])
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("screen.log")).expect("sipp screen log"))
+            .stderr(fs::File::create(dir.join("stderr.log")).expect("sipp stderr log"));
+        fs::write(dir.join("command.txt"), format!("{cmd:?}\n")).unwrap();
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn sipp (install sip-tester: make deps): {e}"));
+        env.register_log(&format!("sipp {name} errors"), &dir.join("errors.log"));
+        Sipp {
+            name: name.to_string(),
+            dir,
+            guard: ChildGuard::new(name, child),
+        }
+    }
+
+    /// `tests/sipp/uas.xml` on `ip:port` over UDP: answers INVITE and OPTIONS. Returns once it
+    /// has bound its port.
+    pub async fn server(env: &TestEnv, name: &str, ip: &str, port: u16) -> Sipp {
+        let args: Vec<String> = vec![
+            "-sf".into(),
+            scenario("uas.xml").display().to_string(),
+            "-i".into(),
+            ip.into(),
+            "-p".into(),
+            port.to_string(),
+            "-t".into(),
+            "u1".into(),
+        ];
+        let mut s = Sipp::spawn(env, name, &args);
+        let stat = s.dir.join("stat.csv");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read_lossy(&stat).lines().count() < 2 {
+            if let Some(st) = s.guard.try_wait() {
+                panic!(
+                    "sipp server {name} exited with {st}: {}",
+                    read_lossy(&s.dir.join("stderr.log"))
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sipp server {name} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s
+    }
+
+    /// `tests/sipp/uac.xml` from the test's IP:`local_port` to `target` over UDP: `calls`
+    /// calls (all at once) of `call_ms` each; sipp gives up after `timeout`.
+    pub fn client(
+        env: &TestEnv,
+        name: &str,
+        local_port: u16,
+        target: SocketAddr,
+        calls: u32,
+        call_ms: u64,
+        timeout: Duration,
+    ) -> Sipp {
+        let args: Vec<String> = vec![
+            "-sf".into(),
+            scenario("uac.xml").display().to_string(),
+            "-i".into(),
+            env.ip.clone(),
+            "-p".into(),
+            local_port.to_string(),
+            "-t".into(),
+            "u1".into(),
+            "-m".into(),
+            calls.to_string(),
+            "-l".into(),
+            calls.to_string(),
+            "-r".into(),
+            "20".into(),
+            "-d".into(),
+            call_ms.to_string(),
+            "-timeout".into(),
+            format!("{}s", timeout.as_secs().max(1)),
+            "-timeout_error".into(),
+            target.to_string(),
+        ];
+        Sipp::spawn(env, name, &args)
+    }
+
+    pub fn stats(&self) -> HashMap<String, String> {
+        last_csv_row(&self.dir.join("stat.csv"))
+    }
+
+    /// Waits for a client to end (killing it after `timeout`) and reads its statistics.
+    pub async fn wait(mut self, timeout: Duration) -> SippReport {
+        let st = self.guard.wait_exit(timeout).await;
+        self.guard.kill();
+        SippReport {
+            name: self.name.clone(),
+            exit: st.map(|s| s.code().unwrap_or(-1)),
+            stats: self.stats(),
+            errors: read_lossy(&self.dir.join("errors.log")),
+        }
+    }
+
+    /// Stops a server (SIGUSR1: sipp writes its final statistics and exits) and reads them.
+    pub async fn stop(mut self) -> SippReport {
+        self.guard.signal("USR1");
+        let st = self.guard.wait_exit(Duration::from_secs(5)).await;
+        self.guard.kill();
+        SippReport {
+            name: self.name.clone(),
+            exit: st.map(|s| s.code().unwrap_or(-1)),
+            stats: self.stats(),
+            errors: read_lossy(&self.dir.join("errors.log")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers
+
+/// Nearest-rank percentile of durations (p in 0..=100).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    assert!(!sorted.is_empty());
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
