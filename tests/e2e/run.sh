@@ -27,7 +27,7 @@
 #      Prometheus (1 s scrapes; proxies found by the chart's prometheus.io pod annotations, with
 #      the labels Kubernetes SD would give them, through file_sd; the operator statically) and
 #      every PromQL expression of charts/mrcp-lb/dashboards/mrcp-lb.json: each must return
-#      data; a few values are checked. Reported as warnings (fatal with E2E_STRICT=1): series of
+#      data; a few values are checked. Reported as warnings (fatal unless E2E_STRICT=0): series of
 #      removed destinations left in a proxy's /metrics, dashboard counters that the traffic
 #      did not move.
 #   6. Loopback only: every destination address and every proxy the operator discovered is in
