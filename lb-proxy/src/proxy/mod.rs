@@ -532,8 +532,10 @@ impl Proxy {
             self.reply(msg, flow, 483, "Too Many Hops");
             return false;
         }
+        // Only a Via carrying our branch prefix can be ours: parse just those.
         let looped = msg
             .get_all(&HeaderName::Via)
+            .filter(|v| v.contains(self.branch_prefix.as_str()))
             .filter_map(Via::parse)
             .any(|v| {
                 self.is_self(&v.host, v.port)
