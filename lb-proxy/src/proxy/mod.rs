@@ -1595,7 +1595,7 @@ impl Proxy {
                     Some("SIP;cause=408;text=\"final response timeout\""),
                 );
                 if let Some(skey) = server {
-                    self.branch_gave_up(now, &skey, false);
+                    self.branch_gave_up(now, &skey);
                 }
             }
             Timer::ClientCleanup(id) => {
@@ -1707,14 +1707,14 @@ impl Proxy {
                 }
                 return self.final_local(now, &skey, 487, "Request Terminated");
             }
-            self.branch_gave_up(now, &skey, true);
+            self.branch_gave_up(now, &skey);
         } else {
             self.final_local(now, &skey, 408, "Request Timeout");
         }
     }
 
     /// The live branch of a call timed out: release its load and try the next destination.
-    fn branch_gave_up(&mut self, now: Instant, skey: &ServerKey, _no_response: bool) {
+    fn branch_gave_up(&mut self, now: Instant, skey: &ServerKey) {
         let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
             return;
         };
