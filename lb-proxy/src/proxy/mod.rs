@@ -893,11 +893,16 @@ impl Proxy {
         let id = tx.id;
         let is_invite = key.method == Method::Invite;
         let call = tx.call.take();
-        tx.last_response = Some(data.clone());
         let reliable = reply.transport == Transport::Tcp;
         if (200..300).contains(&code) {
+            // RFC 6026: retransmitted INVITEs are absorbed silently (the UAS retransmits its
+            // 2xx itself), so nothing of the request or the response needs keeping: at high
+            // call rates these lingering transactions are most of the memory.
             tx.state = SState::Accepted;
+            tx.last_response = None;
+            tx.request = Message::request(Method::Invite, "");
         } else {
+            tx.last_response = Some(data.clone());
             tx.state = SState::Completed;
         }
         self.send_response(reply, code, data);
@@ -1281,6 +1286,11 @@ impl Proxy {
         }
         // Final response.
         ctx.state = CState::Completed;
+        if is_invite && (200..300).contains(&code) && !ctx.abandoned {
+            // Only the upstream flow is needed from now on (to relay 2xx retransmissions).
+            ctx.request = Message::request(Method::Invite, "");
+            ctx.out.data = Bytes::new();
+        }
         let abandoned = ctx.abandoned;
         let server = ctx.server.clone();
         let role = ctx.role;
