@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -11,6 +11,7 @@ help:
 	@echo "make test   install what the tests need, then lint and run every test (unit, sipp, operator, e2e)"
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
+	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
 
 deps:
 	@./scripts/install-deps.sh
@@ -44,6 +45,9 @@ chart-lint: k8s
 
 e2e: deps k8s
 	./tests/e2e/run.sh
+
+bench:
+	./bench/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -30,8 +30,11 @@ fn main() -> ExitCode {
         Some(l) => EnvFilter::new(l),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    // Colour only on a terminal: escape codes in log files cost time and garble them.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if cli.log_format == "json" {
         sub.json().init();
