@@ -1441,6 +1441,14 @@ impl Proxy {
 
     fn confirm_dialog(&mut self, now: Instant, dkey: &DialogKey, msg: &Message) {
         let session_timer = self.cfg.dialogs.session_timer;
+        // Record-Route entries above ours are the callee's side of the route set; towards the
+        // callee the next hop is the entry just above ours (RFC 3261 12.1.2).
+        let rrs: Vec<&str> = msg.get_all(&HeaderName::RecordRoute).collect();
+        let ours = rrs
+            .iter()
+            .position(|r| SipUri::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
+        let callee_routes: Option<Vec<String>> =
+            ours.map(|i| rrs[..i].iter().rev().map(|s| s.to_string()).collect());
         let Some(d) = self.dialogs.get_mut(dkey) else {
             return;
         };
@@ -1456,18 +1464,8 @@ impl Proxy {
         d.callee.contact = msg
             .get(&HeaderName::Contact)
             .map(|c| name_addr_uri(c).to_string());
-        // Record-Route entries above ours are the callee's side of the route set.
-        let rrs: Vec<&str> = msg.get_all(&HeaderName::RecordRoute).collect();
-        let ours = rrs.iter().position(|r| {
-            SipUri::parse(name_addr_uri(r)).is_ok_and(|u| {
-                self.self_addrs
-                    .iter()
-                    .any(|(h, p)| *h == u.host.to_ascii_lowercase() && *p == u.port.unwrap_or(5060))
-            })
-        });
-        if let Some(i) = ours {
-            // Towards the callee the next hop is the entry just above ours (RFC 3261 12.1.2).
-            d.callee.routes = rrs[..i].iter().rev().map(|s| s.to_string()).collect();
+        if let Some(routes) = callee_routes {
+            d.callee.routes = routes;
         }
         if session_timer {
             if let Some(se) = session_expires(msg) {
