@@ -177,12 +177,20 @@ pub async fn run(
         }
         Ok::<(), reflector::store::WriterDropped>(())
     };
-    tokio::select! {
-        r = synced => r?,
-        _ = shutdown.cancelled() => {
-            finish(elector_task).await;
-            return Ok(());
-        }
+    // The reflector tasks drop their writers when the stop comes, so a failed wait that
+    // races the cancellation is also a clean stop.
+    let stopped = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => true,
+        r = synced => match r {
+            Ok(()) => false,
+            Err(_) if shutdown.is_cancelled() => true,
+            Err(e) => return Err(e.into()),
+        },
+    };
+    if stopped {
+        finish(elector_task).await;
+        return Ok(());
     }
     ready.store(true, Ordering::Relaxed);
     info!("caches synced");
