@@ -101,6 +101,10 @@ pub struct DestinationSet {
     #[serde(default)]
     pub version: u64,
     pub destinations: Vec<DestinationSpec>,
+    /// The other proxy replicas' cluster addresses (`ip:port`), with which this proxy shares
+    /// its per-destination load. Absent: the proxy keeps the peers it has (its config file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<std::net::SocketAddr>>,
 }
 
 /// A problem with one field of a destination set, named by its path.
@@ -181,6 +185,21 @@ mod tests {
         let again: DestinationSet =
             serde_json::from_str(&serde_json::to_string(&set).unwrap()).unwrap();
         assert_eq!(again, set);
+    }
+
+    #[test]
+    fn peers_are_optional_socket_addresses() {
+        let set: DestinationSet = serde_json::from_str(r#"{"destinations":[]}"#).unwrap();
+        assert_eq!(set.peers, None, "absent: keep the proxy's own peers");
+        assert!(!serde_json::to_string(&set).unwrap().contains("peers"));
+        let set: DestinationSet =
+            serde_json::from_str(r#"{"destinations":[],"peers":["127.0.0.2:7070","[::1]:7070"]}"#)
+                .unwrap();
+        assert_eq!(set.peers.as_ref().map(Vec::len), Some(2));
+        let de =
+            &mut serde_json::Deserializer::from_str(r#"{"destinations":[],"peers":["pod-a"]}"#);
+        let err = serde_path_to_error::deserialize::<_, DestinationSet>(de).unwrap_err();
+        assert_eq!(err.path().to_string(), "peers[0]");
     }
 
     #[test]

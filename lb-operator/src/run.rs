@@ -238,6 +238,7 @@ pub async fn run(
             let set = Arc::new(DestinationSet {
                 version,
                 destinations: computed.destinations.clone(),
+                peers: None,
             });
             info!(
                 version,

@@ -31,6 +31,7 @@ fn destinations(n: usize) -> Destinations {
                 state: DesiredState::Active,
             })
             .collect(),
+        peers: None,
     };
     match Destinations::from_set(&set) {
         Ok(d) => d,

@@ -771,6 +771,7 @@ impl RawConfig {
                 let set = DestinationSet {
                     version: 0,
                     destinations: list,
+                    peers: None,
                 };
                 check_set(&listeners, &set)?;
                 Some(set)

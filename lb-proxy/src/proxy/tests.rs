@@ -2286,6 +2286,7 @@ fn dest_set(version: u64, destinations: &str) -> DestinationSet {
     DestinationSet {
         version,
         destinations,
+        peers: None,
     }
 }
 
