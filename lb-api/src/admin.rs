@@ -56,7 +56,12 @@ pub enum Action {
 pub struct ResourceStatus {
     pub name: String,
     pub capacity: u32,
+    /// Calls this proxy set up and still counts.
     pub load: u32,
+    /// What routing sees: this proxy's load plus its live peers' (equal to `load` without a
+    /// cluster).
+    #[serde(default)]
+    pub cluster_load: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,4 +136,37 @@ pub struct ErrorBody {
     /// The offending field, when there is one (e.g. `destinations[2].uri`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
+
+/// `GET /v1/cluster`: this replica and the peers it shares load with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// False when the proxy runs without a `cluster` section.
+    pub enabled: bool,
+    /// This replica's node id (name plus a random suffix chosen at start).
+    pub node: String,
+    /// Live replicas sharing load, this one included.
+    pub size: u32,
+    /// Seconds the oldest local load change has waited for every live peer (0: in sync).
+    pub sync_lag_seconds: f64,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// The peer's cluster address.
+    pub addr: String,
+    /// Its node id, once heard from.
+    pub node: Option<String>,
+    /// Heard from within `peerTimeout`.
+    pub live: bool,
+    /// This replica's own address in the pushed list.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    /// Milliseconds since its last update; None when never heard from.
+    pub last_update_ms: Option<u64>,
+    /// Calls it reports, summed over destinations and resources.
+    pub load: u64,
 }

@@ -204,6 +204,13 @@ async fn dialog_stats(State(api): State<Api>) -> Response {
     }
 }
 
+async fn cluster(State(api): State<Api>) -> Response {
+    match api.ask(Control::Cluster).await {
+        Ok(s) => Json(s).into_response(),
+        Err(r) => r,
+    }
+}
+
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -215,6 +222,7 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/destinations/{id}/state", post(post_state))
         .route("/v1/dialogs/stats", get(dialog_stats))
+        .route("/v1/cluster", get(cluster))
         .with_state(api)
 }
 

@@ -126,6 +126,22 @@ impl Probing {
     }
 }
 
+/// Load sharing between proxy replicas (see `crate::cluster`).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// UDP address the peer exchange listens on.
+    pub listen: SocketAddr,
+    /// This replica's name (default: the host name, i.e. the pod name); the node id is the
+    /// name plus a random suffix chosen at start, so a restarted replica is a new node.
+    pub name: String,
+    /// The other replicas' `listen` addresses; a pushed set with `peers` replaces them.
+    pub peers: Vec<SocketAddr>,
+    /// Longest time between two updates to each peer.
+    pub heartbeat: Duration,
+    /// A peer silent this long is dead: its load no longer counts.
+    pub peer_timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
@@ -145,6 +161,8 @@ pub struct Config {
     pub dns_refresh: Duration,
     /// How long SIGTERM waits for open calls before the process exits.
     pub shutdown_drain: Duration,
+    /// Load sharing with other replicas; None: this proxy counts alone.
+    pub cluster: Option<Cluster>,
     /// The static set; None when the file has no `destinations` key (the proxy then waits for
     /// a set pushed through the admin API and is not ready until one arrives).
     pub destinations: Option<DestinationSet>,
@@ -189,7 +207,100 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
+    cluster: Option<RawCluster>,
+    #[serde(default)]
     destinations: Option<Vec<DestinationSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCluster {
+    listen: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default = "default_heartbeat", deserialize_with = "duration")]
+    heartbeat: Duration,
+    #[serde(default = "default_peer_timeout", deserialize_with = "duration")]
+    peer_timeout: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn default_peer_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+impl RawCluster {
+    fn into_cluster(self) -> Result<Cluster, FieldError> {
+        let listen = self.listen.parse().map_err(|_| {
+            FieldError::new(
+                "cluster.listen",
+                format!("{:?} is not an IP address and port", self.listen),
+            )
+        })?;
+        let mut peers = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            peers.push(p.parse().map_err(|_| {
+                FieldError::new(
+                    format!("cluster.peers[{i}]"),
+                    format!("{p:?} is not an IP address and port"),
+                )
+            })?);
+        }
+        if self.heartbeat.is_zero() {
+            return Err(FieldError::new(
+                "cluster.heartbeat",
+                "must be greater than zero",
+            ));
+        }
+        if self.peer_timeout < self.heartbeat * 2 {
+            return Err(FieldError::new(
+                "cluster.peerTimeout",
+                format!(
+                    "{:?} is shorter than two heartbeats ({:?}); a live peer would look dead",
+                    self.peer_timeout,
+                    self.heartbeat * 2
+                ),
+            ));
+        }
+        let name = match self.name {
+            Some(n) if n.trim().is_empty() => {
+                return Err(FieldError::new("cluster.name", "must not be empty"))
+            }
+            Some(n) => n,
+            None => host_name(),
+        };
+        Ok(Cluster {
+            listen,
+            name: name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect(),
+            peers,
+            heartbeat: self.heartbeat,
+            peer_timeout: self.peer_timeout,
+        })
+    }
+}
+
+/// The host name (in Kubernetes: the pod name), for the default cluster node name.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "lb-proxy".to_string())
 }
 
 #[derive(Deserialize)]
@@ -796,6 +907,7 @@ impl RawConfig {
             },
             dns_refresh: self.dns.refresh_interval,
             shutdown_drain: self.shutdown.drain_period,
+            cluster: self.cluster.map(RawCluster::into_cluster).transpose()?,
             destinations,
         })
     }

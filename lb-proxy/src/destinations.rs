@@ -7,7 +7,7 @@
 
 use lb_api::admin::{DestinationStatus, ProbeStatus, ResourceStatus, State};
 use lb_api::{DesiredState, DestinationSet, DestinationSpec, ProbeMode};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
@@ -36,7 +36,17 @@ pub enum Manual {
 pub struct ResourceLoad {
     pub name: String,
     pub capacity: u32,
+    /// Calls this proxy set up and still counts.
     pub load: u32,
+    /// Calls the other replicas report (zero without a cluster).
+    pub remote: u32,
+}
+
+impl ResourceLoad {
+    /// The load routing sees: this replica's and its live peers'.
+    pub fn cluster_load(&self) -> u32 {
+        self.load.saturating_add(self.remote)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,6 +85,11 @@ pub struct Destination {
     /// Answered 503 with Retry-After: no new calls until then.
     pub held_until: Option<Instant>,
     pub probe: ProbeStats,
+    /// Cluster sequence numbers of the calls routed here that not every live peer has
+    /// acknowledged yet (empty without a cluster).
+    pub unsynced: VecDeque<u64>,
+    /// Live replicas sharing load (copy of `Destinations::cluster_size`).
+    sync_n: u32,
 }
 
 impl Destination {
@@ -87,6 +102,7 @@ impl Destination {
                 name: name.to_string(),
                 capacity,
                 load: 0,
+                remote: 0,
             })
             .collect();
         Ok(Destination {
@@ -104,6 +120,8 @@ impl Destination {
             open: 0,
             held_until: None,
             probe: ProbeStats::default(),
+            unsynced: VecDeque::new(),
+            sync_n: 1,
         })
     }
 
@@ -167,6 +185,25 @@ impl Destination {
             }
     }
 
+    /// The bound on overselling across replicas: with N live replicas, this one may have at
+    /// most max(1, free / N) calls on the destination that not every peer has acknowledged,
+    /// where free is the destination's free capacity as this replica sees it. All replicas
+    /// together can then exceed the capacity by at most N - 1 calls (each one unacknowledged
+    /// call taken when one channel looked free); see the README's replica model.
+    fn sync_allows(&self) -> bool {
+        if self.sync_n <= 1 || self.unsynced.is_empty() {
+            return true;
+        }
+        let free = self
+            .resources
+            .iter()
+            .filter(|r| r.capacity > 0)
+            .map(|r| i64::from(r.capacity) - i64::from(r.cluster_load()))
+            .min()
+            .unwrap_or(0);
+        (self.unsynced.len() as i64) < (free / i64::from(self.sync_n)).max(1)
+    }
+
     /// Applies a new spec for the same id, keeping load, health and manual state.
     fn update(&mut self, spec: DestinationSpec) -> Result<(), String> {
         if spec.uri != self.spec.uri {
@@ -184,6 +221,11 @@ impl Destination {
                 name: name.to_string(),
                 capacity,
                 load: self.load_of(name),
+                remote: self
+                    .resources
+                    .iter()
+                    .find(|r| r.name == name)
+                    .map_or(0, |r| r.remote),
             })
             .collect();
         // A resource dropped from the spec keeps counting down its open calls, at capacity 0.
@@ -227,6 +269,7 @@ impl Destination {
                     name: r.name.clone(),
                     capacity: r.capacity,
                     load: r.load,
+                    cluster_load: r.cluster_load(),
                 })
                 .collect(),
             open_calls: self.open,
@@ -261,6 +304,7 @@ impl Candidate for Destination {
             && !self.removed
             && self.addr.is_some()
             && self.held_until.is_none()
+            && self.sync_allows()
     }
     fn resource(&self, name: &str) -> Option<Capacity> {
         self.resources
@@ -268,7 +312,7 @@ impl Candidate for Destination {
             .find(|r| r.name == name)
             .map(|r| Capacity {
                 capacity: r.capacity,
-                load: r.load,
+                load: r.cluster_load(),
             })
     }
 }
@@ -281,6 +325,10 @@ pub struct Destinations {
     /// When a set was last loaded; None while the proxy waits for its first set.
     pub updated: Option<SystemTime>,
     next_uid: u64,
+    /// Bumped by every change of this replica's load (the cluster's update sequence).
+    pub seq: u64,
+    /// Live replicas sharing load, this one included (1 without a cluster).
+    pub cluster_size: u32,
 }
 
 impl Destinations {
@@ -334,7 +382,8 @@ impl Destinations {
                 Some(i) => self.slots[i].update(spec)?,
                 None => {
                     self.next_uid += 1;
-                    let d = Destination::new(self.next_uid, spec)?;
+                    let mut d = Destination::new(self.next_uid, spec)?;
+                    d.sync_n = self.cluster_size.max(1);
                     let i = match self.slots.iter().position(Destination::is_free) {
                         Some(i) => {
                             self.slots[i] = d;
@@ -359,9 +408,47 @@ impl Destinations {
         Ok(fresh)
     }
 
+    /// Sets the number of live replicas sharing load; dropping to one forgets what was
+    /// waiting for acknowledgement.
+    pub fn set_cluster_size(&mut self, n: u32) {
+        self.cluster_size = n;
+        for d in &mut self.slots {
+            d.sync_n = n;
+            if n <= 1 {
+                d.unsynced.clear();
+            }
+        }
+    }
+
+    /// Every live peer has acknowledged the updates up to `seq`.
+    pub fn acknowledged(&mut self, seq: u64) {
+        for d in &mut self.slots {
+            while d.unsynced.front().is_some_and(|s| *s <= seq) {
+                d.unsynced.pop_front();
+            }
+        }
+    }
+
+    /// Sets every destination's remote load from the peers' reports, by destination id and
+    /// resource name.
+    pub fn set_remote(&mut self, remote: &HashMap<String, Vec<(String, u32)>>) {
+        for d in &mut self.slots {
+            let reported = remote.get(d.spec.id.as_str());
+            for r in &mut d.resources {
+                r.remote = reported
+                    .and_then(|l| l.iter().find(|(name, _)| *name == r.name))
+                    .map_or(0, |(_, n)| *n);
+            }
+        }
+    }
+
     /// Counts one call on each requested resource of a destination.
     pub fn acquire(&mut self, slot: usize, resources: &[String]) {
         if let Some(d) = self.slots.get_mut(slot) {
+            self.seq += 1;
+            if self.cluster_size > 1 {
+                d.unsynced.push_back(self.seq);
+            }
             d.calls += 1;
             d.open += 1;
             for r in d.resources.iter_mut() {
@@ -375,6 +462,7 @@ impl Destinations {
     /// Frees one call on each requested resource of a destination.
     pub fn release(&mut self, slot: usize, resources: &[String]) {
         if let Some(d) = self.slots.get_mut(slot) {
+            self.seq += 1;
             d.open = d.open.saturating_sub(1);
             for r in d.resources.iter_mut() {
                 if resources.contains(&r.name) {

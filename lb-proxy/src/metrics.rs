@@ -40,6 +40,71 @@ pub struct Metrics {
     pub probe_latency: prometheus::GaugeVec,
     pub set_version: IntGauge,
     pub set_updated: prometheus::Gauge,
+    pub cluster: ClusterMetrics,
+}
+
+/// Load sharing between replicas.
+pub struct ClusterMetrics {
+    /// What routing sees per destination: this replica's load plus its live peers'.
+    pub dest_load: IntGaugeVec,
+    /// Configured peers by state: live (heard within peerTimeout) or silent.
+    pub peers: IntGaugeVec,
+    /// Age of the oldest local load change not yet acknowledged by every live peer.
+    pub sync_lag: prometheus::Gauge,
+    /// Seconds since each peer's last update.
+    pub peer_age: prometheus::GaugeVec,
+    pub updates: IntCounterVec,
+    pub ends: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    fn new(r: &Registry) -> ClusterMetrics {
+        let sync_lag = prometheus::Gauge::new(
+            "mrcp_lb_cluster_sync_lag_seconds",
+            "How long the oldest change of this replica's load has waited for every live \
+             peer's acknowledgement (0: in sync).",
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        register(r, sync_lag.clone());
+        let peer_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "mrcp_lb_cluster_peer_last_update_seconds",
+                "Seconds since the last update from each configured peer.",
+            ),
+            &["peer"],
+        )
+        .unwrap_or_else(|e| panic!("metric: {e}"));
+        register(r, peer_age.clone());
+        ClusterMetrics {
+            dest_load: gauge_vec(
+                r,
+                "mrcp_lb_destination_cluster_load",
+                "Live dialogs on a destination's resource as routing sees them: this \
+                 replica's plus its live peers'.",
+                &["destination", "uri", "resource"],
+            ),
+            peers: gauge_vec(
+                r,
+                "mrcp_lb_cluster_peers",
+                "Configured peer replicas by state (live: heard within peerTimeout).",
+                &["state"],
+            ),
+            sync_lag,
+            peer_age,
+            updates: counter_vec(
+                r,
+                "mrcp_lb_cluster_updates_total",
+                "Load updates exchanged with peers (sent, received, refused).",
+                &["direction"],
+            ),
+            ends: counter_vec(
+                r,
+                "mrcp_lb_cluster_dialog_ends_total",
+                "Dialogs ended through another replica: announced here, or applied here.",
+                &["direction"],
+            ),
+        }
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -229,6 +294,7 @@ impl Metrics {
                 "Version of the destination set in force.",
             ),
             set_updated,
+            cluster: ClusterMetrics::new(&r),
             registry: r,
         }
     }

@@ -2,7 +2,7 @@
 //! SIGHUP reloader and the one task that owns the proxy core.
 
 use anyhow::Context;
-use lb_api::admin::{Action, DestinationsStatus, DialogStats, State};
+use lb_api::admin::{Action, ClusterStatus, DestinationsStatus, DialogStats, State};
 use lb_api::DestinationSet;
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -26,6 +26,11 @@ use crate::transport::{tcp, udp, ErrorToken, Inbound, Outbound, Target};
 pub enum Event {
     Message(Inbound),
     TransportError(ErrorToken),
+    /// A load update from a peer replica.
+    Peer {
+        from: SocketAddr,
+        data: bytes::Bytes,
+    },
     /// A destination's host name resolved.
     Resolved {
         id: String,
@@ -48,6 +53,7 @@ pub enum Control {
     Manual(String, Action, oneshot::Sender<Option<State>>),
     /// SIGTERM: stop taking new calls; answers how many calls are still open.
     Drain(oneshot::Sender<u64>),
+    Cluster(oneshot::Sender<ClusterStatus>),
 }
 
 /// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
@@ -151,6 +157,18 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
             }
         }
     }
+    let cluster_sock = match &cfg.cluster {
+        Some(c) => {
+            let s = UdpSocket::bind(c.listen)
+                .await
+                .with_context(|| format!("cluster.listen: cannot bind udp:{}", c.listen))?;
+            let s = Arc::new(s);
+            tokio::spawn(receive_peers(s.clone(), events.clone(), shutdown.clone()));
+            info!("sharing load with peers from udp:{}", s.local_addr()?);
+            Some(s)
+        }
+        None => None,
+    };
     let admin = match &cfg.admin {
         Some(a) => {
             let l = TcpListener::bind(a.listen)
@@ -220,6 +238,7 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         ));
     }
     let io = Io {
+        cluster: cluster_sock,
         udp: udp_sockets,
         tcp: tcp_shared,
         events: events.clone(),
@@ -243,6 +262,8 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
 }
 
 struct Io {
+    /// The peer exchange socket, when the proxy shares load.
+    cluster: Option<Arc<UdpSocket>>,
     udp: Vec<Option<Arc<UdpSocket>>>,
     tcp: tcp::Shared,
     events: mpsc::Sender<Event>,
@@ -256,6 +277,7 @@ impl Io {
                 // Resolve off the core task, then send.
                 let (host, port) = (host.clone(), *port);
                 let io = Io {
+                    cluster: None,
                     udp: self.udp.clone(),
                     tcp: self.tcp.clone(),
                     events: self.events.clone(),
@@ -348,6 +370,15 @@ impl Core {
             for out in self.proxy.take_outbound() {
                 io.send(out);
             }
+            if let Some(sock) = &io.cluster {
+                if let Some((data, targets)) = self.proxy.take_cluster_outbound(Instant::now()) {
+                    for t in targets {
+                        if let Err(e) = sock.try_send_to(&data, t) {
+                            debug!(peer = %t, "cluster update not sent: {e}");
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -356,6 +387,7 @@ impl Core {
         match ev {
             Event::Message(m) => proxy.on_message(now, m),
             Event::TransportError(t) => proxy.on_transport_error(now, t),
+            Event::Peer { from, data } => proxy.on_peer(now, from, &data),
             Event::Resolved { id, addr } => {
                 let dests = proxy.destinations_mut();
                 if let Some(d) = dests.find(&id).and_then(|s| dests.get_mut(s)) {
@@ -386,7 +418,7 @@ impl Core {
                 });
             }
             Control::Metrics(reply) => {
-                proxy.export_gauges();
+                proxy.export_gauges(now);
                 let _ = reply.send(self.metrics.encode());
             }
             Control::Ready(reply) => {
@@ -409,6 +441,9 @@ impl Core {
                 proxy.start_draining();
                 let _ = reply.send(proxy.open_calls());
             }
+            Control::Cluster(reply) => {
+                let _ = reply.send(proxy.cluster_status(now));
+            }
         }
     }
 
@@ -421,6 +456,32 @@ impl Core {
             }
             changed
         });
+    }
+}
+
+/// Receives the peers' load updates for the core (checked and applied there).
+async fn receive_peers(
+    sock: Arc<UdpSocket>,
+    events: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, from) = tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors of earlier sends (a peer not started yet) land here.
+                    debug!("cluster socket: {e}");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let data = bytes::Bytes::copy_from_slice(&buf[..n]);
+        if events.send(Event::Peer { from, data }).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -37,6 +37,8 @@ impl Proxy {
         for slot in 0..self.dests.slots.len() {
             self.schedule_first_probe(now, slot);
         }
+        self.start_cluster(now);
+        self.refresh_cluster(now);
     }
 
     /// Replaces the destination set atomically. Ids that stay keep load, health and manual
@@ -55,6 +57,11 @@ impl Proxy {
             }
             if set.version == current {
                 return if self.same_as_current(set) {
+                    // The peer list is not part of the set's content: the same set with
+                    // other peers still updates them.
+                    if let Some(peers) = &set.peers {
+                        self.set_peers(now, peers);
+                    }
                     Ok(Applied::Unchanged)
                 } else {
                     Err(SetError::Conflict(format!(
@@ -69,6 +76,10 @@ impl Proxy {
             .map_err(|e| SetError::Invalid(FieldError::new("destinations", e)))?;
         for slot in fresh {
             self.schedule_first_probe(now, slot);
+        }
+        match &set.peers {
+            Some(peers) => self.set_peers(now, peers),
+            None => self.refresh_cluster(now),
         }
         self.metrics.set_updated.set(unix_f64(SystemTime::now()));
         info!(
@@ -157,7 +168,8 @@ impl Proxy {
     }
 
     /// Fills the gauges that mirror the core's state, before a scrape.
-    pub fn export_gauges(&self) {
+    pub fn export_gauges(&self, now: Instant) {
+        self.export_cluster_gauges(now);
         let m = &self.metrics;
         m.dialogs_active.set(self.stats.active as i64);
         m.dialogs_early.set(self.stats.early as i64);

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Listener};
 use crate::destinations::{Destinations, Health};
 use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
@@ -147,6 +148,8 @@ enum Timer {
     Hold(usize),
     /// Time to probe the destination in (slot, uid).
     Probe(usize, u64),
+    /// Load sharing: expire silent peers, resend what is unacknowledged.
+    Cluster,
 }
 
 /// Routing outcome counters.
@@ -178,6 +181,8 @@ pub struct Proxy {
     /// Gauges: active and early dialogs (the counters live in `metrics`).
     stats: DialogStats,
     metrics: Arc<Metrics>,
+    /// Load sharing with other replicas, when configured.
+    cluster: Option<Cluster>,
 }
 
 impl Proxy {
@@ -188,6 +193,7 @@ impl Proxy {
     pub fn with_metrics(cfg: Arc<Config>, dests: Destinations, metrics: Arc<Metrics>) -> Proxy {
         let mut rng = SmallRng::from_entropy();
         let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
+        let cluster = cfg.cluster.as_ref().map(|c| Cluster::new(c, rng.gen()));
         let mut self_addrs = Vec::new();
         for l in &cfg.listeners {
             self_addrs.push((l.advertise.host.to_ascii_lowercase(), l.advertise.port));
@@ -211,6 +217,7 @@ impl Proxy {
             draining: false,
             stats: DialogStats::default(),
             metrics,
+            cluster,
         }
     }
 
@@ -304,7 +311,7 @@ impl Proxy {
                 | Timer::ServerTimeout(id)
                 | Timer::ServerCleanup(id) => self.server_ids.contains_key(id),
                 Timer::Dialog(id) => self.dialog_ids.contains_key(id),
-                Timer::Hold(_) | Timer::Probe(..) => true,
+                Timer::Hold(_) | Timer::Probe(..) | Timer::Cluster => true,
             })
             .collect();
     }
@@ -1124,6 +1131,9 @@ impl Proxy {
             if method == Method::Bye {
                 self.end_dialog(k, End::Normal);
             }
+        } else if method == Method::Bye && dkey.is_none() {
+            // Set up through another replica (or before a restart): its owner frees the load.
+            self.announce_end(&msg);
         }
         if is_ack {
             // Stateless, but the branch must be unique and stable across retransmissions.
@@ -1636,6 +1646,7 @@ impl Proxy {
                 }
             }
             Timer::Probe(slot, uid) => self.probe_due(now, slot, uid),
+            Timer::Cluster => self.cluster_tick(now),
             Timer::Hold(slot) => {
                 if let Some(d) = self.dests.get_mut(slot) {
                     if d.held_until.is_some_and(|h| h <= now) {
@@ -1909,6 +1920,7 @@ fn fxhash(s: &str) -> u64 {
 
 mod control;
 mod probe;
+mod share;
 
 pub use control::{Applied, SetError};
 

@@ -2026,8 +2026,8 @@ fn probe_failures_take_a_destination_down_only_at_the_threshold() {
     let st = h.probe_stats(0);
     assert_eq!((st.sent, st.succeeded, st.failed), (8, 2, 6));
 
-    h.proxy.export_gauges();
-    h.proxy.export_gauges();
+    h.proxy.export_gauges(h.now);
+    h.proxy.export_gauges(h.now);
     let text = h.proxy.metrics().encode();
     for (result, n) in [("timeout", 3), ("failure", 3), ("success", 2)] {
         let line = metric_line(
@@ -2114,8 +2114,8 @@ fn probe_successes_bring_a_destination_back_with_statistics() {
     assert_eq!(status.destinations[0].state, State::Up);
     assert_eq!(status.destinations[0].reason, "");
 
-    h.proxy.export_gauges();
-    h.proxy.export_gauges();
+    h.proxy.export_gauges(h.now);
+    h.proxy.export_gauges(h.now);
     let text = h.proxy.metrics().encode();
     let line = metric_line(&text, "mrcp_lb_destination_probe_latency_seconds", &[]);
     let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
@@ -2303,6 +2303,7 @@ fn pstn(capacity: u32, load: u32) -> Vec<lb_api::admin::ResourceStatus> {
         name: "pstn".into(),
         capacity,
         load,
+        cluster_load: load,
     }]
 }
 
@@ -2401,8 +2402,8 @@ fn replacing_the_set_keeps_open_calls_and_counts_removed_ones_down() {
     assert_eq!(h.load(1), 0);
     assert!(status_of(&h, "2").is_none(), "gone with its last call");
     assert_eq!(h.proxy.status().destinations.len(), 1);
-    h.proxy.export_gauges();
-    h.proxy.export_gauges();
+    h.proxy.export_gauges(h.now);
+    h.proxy.export_gauges(h.now);
     let text = h.proxy.metrics().encode();
     assert!(
         metric_line_of(&text, "mrcp_lb_destination_load", "2", &[]).is_none(),
@@ -2784,8 +2785,8 @@ fn status_and_gauges_reflect_the_destinations() {
     assert_eq!(two.resources, pstn(50, 0));
     assert_eq!((two.open_calls, two.calls), (0, 0));
 
-    h.proxy.export_gauges();
-    h.proxy.export_gauges();
+    h.proxy.export_gauges(h.now);
+    h.proxy.export_gauges(h.now);
     let text = h.proxy.metrics().encode();
     let load = metric_line(&text, "mrcp_lb_destination_load", &[("resource", "pstn")]);
     assert!(load.ends_with("} 1"), "{load}");
@@ -2817,8 +2818,8 @@ fn status_and_gauges_reflect_the_destinations() {
         (one.resources.clone(), one.open_calls, one.calls),
         (pstn(100, 0), 0, 1)
     );
-    h.proxy.export_gauges();
-    h.proxy.export_gauges();
+    h.proxy.export_gauges(h.now);
+    h.proxy.export_gauges(h.now);
     let text = h.proxy.metrics().encode();
     let load = metric_line(&text, "mrcp_lb_destination_load", &[]);
     assert!(load.ends_with("} 0"), "{load}");
@@ -2957,4 +2958,161 @@ fn enable_gives_a_destination_the_full_failure_threshold_again() {
         "one failure after the enable took it down again (consecutive_failures = {})",
         h.probe_stats(0).consecutive_failures
     );
+}
+
+// ---- load sharing between replicas -----------------------------------------------------------
+
+const CL_A: &str = "127.0.0.1:7071";
+const CL_B: &str = "127.0.0.1:7072";
+
+/// Two replicas with the same listeners (as behind one Service address) and the same
+/// destinations, each naming both cluster addresses (the operator pushes one list to all).
+fn replica_pair(destinations: &str) -> (Harness, Harness) {
+    let cluster = |listen: &str, name: &str| {
+        format!(
+            "probing:\n  interval: 1h\ncluster:\n  listen: {listen}\n  name: {name}\n  heartbeat: 100ms\n  peerTimeout: 1s\n  peers: [\"{CL_A}\", \"{CL_B}\"]"
+        )
+    };
+    let mut a = Harness::with(destinations, &cluster(CL_A, "a"));
+    let mut b = Harness::with(destinations, &cluster(CL_B, "b"));
+    a.proxy.start(a.now);
+    b.proxy.start(b.now);
+    (a, b)
+}
+
+/// Carries the update `from` has due (if any) to `to`; true when one went.
+fn sync(from: &mut Harness, from_addr: &str, to: &mut Harness) -> bool {
+    let Some((data, targets)) = from.proxy.take_cluster_outbound(from.now) else {
+        return false;
+    };
+    assert!(targets.contains(&addr(CL_A)) || targets.contains(&addr(CL_B)));
+    to.proxy.on_peer(to.now, addr(from_addr), &data);
+    // A replica also receives its own datagram (the list names it): it learns to skip itself.
+    from.proxy.on_peer(from.now, addr(from_addr), &data);
+    true
+}
+
+/// Updates both ways until neither has anything due.
+fn settle_pair(a: &mut Harness, b: &mut Harness) {
+    for _ in 0..4 {
+        let x = sync(a, CL_A, b);
+        let y = sync(b, CL_B, a);
+        if !x && !y {
+            return;
+        }
+    }
+}
+
+fn cluster_load(h: &Harness, slot: usize) -> u32 {
+    let d = h.proxy.destinations().get(slot).unwrap();
+    d.resources[0].cluster_load()
+}
+
+#[test]
+fn replicas_route_on_each_others_load_and_a_bye_through_the_other_frees_it() {
+    let one_each = r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=10}
+  - {id: 2, group: 1, uri: "sip:127.0.0.1:5090", resources: pstn=10}
+"#;
+    let (mut a, mut b) = replica_pair(one_each);
+    settle_pair(&mut a, &mut b);
+    assert_eq!(a.proxy.cluster_status(a.now).size, 2);
+    assert_eq!(b.proxy.cluster_status(b.now).size, 2);
+
+    // Two calls through A: one on each server (equal capacity, least loaded).
+    let mut c1 = Call::udp("cl1");
+    let inv1 = place(&mut a, &c1);
+    let first = inv1.to();
+    let srv1 = Uas::new(&first.to_string(), "cl1srv");
+    answer(&mut a, &mut c1, &srv1, &inv1, &[]);
+    let slot1 = usize::from(first != addr(S1));
+    assert_eq!(a.load(slot1), 1);
+    assert_eq!(b.load(slot1), 0, "B has not heard yet");
+    settle_pair(&mut a, &mut b);
+    assert_eq!(cluster_load(&b, slot1), 1, "B sees A's call");
+    assert_eq!(b.load(slot1), 0, "as A's, not its own");
+
+    // B's next call goes to the other server: the one A loaded is busier cluster-wide.
+    let c2 = Call::udp("cl2");
+    let inv2 = place(&mut b, &c2);
+    assert_ne!(inv2.to(), first, "B routes on the cluster-wide load");
+
+    // A's caller hangs up through B (another replica behind the same address): B relays the
+    // BYE by its Route and Request-URI and announces the end; A frees the load.
+    b.recv(c1.peer, &c1.bye());
+    let mut out = b.out();
+    let bye = take(&mut out, "BYE relayed by B", |s| s.is(Method::Bye));
+    assert_eq!(
+        bye.to(),
+        first,
+        "to the server of A's call, without B knowing the dialog"
+    );
+    assert_eq!(a.proxy.dialog_stats().active, 1);
+    settle_pair(&mut a, &mut b);
+    assert_eq!(a.proxy.dialog_stats().active, 0, "A ended its dialog");
+    assert_eq!(a.load(slot1), 0, "and freed its load");
+    settle_pair(&mut a, &mut b);
+    assert_eq!(cluster_load(&b, slot1), 0, "B sees it freed");
+    let m = a.proxy.metrics().encode();
+    assert!(
+        m.contains("mrcp_lb_cluster_dialog_ends_total{direction=\"applied\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn near_capacity_a_replica_holds_one_unacknowledged_call_per_destination() {
+    let small = r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=3}
+"#;
+    let (mut a, mut b) = replica_pair(small);
+    settle_pair(&mut a, &mut b);
+    // Free 3, two replicas: max(1, 3 / 2) = 1 call may wait for B's acknowledgement.
+    let c1 = Call::udp("nc1");
+    place(&mut a, &c1);
+    let c2 = Call::udp("nc2");
+    a.recv(c2.peer, &c2.invite());
+    let mut out = a.out();
+    let busy = take(
+        &mut out,
+        "503 while the first call is unacknowledged",
+        |s| s.code() == Some(503),
+    );
+    busy.assert_to(&c2.peer);
+    assert!(busy.get(HeaderName::RetryAfter).is_some());
+    // B acknowledges: the next call may go.
+    settle_pair(&mut a, &mut b);
+    assert_eq!(cluster_load(&b, 0), 1);
+    let c3 = Call::udp("nc3");
+    place(&mut a, &c3);
+    // A silent peer stops counting: alone again, no acknowledgement is awaited.
+    a.advance_to(ms(1500));
+    a.out(); // retransmissions of the unanswered INVITEs and of the 503
+    assert_eq!(a.proxy.cluster_status(a.now).size, 1);
+    let c4 = Call::udp("nc4");
+    place(&mut a, &c4);
+    let c5 = Call::udp("nc5");
+    a.recv(c5.peer, &c5.invite());
+    let mut out = a.out();
+    take(&mut out, "503: capacity 3 used by A's own calls", |s| {
+        s.code() == Some(503)
+    });
+}
+
+#[test]
+fn a_pushed_peer_list_replaces_the_configured_one() {
+    let (mut a, _) = replica_pair(TWO_DESTS);
+    let mut set = dest_set(2, TWO_DESTS);
+    set.peers = Some(vec![addr("127.0.0.1:7075")]);
+    a.proxy.replace_set(a.now, &set).unwrap();
+    let st = a.proxy.cluster_status(a.now);
+    let peers: Vec<&str> = st.peers.iter().map(|p| p.addr.as_str()).collect();
+    assert_eq!(peers, vec!["127.0.0.1:7075"]);
+    // The same set again with other peers is unchanged content, yet the peers follow.
+    set.peers = Some(vec![addr(CL_A), addr(CL_B)]);
+    assert_eq!(
+        a.proxy.replace_set(a.now, &set).unwrap(),
+        Applied::Unchanged
+    );
+    assert_eq!(a.proxy.cluster_status(a.now).peers.len(), 2);
 }
