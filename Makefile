@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench audit audit-advisories cargo-deny
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -12,6 +12,7 @@ help:
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
+	@echo "make audit  cargo deny: licences, duplicate versions (warnings), sources (crates.io only)"
 
 deps:
 	@./scripts/install-deps.sh
@@ -52,6 +53,23 @@ bench:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(MAKE) audit
+
+# cargo-deny, pinned, installed from crates.io into ~/.cargo/bin when missing or another version.
+CARGO_DENY_VERSION := 0.20.2
+cargo-deny:
+	@$(CARGO) deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
+	  || $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
+
+# deny.toml: licence allow-list, duplicate versions as warnings, crates.io as the only source.
+# Offline: works without GitHub.
+audit: cargo-deny
+	$(CARGO) deny check --hide-inclusion-graph licenses bans sources
+
+# RustSec advisories: needs the advisory database from GitHub (github.com/rustsec/advisory-db),
+# which this project's CI machine cannot reach (see RELIABILITY.md, Security). Run it where it can.
+audit-advisories: cargo-deny
+	$(CARGO) deny check --hide-inclusion-graph advisories
 
 unit:
 	$(CARGO) test --workspace --lib

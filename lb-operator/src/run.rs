@@ -28,7 +28,7 @@ use crate::model::{compute, Computed, ServerView};
 use crate::push::{Desired, Pusher};
 
 /// Everything the operator is told on its command line.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     /// Watch MrcpServers and pods in this namespace only; all namespaces when None.
     pub namespace: Option<String>,
@@ -44,6 +44,24 @@ pub struct Settings {
     pub resync: Duration,
     /// Lease for leader election; None runs as the only writer.
     pub lease: Option<LeaseSettings>,
+}
+
+/// Every field but the admin token, which shows only whether it is set: a `{:?}` of the
+/// settings in a log must not leak it.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("namespace", &self.namespace)
+            .field("proxy_selector", &self.proxy_selector)
+            .field("proxy_namespace", &self.proxy_namespace)
+            .field("proxy_admin_port", &self.proxy_admin_port)
+            .field("proxy_urls", &self.proxy_urls)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("listen", &self.listen)
+            .field("resync", &self.resync)
+            .field("lease", &self.lease)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -469,4 +487,28 @@ async fn serve_http(
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_admin_token() {
+        let s = Settings {
+            namespace: None,
+            proxy_selector: None,
+            proxy_namespace: None,
+            proxy_admin_port: 8081,
+            proxy_urls: vec![],
+            token: Some("s3cr3t-admin-token".into()),
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            resync: Duration::from_secs(10),
+            lease: None,
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("token: Some(\"<redacted>\")"), "{shown}");
+        assert!(shown.contains("proxy_admin_port: 8081"), "{shown}");
+    }
 }

@@ -142,11 +142,22 @@ pub struct Cluster {
     pub peer_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
     /// Bearer token required by the write endpoints; None leaves them open.
     pub token: Option<String>,
+}
+
+/// Shows whether a token is set, never the token: a `{:?}` of the config in a log or an error
+/// must not leak it.
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -921,6 +932,19 @@ mod tests {
 
     fn err(yaml: &str) -> String {
         Config::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn debug_output_hides_the_admin_token() {
+        let a = Admin {
+            listen: "127.0.0.1:8081".parse().unwrap(),
+            token: Some("s3cr3t-admin-token".into()),
+        };
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        let none = Admin { token: None, ..a };
+        assert!(format!("{none:?}").contains("token: None"));
     }
 
     #[test]

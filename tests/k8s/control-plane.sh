@@ -12,7 +12,9 @@
 #   with pod IPs from the node's podCIDR: 127.1.<i>.0/24, inside loopback.
 #   Writes DIR/kubeconfig (cluster-admin), DIR/<component>.pid, DIR/<component>.log,
 #   DIR/env (KUBECONFIG, ports) and returns once the API server is ready (and,
-#   with --full, the nodes are Ready). Ports are picked free at random unless
+#   with --full, the nodes are Ready). DIR/audit.log gets one JSON line per
+#   request made as a ServiceAccount (metadata only): what a component running
+#   under the chart's RBAC actually called. Ports are picked free at random unless
 #   ETCD_PORT / APISERVER_PORT are set.
 # stop: kills the PIDs in DIR/*.pid (TERM, then KILL after 10 s) and removes the
 #   pid files; DIR itself (data, logs, certificates) is left for inspection.
@@ -24,7 +26,7 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "control-plane.sh: $*" >&2; exit 1; }
 log() { echo "control-plane: $*" >&2; }
 
@@ -232,6 +234,17 @@ EOF
 	wait_for "etcd" 30 etcd curl -fsS --max-time 2 --noproxy '*' "http://127.0.0.1:$ETCD_PORT/health"
 
 	local p=$DIR/pki
+	# Audit ServiceAccount requests only (the admin's are not logged): tests read it to see
+	# which verbs and resources a component used and what the API server answered.
+	cat >"$DIR/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+EOF
 	launch kube-apiserver --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
 		--advertise-address 127.0.0.1 --bind-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
 		--tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" \
@@ -240,7 +253,9 @@ EOF
 		--service-account-key-file "$p/sa.pub" --service-account-signing-key-file "$p/sa.key" \
 		--service-cluster-ip-range "$SERVICE_CIDR" \
 		--endpoint-reconciler-type none \
-		--authorization-mode RBAC --allow-privileged=true --profiling=false
+		--authorization-mode RBAC --allow-privileged=true --profiling=false \
+		--audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$DIR/audit.log" \
+		--audit-log-format json --audit-log-mode blocking
 	wait_for "kube-apiserver /readyz" 120 kube-apiserver \
 		curl -fsS --max-time 2 --noproxy '*' --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
 		"https://127.0.0.1:$APISERVER_PORT/readyz"

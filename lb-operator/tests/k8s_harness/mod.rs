@@ -8,9 +8,10 @@
 //! - Each test has its own namespace (`it-<name>`), runs its operators with `--namespace`, and
 //!   takes its own loopback addresses: proxies, operators and sipp clients on `127.0.4.T`
 //!   (T = 1..=11; a second address `127.0.4.(100 + T)` when a test needs two), pod IPs in
-//!   `127.0.3.0/24` (see `TestEnv::pod_ip`). Nothing is sent outside loopback: the pod IPs the proxies
-//!   receive (and may probe) are 127.x, and every process is started with the proxy
-//!   environment variables removed.
+//!   `127.0.3.0/24` (see `TestEnv::pod_ip`); tests in other files use `TestEnv::new_at` with
+//!   addresses of their own (`rbac.rs`: `127.0.5.0/24`). Nothing is sent outside loopback:
+//!   the pod IPs the proxies receive (and may probe) are 127.x, and every process is started
+//!   with the proxy environment variables removed.
 //! - There is no kubelet: pods stay Pending until a test writes their status (IP, phase,
 //!   Ready condition) through the `status` subresource.
 //! - Every process is a child held by a guard that kills it by PID on drop. A test's files
@@ -45,7 +46,7 @@ const PROXY_VARS: [&str; 6] = [
 
 /// Environment variables the operator reads its flags from: removed so that only the test's
 /// flags count.
-const OPERATOR_VARS: [&str; 12] = [
+pub const OPERATOR_VARS: [&str; 12] = [
     "LB_OPERATOR_NAMESPACE",
     "LB_OPERATOR_PROXY_SELECTOR",
     "LB_OPERATOR_PROXY_NAMESPACE",
@@ -74,7 +75,7 @@ fn millis() -> u128 {
         .as_millis()
 }
 
-fn clean_env(cmd: &mut Command) -> &mut Command {
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
     for v in PROXY_VARS {
         cmd.env_remove(v);
     }
@@ -234,7 +235,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 // Control plane
 
 /// Path of a binary that `tests/k8s/build.sh` caches (it may not exist).
-fn k8s_bin(name: &str) -> PathBuf {
+pub fn k8s_bin(name: &str) -> PathBuf {
     let out = Command::new("bash")
         .arg("-c")
         .arg(r#"source "$1/tests/k8s/lib.sh" && k8s_bin "$2""#)
@@ -494,7 +495,7 @@ pub fn lb_proxy_bin() -> PathBuf {
 pub struct TestEnv {
     pub name: String,
     pub index: u8,
-    /// 127.0.4.<index>: proxies, operators and sipp clients.
+    /// 127.0.4.<index> (or the address given to `new_at`): proxies, operators and sipp clients.
     pub ip: String,
     pub ns: String,
     pub dir: PathBuf,
@@ -510,6 +511,16 @@ impl TestEnv {
     /// manager makes it) on the shared control plane.
     pub async fn new(name: &str, index: u8) -> TestEnv {
         assert!((1..=11).contains(&index), "test index 1..=11");
+        TestEnv::create(name, index, format!("127.0.4.{index}")).await
+    }
+
+    /// As `new`, for tests outside `k8s_operator.rs` that bring their own loopback address
+    /// (and so their own pod IPs: `pod_ip` is not available).
+    pub async fn new_at(name: &str, ip: &str) -> TestEnv {
+        TestEnv::create(name, 0, ip.to_string()).await
+    }
+
+    async fn create(name: &str, index: u8, ip: String) -> TestEnv {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join("lb-operator-k8s")
             .join(format!("{name}-{}-{}", std::process::id(), millis()));
@@ -530,7 +541,7 @@ impl TestEnv {
         let env = TestEnv {
             name: name.to_string(),
             index,
-            ip: format!("127.0.4.{index}"),
+            ip,
             ns: ns.clone(),
             dir,
             cp,
@@ -562,6 +573,10 @@ impl TestEnv {
     /// The IP of this test's pod number `k`: test 1 has 127.0.3.1 to .24; test T ≥ 2 has eight,
     /// 127.0.3.(24 + 8·(T − 2) + k) for k = 1..=8.
     pub fn pod_ip(&self, k: u8) -> String {
+        assert!(
+            self.index >= 1,
+            "pod_ip: this TestEnv has no index (TestEnv::new_at)"
+        );
         let (base, max) = match self.index {
             1 => (0, 24),
             t => (24 + 8 * (u16::from(t) - 2), 8),
@@ -570,13 +585,13 @@ impl TestEnv {
         format!("127.0.3.{}", base + u16::from(k))
     }
 
-    fn subdir(&self, name: &str) -> PathBuf {
+    pub fn subdir(&self, name: &str) -> PathBuf {
         let d = self.dir.join(name);
         fs::create_dir_all(&d).expect("create process dir");
         d
     }
 
-    fn register_log(&self, name: &str, path: &Path) {
+    pub fn register_log(&self, name: &str, path: &Path) {
         self.logs
             .lock()
             .unwrap()
