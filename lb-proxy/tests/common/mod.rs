@@ -1025,7 +1025,42 @@ impl Sipp {
         transport: Transport,
         pause_ms: u64,
     ) -> Sipp {
-        let args: Vec<String> = vec![
+        Sipp::server_with(env, name, scenario, local, transport, pause_ms, &[])
+    }
+
+    /// As `server_at`, with `-trace_msg`: every message it receives and sends is logged to
+    /// `messages.log` in its folder (see `server_messages`).
+    pub fn server_traced(
+        env: &TestEnv,
+        name: &str,
+        scenario: &'static str,
+        local: SocketAddr,
+        transport: Transport,
+        pause_ms: u64,
+    ) -> Sipp {
+        let log = env.subdir(name).join("messages.log");
+        let log = log.to_string_lossy().into_owned();
+        Sipp::server_with(
+            env,
+            name,
+            scenario,
+            local,
+            transport,
+            pause_ms,
+            &["-trace_msg", "-message_file", &log],
+        )
+    }
+
+    fn server_with(
+        env: &TestEnv,
+        name: &str,
+        scenario: &'static str,
+        local: SocketAddr,
+        transport: Transport,
+        pause_ms: u64,
+        extra: &[&str],
+    ) -> Sipp {
+        let mut args: Vec<String> = vec![
             "-i".into(),
             local.ip().to_string(),
             "-p".into(),
@@ -1036,6 +1071,7 @@ impl Sipp {
             "-d".into(),
             pause_ms.to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let s = Sipp::spawn(env, name, &Scenario::File(scenario), &args);
         // Ready when it has bound its port: it writes its first statistics row at once.
         let stat = s.dir.join("stat.csv");
@@ -1097,6 +1133,32 @@ impl Sipp {
 
     pub fn pid(&self) -> u32 {
         self.guard.pid()
+    }
+
+    /// The start line and Call-ID of every message a `server_traced` sipp received, in
+    /// order.
+    pub fn received_messages(&self) -> Vec<(String, String)> {
+        let text = read_lossy(&self.dir.join("messages.log"));
+        let mut out = Vec::new();
+        let mut blocks = text.split("----------------------------------------------- ");
+        blocks.next();
+        for b in blocks {
+            let mut lines = b.lines();
+            let Some(_stamp) = lines.next() else { continue };
+            if !lines.next().is_some_and(|l| l.contains("message received")) {
+                continue;
+            }
+            let mut lines = lines.skip_while(|l| l.trim().is_empty());
+            let Some(start) = lines.next() else { continue };
+            let call_id = lines
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    (n.eq_ignore_ascii_case("call-id") || n == "i").then(|| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            out.push((start.trim().to_string(), call_id));
+        }
+        out
     }
 
     pub fn running(&mut self) -> bool {
