@@ -80,7 +80,7 @@ fn own_load(admin: SocketAddr, id: &str) -> u64 {
     destinations(admin)
         .iter()
         .find(|d| d.id == id)
-        .map(|d| u64::from(d.load))
+        .map(|d| d.load)
         .unwrap_or(0)
 }
 
