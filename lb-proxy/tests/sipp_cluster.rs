@@ -136,6 +136,14 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
     for p in &proxies {
         p.wait_state(&["1", "2"], "up", Duration::from_secs(10));
         wait_cluster_size(p.admin, 3);
+        let m = parse_metrics(&metrics_text(p.admin));
+        let peers = |state: &str| {
+            m.iter()
+                .find(|s| s.name == "mrcp_lb_cluster_peers" && s.label("state") == Some(state))
+                .map(|s| s.value)
+        };
+        // Each lists all three addresses and skips its own.
+        assert_eq!((peers("live"), peers("silent")), (Some(2.0), Some(0.0)));
     }
 
     // Each replica gets 10 calls/s of 2 s: 60 calls wanted at once against 8 channels.
@@ -217,6 +225,15 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
     assert_eq!(
         own_load(proxies[0].admin, "1") + own_load(proxies[0].admin, "2"),
         0
+    );
+    let seen: f64 = parse_metrics(&metrics_text(proxies[0].admin))
+        .iter()
+        .filter(|s| s.name == "mrcp_lb_destination_cluster_load")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(
+        seen, 3.0,
+        "the cluster-wide load gauge shows the third replica's calls"
     );
     // The third replica dies (SIGKILL): its load leaves the others' view within peerTimeout.
     let killed = Instant::now();
