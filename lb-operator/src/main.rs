@@ -32,6 +32,12 @@ struct Cli {
         value_delimiter = ','
     )]
     proxy_urls: Vec<String>,
+    /// UDP port of the proxies' cluster listener (`cluster.listen`). Every pushed set lists
+    /// each proxy replica at <IP>:<port> as the `peers` the replicas share their load with
+    /// (discovered pods at their pod IP, --proxy-url proxies at the IP of their URL). 0: push
+    /// no peer list; the proxies keep the `cluster.peers` of their config files.
+    #[arg(long, default_value_t = 7070, env = "LB_OPERATOR_PROXY_CLUSTER_PORT")]
+    proxy_cluster_port: u16,
     /// File with the proxies' admin bearer token.
     #[arg(long, env = "LB_OPERATOR_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -126,6 +132,7 @@ fn main() -> ExitCode {
             .iter()
             .map(|u| u.trim_end_matches('/').to_string())
             .collect(),
+        proxy_cluster_port: (cli.proxy_cluster_port != 0).then_some(cli.proxy_cluster_port),
         token,
         listen: cli.listen,
         resync: Duration::from_secs(cli.resync_seconds.max(1)),

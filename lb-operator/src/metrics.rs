@@ -17,6 +17,8 @@ pub struct Metrics {
     pub proxies: IntGauge,
     pub proxies_in_sync: IntGauge,
     pub destinations: IntGauge,
+    /// Proxy cluster addresses in the current set's `peers` (0 when no list is pushed).
+    pub cluster_peers: IntGauge,
     pub set_version: IntGauge,
     pub leader: IntGauge,
 }
@@ -74,6 +76,10 @@ impl Metrics {
             "mrcp_lb_operator_destinations",
             "Destinations in the current set.",
         ));
+        let cluster_peers = must(IntGauge::new(
+            "mrcp_lb_operator_cluster_peers",
+            "Proxy replicas' cluster addresses in the current destination set's peers.",
+        ));
         let set_version = must(IntGauge::new(
             "mrcp_lb_operator_destination_set_version",
             "Version of the current destination set.",
@@ -90,6 +96,7 @@ impl Metrics {
             Box::new(proxies.clone()),
             Box::new(proxies_in_sync.clone()),
             Box::new(destinations.clone()),
+            Box::new(cluster_peers.clone()),
             Box::new(set_version.clone()),
             Box::new(leader.clone()),
         ] {
@@ -104,6 +111,7 @@ impl Metrics {
             proxies,
             proxies_in_sync,
             destinations,
+            cluster_peers,
             set_version,
             leader,
         }

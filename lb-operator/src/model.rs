@@ -3,7 +3,8 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use lb_api::{DesiredState, DestinationSpec, Resources};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
 use crate::crd::{DestinationEntry, MrcpServer, MrcpServerStatus};
 use crate::pods::{self, BadAnnotation};
@@ -148,6 +149,38 @@ pub fn compute<'a>(
     out
 }
 
+/// The proxy replicas' cluster addresses (`ip:port`), the `peers` of the pushed set: every
+/// proxy pod with an IP that has not finished (phase Succeeded or Failed), whether Ready or
+/// not and whether terminating or not (a starting replica is about to take calls, a draining
+/// one still holds its calls: the others must count its load until the pod is gone), plus the
+/// statically listed proxies (`static_ips`). Sorted and without duplicates, so that equal
+/// inputs give equal lists and a changed list is a changed set.
+pub fn peers(proxy_pods: &[&Pod], static_ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
+    proxy_pods
+        .iter()
+        .filter(|p| !pods::finished(p))
+        .filter_map(|p| pods::pod_ip(p)?.parse::<IpAddr>().ok())
+        .chain(static_ips.iter().copied())
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The IP address in a statically listed proxy's admin URL (`http://10.1.2.3:8081`,
+/// `http://[fd00::1]:8081`), whose cluster address is that IP and the cluster port; None when
+/// the URL names its host (its address is then unknown to the operator).
+pub fn url_ip(url: &str) -> Option<IpAddr> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    // IPv6 hosts come bracketed.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +301,92 @@ mod tests {
         let c = compute([&bad], &refs);
         assert_eq!(c.servers[0].ready.1, "InvalidSpec");
         assert!(c.destinations.is_empty());
+    }
+
+    fn proxy_pod(name: &str, ip: Option<&str>, ready: bool, phase: &str) -> Pod {
+        let mut p = pod(name, "lb-proxy", ip.unwrap_or(""), ready, None);
+        if let Some(st) = p.status.as_mut() {
+            st.phase = Some(phase.into());
+            if ip.is_none() {
+                st.pod_ip = None;
+            }
+        }
+        p
+    }
+
+    fn addrs(v: &[SocketAddr]) -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn peers_are_every_running_proxy_pod_at_the_cluster_port() {
+        let mut draining = proxy_pod("lb-2", Some("10.0.0.3"), false, "Running");
+        draining.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let pods = [
+            proxy_pod("lb-1", Some("10.0.0.2"), true, "Running"),
+            // Starting: not Ready yet, but it will take calls.
+            proxy_pod("lb-0", Some("10.0.0.10"), false, "Running"),
+            // Draining: terminating, still holds calls.
+            draining,
+            // No IP yet: no address to name.
+            proxy_pod("lb-3", None, false, "Pending"),
+            // Finished: holds nothing.
+            proxy_pod("lb-4", Some("10.0.0.5"), false, "Failed"),
+            proxy_pod("lb-5", Some("10.0.0.6"), false, "Succeeded"),
+            // Same IP as lb-1 (a hostNetwork replica's node): one peer.
+            proxy_pod("lb-6", Some("10.0.0.2"), true, "Running"),
+            proxy_pod("lb-7", Some("fd00::7"), true, "Running"),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let got = peers(&refs, &["192.0.2.1".parse().unwrap()], 7070);
+        assert_eq!(
+            addrs(&got),
+            [
+                "10.0.0.2:7070",
+                "10.0.0.3:7070",
+                "10.0.0.10:7070",
+                "192.0.2.1:7070",
+                "[fd00::7]:7070"
+            ]
+        );
+        // Sorted by address, not by name or watch order: the same pods in another order give
+        // the same list.
+        let rev: Vec<&Pod> = pods.iter().rev().collect();
+        assert_eq!(peers(&rev, &["192.0.2.1".parse().unwrap()], 7070), got);
+        assert!(peers(&[], &[], 7070).is_empty());
+    }
+
+    #[test]
+    fn a_pod_going_away_changes_the_peers() {
+        let pods = [
+            proxy_pod("lb-0", Some("10.0.0.1"), true, "Running"),
+            proxy_pod("lb-1", Some("10.0.0.2"), true, "Running"),
+        ];
+        let both: Vec<&Pod> = pods.iter().collect();
+        let one: Vec<&Pod> = pods.iter().take(1).collect();
+        assert_ne!(peers(&both, &[], 7070), peers(&one, &[], 7070));
+        assert_eq!(addrs(&peers(&one, &[], 9000)), ["10.0.0.1:9000"]);
+    }
+
+    #[test]
+    fn static_proxy_urls_give_their_ip() {
+        assert_eq!(
+            url_ip("http://10.1.2.3:8081"),
+            Some("10.1.2.3".parse().unwrap())
+        );
+        assert_eq!(
+            url_ip("https://10.1.2.3"),
+            Some("10.1.2.3".parse().unwrap())
+        );
+        assert_eq!(
+            url_ip("http://[fd00::1]:8081/"),
+            Some("fd00::1".parse().unwrap())
+        );
+        assert_eq!(url_ip("http://lb-0.example.com:8081"), None);
+        assert_eq!(url_ip("http://localhost:8081"), None);
+        assert_eq!(url_ip("not a url"), None);
     }
 }

@@ -47,7 +47,8 @@ pub fn pod_ip(pod: &Pod) -> Option<&str> {
         .filter(|ip| !ip.is_empty())
 }
 
-fn finished(pod: &Pod) -> bool {
+/// Phase Succeeded or Failed: the pod's containers will not run again.
+pub fn finished(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")

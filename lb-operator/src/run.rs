@@ -13,7 +13,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use lb_api::DestinationSet;
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::crd::{MrcpServer, MANAGER};
 use crate::lease::Elector;
 use crate::metrics::Metrics;
-use crate::model::{compute, Computed, ServerView};
+use crate::model::{self, compute, Computed, ServerView};
 use crate::push::{Desired, Pusher};
 
 /// Everything the operator is told on its command line.
@@ -39,6 +39,10 @@ pub struct Settings {
     pub proxy_admin_port: u16,
     /// Proxies at fixed admin URLs (outside the cluster, or tests).
     pub proxy_urls: Vec<String>,
+    /// UDP port of the proxies' cluster listener: the pushed set lists every proxy replica at
+    /// `<IP>:<port>` as the replicas' `peers`. None: no peer list is pushed (the proxies keep
+    /// the peers of their config files).
+    pub proxy_cluster_port: Option<u16>,
     pub token: Option<String>,
     pub listen: SocketAddr,
     pub resync: Duration,
@@ -56,6 +60,7 @@ impl std::fmt::Debug for Settings {
             .field("proxy_namespace", &self.proxy_namespace)
             .field("proxy_admin_port", &self.proxy_admin_port)
             .field("proxy_urls", &self.proxy_urls)
+            .field("proxy_cluster_port", &self.proxy_cluster_port)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("listen", &self.listen)
             .field("resync", &self.resync)
@@ -144,6 +149,29 @@ pub async fn run(
             notify.clone(),
             shutdown.clone(),
         )
+    });
+
+    // The proxies' cluster addresses: discovered pods at their pod IP, static proxies at the
+    // IP of their URL. A static proxy named by host name has no address the operator can
+    // name, and a list without it would replace the peers the proxies have: push none then.
+    let static_peer_ips: Option<Vec<IpAddr>> = settings.proxy_cluster_port.and_then(|port| {
+        let mut ips = Vec::new();
+        for url in &settings.proxy_urls {
+            match model::url_ip(url) {
+                Some(ip) => ips.push(ip),
+                None => {
+                    warn!(
+                        proxy = %url,
+                        "--proxy-url names a host, not an IP address: its cluster address \
+                         (IP:{port}) is unknown, so the sets carry no peer list and every proxy \
+                         keeps the cluster.peers of its config file (use IP addresses, or \
+                         --proxy-cluster-port 0 to say so)"
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(ips)
     });
 
     // Leadership.
@@ -239,6 +267,12 @@ pub async fn run(
         let pod_objs = pods.state();
         let pod_refs: Vec<&Pod> = pod_objs.iter().map(|p| p.as_ref()).collect();
         let computed = compute(server_objs.iter().map(|s| s.as_ref()), &pod_refs);
+        let proxy_objs = proxy_pods.as_ref().map(|pp| pp.state()).unwrap_or_default();
+        let proxy_refs: Vec<&Pod> = proxy_objs.iter().map(|p| p.as_ref()).collect();
+        let peers = settings
+            .proxy_cluster_port
+            .zip(static_peer_ips.as_deref())
+            .map(|(port, ips)| model::peers(&proxy_refs, ips, port));
 
         let floor_v = floor.load(Ordering::Relaxed);
         let now_leading = *leading.borrow_and_update();
@@ -247,20 +281,30 @@ pub async fn run(
         let took_lead = now_leading && !was_leading;
         was_leading = now_leading;
         let changed = took_lead
-            || current
-                .as_ref()
-                .is_none_or(|c| c.destinations != computed.destinations || c.version <= floor_v);
+            || current.as_ref().is_none_or(|c| {
+                c.destinations != computed.destinations || c.peers != peers || c.version <= floor_v
+            });
         if changed {
+            if current.as_ref().is_none_or(|c| c.peers != peers) {
+                if let Some(list) = &peers {
+                    let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+                    info!(peers = %list.join(","), "proxy cluster peers");
+                }
+                metrics
+                    .cluster_peers
+                    .set(peers.as_ref().map_or(0, |p| p.len() as i64));
+            }
             let last = current.as_ref().map(|c| c.version).unwrap_or(0);
             let version = unix_millis().max(last + 1).max(floor_v + 1);
             let set = Arc::new(DestinationSet {
                 version,
                 destinations: computed.destinations.clone(),
-                peers: None,
+                peers,
             });
             info!(
                 version,
                 destinations = set.destinations.len(),
+                peers = set.peers.as_ref().map_or(0, Vec::len),
                 "destination set computed"
             );
             metrics.destinations.set(set.destinations.len() as i64);
@@ -271,9 +315,8 @@ pub async fn run(
             }));
             current = Some(set);
         }
-        if let Some(pp) = &proxy_pods {
-            let urls: BTreeSet<String> = pp
-                .state()
+        if proxy_pods.is_some() {
+            let urls: BTreeSet<String> = proxy_refs
                 .iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
                 .filter_map(|p| {
@@ -501,6 +544,7 @@ mod tests {
             proxy_namespace: None,
             proxy_admin_port: 8081,
             proxy_urls: vec![],
+            proxy_cluster_port: Some(7070),
             token: Some("s3cr3t-admin-token".into()),
             listen: "127.0.0.1:8080".parse().unwrap(),
             resync: Duration::from_secs(10),

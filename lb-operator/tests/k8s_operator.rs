@@ -1168,3 +1168,164 @@ async fn sigterm_before_the_caches_sync_exits_cleanly() {
         tail(&op.log, 5)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. The proxy replicas' cluster addresses are every proxy's peers
+
+/// The `addr` of every peer a proxy's `GET /v1/cluster` lists, sorted, without the proxy's own
+/// `own` address (a proxy may list itself or skip itself: both are fine).
+async fn cluster_peers(proxy: &Proxy, own: &str) -> Result<Vec<String>, String> {
+    let (code, body) = proxy.get("/v1/cluster").await?;
+    if code != 200 {
+        return Err(format!(
+            "{}: /v1/cluster answered {code}: {body}",
+            proxy.name
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| format!("{}: /v1/cluster: {e} in {body}", proxy.name))?;
+    let peers = v["peers"]
+        .as_array()
+        .ok_or_else(|| format!("{}: /v1/cluster has no peers array: {body}", proxy.name))?;
+    let mut addrs = Vec::new();
+    for p in peers {
+        let a = p["addr"]
+            .as_str()
+            .ok_or_else(|| format!("{}: /v1/cluster peer without addr: {body}", proxy.name))?;
+        if a != own {
+            addrs.push(a.to_string());
+        }
+    }
+    addrs.sort();
+    Ok(addrs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_pods_are_the_cluster_peers_of_every_proxy() {
+    let env = TestEnv::new("peers", 13).await;
+    let second_ip = format!("127.0.4.{}", 100 + env.index);
+    let (a_addr, b_addr) = (format!("{}:7070", env.ip), format!("{second_ip}:7070"));
+    let cluster = |ip: &str| {
+        format!("cluster:\n  listen: {ip}:7070\n  heartbeat: 200ms\n  peerTimeout: 1s\n")
+    };
+    let pa = Proxy::start_with(&env, "proxy-a", &env.ip, 5060, 8081, &cluster(&env.ip)).await;
+    let pb = Proxy::start_with(
+        &env,
+        "proxy-b",
+        &second_ip,
+        5060,
+        8081,
+        &cluster(&second_ip),
+    )
+    .await;
+    // The proxies' own pods, discovered by label; a finalizer holds lb-proxy-1 while it
+    // terminates, as a kubelet does while the replica drains.
+    let component = ("app.kubernetes.io/component", "proxy");
+    for (name, ip, hold) in [
+        ("lb-proxy-0", env.ip.clone(), false),
+        ("lb-proxy-1", second_ip.clone(), true),
+    ] {
+        env.create_pod(name, &[component], &[], hold).await;
+        env.set_pod_status(name, &ip, true).await;
+    }
+    let ns = env.ns.clone();
+    let op = Operator::start(
+        &env,
+        "operator",
+        8090,
+        &[],
+        &[
+            "--proxy-selector",
+            "app.kubernetes.io/component=proxy",
+            "--proxy-namespace",
+            &ns,
+            "--proxy-admin-port",
+            "8081",
+            "--proxy-cluster-port",
+            "7070",
+        ],
+    )
+    .await;
+
+    // What the operator pushes: both replicas at <podIP>:7070, sorted.
+    let pushed = |want: &[&str]| {
+        let op = &op;
+        let want = want.join(",");
+        async move {
+            let line = op
+                .log_lines("proxy cluster peers")
+                .pop()
+                .ok_or("no \"proxy cluster peers\" log line yet")?;
+            let n = op.metric("mrcp_lb_operator_cluster_peers").await?;
+            (line.contains(&format!("peers={want}")) && n == Some(want.split(',').count() as f64))
+                .then_some(())
+                .ok_or(format!("gauge {n:?}, last line: {line}"))
+        }
+    };
+    eventually(
+        "the operator pushes both peers",
+        10 * SEC,
+        POLL,
+        async || pushed(&[&a_addr, &b_addr]).await,
+    )
+    .await;
+    // What every proxy holds.
+    for (p, own, other) in [(&pa, &a_addr, &b_addr), (&pb, &b_addr, &a_addr)] {
+        eventually(
+            &format!("{} peers: {other}", p.name),
+            10 * SEC,
+            POLL,
+            async || {
+                let got = cluster_peers(p, own).await?;
+                (got == [other.as_str()])
+                    .then_some(())
+                    .ok_or(format!("{got:?}"))
+            },
+        )
+        .await;
+    }
+    let v1 = pa.destinations().await.version;
+    assert_eq!(pb.destinations().await.version, v1);
+
+    // Terminating: no more pushes to it, but still a peer (it drains calls the others must
+    // count): the set does not change.
+    env.delete_pod("lb-proxy-1").await;
+    eventually("1 proxy to push to", 10 * SEC, POLL, async || {
+        let known = op.metric("mrcp_lb_operator_proxies").await?;
+        (known == Some(1.0))
+            .then_some(())
+            .ok_or(format!("proxies={known:?}"))
+    })
+    .await;
+    tokio::time::sleep(3 * SEC).await; // more than a resync period
+    pushed(&[&a_addr, &b_addr]).await.unwrap();
+    assert_eq!(
+        cluster_peers(&pa, &a_addr).await.unwrap(),
+        [b_addr.as_str()]
+    );
+    assert_eq!(
+        pa.destinations().await.version,
+        v1,
+        "a terminating proxy pod changed the set"
+    );
+
+    // Gone: the list shrinks, in a new version.
+    env.remove_finalizers("lb-proxy-1").await;
+    eventually("the operator pushes one peer", 10 * SEC, POLL, async || {
+        pushed(&[&a_addr]).await
+    })
+    .await;
+    eventually(
+        "proxy-a: no other peer, newer version",
+        10 * SEC,
+        POLL,
+        async || {
+            let got = cluster_peers(&pa, &a_addr).await?;
+            let v = pa.try_destinations().await?.version;
+            (got.is_empty() && v > v1)
+                .then_some(())
+                .ok_or(format!("peers {got:?}, version {v} (was {v1})"))
+        },
+    )
+    .await;
+}

@@ -11,7 +11,7 @@
 #      present; a DaemonSet/hostNetwork/watchNamespace rendering accepted by the API server
 #      (dry-run); the chart's operator Deployment scaled to 0 (its pod is only simulated).
 #   2. One real lb-proxy per chart proxy pod, bound to that pod's IP (kwok gives pods
-#      127.1.x.y), with the chart's ConfigMap, args and env (token from the chart's Secret);
+#      127.1.x.y; the replicas share load over UDP :7070), with the chart's ConfigMap, args and env (token from the chart's Secret);
 #      the real lb-operator runs locally with the chart's args, as the chart's ServiceAccount
 #      (a TokenRequest token: the chart's RBAC is what it gets), and finds the proxies through
 #      the chart's own label selector.
@@ -250,7 +250,7 @@ fi
 [ -x "$LB_OPERATOR_BIN" ] || fail "no lb-operator binary at $LB_OPERATOR_BIN"
 
 # Nobody else may hold the ports the pods' processes bind (a wildcard bind would block ours).
-busy=$(ss -Htuln | awk '{print $5}' | grep -E '^(0\.0\.0\.0|\*|\[::\]|127\.1\.[0-9]+\.[0-9]+):(5060|8060|8081)$' || true)
+busy=$(ss -Htuln | awk '{print $5}' | grep -E '^(0\.0\.0\.0|\*|\[::\]|127\.1\.[0-9]+\.[0-9]+):(5060|7070|8060|8081)$' || true)
 [ -z "$busy" ] || fail "ports the pod processes need are taken: $(echo "$busy" | tr '\n' ' ')(ss -tulnp)"
 
 "$HELM" lint charts/mrcp-lb >"$WORK/helm-lint.log" 2>&1 || {
@@ -273,7 +273,7 @@ k() { "$KUBECTL" "$@"; }
 TIMINGS+=("control plane up (etcd, apiserver, controller-manager, scheduler, kwok, 2 nodes): $(secs $(($(ms) - t))) s")
 log "control plane up ($K8S_VERSIONS)"
 
-TCPDUMP_FILTER='port 5060 or port 8060 or port 8081'
+TCPDUMP_FILTER='port 5060 or port 7070 or port 8060 or port 8081'
 # Any IPv4 packet with an endpoint outside 127.0.0.0/8, any IPv6 packet not ::1 to ::1. A
 # superset of "not net 127.0.0.0/8 and not ip6" (which would miss a packet from a loopback
 # address to the outside).

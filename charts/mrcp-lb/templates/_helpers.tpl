@@ -47,3 +47,27 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/*
+host:port the proxies write into Via and Record-Route (values.yaml, proxy.advertise): the
+value when set; for a Deployment the SIP Service, which every replica answers (its
+loadBalancerIP when set, else its cluster DNS name); for a DaemonSet the pod's own IP.
+*/}}
+{{- define "mrcp-lb.advertise" -}}
+{{- $p := .Values.proxy -}}
+{{- if $p.advertise -}}
+{{- $p.advertise -}}
+{{- else if eq $p.kind "Deployment" -}}
+{{- if $p.service.loadBalancerIP -}}
+{{- if contains ":" $p.service.loadBalancerIP -}}
+{{- printf "[%s]:%v" $p.service.loadBalancerIP $p.sipPort -}}
+{{- else -}}
+{{- printf "%s:%v" $p.service.loadBalancerIP $p.sipPort -}}
+{{- end -}}
+{{- else -}}
+{{- printf "%s-sip.%s.svc.%s:%v" (include "mrcp-lb.fullname" .) .Release.Namespace .Values.clusterDomain $p.sipPort -}}
+{{- end -}}
+{{- else -}}
+{{- printf "$(POD_IP):%v" $p.sipPort -}}
+{{- end -}}
+{{- end -}}

@@ -7,7 +7,7 @@
 //!   included). A watchdog shell stops it too if the test process dies without unwinding.
 //! - Each test has its own namespace (`it-<name>`), runs its operators with `--namespace`, and
 //!   takes its own loopback addresses: proxies, operators and sipp clients on `127.0.4.T`
-//!   (T = 1..=11; a second address `127.0.4.(100 + T)` when a test needs two), pod IPs in
+//!   (T = 1..=13; a second address `127.0.4.(100 + T)` when a test needs two), pod IPs in
 //!   `127.0.3.0/24` (see `TestEnv::pod_ip`); tests in other files use `TestEnv::new_at` with
 //!   addresses of their own (`rbac.rs`: `127.0.5.0/24`). Nothing is sent outside loopback:
 //!   the pod IPs the proxies receive (and may probe) are 127.x, and every process is started
@@ -46,12 +46,13 @@ const PROXY_VARS: [&str; 6] = [
 
 /// Environment variables the operator reads its flags from: removed so that only the test's
 /// flags count.
-pub const OPERATOR_VARS: [&str; 12] = [
+pub const OPERATOR_VARS: [&str; 13] = [
     "LB_OPERATOR_NAMESPACE",
     "LB_OPERATOR_PROXY_SELECTOR",
     "LB_OPERATOR_PROXY_NAMESPACE",
     "LB_OPERATOR_PROXY_ADMIN_PORT",
     "LB_OPERATOR_PROXY_URLS",
+    "LB_OPERATOR_PROXY_CLUSTER_PORT",
     "LB_OPERATOR_TOKEN_FILE",
     "LB_OPERATOR_LISTEN",
     "LB_OPERATOR_RESYNC_SECONDS",
@@ -510,7 +511,7 @@ impl TestEnv {
     /// Creates the namespace `it-<name>` (with its default ServiceAccount: no controller
     /// manager makes it) on the shared control plane.
     pub async fn new(name: &str, index: u8) -> TestEnv {
-        assert!((1..=11).contains(&index), "test index 1..=11");
+        assert!((1..=13).contains(&index), "test index 1..=13");
         TestEnv::create(name, index, format!("127.0.4.{index}")).await
     }
 
@@ -787,6 +788,18 @@ impl Proxy {
         sip_port: u16,
         admin_port: u16,
     ) -> Proxy {
+        Proxy::start_with(env, name, ip, sip_port, admin_port, "").await
+    }
+
+    /// As `start_at`, with `extra` appended to the config file (top-level YAML keys).
+    pub async fn start_with(
+        env: &TestEnv,
+        name: &str,
+        ip: &str,
+        sip_port: u16,
+        admin_port: u16,
+        extra: &str,
+    ) -> Proxy {
         let bin = lb_proxy_bin();
         let dir = env.subdir(name);
         let sip: SocketAddr = format!("{ip}:{sip_port}").parse().unwrap();
@@ -795,7 +808,7 @@ impl Proxy {
             "listeners:\n  - udp:{sip}\n  - tcp:{sip}\n\
              admin:\n  listen: {admin}\n\
              routing:\n  group: 1\n  resources: [pstn]\n  mode: absolute\n\
-             timers:\n  inviteTimeout: 3s\n"
+             timers:\n  inviteTimeout: 3s\n{extra}"
         );
         let cfg = dir.join("config.yaml");
         fs::write(&cfg, &config).expect("write proxy config");
