@@ -794,8 +794,16 @@ for ip in "${PROXY_IPS[@]}"; do
 	proxy_json "$ip" | jq -e '[.destinations[].probe | .succeeded > 0 and .lastCode == 200] | all' >/dev/null ||
 		fail "proxy $ip: not every destination answers its OPTIONS probes: $(proxy_json "$ip" | jq -c '[.destinations[] | {id, probe}]')"
 done
+# The replicas share load: each sees every other proxy live, and PB heard PA's load updates.
+for ip in "${PROXY_IPS[@]}"; do
+	size=$(hcurl "http://$ip:$PROXY_ADMIN_PORT/v1/cluster" | jq .size)
+	[ "$size" = "${#PROXY_IPS[@]}" ] ||
+		fail "proxy $ip sees $size live replicas, want ${#PROXY_IPS[@]}: $(hcurl "http://$ip:$PROXY_ADMIN_PORT/v1/cluster" | jq -c .)"
+done
+received=$(hcurl "http://$PB:$PROXY_ADMIN_PORT/metrics" | awk '/^mrcp_lb_cluster_updates_total\{direction="received"\}/ {print $2}')
+[ "${#PROXY_IPS[@]}" = 1 ] || [ "${received:-0}" != 0 ] || fail "proxy $PB received no load update from its peers"
 TIMINGS+=("traffic: $E2E_CALLS calls through $PA: $(secs $(($(ms) - t))) s")
-pass "$E2E_CALLS/$E2E_CALLS calls through $PA succeeded, spread $spread; dialogs $(jq -c . <<<"$stats"); every server answers every proxy's probes"
+pass "$E2E_CALLS/$E2E_CALLS calls through $PA succeeded, spread $spread; dialogs $(jq -c . <<<"$stats"); every server answers every proxy's probes; ${#PROXY_IPS[@]} replicas share load (${received:-0} updates received by $PB)"
 
 # ---------------------------------------------------------------------------------------------
 # Scale 3 -> 1. kwok deletes a terminating pod at once; a finalizer holds unimrcp-1 and -2 the
