@@ -185,7 +185,11 @@ fn admin_endpoints_answer_as_documented() {
             "{d}"
         );
         for r in d["resources"].as_array().expect("resources array") {
-            assert_eq!(object_keys(r), sorted(&["name", "capacity", "load"]), "{d}");
+            assert_eq!(
+                object_keys(r),
+                sorted(&["name", "capacity", "load", "clusterLoad"]),
+                "{d}"
+            );
         }
     }
     let a = &ds[0];
@@ -195,7 +199,7 @@ fn admin_endpoints_answer_as_documented() {
     assert_eq!(a["probe"]["mode"], json!(0));
     assert_eq!(
         a["resources"],
-        json!([{"name": "pstn", "capacity": 10, "load": 0}])
+        json!([{"name": "pstn", "capacity": 10, "load": 0, "clusterLoad": 0}])
     );
     let b = &ds[1];
     assert_eq!(b["id"], json!("7"), "a numeric id is shown as a string");
@@ -324,6 +328,14 @@ fn admin_endpoints_answer_as_documented() {
             "/v1/dialogs/stats without {k}: {v}"
         );
     }
+
+    // Cluster view of a proxy without a cluster section: alone, nothing shared.
+    let c = get_json(admin, "/v1/cluster");
+    assert_eq!(
+        (&c["enabled"], &c["size"], &c["peers"]),
+        (&json!(false), &json!(1), &json!([])),
+        "{c}"
+    );
     proxy.assert_running();
 }
 
@@ -358,6 +370,7 @@ fn admin_token_guards_writes_and_leaves_reads_open() {
         "/metrics",
         "/v1/destinations",
         "/v1/dialogs/stats",
+        "/v1/cluster",
     ] {
         let r = http(admin, "GET", path, None, None);
         assert_eq!(r.code, 200, "GET {path} without a token: {}", r.body);
