@@ -12,9 +12,14 @@
 //! A BYE for a dialog this replica does not know (set up through another replica) is
 //! announced in the updates as an end notice until every live peer has acknowledged it; the
 //! replica that holds the dialog ends it and frees its load.
+//!
+//! With a shared key (`cluster.keyFile`), every datagram starts with the HMAC-SHA256 of its
+//! JSON body; datagrams whose tag does not verify are refused before they are parsed.
 
 use bytes::Bytes;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -79,9 +84,16 @@ pub struct Received {
     pub ends: Vec<EndNotice>,
 }
 
+/// Length of the HMAC-SHA256 tag in front of an authenticated datagram.
+const TAG: usize = 32;
+
 #[derive(Debug)]
 pub struct Cluster {
     pub node: String,
+    /// Shared key authenticating the datagrams, when configured.
+    key: Option<config::Key>,
+    /// An update too large for a datagram was reported once.
+    oversize_warned: bool,
     heartbeat: Duration,
     timeout: Duration,
     peers: Vec<Peer>,
@@ -98,6 +110,8 @@ impl Cluster {
     pub fn new(cfg: &config::Cluster, suffix: u32) -> Cluster {
         let mut c = Cluster {
             node: format!("{}-{suffix:08x}", cfg.name),
+            key: cfg.key.clone(),
+            oversize_warned: false,
             heartbeat: cfg.heartbeat,
             timeout: cfg.peer_timeout,
             peers: Vec::new(),
@@ -197,7 +211,20 @@ impl Cluster {
         from: SocketAddr,
         data: &[u8],
     ) -> Result<Received, String> {
-        let u: Update = serde_json::from_slice(data).map_err(|e| format!("malformed: {e}"))?;
+        let body = match &self.key {
+            Some(config::Key(key)) => {
+                if data.len() < TAG {
+                    return Err("unauthenticated: shorter than its tag".into());
+                }
+                let (tag, body) = data.split_at(TAG);
+                mac(key, body)
+                    .verify_slice(tag)
+                    .map_err(|_| "unauthenticated: the tag does not verify (another key?)")?;
+                body
+            }
+            None => data,
+        };
+        let u: Update = serde_json::from_slice(body).map_err(|e| format!("malformed: {e}"))?;
         if u.v != WIRE_VERSION {
             return Err(format!(
                 "version {} (this proxy speaks {WIRE_VERSION})",
@@ -292,12 +319,35 @@ impl Cluster {
             loads,
             ends: self.ends.iter().map(|(_, e)| e.clone()).collect(),
         };
-        let data = serde_json::to_vec(&u).ok()?;
+        let body = serde_json::to_vec(&u).ok()?;
+        let data = match &self.key {
+            Some(config::Key(key)) => {
+                let mut d = mac(key, &body).finalize().into_bytes().to_vec();
+                d.extend_from_slice(&body);
+                d
+            }
+            None => body,
+        };
+        if data.len() > MAX_UPDATE && !self.oversize_warned {
+            self.oversize_warned = true;
+            tracing::warn!(
+                bytes = data.len(),
+                "cluster update larger than a UDP datagram: peers will not receive it"
+            );
+        }
         self.ack_owed = false;
         self.last_sent = Some(now);
         self.sent_seq = seq;
         Some((Bytes::from(data), targets))
     }
+}
+
+fn mac(key: &[u8], body: &[u8]) -> Hmac<Sha256> {
+    // HMAC takes keys of any length.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    m.update(body);
+    m
 }
 
 #[cfg(test)]
@@ -311,7 +361,37 @@ mod tests {
             peers: peers.iter().map(|p| p.parse().unwrap()).collect(),
             heartbeat: Duration::from_millis(500),
             peer_timeout: Duration::from_secs(3),
+            key: None,
         }
+    }
+
+    #[test]
+    fn with_a_key_only_datagrams_tagged_with_it_are_taken() {
+        let now = Instant::now();
+        let keyed = |name: &str, key: &[u8]| config::Cluster {
+            key: Some(config::Key(key.to_vec())),
+            ..cfg(name, &[A, B])
+        };
+        let mut a = Cluster::new(&keyed("a", b"k1"), 1);
+        let mut b = Cluster::new(&keyed("b", b"k1"), 2);
+        let mut x = Cluster::new(&keyed("x", b"k2"), 3);
+        let mut plain = Cluster::new(&cfg("p", &[A, B]), 4);
+        let (d, _) = a.outbound(now, 1, load("d1", 2)).unwrap();
+        assert!(b.receive(now, addr(A), &d).unwrap().changed);
+        let (wrong, _) = x.outbound(now, 1, load("d1", 9)).unwrap();
+        let e = b.receive(now, addr(A), &wrong).unwrap_err();
+        assert!(e.starts_with("unauthenticated"), "{e}");
+        let (untagged, _) = plain.outbound(now, 2, load("d1", 9)).unwrap();
+        assert!(b
+            .receive(now, addr(A), &untagged)
+            .unwrap_err()
+            .starts_with("unauthenticated"));
+        // A flipped bit in the body.
+        let mut forged = d.to_vec();
+        let last = forged.len() - 2;
+        forged[last] ^= 1;
+        assert!(b.receive(now, addr(A), &forged).is_err());
+        assert_eq!(b.remote_loads(now)["d1"], vec![("pstn".to_string(), 2)]);
     }
 
     const A: &str = "127.0.0.1:7070";

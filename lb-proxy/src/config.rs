@@ -140,6 +140,18 @@ pub struct Cluster {
     pub heartbeat: Duration,
     /// A peer silent this long is dead: its load no longer counts.
     pub peer_timeout: Duration,
+    /// Shared key: every datagram carries an HMAC-SHA256 tag made with it.
+    pub key: Option<Key>,
+}
+
+/// A secret key; `{:?}` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(pub Vec<u8>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Clone)]
@@ -235,7 +247,13 @@ struct RawCluster {
     heartbeat: Duration,
     #[serde(default = "default_peer_timeout", deserialize_with = "duration")]
     peer_timeout: Duration,
+    /// File holding the shared key that authenticates the peers' datagrams.
+    #[serde(default)]
+    key_file: Option<String>,
 }
+
+/// Environment variable with the cluster key when `cluster.keyFile` is not set.
+pub const CLUSTER_KEY_ENV: &str = "LB_PROXY_CLUSTER_KEY";
 
 fn default_heartbeat() -> Duration {
     Duration::from_millis(500)
@@ -285,7 +303,33 @@ impl RawCluster {
             Some(n) => n,
             None => host_name(),
         };
+        let key = match &self.key_file {
+            Some(path) => {
+                let k = std::fs::read_to_string(path).map_err(|e| {
+                    FieldError::new("cluster.keyFile", format!("cannot read {path:?}: {e}"))
+                })?;
+                let k = k.trim().to_string();
+                if k.len() < 16 {
+                    return Err(FieldError::new(
+                        "cluster.keyFile",
+                        format!("{path:?} holds {} characters; at least 16", k.len()),
+                    ));
+                }
+                Some(Key(k.into_bytes()))
+            }
+            None => match std::env::var(CLUSTER_KEY_ENV) {
+                Ok(k) if k.trim().len() >= 16 => Some(Key(k.trim().as_bytes().to_vec())),
+                Ok(k) if !k.trim().is_empty() => {
+                    return Err(FieldError::new(
+                        CLUSTER_KEY_ENV,
+                        format!("holds {} characters; at least 16", k.trim().len()),
+                    ))
+                }
+                _ => None,
+            },
+        };
         Ok(Cluster {
+            key,
             listen,
             name: name
                 .chars()
@@ -945,6 +989,45 @@ mod tests {
         assert!(shown.contains("<redacted>"), "{shown}");
         let none = Admin { token: None, ..a };
         assert!(format!("{none:?}").contains("token: None"));
+    }
+
+    #[test]
+    fn cluster_section_is_checked_field_by_field() {
+        let base = "listeners: [udp:127.0.0.1:5060]\ncluster:\n";
+        let e = err(&format!("{base}  listen: nowhere\n"));
+        assert!(e.contains("cluster.listen") && e.contains("nowhere"), "{e}");
+        let e = err(&format!(
+            "{base}  listen: 127.0.0.1:7070\n  peers: [127.0.0.2:7070, pod-b]\n"
+        ));
+        assert!(e.contains("cluster.peers[1]") && e.contains("pod-b"), "{e}");
+        let e = err(&format!(
+            "{base}  listen: 127.0.0.1:7070\n  heartbeat: 2s\n  peerTimeout: 3s\n"
+        ));
+        assert!(e.contains("cluster.peerTimeout"), "{e}");
+        let dir = std::env::temp_dir().join(format!("lb-cluster-key-{}", std::process::id()));
+        std::fs::write(&dir, "short\n").unwrap();
+        let e = err(&format!(
+            "{base}  listen: 127.0.0.1:7070\n  keyFile: {}\n",
+            dir.display()
+        ));
+        assert!(
+            e.contains("cluster.keyFile") && e.contains("at least 16"),
+            "{e}"
+        );
+        std::fs::write(&dir, "0123456789abcdef-long-enough\n").unwrap();
+        let c = Config::from_yaml(&format!(
+            "{base}  listen: 127.0.0.1:7070\n  name: lb a\n  keyFile: {}\n",
+            dir.display()
+        ))
+        .unwrap();
+        let _ = std::fs::remove_file(&dir);
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.name, "lb-a", "made safe for a node id");
+        assert_eq!(cl.key, Some(Key(b"0123456789abcdef-long-enough".to_vec())));
+        assert!(
+            !format!("{cl:?}").contains("0123456789"),
+            "the key never shows"
+        );
     }
 
     #[test]

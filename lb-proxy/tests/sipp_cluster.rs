@@ -131,7 +131,16 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
         .collect();
     let mut proxies: Vec<Proxy> = envs
         .iter()
-        .map(|e| Proxy::start(e, &replica_config(&e.ip, &ips, ips[0], &dests)))
+        .map(|e| {
+            // Signed updates (one key file per replica, same key).
+            let key = e.dir.join("cluster.key");
+            std::fs::write(&key, "test-cluster-key-0123456789\n").unwrap();
+            let config = replica_config(&e.ip, &ips, ips[0], &dests).replace(
+                "  peers:\n",
+                &format!("  keyFile: {}\n  peers:\n", key.display()),
+            );
+            Proxy::start(e, &config)
+        })
         .collect();
     for p in &proxies {
         p.wait_state(&["1", "2"], "up", Duration::from_secs(10));

@@ -429,7 +429,7 @@ for i in "${!PROXY_IPS[@]}"; do
 	done
 	pod_env "$PROXY_DEPLOY" "$pod" "$ip" >"$d/env.all"
 	mapfile -t envs <"$d/env.all"
-	sed 's/\(TOKEN=\).*/\1<redacted>/' "$d/env.all" >"$d/env.txt"
+	sed 's/\(TOKEN=\|KEY=\).*/\1<redacted>/' "$d/env.all" >"$d/env.txt"
 	rm -f "$d/env.all"
 	start_bg "proxy-$ip" "$d" "$d/proxy.log" env "${envs[@]}" "$LB_PROXY_BIN" "${args[@]}"
 done
