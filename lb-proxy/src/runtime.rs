@@ -179,6 +179,10 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
                 tokio::spawn(udp::receive(
                     s.clone(),
                     i,
+                    udp::Limits {
+                        max_message_size: cfg.udp.max_message_size,
+                        max_headers: cfg.limits.max_headers,
+                    },
                     events.clone(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -192,9 +196,14 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         counters: metrics.clone(),
         limits: tcp::Limits {
             max_message_size: cfg.tcp.max_message_size,
+            max_headers: cfg.limits.max_headers,
             idle_timeout: cfg.tcp.idle_timeout,
+            message_timeout: cfg.tcp.message_timeout,
             connect_timeout: cfg.tcp.connect_timeout,
+            max_connections: cfg.tcp.max_connections,
+            max_connections_per_source: cfg.tcp.max_connections_per_source,
         },
+        admission: Arc::new(tcp::Admission::default()),
         shutdown: shutdown.clone(),
         binds: Arc::new(cfg.listeners.iter().map(|l| l.bind).collect()),
     };
