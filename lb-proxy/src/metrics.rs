@@ -40,6 +40,8 @@ pub struct Metrics {
     /// Sources in the per-source table (set at scrape time).
     pub rate_limit_sources: IntGauge,
     pub tcp_connections: IntGauge,
+    /// Events queued for the core (set at scrape time).
+    pub event_queue: IntGauge,
     pub tcp_refused_total: IntCounter,
     pub tcp_refused_per_source: IntCounter,
     pub tcp_timeout_idle: IntCounter,
@@ -179,6 +181,11 @@ impl Metrics {
                 &r,
                 "mrcp_lb_rate_limit_sources",
                 "Sources held in the per-source rate limit table.",
+            ),
+            event_queue: gauge(
+                &r,
+                "mrcp_lb_event_queue_depth",
+                "Messages received and parsed but not yet handled by the core (at most 65536): above zero for long, the core cannot keep up.",
             ),
             tcp_connections: gauge(
                 &r,
