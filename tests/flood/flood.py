@@ -303,8 +303,8 @@ def run_phase(name, work, proxy_bin):
                 peak_queue = max(peak_queue, int(q))
             except OSError:
                 pass
-        # CPU over the flood window exactly; the flooders stop right after.
-        cpu1, _, hwm1 = proc_stat(proxy.pid)
+        # CPU and memory over the flood window exactly; the flooders stop right after.
+        cpu1, rss1, _ = proc_stat(proxy.pid)
         wall = time.monotonic() - t0
         if flood is not None:
             procs.stop(flood, signal.SIGUSR1, wait=15)
@@ -316,7 +316,7 @@ def run_phase(name, work, proxy_bin):
             except subprocess.TimeoutExpired:
                 procs.stop(normal)
         m1 = metrics(admin)
-        _, rss_end, _ = proc_stat(proxy.pid)
+        _, _, hwm_end = proc_stat(proxy.pid)
         drops = udp_drops(f"{p}:5060")
 
         def delta(k):
@@ -326,8 +326,8 @@ def run_phase(name, work, proxy_bin):
             secs=round(wall, 1),
             cpu_pct=round(100 * (cpu1 - cpu0) / wall, 1),
             rss_before_mib=round(rss0 / 1024, 1),
-            rss_after_mib=round(rss_end / 1024, 1),
-            hwm_mib=round(max(hwm1, peak_hwm) / 1024, 1),
+            rss_after_mib=round(rss1 / 1024, 1),
+            hwm_mib=round(max(hwm_end, peak_hwm) / 1024, 1),
             malformed=delta("mrcp_lb_sip_messages_malformed_total"),
             limited_rate=delta('mrcp_lb_requests_limited_total{reason="source_rate"}'),
             no_capacity=delta("mrcp_lb_rejected_no_capacity_total"),
@@ -365,7 +365,7 @@ def run_phase(name, work, proxy_bin):
 
 def report(rows):
     out = [
-        "| phase | flood sent (rate/s) | normal calls ok | normal retransmissions | proxy CPU % of a core | VmRSS MiB before → after (peak) | malformed | 503 rate limit | 503 no capacity | UDP drops (socket full) | core queue peak |",
+        "| phase | flood sent (rate/s) | normal calls ok | normal retransmissions | proxy CPU % of a core | VmRSS MiB: before → end of flood (peak) | malformed | 503 rate limit | 503 no capacity | UDP drops (socket full) | core queue peak |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
