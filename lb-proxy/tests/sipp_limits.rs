@@ -1,6 +1,6 @@
-//! Limits and flood defences against real peers (docs/configuration.md `limits`, `tcp`):
-//! the per-source rate limit refuses the flooding source only, too many header fields get a
-//! 400, the TCP connection limits refuse the extra connections while calls on the admitted
+//! Limits and flood defences against real peers (docs/configuration.md `limits`, `tcp`,
+//! `udp`): the per-source rate limit refuses the flooding source only, too many header fields
+//! get a 400, a datagram over the size limit is dropped, the TCP connection limits refuse the extra connections while calls on the admitted
 //! ones go on, a slowloris connection is closed, the pending-transaction limit answers 503,
 //! and 20,000 INVITEs refused for capacity leave the proxy's memory flat.
 //!
@@ -229,11 +229,22 @@ fn per_source_rate_limit_refuses_the_flooding_source_only() {
     );
 }
 
+/// An OPTIONS to the proxy from `me` with a body of `body_len` bytes.
+fn udp_options(me: SocketAddr, proxy: SocketAddr, id: &str, body_len: usize) -> Vec<u8> {
+    format!(
+        "OPTIONS sip:{proxy} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{id}\r\n\
+         From: <sip:limits@{me}>;tag={id}\r\nTo: <sip:{proxy}>\r\nCall-ID: {id}@limits\r\n\
+         CSeq: 1 OPTIONS\r\nContent-Type: text/plain\r\nContent-Length: {body_len}\r\n\r\n{}",
+        "x".repeat(body_len)
+    )
+    .into_bytes()
+}
+
 #[test]
-fn too_many_header_fields_get_400_and_other_calls_go_on() {
+fn too_many_header_fields_get_400_oversized_datagrams_are_dropped() {
     let env = TestEnv::new("limits-headers", "127.0.1.43");
     let dests = [Dest::udp(1, SERVER1_PORT, "pstn=100")];
-    let extra = "limits:\n  maxHeaders: 32\n";
+    let extra = "limits:\n  maxHeaders: 32\nudp:\n  maxMessageSize: 4096\n";
     let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
     let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
     proxy.wait_state(&["1"], "up", Duration::from_secs(10));
@@ -284,10 +295,28 @@ fn too_many_header_fields_get_400_and_other_calls_go_on() {
     ));
     sock.send_to(raw.as_bytes(), proxy_addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 8192];
     if let Ok((n, _)) = sock.recv_from(&mut buf) {
         panic!(
             "an unaddressable message got an answer: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    // udp.maxMessageSize 4096: a 3,000-byte OPTIONS is answered, a 5,000-byte one dropped.
+    let small = udp_options(me, proxy_addr, "small", 2700);
+    assert!(small.len() < 4096);
+    sock.send_to(&small, proxy_addr).unwrap();
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .expect("no answer to an OPTIONS under udp.maxMessageSize");
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
+    let big = udp_options(me, proxy_addr, "big", 4700);
+    assert!(big.len() > 4096);
+    sock.send_to(&big, proxy_addr).unwrap();
+    if let Ok((n, _)) = sock.recv_from(&mut buf) {
+        panic!(
+            "a datagram over udp.maxMessageSize got an answer: {}",
             String::from_utf8_lossy(&buf[..n])
         );
     }
@@ -318,8 +347,8 @@ fn too_many_header_fields_get_400_and_other_calls_go_on() {
     let malformed = stats_number(proxy.admin, "malformed");
     assert_eq!(
         malformed - malformed_before,
-        11 + many_udp.count("INVITE_Retrans") + many_tcp.count("INVITE_Retrans"),
-        "10 answered 400 and one dropped, all counted malformed"
+        12 + many_udp.count("INVITE_Retrans") + many_tcp.count("INVITE_Retrans"),
+        "10 answered 400, one unaddressable and one oversized dropped, all counted malformed"
     );
 }
 
