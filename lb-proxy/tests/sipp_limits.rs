@@ -1,8 +1,9 @@
 //! Limits and flood defences against real peers (docs/configuration.md `limits`, `tcp`,
 //! `udp`): the per-source rate limit refuses the flooding source only, too many header fields
-//! get a 400, a datagram over the size limit is dropped, the TCP connection limits refuse the extra connections while calls on the admitted
-//! ones go on, a slowloris connection is closed, the pending-transaction limit answers 503,
-//! and 20,000 INVITEs refused for capacity leave the proxy's memory flat.
+//! get a 400, a datagram over the size limit is dropped, the TCP connection limits refuse the
+//! extra connections while calls on the admitted ones go on, a slowloris connection is closed,
+//! the pending-transaction limit answers 503, and 20,000 INVITEs refused for capacity leave
+//! the proxy's memory flat.
 //!
 //! Addresses: 127.0.1.41 to 127.0.1.49 (a second source address where a test needs one).
 //!
