@@ -83,11 +83,6 @@ impl Admission {
             source,
         })
     }
-
-    /// Accepted connections open now.
-    pub fn open(&self) -> usize {
-        self.inner.lock().map(|a| a.total).unwrap_or(0)
-    }
 }
 
 impl Drop for Ticket {
