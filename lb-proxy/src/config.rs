@@ -103,6 +103,62 @@ pub struct Tcp {
     pub max_message_size: usize,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A message begun on a connection must be complete within this (slowloris defence).
+    pub message_timeout: Duration,
+    /// Accepted connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// Accepted connections open at once from one source IP.
+    pub max_connections_per_source: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Udp {
+    /// Larger datagrams are dropped unparsed.
+    pub max_message_size: usize,
+}
+
+/// Overload limits on what peers send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Header fields per message (list headers count once per entry); more makes it malformed.
+    pub max_headers: usize,
+    /// Server transactions waiting for a final response; new requests beyond get 503.
+    pub max_pending_transactions: usize,
+    /// Per-source rate limit of new requests; None when off.
+    pub per_source: Option<PerSource>,
+}
+
+/// Which requests the per-source limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateScope {
+    /// Initial INVITEs only.
+    Invite,
+    /// Every request outside a dialog (no To tag), ACK and CANCEL excepted.
+    OutOfDialog,
+}
+
+/// What a source over its rate gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateAction {
+    /// 503 with Retry-After, statelessly.
+    Reject,
+    /// Nothing.
+    Drop,
+}
+
+/// A token bucket per source IP (IPv6: per /64): `rate` requests per `window` on average,
+/// `burst` at once.
+#[derive(Debug, Clone)]
+pub struct PerSource {
+    pub rate: u32,
+    pub window: Duration,
+    pub burst: u32,
+    pub scope: RateScope,
+    pub action: RateAction,
+    /// Sources tracked at once: the table's memory bound.
+    pub max_sources: usize,
 }
 
 /// OPTIONS health probing.
@@ -181,6 +237,8 @@ pub struct Config {
     pub timers: Timers,
     pub dialogs: Dialogs,
     pub tcp: Tcp,
+    pub udp: Udp,
+    pub limits: Limits,
     pub dns_refresh: Duration,
     /// How long SIGTERM waits for open calls before the process exits.
     pub shutdown_drain: Duration,
@@ -223,6 +281,10 @@ struct RawConfig {
     dialogs: RawDialogs,
     #[serde(default)]
     tcp: RawTcp,
+    #[serde(default)]
+    udp: RawUdp,
+    #[serde(default)]
+    limits: RawLimits,
     #[serde(default)]
     dns: RawDns,
     #[serde(default)]
@@ -540,6 +602,10 @@ struct RawTcp {
     idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     connect_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    message_timeout: Duration,
+    max_connections: usize,
+    max_connections_per_source: usize,
 }
 
 impl Default for RawTcp {
@@ -548,6 +614,66 @@ impl Default for RawTcp {
             max_message_size: 65_535,
             idle_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(2),
+            message_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_source: 1024,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawUdp {
+    max_message_size: usize,
+}
+
+impl Default for RawUdp {
+    fn default() -> Self {
+        RawUdp {
+            max_message_size: 65_535,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawLimits {
+    max_headers: usize,
+    max_pending_transactions: usize,
+    per_source: RawPerSource,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_headers: 128,
+            max_pending_transactions: 20_000,
+            per_source: RawPerSource::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawPerSource {
+    rate: u32,
+    #[serde(deserialize_with = "duration")]
+    window: Duration,
+    burst: Option<u32>,
+    scope: RateScope,
+    action: RateAction,
+    max_sources: usize,
+}
+
+impl Default for RawPerSource {
+    fn default() -> Self {
+        RawPerSource {
+            rate: 0,
+            window: Duration::from_secs(1),
+            burst: None,
+            scope: RateScope::Invite,
+            action: RateAction::Reject,
+            max_sources: 65_536,
         }
     }
 }
@@ -932,6 +1058,26 @@ impl RawConfig {
             )
             .into());
         }
+        let tcp = &self.tcp;
+        if tcp.message_timeout.is_zero() {
+            return Err(FieldError::new("tcp.messageTimeout", "must be greater than zero").into());
+        }
+        if tcp.max_connections == 0 {
+            return Err(FieldError::new("tcp.maxConnections", "must be at least 1").into());
+        }
+        if tcp.max_connections_per_source == 0 {
+            return Err(
+                FieldError::new("tcp.maxConnectionsPerSource", "must be at least 1").into(),
+            );
+        }
+        if self.udp.max_message_size < 1024 {
+            return Err(FieldError::new(
+                "udp.maxMessageSize",
+                format!("{} is too small; at least 1024", self.udp.max_message_size),
+            )
+            .into());
+        }
+        let limits = self.limits.into_limits()?;
         let destinations = match self.destinations {
             Some(list) => {
                 let set = DestinationSet {
@@ -959,11 +1105,73 @@ impl RawConfig {
                 max_message_size: self.tcp.max_message_size,
                 idle_timeout: self.tcp.idle_timeout,
                 connect_timeout: self.tcp.connect_timeout,
+                message_timeout: self.tcp.message_timeout,
+                max_connections: self.tcp.max_connections,
+                max_connections_per_source: self.tcp.max_connections_per_source,
             },
+            udp: Udp {
+                max_message_size: self.udp.max_message_size,
+            },
+            limits,
             dns_refresh: self.dns.refresh_interval,
             shutdown_drain: self.shutdown.drain_period,
             cluster: self.cluster.map(RawCluster::into_cluster).transpose()?,
             destinations,
+        })
+    }
+}
+
+impl RawLimits {
+    fn into_limits(self) -> Result<Limits, FieldError> {
+        // A request needs Via, From, To, Call-ID and CSeq: fewer could not carry even those.
+        if self.max_headers < 8 {
+            return Err(FieldError::new(
+                "limits.maxHeaders",
+                format!("{} is too small; at least 8", self.max_headers),
+            ));
+        }
+        if self.max_pending_transactions == 0 {
+            return Err(FieldError::new(
+                "limits.maxPendingTransactions",
+                "must be at least 1",
+            ));
+        }
+        let p = self.per_source;
+        let per_source = if p.rate == 0 {
+            None
+        } else {
+            if p.window.is_zero() {
+                return Err(FieldError::new(
+                    "limits.perSource.window",
+                    "must be greater than zero",
+                ));
+            }
+            let burst = p.burst.unwrap_or(p.rate);
+            if burst == 0 {
+                return Err(FieldError::new(
+                    "limits.perSource.burst",
+                    "must be at least 1",
+                ));
+            }
+            if p.max_sources == 0 {
+                return Err(FieldError::new(
+                    "limits.perSource.maxSources",
+                    "must be at least 1",
+                ));
+            }
+            Some(PerSource {
+                rate: p.rate,
+                window: p.window,
+                burst,
+                scope: p.scope,
+                action: p.action,
+                max_sources: p.max_sources,
+            })
+        };
+        Ok(Limits {
+            max_headers: self.max_headers,
+            max_pending_transactions: self.max_pending_transactions,
+            per_source,
         })
     }
 }
@@ -1089,6 +1297,70 @@ mod tests {
         assert_eq!(c.listeners[0].group, 2);
         assert_eq!(c.listeners[0].resources, vec!["tts".to_string()]);
         assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5060");
+    }
+
+    #[test]
+    fn limits_defaults_and_errors() {
+        let c = Config::from_yaml("listeners: [\"udp:127.0.0.1:5060\"]\n").unwrap();
+        assert_eq!(c.limits.max_headers, 128);
+        assert_eq!(c.limits.max_pending_transactions, 20_000);
+        assert!(
+            c.limits.per_source.is_none(),
+            "per-source limit off by default"
+        );
+        assert_eq!(c.tcp.message_timeout, Duration::from_secs(10));
+        assert_eq!(c.tcp.max_connections, 4096);
+        assert_eq!(c.tcp.max_connections_per_source, 1024);
+        assert_eq!(c.udp.max_message_size, 65_535);
+
+        let c = Config::from_yaml(
+            "listeners: [\"udp:127.0.0.1:5060\"]\nlimits:\n  perSource: {rate: 10, window: 2s, action: drop, scope: outOfDialog}\n",
+        )
+        .unwrap();
+        let p = c.limits.per_source.unwrap();
+        assert_eq!(
+            (p.rate, p.burst, p.window),
+            (10, 10, Duration::from_secs(2))
+        );
+        assert_eq!(
+            (p.scope, p.action),
+            (RateScope::OutOfDialog, RateAction::Drop)
+        );
+
+        let head = "listeners: [\"udp:127.0.0.1:5060\"]\n";
+        for (yaml, field) in [
+            ("limits: {maxHeaders: 3}", "limits.maxHeaders"),
+            (
+                "limits: {maxPendingTransactions: 0}",
+                "limits.maxPendingTransactions",
+            ),
+            (
+                "limits: {perSource: {rate: 5, window: 0s}}",
+                "limits.perSource.window",
+            ),
+            (
+                "limits: {perSource: {rate: 5, burst: 0}}",
+                "limits.perSource.burst",
+            ),
+            (
+                "limits: {perSource: {rate: 5, maxSources: 0}}",
+                "limits.perSource.maxSources",
+            ),
+            (
+                "limits: {perSource: {rate: 5, action: ban}}",
+                "limits.perSource.action",
+            ),
+            ("tcp: {messageTimeout: 0s}", "tcp.messageTimeout"),
+            ("tcp: {maxConnections: 0}", "tcp.maxConnections"),
+            (
+                "tcp: {maxConnectionsPerSource: 0}",
+                "tcp.maxConnectionsPerSource",
+            ),
+            ("udp: {maxMessageSize: 10}", "udp.maxMessageSize"),
+        ] {
+            let e = err(&format!("{head}{yaml}\n"));
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`proxy`]: transactions, failover and dialogs (no I/O);
 //! - [`routing`]: the least-loaded choice, a pure function;
 //! - [`destinations`]: the live set with health and load;
+//! - [`limits`]: per-source keys and the per-source rate limiter;
 //! - [`config`]: the YAML file; [`admin`]: the HTTP API; [`runtime`]: the wiring.
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod destinations;
 pub mod dialog;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

@@ -31,6 +31,21 @@ pub struct Metrics {
     pub routed: IntCounter,
     pub failovers: IntCounter,
     pub rejected_no_capacity: IntCounter,
+    /// Requests refused by an overload limit, by reason.
+    pub limited_source_rate: IntCounter,
+    pub limited_transactions: IntCounter,
+    pub limited_dialogs: IntCounter,
+    /// New requests let through untracked because the per-source table was full.
+    pub rate_limit_untracked: IntCounter,
+    /// Sources in the per-source table (set at scrape time).
+    pub rate_limit_sources: IntGauge,
+    pub tcp_connections: IntGauge,
+    /// Events queued for the core (set at scrape time).
+    pub event_queue: IntGauge,
+    pub tcp_refused_total: IntCounter,
+    pub tcp_refused_per_source: IntCounter,
+    pub tcp_timeout_idle: IntCounter,
+    pub tcp_timeout_message: IntCounter,
     pub invite_setup: Histogram,
     pub dest_capacity: IntGaugeVec,
     pub dest_load: IntGaugeVec,
@@ -197,7 +212,55 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("metric: {e}"));
         register(&r, set_updated.clone());
+        let limited = counter_vec(
+            &r,
+            "mrcp_lb_requests_limited_total",
+            "Requests refused by an overload limit (503, or dropped): source_rate (limits.perSource), \
+             transactions (limits.maxPendingTransactions), dialogs (dialogs.max).",
+            &["reason"],
+        );
+        let refused = counter_vec(
+            &r,
+            "mrcp_lb_tcp_connections_refused_total",
+            "Accepted TCP connections closed at once: total (tcp.maxConnections), per_source \
+             (tcp.maxConnectionsPerSource).",
+            &["reason"],
+        );
+        let timed_out = counter_vec(
+            &r,
+            "mrcp_lb_tcp_connections_timed_out_total",
+            "TCP connections closed for silence (idle, tcp.idleTimeout) or for a message not \
+             complete in time (message, tcp.messageTimeout).",
+            &["reason"],
+        );
         Metrics {
+            limited_source_rate: limited.with_label_values(&["source_rate"]),
+            limited_transactions: limited.with_label_values(&["transactions"]),
+            limited_dialogs: limited.with_label_values(&["dialogs"]),
+            rate_limit_untracked: counter(
+                &r,
+                "mrcp_lb_rate_limit_untracked_total",
+                "New requests not rate-limited because the per-source table was full of active sources.",
+            ),
+            rate_limit_sources: gauge(
+                &r,
+                "mrcp_lb_rate_limit_sources",
+                "Sources held in the per-source rate limit table.",
+            ),
+            event_queue: gauge(
+                &r,
+                "mrcp_lb_event_queue_depth",
+                "Messages received and parsed but not yet handled by the core (at most 65536): above zero for long, the core cannot keep up.",
+            ),
+            tcp_connections: gauge(
+                &r,
+                "mrcp_lb_tcp_connections",
+                "TCP connections open (accepted and opened by the proxy).",
+            ),
+            tcp_refused_total: refused.with_label_values(&["total"]),
+            tcp_refused_per_source: refused.with_label_values(&["per_source"]),
+            tcp_timeout_idle: timed_out.with_label_values(&["idle"]),
+            tcp_timeout_message: timed_out.with_label_values(&["message"]),
             dialogs_active: gauge(
                 &r,
                 "mrcp_lb_dialogs_active",

@@ -113,6 +113,11 @@ impl Handle {
     }
 }
 
+/// Messages parsed by the transport tasks and not yet handled by the core, at most. Beyond,
+/// the receivers wait and the kernel's socket buffers fill (then drop, for UDP): under an
+/// overload this queue is what holds memory (about 1.7 KB per INVITE).
+pub const EVENT_QUEUE: usize = 65_536;
+
 /// Requested size of UDP socket buffers (the kernel caps it at net.core.rmem_max/wmem_max).
 const UDP_BUFFER: usize = 4 << 20;
 
@@ -129,7 +134,7 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
     };
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let (events, rx) = mpsc::channel::<Event>(65_536);
+    let (events, rx) = mpsc::channel::<Event>(EVENT_QUEUE);
 
     let mut udp_sockets: Vec<Option<Arc<UdpSocket>>> = Vec::new();
     let mut tcp_listeners = Vec::new();
@@ -197,6 +202,10 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
                 tokio::spawn(udp::receive(
                     s.clone(),
                     i,
+                    udp::Limits {
+                        max_message_size: cfg.udp.max_message_size,
+                        max_headers: cfg.limits.max_headers,
+                    },
                     events.clone(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -210,9 +219,14 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         counters: metrics.clone(),
         limits: tcp::Limits {
             max_message_size: cfg.tcp.max_message_size,
+            max_headers: cfg.limits.max_headers,
             idle_timeout: cfg.tcp.idle_timeout,
+            message_timeout: cfg.tcp.message_timeout,
             connect_timeout: cfg.tcp.connect_timeout,
+            max_connections: cfg.tcp.max_connections,
+            max_connections_per_source: cfg.tcp.max_connections_per_source,
         },
+        admission: Arc::new(tcp::Admission::default()),
         shutdown: shutdown.clone(),
         binds: Arc::new(cfg.listeners.iter().map(|l| l.bind).collect()),
     };
@@ -247,6 +261,7 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         proxy,
         metrics,
         names: names_tx,
+        queued: 0,
     };
     let done = tokio::spawn(core.run(rx, io, shutdown.clone()));
     for (t, a) in &bound {
@@ -339,6 +354,8 @@ struct Core {
     proxy: Proxy,
     metrics: Arc<Metrics>,
     names: watch::Sender<Names>,
+    /// Events waiting in the queue when the current batch began (exported at scrape time).
+    queued: usize,
 }
 
 impl Core {
@@ -354,6 +371,7 @@ impl Core {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
+                    self.queued = rx.len();
                     let now = Instant::now();
                     self.handle(now, ev);
                     // Drain what is already queued before flushing.
@@ -419,6 +437,7 @@ impl Core {
             }
             Control::Metrics(reply) => {
                 proxy.export_gauges(now);
+                self.metrics.event_queue.set(self.queued as i64);
                 let _ = reply.send(self.metrics.encode());
             }
             Control::Ready(reply) => {

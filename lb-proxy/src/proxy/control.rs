@@ -174,6 +174,7 @@ impl Proxy {
         m.dialogs_active.set(self.stats.active as i64);
         m.dialogs_early.set(self.stats.early as i64);
         m.set_version.set(self.dests.version as i64);
+        m.rate_limit_sources.set(self.rate_limit_sources() as i64);
         m.dest_capacity.reset();
         m.dest_load.reset();
         m.dest_state.reset();

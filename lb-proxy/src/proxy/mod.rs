@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
-use crate::config::{Config, Listener};
+use crate::config::{Config, Listener, RateAction, RateScope};
 use crate::destinations::{Destinations, Health};
 use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
+use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
 use crate::routing::{self, Want};
 use crate::sip::{
@@ -178,6 +179,13 @@ pub struct Proxy {
     self_addrs: Vec<(String, u16)>,
     /// Shutting down: new calls get 503.
     draining: bool,
+    /// Server transactions in `Proceeding` (no final response yet): `limits.maxPendingTransactions`.
+    pending: usize,
+    /// The per-source rate limit of new requests (`limits.perSource`), when on.
+    limiter: Option<SourceLimiter>,
+    /// To tag of the 503s the proxy sends statelessly (overload): the ACKs they draw carry it
+    /// and are absorbed without any state kept.
+    reject_tag: String,
     /// Gauges: active and early dialogs (the counters live in `metrics`).
     stats: DialogStats,
     metrics: Arc<Metrics>,
@@ -194,6 +202,8 @@ impl Proxy {
         let mut rng = SmallRng::from_entropy();
         let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
         let cluster = cfg.cluster.as_ref().map(|c| Cluster::new(c, rng.gen()));
+        let reject_tag = format!("lbx{:016x}", rng.gen::<u64>());
+        let limiter = cfg.limits.per_source.as_ref().map(SourceLimiter::new);
         let mut self_addrs = Vec::new();
         for l in &cfg.listeners {
             self_addrs.push((l.advertise.host.to_ascii_lowercase(), l.advertise.port));
@@ -215,6 +225,9 @@ impl Proxy {
             branch_prefix,
             self_addrs,
             draining: false,
+            pending: 0,
+            limiter,
+            reject_tag,
             stats: DialogStats::default(),
             metrics,
             cluster,
@@ -261,6 +274,16 @@ impl Proxy {
     /// When the next timer is due.
     pub fn next_timer(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Server transactions waiting for a final response.
+    pub fn pending_transactions(&self) -> usize {
+        self.pending
+    }
+
+    /// Sources in the per-source rate limit table (0 when the limit is off).
+    pub fn rate_limit_sources(&self) -> usize {
+        self.limiter.as_ref().map_or(0, SourceLimiter::len)
     }
 
     /// Open transactions and dialogs, for tests and diagnostics.
@@ -369,6 +392,66 @@ impl Proxy {
         let resp = self.make_response(req, code, reason, None);
         let target = self.response_flow(req, flow);
         self.send_response(target, code, resp.to_bytes());
+    }
+
+    /// Answers `503` with Retry-After statelessly: no transaction, no dialog. The To tag is
+    /// [`Proxy::reject_tag`], by which the caller's ACK is recognised and absorbed.
+    fn reject(&mut self, req: &Message, flow: Flow) {
+        let tag = (req.to_tag().is_none()).then(|| self.reject_tag.clone());
+        let resp = self.make_response(req, 503, "Service Unavailable", tag.as_deref());
+        let target = self.response_flow(req, flow);
+        self.send_response(target, 503, resp.to_bytes());
+    }
+
+    /// Whether a new server transaction may start; answers 503 and counts it when not.
+    fn admit_transaction(&mut self, req: &Message, flow: Flow) -> bool {
+        if self.pending < self.cfg.limits.max_pending_transactions {
+            return true;
+        }
+        self.metrics.limited_transactions.inc();
+        debug!(
+            call_id = req.call_id().unwrap_or_default(),
+            pending = self.pending,
+            "limits.maxPendingTransactions reached: 503"
+        );
+        if req.method() == Some(&Method::Invite) && req.to_tag().is_none() {
+            self.metrics.dialogs_processed.inc();
+            self.metrics.dialogs_failed.inc();
+        }
+        self.reject(req, flow);
+        false
+    }
+
+    /// The per-source rate limit (Kamailio `pike`), for a request outside a dialog; answers
+    /// or drops it and returns false when its source is over the rate.
+    fn within_rate(&mut self, now: Instant, req: &Message, method: &Method, flow: Flow) -> bool {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return true;
+        };
+        let Some(p) = self.cfg.limits.per_source.as_ref() else {
+            return true;
+        };
+        if p.scope == RateScope::Invite && *method != Method::Invite {
+            return true;
+        }
+        match limiter.check(flow.remote.ip(), now) {
+            Verdict::Allow => true,
+            Verdict::Untracked => {
+                self.metrics.rate_limit_untracked.inc();
+                true
+            }
+            Verdict::Limit => {
+                self.metrics.limited_source_rate.inc();
+                if p.action == RateAction::Reject {
+                    if *method == Method::Invite {
+                        self.metrics.dialogs_processed.inc();
+                        self.metrics.dialogs_failed.inc();
+                    }
+                    self.reject(req, flow);
+                }
+                false
+            }
+        }
     }
 
     fn make_response(
@@ -525,6 +608,10 @@ impl Proxy {
         if msg.to_tag().is_some() {
             return self.in_dialog(now, msg, flow, key);
         }
+        // Out of a dialog: the per-source rate, before any routing work.
+        if !self.within_rate(now, &msg, &method, flow) {
+            return;
+        }
         match method {
             Method::Invite => self.initial_invite(now, msg, flow, key),
             Method::Options => self.reply(&msg, flow, 200, "OK"),
@@ -588,6 +675,7 @@ impl Proxy {
         let id = self.next_serial();
         let reply = self.response_flow(&msg, flow);
         let local_tag = self.new_tag();
+        self.pending += 1;
         self.server_txs.insert(
             key.clone(),
             ServerTx {
@@ -623,6 +711,42 @@ impl Proxy {
         let listener = self.listener(flow.listener);
         let want_group = listener.group;
         let resources = Arc::new(listener.resources.clone());
+        // Calls that cannot be taken are refused before any state is kept: under overload
+        // each costs one response and nothing more.
+        if self.draining {
+            self.metrics.dialogs_processed.inc();
+            self.metrics.dialogs_failed.inc();
+            return self.reject(&msg, flow);
+        }
+        if self.dialogs.len() >= self.cfg.dialogs.max {
+            debug!(call_id = %dkey.call_id, "dialogs.max reached: 503");
+            self.metrics.limited_dialogs.inc();
+            self.metrics.dialogs_processed.inc();
+            self.metrics.dialogs_failed.inc();
+            return self.reject(&msg, flow);
+        }
+        let want = Want {
+            group: want_group,
+            resources: &resources,
+        };
+        let first = routing::choose(
+            &self.dests.slots,
+            want,
+            &[],
+            self.cfg.routing.policy,
+            &mut self.rng,
+        );
+        let Some(first) = first else {
+            self.metrics.rejected_no_capacity.inc();
+            self.metrics.dialogs_processed.inc();
+            self.metrics.dialogs_failed.inc();
+            self.metrics.invite_setup.observe(0.0);
+            info!(call_id = %dkey.call_id, status = 503, "call: no destination with capacity");
+            return self.reject(&msg, flow);
+        };
+        if !self.admit_transaction(&msg, flow) {
+            return;
+        }
         let trying = self.make_response(&msg, 100, "Trying", None).to_bytes();
         self.new_server_tx(msg.clone(), flow, &key);
         let reply = self.server_txs.get(&key).map(|t| t.reply);
@@ -631,17 +755,6 @@ impl Proxy {
         }
         if let Some(tx) = self.server_txs.get_mut(&key) {
             tx.last_response = Some(trying);
-        }
-        if self.draining {
-            self.metrics.dialogs_processed.inc();
-            self.metrics.dialogs_failed.inc();
-            return self.final_local(now, &key, 503, "Service Unavailable");
-        }
-        if self.dialogs.len() >= self.cfg.dialogs.max {
-            warn!(call_id = %dkey.call_id, "dialog limit reached");
-            self.metrics.dialogs_processed.inc();
-            self.metrics.dialogs_failed.inc();
-            return self.final_local(now, &key, 503, "Service Unavailable");
         }
         let callee_contact = None;
         let id = self.next_serial();
@@ -689,7 +802,7 @@ impl Proxy {
                 received: now,
             });
         }
-        self.try_next(now, &key);
+        self.branch_to(now, &key, first);
     }
 
     /// Sends the INVITE of `key` to the best destination not tried yet, or ends the call.
@@ -719,6 +832,20 @@ impl Proxy {
         };
         let Some(slot) = choice else {
             return self.call_failed(now, key);
+        };
+        self.branch_to(now, key, slot);
+    }
+
+    /// Sends the INVITE of `key` to the destination in `slot`.
+    fn branch_to(&mut self, now: Instant, key: &ServerKey, slot: usize) {
+        let Some(resources) = self
+            .server_txs
+            .get(key)
+            .and_then(|tx| tx.call.as_ref())
+            .and_then(|call| self.dialogs.get(&call.dialog))
+            .map(|d| d.resources.clone())
+        else {
+            return;
         };
         let Some(dest) = self.dests.get(slot) else {
             return;
@@ -901,6 +1028,9 @@ impl Proxy {
         let is_invite = key.method == Method::Invite;
         let call = tx.call.take();
         let reliable = reply.transport == Transport::Tcp;
+        if tx.state == SState::Proceeding {
+            self.pending = self.pending.saturating_sub(1);
+        }
         if (200..300).contains(&code) {
             // RFC 6026: retransmitted INVITEs are absorbed silently (the UAS retransmits its
             // 2xx itself), so nothing of the request or the response needs keeping: at high
@@ -965,6 +1095,10 @@ impl Proxy {
             if tx.state == SState::Confirmed {
                 return;
             }
+        }
+        // ACK for a 503 sent statelessly: nothing to do.
+        if msg.to_tag() == Some(self.reject_tag.as_str()) {
+            return;
         }
         // ACK for a 2xx: end to end, routed like any in-dialog request.
         if msg.to_tag().is_some() {
@@ -1116,6 +1250,9 @@ impl Proxy {
             if !is_ack {
                 self.reply(&msg, flow, 503, "Service Unavailable");
             }
+            return;
+        }
+        if !is_ack && !self.admit_transaction(&msg, flow) {
             return;
         }
         // Track the dialog: CSeq, and BYE ends it.
@@ -1642,7 +1779,11 @@ impl Proxy {
             }
             Timer::ServerTimeout(id) | Timer::ServerCleanup(id) => {
                 if let Some(key) = self.server_ids.remove(&id) {
-                    self.server_txs.remove(&key);
+                    if let Some(tx) = self.server_txs.remove(&key) {
+                        if tx.state == SState::Proceeding {
+                            self.pending = self.pending.saturating_sub(1);
+                        }
+                    }
                 }
             }
             Timer::Probe(slot, uid) => self.probe_due(now, slot, uid),

@@ -1259,18 +1259,31 @@ fn no_capacity_gives_an_immediate_503_with_retry_after() {
     assert_eq!(h.load(0), 1);
 
     let second = Call::udp("c9c");
+    let sizes = h.proxy.sizes();
     h.recv(second.peer, &second.invite());
     let mut out = h.out();
-    take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    // Refused before any state: no 100, no transaction, no dialog.
     let fail = take(&mut out, "503", |s| s.code() == Some(503));
     assert_none(&out, "nothing forwarded");
+    assert_eq!(h.proxy.sizes(), sizes, "nothing kept for the refused call");
     fail.assert_to(&second.peer);
     assert_eq!(fail.get(HeaderName::RetryAfter), Some("5"));
     assert_eq!(fail.get(HeaderName::CallId), Some(second.call_id.as_str()));
+    assert!(
+        fail.msg.to_tag().is_some(),
+        "a final response carries a To tag"
+    );
+    // A retransmission gets the same answer; the ACK is absorbed.
+    h.recv(second.peer, &second.invite());
+    let again = take(&mut h.out(), "503 again", |s| s.code() == Some(503));
+    assert_eq!(again.msg.to_tag(), fail.msg.to_tag(), "same To tag");
+    h.recv(second.peer, &second.ack_non_2xx(&fail.msg));
+    assert_none(&h.out(), "the ACK of the 503 is absorbed");
+    assert_eq!(h.proxy.sizes(), sizes);
     let rs = h.proxy.route_stats();
-    assert_eq!((rs.routed, rs.rejected_no_capacity), (1, 1));
+    assert_eq!((rs.routed, rs.rejected_no_capacity), (1, 2));
     let st = h.proxy.dialog_stats();
-    assert_eq!((st.active, st.failed, st.processed), (1, 1, 2));
+    assert_eq!((st.active, st.failed, st.processed), (1, 2, 3));
     assert_eq!(h.load(0), 1);
 }
 
@@ -2307,12 +2320,17 @@ fn pstn(capacity: u32, load: u32) -> Vec<lb_api::admin::ResourceStatus> {
     }]
 }
 
-/// Sends an INVITE that no destination can take: 100 then 503, nothing forwarded; the caller
-/// ACKs the 503.
+/// Sends an INVITE that no destination can take: a 503 at once (no 100, no state kept),
+/// nothing forwarded; the caller ACKs the 503.
 fn refused(h: &mut Harness, call: &Call, why: &str) {
+    let txs = h.proxy.sizes().0;
     h.recv(call.peer, &call.invite());
+    assert_eq!(
+        h.proxy.sizes().0,
+        txs,
+        "no transaction kept for a refused call"
+    );
     let mut out = h.out();
-    take(&mut out, "100 Trying", |s| s.code() == Some(100));
     let fail = take(&mut out, "503", |s| s.code() == Some(503));
     fail.assert_to(&call.peer);
     assert_none(&out, why);
@@ -3115,4 +3133,168 @@ fn a_pushed_peer_list_replaces_the_configured_one() {
         Applied::Unchanged
     );
     assert_eq!(a.proxy.cluster_status(a.now).peers.len(), 2);
+}
+
+// ---- 23: overload limits ---------------------------------------------------------------------
+
+/// The value of one sample of the metrics text, e.g. `mrcp_lb_requests_limited_total{reason="dialogs"}`.
+fn sample(h: &Harness, line_start: &str) -> f64 {
+    let text = h.proxy.metrics().encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {line_start} in:\n{text}"))
+}
+
+fn limited(h: &Harness, reason: &str) -> f64 {
+    sample(
+        h,
+        &format!("mrcp_lb_requests_limited_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The call's INVITE is answered 503 with Retry-After at once, nothing forwarded, nothing kept.
+fn refused_at_once(h: &mut Harness, call: &Call, why: &str) -> Sent {
+    let sizes = h.proxy.sizes();
+    h.recv(call.peer, &call.invite());
+    let mut out = h.out();
+    let fail = take(&mut out, "503", |s| s.code() == Some(503));
+    assert_none(&out, why);
+    fail.assert_to(&call.peer);
+    assert_eq!(fail.get(HeaderName::RetryAfter), Some("5"), "{why}");
+    assert_eq!(h.proxy.sizes(), sizes, "{why}: nothing kept");
+    h.recv(call.peer, &call.ack_non_2xx(&fail.msg));
+    assert_none(&h.out(), "the ACK of a stateless 503 is absorbed");
+    fail
+}
+
+#[test]
+fn dialogs_max_refuses_new_calls_with_503() {
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  max: 1\n");
+    let srv1 = Uas::new(S1, "srv-dm");
+    let mut first = open_call(&mut h, "dm1", &srv1);
+    refused_at_once(&mut h, &Call::udp("dm2"), "one dialog open, dialogs.max 1");
+    assert_eq!(limited(&h, "dialogs"), 1.0);
+    let st = h.proxy.dialog_stats();
+    assert_eq!((st.active, st.failed, st.processed), (1, 1, 2));
+    // Once the first ends, calls are taken again.
+    hang_up(&mut h, &mut first, &srv1);
+    open_call(&mut h, "dm3", &srv1);
+    assert_eq!(limited(&h, "dialogs"), 1.0);
+}
+
+#[test]
+fn pending_transaction_limit_gives_503_to_new_requests() {
+    let mut h = Harness::with(TWO_DESTS, "limits:\n  maxPendingTransactions: 2\n");
+    let srv1 = Uas::new(S1, "srv-pt1");
+    let srv2 = Uas::new(S2, "srv-pt2");
+    let mut a = Call::udp("pt-a");
+    let inv_a = place(&mut h, &a);
+    let b = Call::udp("pt-b");
+    let inv_b = place(&mut h, &b);
+    assert_eq!(h.proxy.pending_transactions(), 2);
+
+    // A third INVITE: refused statelessly.
+    refused_at_once(&mut h, &Call::udp("pt-c"), "two transactions pending");
+    assert_eq!(limited(&h, "transactions"), 1.0);
+    // OPTIONS to the proxy keeps no transaction: still answered.
+    h.recv(a.peer, &Call::udp("pt-o").out_of_dialog("OPTIONS", &[]));
+    take(&mut h.out(), "200 to OPTIONS", |s| s.code() == Some(200));
+
+    // a answered: one pending left, room for one more.
+    let srv_a = if inv_a.to() == srv1.peer.addr {
+        &srv1
+    } else {
+        &srv2
+    };
+    answer(&mut h, &mut a, srv_a, &inv_a, &[]);
+    assert_eq!(h.proxy.pending_transactions(), 1);
+    let d = Call::udp("pt-d");
+    place(&mut h, &d);
+    assert_eq!(h.proxy.pending_transactions(), 2);
+
+    // An in-dialog request beyond the limit gets 503 too, and the dialog stays.
+    h.recv(a.peer, &a.bye());
+    let mut out = h.out();
+    let fail = take(&mut out, "503 to the BYE", |s| s.code() == Some(503));
+    assert_none(&out, "the BYE is not forwarded");
+    assert_eq!(fail.get(HeaderName::CSeq), Some("2 BYE"));
+    assert_eq!(limited(&h, "transactions"), 2.0);
+    assert_eq!(
+        h.proxy.dialog_stats().active,
+        1,
+        "the refused BYE ended nothing"
+    );
+
+    // b answered: the BYE goes through on retry.
+    let srv_b = if inv_b.to() == srv1.peer.addr {
+        &srv1
+    } else {
+        &srv2
+    };
+    h.recv(srv_b.peer, &srv_b.reply(&inv_b.msg, 486, &[], ""));
+    let mut out = h.out();
+    take(&mut out, "ACK to the server", |s| s.is(Method::Ack));
+    take(&mut out, "486 to the caller", |s| s.code() == Some(486));
+    assert_eq!(h.proxy.pending_transactions(), 1);
+    a.cseq -= 1;
+    h.recv(a.peer, &a.bye());
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE", |s| s.is(Method::Bye));
+    bye.assert_to(&srv_a.peer);
+}
+
+#[test]
+fn per_source_rate_limit_refuses_the_excess_of_one_source_only() {
+    let mut h = Harness::with(TWO_DESTS, "limits:\n  perSource: {rate: 2, window: 1s}\n");
+    let srv1 = Uas::new(S1, "srv-rl1");
+    let srv2 = Uas::new(S2, "srv-rl2");
+    let mut c1 = Call::udp("rl1");
+    let inv1 = place(&mut h, &c1);
+    place(&mut h, &Call::udp("rl2"));
+    // The third INVITE within the second from the same source: 503.
+    refused_at_once(&mut h, &Call::udp("rl3"), "third INVITE in the window");
+    assert_eq!(limited(&h, "source_rate"), 1.0);
+    // Another source is not affected.
+    let mut other = Call::udp("rl4");
+    other.peer.addr = addr("10.0.0.6:40000");
+    place(&mut h, &other);
+    // Out-of-dialog OPTIONS are not counted with the default scope (INVITE).
+    h.recv(c1.peer, &Call::udp("rl5").out_of_dialog("OPTIONS", &[]));
+    take(&mut h.out(), "200 to OPTIONS", |s| s.code() == Some(200));
+    // In-dialog requests and responses are never limited.
+    let srv = if inv1.to() == srv1.peer.addr {
+        &srv1
+    } else {
+        &srv2
+    };
+    answer(&mut h, &mut c1, srv, &inv1, &[]);
+    h.recv(c1.peer, &c1.bye());
+    take(&mut h.out(), "BYE", |s| s.is(Method::Bye));
+    assert_eq!(limited(&h, "source_rate"), 1.0);
+    // Half a second later one token is back.
+    h.advance_to(ms(500));
+    h.out();
+    place(&mut h, &Call::udp("rl6"));
+    refused_at_once(&mut h, &Call::udp("rl7"), "the token is used");
+    assert_eq!(limited(&h, "source_rate"), 2.0);
+    assert_eq!(h.proxy.rate_limit_sources(), 2);
+}
+
+#[test]
+fn per_source_rate_limit_can_drop_and_count_every_out_of_dialog_request() {
+    let mut h = Harness::with(
+        TWO_DESTS,
+        "limits:\n  perSource: {rate: 1, window: 10s, action: drop, scope: outOfDialog}\n",
+    );
+    let c = Call::udp("rd1");
+    h.recv(c.peer, &c.out_of_dialog("OPTIONS", &[]));
+    take(&mut h.out(), "200 to OPTIONS", |s| s.code() == Some(200));
+    let sizes = h.proxy.sizes();
+    h.recv(c.peer, &Call::udp("rd2").out_of_dialog("OPTIONS", &[]));
+    assert_none(&h.out(), "the second OPTIONS is dropped");
+    h.recv(c.peer, &Call::udp("rd3").invite());
+    assert_none(&h.out(), "an INVITE over the rate is dropped");
+    assert_eq!(h.proxy.sizes(), sizes);
+    assert_eq!(limited(&h, "source_rate"), 2.0);
 }

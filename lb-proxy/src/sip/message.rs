@@ -218,6 +218,14 @@ pub fn header_end(data: &[u8]) -> Option<usize> {
 impl Message {
     /// Parses one whole message (a UDP datagram or a framed TCP message).
     pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
+        Message::parse_limited(data, usize::MAX)
+    }
+
+    /// As [`Message::parse`], refusing a message with more than `max_headers` header fields
+    /// (each entry of a comma-separated Via, Route or Record-Route counts). Such a message is
+    /// malformed; its partial keeps only the Via, From, To, Call-ID and CSeq found within the
+    /// limit, enough to address a 400 and no more.
+    pub fn parse_limited(data: &[u8], max_headers: usize) -> Result<Message, ParseError> {
         let data = trim_leading_crlf(data);
         if data.is_empty() {
             return Err(perr("empty message"));
@@ -225,7 +233,8 @@ impl Message {
         let hend = header_end(data).ok_or_else(|| perr("no end of headers"))?;
         let head =
             std::str::from_utf8(&data[..hend]).map_err(|_| perr("header section is not UTF-8"))?;
-        let mut lines = unfold(head);
+        // The start line and at most `max_headers` header lines are looked at.
+        let (mut lines, mut overflow) = unfold(head, max_headers.saturating_add(1));
         if lines.is_empty() {
             return Err(perr("no start line"));
         }
@@ -249,6 +258,29 @@ impl Message {
             } else {
                 headers.push((name, value.to_string()));
             }
+            if headers.len() > max_headers {
+                overflow = true;
+                break;
+            }
+        }
+        if overflow {
+            headers.truncate(max_headers);
+            headers.retain(|(n, _)| {
+                matches!(
+                    n,
+                    HeaderName::Via
+                        | HeaderName::From
+                        | HeaderName::To
+                        | HeaderName::CallId
+                        | HeaderName::CSeq
+                )
+            });
+            let msg = Message {
+                start,
+                headers,
+                body: Bytes::new(),
+            };
+            return Err(msg.invalid(format!("more than {max_headers} header fields")));
         }
         let mut body = Bytes::copy_from_slice(&data[hend..]);
         let mut msg = Message {
@@ -518,8 +550,9 @@ fn trim_leading_crlf(mut data: &[u8]) -> &[u8] {
     data
 }
 
-/// Splits the header section into logical lines, joining folded continuation lines.
-fn unfold(head: &str) -> Vec<Cow<'_, str>> {
+/// Splits the header section into logical lines, joining folded continuation lines. Collects
+/// at most `max` lines; the flag tells whether more followed.
+fn unfold(head: &str, max: usize) -> (Vec<Cow<'_, str>>, bool) {
     let mut lines: Vec<Cow<'_, str>> = Vec::with_capacity(16);
     for raw in head.split('\n') {
         let line = raw.strip_suffix('\r').unwrap_or(raw);
@@ -534,9 +567,12 @@ fn unfold(head: &str) -> Vec<Cow<'_, str>> {
                 continue;
             }
         }
+        if lines.len() >= max {
+            return (lines, true);
+        }
         lines.push(Cow::Borrowed(line));
     }
-    lines
+    (lines, false)
 }
 
 fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
@@ -859,6 +895,65 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
             bad_request(&e).is_none(),
             "no From/To/Call-ID: cannot answer"
         );
+    }
+
+    /// An INVITE with `pad` extra header lines after its essential headers, and `vias`
+    /// comma-separated entries in its one Via line.
+    fn padded(pad: usize, vias: usize) -> String {
+        let mut via = String::from("SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK-1");
+        for i in 1..vias {
+            via.push_str(&format!(", SIP/2.0/UDP 10.0.0.{i};branch=z9hG4bK-x{i}"));
+        }
+        let mut m = format!(
+            "INVITE sip:127.0.0.1 SIP/2.0\r\nVia: {via}\r\nFrom: <sip:a@b>;tag=1\r\n\
+             To: <sip:c@d>\r\nCall-ID: many@x\r\nCSeq: 1 INVITE\r\n"
+        );
+        for i in 0..pad {
+            m.push_str(&format!("X-Pad-{i}: {i}\r\n"));
+        }
+        m.push_str("Content-Length: 0\r\n\r\n");
+        m
+    }
+
+    #[test]
+    fn header_limit() {
+        // 5 essentials + Content-Length + 10 pads = 16 fields.
+        let m = padded(10, 1);
+        assert!(Message::parse_limited(m.as_bytes(), 16).is_ok());
+        let e = Message::parse_limited(m.as_bytes(), 15).unwrap_err();
+        assert!(
+            e.reason.contains("more than 15 header fields"),
+            "{}",
+            e.reason
+        );
+        let partial = e.partial.as_deref().expect("a partial to answer with");
+        assert_eq!(partial.headers.len(), 5, "only the essentials are kept");
+        let resp = bad_request(&e).expect("a 400 can be addressed");
+        let resp = String::from_utf8(resp.to_vec()).unwrap();
+        assert!(resp.starts_with("SIP/2.0 400 "), "{resp}");
+        assert!(resp.contains("Call-ID: many@x"), "{resp}");
+        assert!(!resp.contains("X-Pad"), "{resp}");
+
+        // Entries of a comma-separated Via count one by one.
+        let m = padded(0, 20);
+        assert!(Message::parse(m.as_bytes()).is_ok());
+        let e = Message::parse_limited(m.as_bytes(), 12).unwrap_err();
+        let partial = e.partial.as_deref().unwrap();
+        assert_eq!(partial.count(&HeaderName::Via), 12);
+        assert!(
+            bad_request(&e).is_none(),
+            "From beyond the limit: cannot answer"
+        );
+
+        // A huge header section: the essentials past the limit are not looked for.
+        let mut m = String::from("INVITE sip:x SIP/2.0\r\n");
+        for i in 0..5000 {
+            m.push_str(&format!("X-{i}: y\r\n"));
+        }
+        m.push_str("Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n");
+        let e = Message::parse_limited(m.as_bytes(), 128).unwrap_err();
+        assert!(e.reason.contains("more than 128"), "{}", e.reason);
+        assert!(bad_request(&e).is_none());
     }
 
     #[test]

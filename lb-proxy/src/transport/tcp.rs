@@ -1,9 +1,14 @@
 //! TCP: Content-Length framing, CRLF keep-alives, size and idle limits, and one connection per
 //! peer reused in both directions (responses go back on the connection the request came on).
+//!
+//! Defences: accepted connections are counted in total and per source (beyond either limit a
+//! new one is closed at once), a connection silent for `tcp.idleTimeout` is closed, and so is
+//! one that starts a message and does not complete it within `tcp.messageTimeout` (slowloris:
+//! a trickle of bytes keeps the idle timer from firing but not this one).
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,8 +27,76 @@ use crate::sip::{header_end, Message, Transport};
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_message_size: usize,
+    /// Header fields per message.
+    pub max_headers: usize,
     pub idle_timeout: Duration,
+    /// A message begun must be complete within this.
+    pub message_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Accepted connections open at once, in total and from one source.
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+}
+
+/// Accepted connections open, in total and per source (IPv6: per /64).
+#[derive(Default)]
+pub struct Admission {
+    inner: Mutex<Admitted>,
+}
+
+#[derive(Default)]
+struct Admitted {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// Why an accepted connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Total,
+    PerSource,
+}
+
+/// One admitted connection; dropping it gives its place back.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    source: IpAddr,
+}
+
+impl Admission {
+    /// Takes a place for a connection from `ip`, or says which limit is reached. Called once
+    /// per accepted connection, never per message.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Result<Ticket, Refusal> {
+        let source = crate::limits::source_key(ip);
+        let mut a = self.inner.lock().map_err(|_| Refusal::Total)?;
+        if a.total >= limits.max_connections {
+            return Err(Refusal::Total);
+        }
+        let n = a.per_source.entry(source).or_insert(0);
+        if *n >= limits.max_connections_per_source {
+            return Err(Refusal::PerSource);
+        }
+        *n += 1;
+        a.total += 1;
+        Ok(Ticket {
+            admission: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.admission.inner.lock() {
+            a.total = a.total.saturating_sub(1);
+            if let Some(n) = a.per_source.get_mut(&self.source) {
+                *n -= 1;
+                if *n == 0 {
+                    a.per_source.remove(&self.source);
+                }
+            }
+        }
+    }
 }
 
 type Writer = mpsc::Sender<Bytes>;
@@ -84,6 +157,7 @@ pub struct Shared {
     pub events: mpsc::Sender<Event>,
     pub counters: Arc<Metrics>,
     pub limits: Limits,
+    pub admission: Arc<Admission>,
     pub shutdown: CancellationToken,
     /// Bind address of each listener, by index: outgoing connections leave from its IP.
     pub binds: Arc<Vec<SocketAddr>>,
@@ -103,8 +177,26 @@ pub async fn accept(listener: TcpListener, index: usize, shared: Shared) {
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        let ticket = match shared.admission.admit(remote.ip(), &shared.limits) {
+            Ok(t) => t,
+            Err(why) => {
+                let (counter, limit) = match why {
+                    Refusal::Total => (&shared.counters.tcp_refused_total, "tcp.maxConnections"),
+                    Refusal::PerSource => (
+                        &shared.counters.tcp_refused_per_source,
+                        "tcp.maxConnectionsPerSource",
+                    ),
+                };
+                counter.inc();
+                debug!(%remote, "tcp connection refused: {limit} reached");
+                // Reset rather than close: no TIME_WAIT left behind by a connection flood.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        spawn_connection(stream, remote, index, shared.clone(), None);
+        spawn_connection(stream, remote, index, shared.clone(), None, Some(ticket));
     }
 }
 
@@ -114,6 +206,7 @@ fn spawn_connection(
     listener: usize,
     shared: Shared,
     first: Option<Bytes>,
+    ticket: Option<Ticket>,
 ) -> ConnId {
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
     if let Some(first) = first {
@@ -122,6 +215,7 @@ fn spawn_connection(
     let id = shared.registry.add(remote, tx.clone());
     let (read, write) = stream.into_split();
     tokio::spawn(write_loop(write, rx));
+    shared.counters.tcp_connections.inc();
     tokio::spawn(async move {
         let flow = Flow {
             transport: Transport::Tcp,
@@ -131,6 +225,8 @@ fn spawn_connection(
         };
         read_loop(read, flow, &shared, tx).await;
         shared.registry.remove(id);
+        shared.counters.tcp_connections.dec();
+        drop(ticket);
         debug!(%remote, "tcp connection closed");
     });
     id
@@ -222,15 +318,21 @@ async fn read_loop(
 ) {
     let limits = shared.limits;
     let mut buf = BytesMut::with_capacity(8192);
+    // When the first bytes of the message now incomplete in `buf` arrived.
+    let mut begun: Option<tokio::time::Instant> = None;
     loop {
         loop {
             match frame(&buf, limits.max_message_size) {
                 Frame::Incomplete => break,
                 Frame::Ping => {
                     buf.advance(4);
+                    begun = None;
                     let _ = writer.try_send(Bytes::from_static(b"\r\n"));
                 }
-                Frame::Skip(n) => buf.advance(n),
+                Frame::Skip(n) => {
+                    buf.advance(n);
+                    begun = None;
+                }
                 Frame::Invalid(reason) => {
                     shared.counters.malformed_stream();
                     debug!(remote = %flow.remote, "closing tcp connection: {reason}");
@@ -238,7 +340,8 @@ async fn read_loop(
                 }
                 Frame::Message(n) => {
                     let data = buf.split_to(n).freeze();
-                    match Message::parse(&data) {
+                    begun = None;
+                    match Message::parse_limited(&data, limits.max_headers) {
                         Ok(msg) => {
                             let ev = Event::Message(Inbound { msg, flow });
                             if shared.events.send(ev).await.is_err() {
@@ -256,13 +359,33 @@ async fn read_loop(
                 }
             }
         }
-        let read_more = tokio::time::timeout(limits.idle_timeout, read.read_buf(&mut buf));
+        // Silence is allowed for the idle timeout; a message begun must end by its deadline.
+        let now = tokio::time::Instant::now();
+        let idle_deadline = now + limits.idle_timeout;
+        let deadline = match begun {
+            None if buf.is_empty() => idle_deadline,
+            None => {
+                begun = Some(now);
+                idle_deadline.min(now + limits.message_timeout)
+            }
+            Some(t) => idle_deadline.min(t + limits.message_timeout),
+        };
+        let read_more = tokio::time::timeout_at(deadline, read.read_buf(&mut buf));
         tokio::select! {
             r = read_more => match r {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => {}
                 Err(_) => {
-                    debug!(remote = %flow.remote, "closing idle tcp connection");
+                    if deadline < idle_deadline {
+                        shared.counters.tcp_timeout_message.inc();
+                        debug!(
+                            remote = %flow.remote,
+                            "closing tcp connection: message not complete within tcp.messageTimeout"
+                        );
+                    } else {
+                        shared.counters.tcp_timeout_idle.inc();
+                        debug!(remote = %flow.remote, "closing idle tcp connection");
+                    }
                     return;
                 }
             },
@@ -296,7 +419,7 @@ pub fn send(
         match connect.await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                spawn_connection(stream, remote, listener, shared, Some(data));
+                spawn_connection(stream, remote, listener, shared, Some(data), None);
             }
             Ok(Err(e)) => {
                 debug!(%remote, "tcp connect failed: {e}");

@@ -11,14 +11,25 @@ use crate::metrics::Metrics;
 use crate::runtime::Event;
 use crate::sip::{Message, Transport};
 
+/// Limits applied to every datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Larger datagrams are dropped unparsed.
+    pub max_message_size: usize,
+    /// Header fields per message.
+    pub max_headers: usize,
+}
+
 /// Receives datagrams until shutdown; malformed ones get a 400 when it can be addressed.
 pub async fn receive(
     socket: Arc<UdpSocket>,
     listener: usize,
+    limits: Limits,
     events: mpsc::Sender<Event>,
     counters: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    // No UDP payload exceeds 65,535 bytes (65,507 over IPv4), so nothing is ever cut short.
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, remote) = tokio::select! {
@@ -33,6 +44,11 @@ pub async fn receive(
             _ = shutdown.cancelled() => return,
         };
         let data = &buf[..n];
+        if n > limits.max_message_size {
+            counters.malformed.inc();
+            debug!(%remote, "datagram of {n} bytes exceeds udp.maxMessageSize: dropped");
+            continue;
+        }
         if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
             continue; // keep-alive
         }
@@ -42,7 +58,7 @@ pub async fn receive(
             remote,
             conn: None,
         };
-        match Message::parse(data) {
+        match Message::parse_limited(data, limits.max_headers) {
             Ok(msg) => {
                 if events
                     .send(Event::Message(Inbound { msg, flow }))
