@@ -1597,6 +1597,10 @@ impl Proxy {
                 // Provisional but no final in time: CANCEL and try the next server.
                 ctx.abandoned = true;
                 let server = ctx.server.clone();
+                // A server that died after its provisional never ends this transaction:
+                // forget it after the time a late answer (487 to the CANCEL) may take.
+                let linger = self.cfg.timers.t1 * 64;
+                self.arm(now + linger, Timer::ClientCleanup(id));
                 self.cancel_branch(
                     now,
                     &key,

@@ -2957,3 +2957,42 @@ fn enable_gives_a_destination_the_full_failure_threshold_again() {
         h.probe_stats(0).consecutive_failures
     );
 }
+
+// ---- faults and graceful shutdown -----------------------------------------------------------
+
+#[test]
+fn a_server_that_dies_after_its_provisional_leaves_no_transaction_behind() {
+    // 180, then the server is gone: at inviteFinalTimeout the call fails over and the CANCEL
+    // gets no answer either. Once the call is over, nothing of it may stay in memory.
+    let mut h = Harness::new();
+    let mut call = Call::udp("f1");
+    let srv1 = Uas::new(S1, "srv-f1");
+    let srv2 = Uas::new(S2, "srv-f2");
+    let inv = place(&mut h, &call);
+    inv.assert_to(&srv1.peer);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 180, &[], ""));
+    h.out();
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    take(&mut out, "CANCEL to the dead server", |s| {
+        s.is(Method::Cancel)
+    });
+    let inv2 = take(&mut out, "INVITE to the second server", |s| {
+        s.is(Method::Invite)
+    });
+    inv2.assert_to(&srv2.peer);
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 to the caller", |s| s.code() == Some(200));
+    call.answered(&ok.msg);
+    h.recv(call.peer, &call.ack());
+    h.out();
+    hang_up(&mut h, &mut call, &srv2);
+    h.advance_to(secs(120));
+    h.out();
+    assert_eq!(
+        h.proxy.sizes(),
+        (0, 0, 0),
+        "server txs, client txs, dialogs left behind"
+    );
+}
