@@ -2996,3 +2996,67 @@ fn a_server_that_dies_after_its_provisional_leaves_no_transaction_behind() {
         "server txs, client txs, dialogs left behind"
     );
 }
+
+#[test]
+fn reinvite_with_a_provisional_but_no_final_gets_408_and_leaves_nothing_behind() {
+    // The server answers a re-INVITE with 100 Trying and then nothing (it hung): at
+    // inviteFinalTimeout the proxy CANCELs downstream, and the caller must get a final
+    // response too, or its re-INVITE hangs and the proxy keeps the transaction forever.
+    let mut h = Harness::new();
+    let mut call = Call::udp("r1");
+    let srv = Uas::new(S1, "srv-r1");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    let reinvite = call.in_dialog("INVITE", &[], CLIENT_SDP);
+    h.recv(call.peer, &reinvite);
+    let mut out = h.out();
+    take(&mut out, "100 to the caller", |s| s.code() == Some(100));
+    let fwd = take(&mut out, "re-INVITE to the server", |s| {
+        s.is(Method::Invite)
+    });
+    h.recv(srv.peer, &srv.reply(&fwd.msg, 100, &[], ""));
+    h.out();
+
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let cancel = take(&mut out, "CANCEL to the server", |s| s.is(Method::Cancel));
+    cancel.assert_to(&srv.peer);
+    let fail = take(&mut out, "final response to the caller", |s| {
+        s.code().is_some_and(|c| c >= 200)
+    });
+    fail.assert_to(&call.peer);
+    assert_eq!(fail.code(), Some(408));
+    assert_eq!(fail.get(HeaderName::CSeq), Some("2 INVITE"));
+    assert_eq!(
+        h.proxy.dialog_stats().active,
+        1,
+        "a failed re-INVITE does not end the dialog"
+    );
+    // The caller ACKs the 408 (hop by hop: absorbed); the server never answers the CANCEL.
+    let ack = sip(
+        &format!("ACK {} SIP/2.0", fwd.ruri()),
+        &[
+            (
+                "Via",
+                call.via(&format!("z9hG4bK-{}-2-INVITE", call.call_id)),
+            ),
+            ("Max-Forwards", "70".into()),
+            ("From", call.from.clone()),
+            ("To", call.to.clone()),
+            ("Call-ID", call.call_id.clone()),
+            ("CSeq", "2 ACK".into()),
+        ],
+        "",
+    );
+    h.recv(call.peer, &ack);
+    assert_none(&h.out(), "the ACK of the 408 is absorbed");
+    h.advance_to(secs(60));
+    h.out();
+    hang_up(&mut h, &mut call, &srv);
+    h.advance_to(secs(120));
+    assert_eq!(
+        h.proxy.sizes(),
+        (0, 0, 0),
+        "server txs, client txs, dialogs left behind"
+    );
+}
