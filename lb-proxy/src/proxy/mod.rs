@@ -520,6 +520,8 @@ impl Proxy {
         }
         match method {
             Method::Invite => self.initial_invite(now, msg, flow, key),
+            // A health check of the proxy itself: going away while draining.
+            Method::Options if self.draining => self.reply(&msg, flow, 503, "Service Unavailable"),
             Method::Options => self.reply(&msg, flow, 200, "OK"),
             _ => self.reply(&msg, flow, 405, "Method Not Allowed"),
         }

@@ -3060,3 +3060,61 @@ fn reinvite_with_a_provisional_but_no_final_gets_408_and_leaves_nothing_behind()
         "server txs, client txs, dialogs left behind"
     );
 }
+
+#[test]
+fn draining_counts_open_calls_and_transactions_in_flight() {
+    // SIGTERM waits until nothing is open: a BYE ends its dialog at once, but the proxy must
+    // stay until the BYE's 200 has been relayed back, or the caller never gets it.
+    let mut h = Harness::new();
+    let mut call = Call::udp("d1");
+    let srv = Uas::new(S1, "srv-d1");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.proxy.start_draining();
+    assert!(h.proxy.is_draining());
+    assert_eq!(h.proxy.open_work(), (1, 0), "(dialogs, transactions)");
+
+    // New calls: 503 with Retry-After, no dialog, nothing forwarded.
+    let late = Call::udp("d2");
+    refused(&mut h, &late, "a new call while draining");
+    assert_eq!(h.proxy.open_work(), (1, 0));
+
+    // OPTIONS to the proxy itself (an upstream's health check) says it is going away.
+    h.recv(late.peer, &late.out_of_dialog("OPTIONS", &[]));
+    let mut out = h.out();
+    let busy = take(&mut out, "answer to OPTIONS", |s| s.code().is_some());
+    assert_eq!(busy.code(), Some(503));
+    assert!(busy.get(HeaderName::RetryAfter).is_some());
+
+    // The BYE of the open call is relayed; its transaction is in flight until the 200.
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    let bye = take(&mut out, "BYE", |s| s.is(Method::Bye));
+    bye.assert_to(&srv.peer);
+    assert_eq!(h.proxy.dialog_stats().active, 0);
+    assert_eq!(h.proxy.open_work(), (0, 1), "the BYE is in flight");
+    h.recv(srv.peer, &response(&bye.msg, 200, None, &[], ""));
+    let mut out = h.out();
+    take(&mut out, "200 to the BYE", |s| s.code() == Some(200)).assert_to(&call.peer);
+    assert_eq!(h.proxy.open_work(), (0, 0));
+}
+
+#[test]
+fn draining_waits_for_the_byes_the_proxy_sends_itself() {
+    // A dialog that expires while draining: the proxy's own BYEs are retransmitted until
+    // answered (or timer F), so the process must not exit before.
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 20s\n");
+    let mut call = Call::udp("d3");
+    let srv = Uas::new(S1, "srv-d3");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.proxy.start_draining();
+    h.advance_to(secs(20));
+    let mut out = h.out();
+    let (to_srv, to_caller) = expiry_byes(&mut out, &call, &srv);
+    assert_eq!(h.proxy.open_work(), (0, 2), "two BYEs in flight");
+    h.recv(srv.peer, &response(&to_srv.msg, 200, None, &[], ""));
+    assert_eq!(h.proxy.open_work(), (0, 1));
+    h.recv(call.peer, &response(&to_caller.msg, 200, None, &[], ""));
+    assert_eq!(h.proxy.open_work(), (0, 0));
+}
