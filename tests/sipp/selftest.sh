@@ -76,7 +76,10 @@ run_pair uac_long-uas_bye   uas_bye.xml        u1 uac_long_expect_bye.xml -m 4 -
 run_pair uac503-uas_503     uas_503.xml        u1 uac_expect_503.xml      -m 4 -r 10
 run_pair uac486-uas_486     uas_486.xml        u1 uac_expect_486.xml      -m 4 -r 10
 run_pair cancel-ringing     uas_ringing.xml    u1 uac_cancel.xml          -m 4 -r 10 -d 300
-for s in uas.xml uas_bye.xml uas_expect_bye.xml uas_503.xml uas_486.xml uas_ringing.xml; do
+run_pair reinvite           uas_reinvite.xml   u1 uac_reinvite.xml        -m 4 -r 10 -d 300
+run_pair uac-uas_slow       uas_slow.xml       u1 uac.xml                 -m 4 -r 10 -d 200
+for s in uas.xml uas_bye.xml uas_expect_bye.xml uas_503.xml uas_486.xml uas_ringing.xml \
+  uas_reinvite.xml uas_slow.xml; do
   run_pair "options-$s" "$s" u1 "$WORK/options.xml" -m 2 -r 10
 done
 
