@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench soak
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -12,6 +12,7 @@ help:
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
+	@echo "make soak   30 min of mixed calls through lb-proxy; checks nothing is left and RSS is flat (MINUTES=N)"
 
 deps:
 	@./scripts/install-deps.sh
@@ -48,6 +49,9 @@ e2e: deps k8s
 
 bench:
 	./bench/run.sh
+
+soak: deps build
+	LB_PROXY=$(PROXY) ./tests/soak/run.sh $(or $(MINUTES),30)
 
 lint:
 	$(CARGO) fmt --all -- --check
