@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench soak audit audit-advisories cargo-deny
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -13,6 +13,7 @@ help:
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
 	@echo "make audit  cargo deny: licences, duplicate versions (warnings), sources (crates.io only)"
+	@echo "make soak   30 min of mixed calls through lb-proxy; checks nothing is left and RSS is flat (MINUTES=N)"
 
 deps:
 	@./scripts/install-deps.sh
@@ -50,6 +51,9 @@ e2e: deps k8s
 
 bench:
 	./bench/run.sh
+
+soak: deps build
+	LB_PROXY=$(PROXY) ./tests/soak/run.sh $(or $(MINUTES),30)
 
 lint:
 	$(CARGO) fmt --all -- --check

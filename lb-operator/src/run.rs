@@ -90,6 +90,53 @@ where
     }
 }
 
+/// How long a watch waits before trying again after an error: from 250 ms, doubling, at most
+/// [`WatchBackoff::MAX`], with ±20 % jitter; back to the start on the first event that comes
+/// through. kube's default goes up to 30 s and only resets after 2 minutes, so after an API
+/// server outage of half a minute a watch waited up to 30 s to reconnect, then as long again
+/// after the expected "resource version too old" answer: a change made once the API server
+/// was back took about a minute to reach the proxies.
+pub struct WatchBackoff {
+    next: Duration,
+    rng: rand::rngs::SmallRng,
+}
+
+impl WatchBackoff {
+    pub const MIN: Duration = Duration::from_millis(250);
+    pub const MAX: Duration = Duration::from_secs(4);
+
+    pub fn new() -> WatchBackoff {
+        use rand::SeedableRng;
+        WatchBackoff {
+            next: Self::MIN,
+            rng: rand::rngs::SmallRng::from_entropy(),
+        }
+    }
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff::new()
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use rand::Rng;
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(base.mul_f64(self.rng.gen_range(0.8..=1.2)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
 /// Starts a reflector: the store fills from the watch, and `notify` wakes the loop on every
 /// change.
 fn reflect<K>(
@@ -103,7 +150,9 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, cfg).default_backoff().reflect(writer);
+    let stream = watcher(api, cfg)
+        .backoff(WatchBackoff::new())
+        .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
@@ -535,6 +584,7 @@ async fn serve_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::utils::Backoff;
 
     #[test]
     fn debug_output_hides_the_admin_token() {
@@ -554,5 +604,22 @@ mod tests {
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("token: Some(\"<redacted>\")"), "{shown}");
         assert!(shown.contains("proxy_admin_port: 8081"), "{shown}");
+    }
+
+    #[test]
+    fn watch_backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = WatchBackoff::new();
+        let first: Vec<Duration> = b.by_ref().take(8).collect();
+        let bases = [250, 500, 1000, 2000, 4000, 4000, 4000, 4000];
+        for (got, base) in first.iter().zip(bases) {
+            let base = Duration::from_millis(base);
+            assert!(
+                *got >= base.mul_f64(0.8) && *got <= base.mul_f64(1.2),
+                "{got:?} not within 20 % of {base:?}: {first:?}"
+            );
+        }
+        b.reset();
+        let again = b.next().unwrap();
+        assert!(again <= Duration::from_millis(300), "{again:?}");
     }
 }

@@ -3,7 +3,7 @@
 //! | endpoint | |
 //! |---|---|
 //! | `GET /healthz` | the process is alive |
-//! | `GET /readyz` | listeners bound and a destination set loaded |
+//! | `GET /readyz` | listeners bound, a destination set loaded, not shutting down |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /v1/destinations` | every destination with load, state, probe statistics |
 //! | `PUT /v1/destinations` | replace the whole set (JSON `DestinationSet`, versioned) |
@@ -103,12 +103,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn readyz(State(api): State<Api>) -> Response {
     match api.ask(Control::Ready).await {
-        Ok(true) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(false) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no destination set loaded yet\n",
-        )
-            .into_response(),
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
         Err(r) => r,
     }
 }

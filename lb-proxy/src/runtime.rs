@@ -46,13 +46,14 @@ pub enum Control {
     Stats(oneshot::Sender<Stats>),
     /// Prometheus text exposition.
     Metrics(oneshot::Sender<String>),
-    Ready(oneshot::Sender<bool>),
+    /// Ok when ready to take calls, else why not.
+    Ready(oneshot::Sender<Result<(), &'static str>>),
     Replace(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
     /// A set re-read from the config file: versioned by the core.
     Reload(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
     Manual(String, Action, oneshot::Sender<Option<State>>),
-    /// SIGTERM: stop taking new calls; answers how many calls are still open.
-    Drain(oneshot::Sender<u64>),
+    /// SIGTERM: stop taking new calls; answers what is still open: (dialogs, transactions).
+    Drain(oneshot::Sender<(u64, u64)>),
     Cluster(oneshot::Sender<ClusterStatus>),
 }
 
@@ -86,7 +87,8 @@ pub struct Handle {
 impl Handle {
     /// Graceful shutdown: readiness turns false and new INVITEs get 503 (so an upstream
     /// retries elsewhere) while transactions in flight finish and in-dialog requests keep
-    /// being relayed; returns when no call is open or `period` has passed.
+    /// being relayed; returns when no dialog and no transaction is open any more, or when
+    /// `period` has passed.
     pub async fn drain(&self, period: Duration) {
         let deadline = tokio::time::Instant::now() + period;
         loop {
@@ -99,13 +101,16 @@ impl Handle {
             {
                 return;
             }
-            let open = rx.await.unwrap_or(0);
-            if open == 0 {
-                info!("drained: no call open");
+            let (dialogs, transactions) = rx.await.unwrap_or((0, 0));
+            if dialogs == 0 && transactions == 0 {
+                info!("drained: no dialog or transaction open");
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
-                warn!(open, "drain period over with calls still open");
+                warn!(
+                    dialogs,
+                    transactions, "drain period over with dialogs or transactions still open"
+                );
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -441,7 +446,14 @@ impl Core {
                 let _ = reply.send(self.metrics.encode());
             }
             Control::Ready(reply) => {
-                let _ = reply.send(proxy.has_set() && !proxy.is_draining());
+                let r = if proxy.is_draining() {
+                    Err("draining: shutting down")
+                } else if !proxy.has_set() {
+                    Err("no destination set loaded yet")
+                } else {
+                    Ok(())
+                };
+                let _ = reply.send(r);
             }
             Control::Replace(set, reply) => {
                 let r = proxy.replace_set(now, &set);
@@ -458,7 +470,7 @@ impl Core {
             }
             Control::Drain(reply) => {
                 proxy.start_draining();
-                let _ = reply.send(proxy.open_calls());
+                let _ = reply.send(proxy.open_work());
             }
             Control::Cluster(reply) => {
                 let _ = reply.send(proxy.cluster_status(now));

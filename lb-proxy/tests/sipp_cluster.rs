@@ -162,7 +162,7 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
             Sipp::client(
                 e,
                 "client",
-                Scenario::File("uac_or_503.xml"),
+                Scenario::File("uac_200_or_503.xml"),
                 CLIENT_PORT,
                 Transport::Udp,
                 Duration::from_secs(40),
@@ -305,7 +305,7 @@ fn a_bye_through_another_replica_ends_the_call_and_frees_the_load() {
     Sipp::client(
         &ea,
         "setup",
-        Scenario::File("uac_no_bye.xml"),
+        Scenario::File("uac_cross_setup.xml"),
         CLIENT_PORT,
         Transport::Udp,
         Duration::from_secs(20),

@@ -77,9 +77,12 @@ run_pair uac503-uas_503     uas_503.xml        u1 uac_expect_503.xml      -m 4 -
 run_pair uac486-uas_486     uas_486.xml        u1 uac_expect_486.xml      -m 4 -r 10
 run_pair cancel-ringing     uas_ringing.xml    u1 uac_cancel.xml          -m 4 -r 10 -d 300
 run_pair uac-uas_slow       uas_slow.xml       u1 uac.xml                 -m 4 -r 10 -d 300
+run_pair uac-uas_slow_bye   uas_slow_bye.xml   u1 uac.xml                 -m 4 -r 10 -d 200
 run_pair 200or503-uas       uas.xml            u1 uac_200_or_503.xml      -m 4 -r 10 -d 200
 run_pair 200or503-uas_503   uas_503.xml        u1 uac_200_or_503.xml      -m 4 -r 10
-for s in uas.xml uas_bye.xml uas_expect_bye.xml uas_503.xml uas_486.xml uas_ringing.xml uas_slow.xml; do
+run_pair reinvite           uas_reinvite.xml   u1 uac_reinvite.xml        -m 4 -r 10 -d 300
+for s in uas.xml uas_bye.xml uas_expect_bye.xml uas_503.xml uas_486.xml uas_ringing.xml \
+  uas_reinvite.xml uas_slow.xml uas_slow_bye.xml; do
   run_pair "options-$s" "$s" u1 "$WORK/options.xml" -m 2 -r 10
 done
 

@@ -4,14 +4,16 @@
 //! - One control plane serves every test of the binary: the first test that needs it starts it
 //!   (`tests/k8s/control-plane.sh start`), applies `crds/mrcpserver.yaml` and waits for the CRD
 //!   to be Established; the last test that holds it stops it by PID when it drops (panics
-//!   included). A watchdog shell stops it too if the test process dies without unwinding.
+//!   included). A watchdog shell stops it too if the test process dies without unwinding. A test
+//!   that takes the control plane down (`ControlPlane::outage`) lives in a binary of its own.
 //! - Each test has its own namespace (`it-<name>`), runs its operators with `--namespace`, and
 //!   takes its own loopback addresses: proxies, operators and sipp clients on `127.0.4.T`
-//!   (T = 1..=13; a second address `127.0.4.(100 + T)` when a test needs two), pod IPs in
-//!   `127.0.3.0/24` (see `TestEnv::pod_ip`); tests in other files use `TestEnv::new_at` with
-//!   addresses of their own (`rbac.rs`: `127.0.5.0/24`). Nothing is sent outside loopback:
-//!   the pod IPs the proxies receive (and may probe) are 127.x, and every process is started
-//!   with the proxy environment variables removed.
+//!   (T = 1..=13: 1 to 11 and 13 in `k8s_operator.rs`, 12 in `k8s_outage.rs`; a second
+//!   address `127.0.4.(100 + T)` when a test needs two), pod IPs in `127.0.3.0/24` (see
+//!   `TestEnv::pod_ip`); tests in other files use `TestEnv::new_at` with addresses of their
+//!   own (`rbac.rs`: `127.0.5.0/24`). Nothing is sent outside loopback: the pod IPs the
+//!   proxies receive (and may probe) are 127.x, and every process is started with the proxy
+//!   environment variables removed.
 //! - There is no kubelet: pods stay Pending until a test writes their status (IP, phase,
 //!   Ready condition) through the `status` subresource.
 //! - Every process is a child held by a guard that kills it by PID on drop. A test's files
@@ -367,9 +369,47 @@ impl ControlPlane {
         out
     }
 
+    /// An outage: kube-apiserver killed (SIGKILL, by the PID control-plane.sh recorded), then
+    /// etcd stopped. Every client of this control plane sees it gone, so only a test binary of
+    /// its own may do this. `start_again` ends it.
+    pub fn outage(&self) {
+        let pidfile = self.dir.join("kube-apiserver.pid");
+        if let Some(pid) = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+        self.stop();
+    }
+
+    /// Starts etcd and kube-apiserver again in the same folder (same ports, certificates and
+    /// data: every object is still there); returns once the API server is ready.
+    pub fn start_again(&self) {
+        let out = clean_env(&mut Command::new(repo().join("tests/k8s/control-plane.sh")))
+            .arg("start")
+            .arg(&self.dir)
+            .env_remove("APISERVER_PORT")
+            .env_remove("ETCD_PORT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/k8s/control-plane.sh");
+        assert!(
+            out.status.success(),
+            "tests/k8s/control-plane.sh start {} (again) failed ({}):\n{}{}",
+            self.dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Stops etcd and kube-apiserver by the PIDs control-plane.sh recorded: TERM, then KILL
     /// after 10 s.
-    fn stop(&mut self) {
+    fn stop(&self) {
         for c in ["kube-apiserver", "etcd"] {
             let pidfile = self.dir.join(format!("{c}.pid"));
             let Some(pid) = fs::read_to_string(&pidfile)

@@ -8,7 +8,7 @@ use lb_api::{DestinationSet, FieldError};
 use std::time::{Instant, SystemTime};
 use tracing::info;
 
-use super::Proxy;
+use super::{CState, Proxy, Role, SState};
 use crate::config::check_set;
 use crate::destinations::{unix, Health, Manual};
 
@@ -136,10 +136,12 @@ impl Proxy {
         Some(d.state())
     }
 
-    /// Graceful shutdown: from now on new calls get 503; open ones continue.
+    /// Graceful shutdown: from now on new calls (and OPTIONS to the proxy) get 503; open ones
+    /// continue.
     pub fn start_draining(&mut self) {
         if !self.draining {
-            info!(open = self.open_calls(), "draining: new calls get 503");
+            let (dialogs, transactions) = self.open_work();
+            info!(dialogs, transactions, "draining: new calls get 503");
             self.draining = true;
         }
     }
@@ -148,9 +150,27 @@ impl Proxy {
         self.draining
     }
 
-    /// Calls not ended yet (dialogs in any phase) and INVITE transactions in flight.
-    pub fn open_calls(&self) -> u64 {
-        self.dialogs.len() as u64
+    /// What a graceful shutdown waits for: dialogs not ended yet (in any phase), and
+    /// transactions in flight: requests received and not answered yet (a relayed BYE until
+    /// its 200 is back), and requests the proxy sent itself (an expiry BYE, a CANCEL) until
+    /// answered or timed out. Probes and branches already given up on do not count.
+    pub fn open_work(&self) -> (u64, u64) {
+        let serving = self
+            .server_txs
+            .values()
+            .filter(|t| t.state == SState::Proceeding && t.call.is_none())
+            .count();
+        let own = self
+            .client_txs
+            .values()
+            .filter(|c| {
+                c.server.is_none()
+                    && c.role == Role::Plain
+                    && !c.abandoned
+                    && c.state != CState::Completed
+            })
+            .count();
+        (self.dialogs.len() as u64, (serving + own) as u64)
     }
 
     /// Whether a destination set is loaded (from the file or pushed).

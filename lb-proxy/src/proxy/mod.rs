@@ -614,6 +614,8 @@ impl Proxy {
         }
         match method {
             Method::Invite => self.initial_invite(now, msg, flow, key),
+            // A health check of the proxy itself: going away while draining.
+            Method::Options if self.draining => self.reply(&msg, flow, 503, "Service Unavailable"),
             Method::Options => self.reply(&msg, flow, 200, "OK"),
             _ => self.reply(&msg, flow, 405, "Method Not Allowed"),
         }
@@ -1744,13 +1746,22 @@ impl Proxy {
                 // Provisional but no final in time: CANCEL and try the next server.
                 ctx.abandoned = true;
                 let server = ctx.server.clone();
+                // A server that died after its provisional never ends this transaction:
+                // forget it after the time a late answer (487 to the CANCEL) may take.
+                let linger = self.cfg.timers.t1 * 64;
+                self.arm(now + linger, Timer::ClientCleanup(id));
                 self.cancel_branch(
                     now,
                     &key,
                     Some("SIP;cause=408;text=\"final response timeout\""),
                 );
-                if let Some(skey) = server {
+                let Some(skey) = server else { return };
+                if self.server_txs.get(&skey).is_some_and(|t| t.call.is_some()) {
                     self.branch_gave_up(now, &skey);
+                } else {
+                    // A relayed re-INVITE: no other server to try, so the caller gets the
+                    // final response now (the 487 the CANCEL brings is absorbed).
+                    self.final_local(now, &skey, 408, "Request Timeout");
                 }
             }
             Timer::ClientCleanup(id) => {
