@@ -286,6 +286,17 @@ fn options_answered_503_marks_destination_down() {
     let env = TestEnv::new("probing_options_503", "127.0.1.31");
     // Destination 2 (larger capacity, preferred while up) answers every OPTIONS with 503, as
     // UniMRCP does with its engine offline; it would answer INVITEs.
+    // Servers first: a probe sent before server 2 listens would time out, and the
+    // failures counted below must be its 503s.
+    let s1 = uas(&env, "server1", SERVER1_PORT);
+    let s2 = Sipp::server(
+        &env,
+        "server2_options_503",
+        "uas_options_503.xml",
+        SERVER2_PORT,
+        Transport::Udp,
+        0,
+    );
     let mut proxy = Proxy::start(
         &env,
         &config_yaml(
@@ -297,15 +308,6 @@ fn options_answered_503_marks_destination_down() {
             ],
             PROBING,
         ),
-    );
-    let s1 = uas(&env, "server1", SERVER1_PORT);
-    let s2 = Sipp::server(
-        &env,
-        "server2_options_503",
-        "uas_options_503.xml",
-        SERVER2_PORT,
-        Transport::Udp,
-        0,
     );
     let admin = proxy.admin;
     let started = Instant::now();
