@@ -5,7 +5,7 @@
 use lb_api::{DestinationSet, DestinationSpec, FieldError};
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::routing::{Mode, Policy};
@@ -111,6 +111,20 @@ pub struct Tcp {
     pub max_connections_per_source: usize,
 }
 
+/// SIP over TLS: what the `tls` listeners present, and how the servers the proxy connects to
+/// over TLS are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// PEM: the proxy's certificate, then the intermediates of its chain.
+    pub cert_file: PathBuf,
+    /// PEM: the private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the roots a destination's certificate must chain to; None: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Check destination certificates (chain and name). Off only when said so, with a warning.
+    pub verify_destinations: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Udp {
     /// Larger datagrams are dropped unparsed.
@@ -198,6 +212,8 @@ pub struct Config {
     pub timers: Timers,
     pub dialogs: Dialogs,
     pub tcp: Tcp,
+    /// Present exactly when a listener uses TLS.
+    pub tls: Option<Tls>,
     pub udp: Udp,
     pub limits: Limits,
     pub dns_refresh: Duration,
@@ -240,6 +256,8 @@ struct RawConfig {
     dialogs: RawDialogs,
     #[serde(default)]
     tcp: RawTcp,
+    #[serde(default)]
+    tls: Option<RawTls>,
     #[serde(default)]
     udp: RawUdp,
     #[serde(default)]
@@ -456,6 +474,21 @@ impl Default for RawTcp {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTls {
+    cert_file: String,
+    key_file: String,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default = "verify_by_default")]
+    verify_destinations: bool,
+}
+
+fn verify_by_default() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct RawUdp {
     max_message_size: usize,
@@ -573,7 +606,7 @@ fn parse_listener(s: &str, field: &str) -> Result<(Transport, SocketAddr), Field
     let transport = Transport::parse(t).ok_or_else(|| {
         FieldError::new(
             field,
-            format!("unknown transport {t:?} in {s:?}; use udp or tcp"),
+            format!("unknown transport {t:?} in {s:?}; use udp, tcp or tls"),
         )
     })?;
     let bind: SocketAddr = addr.parse().map_err(|_| {
@@ -649,7 +682,10 @@ pub fn validate_destinations(set: &DestinationSet) -> Result<(), FieldError> {
             if Transport::parse(t).is_none() {
                 return Err(FieldError::new(
                     format!("destinations[{i}].uri"),
-                    format!("unsupported transport {t:?} in {:?}; use udp or tcp", d.uri),
+                    format!(
+                        "unsupported transport {t:?} in {:?}; use udp, tcp or tls",
+                        d.uri
+                    ),
                 ));
             }
         }
@@ -912,6 +948,7 @@ impl RawConfig {
             .into());
         }
         let limits = self.limits.into_limits()?;
+        let tls = tls_section(self.tls, &listeners)?;
         let destinations = match self.destinations {
             Some(list) => {
                 let set = DestinationSet {
@@ -942,6 +979,7 @@ impl RawConfig {
                 max_connections: self.tcp.max_connections,
                 max_connections_per_source: self.tcp.max_connections_per_source,
             },
+            tls,
             udp: Udp {
                 max_message_size: self.udp.max_message_size,
             },
@@ -951,6 +989,47 @@ impl RawConfig {
             destinations,
         })
     }
+}
+
+/// The `tls` section, required by a `tls` listener and only then; its files are read and
+/// checked now, so that a bad certificate stops the proxy before it binds anything.
+fn tls_section(raw: Option<RawTls>, listeners: &[Listener]) -> Result<Option<Tls>, FieldError> {
+    let first_tls = listeners.iter().position(|l| l.transport == Transport::Tls);
+    let raw = match (raw, first_tls) {
+        (None, None) => return Ok(None),
+        (None, Some(i)) => {
+            return Err(FieldError::new(
+                format!("listeners[{i}]"),
+                "a tls listener needs the `tls` section with certFile and keyFile",
+            ))
+        }
+        (Some(_), None) => {
+            return Err(FieldError::new(
+                "tls",
+                "is set but no listener uses tls: add one, e.g. \"tls:0.0.0.0:5061\"",
+            ))
+        }
+        (Some(raw), Some(_)) => raw,
+    };
+    let path = |field: &str, v: &str| {
+        if v.trim().is_empty() {
+            Err(FieldError::new(field, "must name a PEM file"))
+        } else {
+            Ok(PathBuf::from(v))
+        }
+    };
+    let tls = Tls {
+        cert_file: path("tls.certFile", &raw.cert_file)?,
+        key_file: path("tls.keyFile", &raw.key_file)?,
+        ca_file: raw
+            .ca_file
+            .as_deref()
+            .map(|f| path("tls.caFile", f))
+            .transpose()?,
+        verify_destinations: raw.verify_destinations,
+    };
+    crate::transport::tls::Tls::load(&tls)?;
+    Ok(Some(tls))
 }
 
 impl RawLimits {
@@ -1141,6 +1220,73 @@ mod tests {
             let e = err(&format!("{head}{yaml}\n"));
             assert!(e.contains(field), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn tls_section_required_by_tls_listeners_only() {
+        let c = Config::from_yaml("listeners: [\"udp:127.0.0.1:5060\"]\n").unwrap();
+        assert!(c.tls.is_none());
+        let e = err("listeners: [\"udp:127.0.0.1:5060\", \"tls:127.0.0.1:5061\"]\n");
+        assert!(
+            e.contains("listeners[1]") && e.contains("`tls` section"),
+            "{e}"
+        );
+        let e =
+            err("listeners: [\"udp:127.0.0.1:5060\"]\ntls: {certFile: a.pem, keyFile: b.pem}\n");
+        assert!(
+            e.starts_with("tls:") && e.contains("no listener uses tls"),
+            "{e}"
+        );
+        let e = err("listeners: [\"tls:127.0.0.1:5061\"]\ntls: {keyFile: b.pem}\n");
+        assert!(e.contains("tls") && e.contains("certFile"), "{e}");
+        let e = err(
+            "listeners: [\"tls:127.0.0.1:5061\"]\ntls: {certFile: a.pem, keyFile: b.pem, verify: no}\n",
+        );
+        assert!(e.contains("tls") && e.contains("verify"), "{e}");
+        let e = err("listeners: [\"sctp:127.0.0.1:5061\"]\n");
+        assert!(e.contains("use udp, tcp or tls"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_read_and_named_in_errors() {
+        let dir = std::env::temp_dir().join(format!("lb-proxy-tls-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let missing = dir.join("missing.pem");
+        let head = "listeners: [\"tls:127.0.0.1:5061\"]\n";
+        for (tls, field, value) in [
+            (
+                format!("{{certFile: {}, keyFile: x}}", missing.display()),
+                "tls.certFile",
+                missing.display().to_string(),
+            ),
+            (
+                format!("{{certFile: {}, keyFile: x}}", empty.display()),
+                "tls.certFile",
+                empty.display().to_string(),
+            ),
+            (
+                format!("{{certFile: {}, keyFile: x}}", junk.display()),
+                "tls.certFile",
+                junk.display().to_string(),
+            ),
+            (
+                "{certFile: \"\", keyFile: x}".to_string(),
+                "tls.certFile",
+                "PEM file".to_string(),
+            ),
+        ] {
+            let e = err(&format!("{head}tls: {tls}\n"));
+            assert!(e.contains(field) && e.contains(&value), "{tls}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
