@@ -182,13 +182,6 @@ impl Metrics {
             &["side"],
         );
         Metrics {
-            tls_connections: gauge(
-                &r,
-                "mrcp_lb_tls_connections",
-                "TLS connections open (accepted and opened by the proxy); also counted in mrcp_lb_tcp_connections.",
-            ),
-            tls_handshake_failed_accept: handshakes_failed.with_label_values(&["accept"]),
-            tls_handshake_failed_connect: handshakes_failed.with_label_values(&["connect"]),
             limited_source_rate: limited.with_label_values(&["source_rate"]),
             limited_transactions: limited.with_label_values(&["transactions"]),
             limited_dialogs: limited.with_label_values(&["dialogs"]),
@@ -212,10 +205,17 @@ impl Metrics {
                 "mrcp_lb_tcp_connections",
                 "TCP connections open (accepted and opened by the proxy), TLS ones included.",
             ),
+            tls_connections: gauge(
+                &r,
+                "mrcp_lb_tls_connections",
+                "TLS connections open (accepted and opened by the proxy); also counted in mrcp_lb_tcp_connections.",
+            ),
             tcp_refused_total: refused.with_label_values(&["total"]),
             tcp_refused_per_source: refused.with_label_values(&["per_source"]),
             tcp_timeout_idle: timed_out.with_label_values(&["idle"]),
             tcp_timeout_message: timed_out.with_label_values(&["message"]),
+            tls_handshake_failed_accept: handshakes_failed.with_label_values(&["accept"]),
+            tls_handshake_failed_connect: handshakes_failed.with_label_values(&["connect"]),
             dialogs_active: gauge(
                 &r,
                 "mrcp_lb_dialogs_active",

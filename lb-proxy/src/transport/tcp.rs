@@ -213,77 +213,79 @@ pub async fn accept(listener: TcpListener, index: usize, shared: Shared) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let conn = NewConn {
+            remote,
+            listener: index,
+            shared: shared.clone(),
+            first: None,
+            ticket: Some(ticket),
+        };
         match &shared.tls {
             None => {
                 let (read, write) = stream.into_split();
-                spawn_connection(
-                    read,
-                    write,
-                    remote,
-                    index,
-                    shared.clone(),
-                    None,
-                    Some(ticket),
-                );
+                conn.run(read, write);
             }
             Some(tls) => {
-                let tls = tls.clone();
-                tokio::spawn(super::tls::accept(
-                    tls,
-                    stream,
-                    remote,
-                    index,
-                    shared.clone(),
-                    ticket,
-                ));
+                tokio::spawn(super::tls::accept(tls.clone(), stream, conn));
             }
         }
     }
 }
 
-/// Runs an open connection: registers it, then reads, frames and writes until it closes.
-/// `read` and `write` are the halves of a TCP stream or of a TLS stream over one.
-pub(super) fn spawn_connection<R, W>(
-    read: R,
-    write: W,
-    remote: SocketAddr,
-    listener: usize,
-    shared: Shared,
-    first: Option<Bytes>,
-    ticket: Option<Ticket>,
-) -> ConnId
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel::<Bytes>(1024);
-    if let Some(first) = first {
-        let _ = tx.try_send(first);
-    }
-    let id = shared.registry.add(remote, tx.clone());
-    tokio::spawn(write_loop(write, rx));
-    let transport = shared.transport();
-    shared.counters.tcp_connections.inc();
-    if transport == Transport::Tls {
-        shared.counters.tls_connections.inc();
-    }
-    tokio::spawn(async move {
-        let flow = Flow {
-            transport,
-            listener,
+/// A connection about to run: its peer, the listener it belongs to, the message to send first
+/// (on connections the proxy opens) and the admission ticket (on accepted ones).
+pub(super) struct NewConn {
+    pub remote: SocketAddr,
+    pub listener: usize,
+    pub shared: Shared,
+    pub first: Option<Bytes>,
+    pub ticket: Option<Ticket>,
+}
+
+impl NewConn {
+    /// Registers the connection, then reads, frames and writes until it closes. `read` and
+    /// `write` are the halves of a TCP stream or of a TLS stream over one.
+    pub(super) fn run<R, W>(self, read: R, write: W) -> ConnId
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let NewConn {
             remote,
-            conn: Some(id),
-        };
-        read_loop(read, flow, &shared, tx).await;
-        shared.registry.remove(id);
-        shared.counters.tcp_connections.dec();
-        if transport == Transport::Tls {
-            shared.counters.tls_connections.dec();
+            listener,
+            shared,
+            first,
+            ticket,
+        } = self;
+        let (tx, rx) = mpsc::channel::<Bytes>(1024);
+        if let Some(first) = first {
+            let _ = tx.try_send(first);
         }
-        drop(ticket);
-        debug!(%remote, "{transport} connection closed");
-    });
-    id
+        let id = shared.registry.add(remote, tx.clone());
+        tokio::spawn(write_loop(write, rx));
+        let transport = shared.transport();
+        shared.counters.tcp_connections.inc();
+        if transport == Transport::Tls {
+            shared.counters.tls_connections.inc();
+        }
+        tokio::spawn(async move {
+            let flow = Flow {
+                transport,
+                listener,
+                remote,
+                conn: Some(id),
+            };
+            read_loop(read, flow, &shared, tx).await;
+            shared.registry.remove(id);
+            shared.counters.tcp_connections.dec();
+            if transport == Transport::Tls {
+                shared.counters.tls_connections.dec();
+            }
+            drop(ticket);
+            debug!(%remote, "{transport} connection closed");
+        });
+        id
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<Bytes>) {
@@ -469,18 +471,17 @@ pub fn send(
         let open = async {
             let stream = connect_from(local, remote).await?;
             let _ = stream.set_nodelay(true);
+            let conn = NewConn {
+                remote,
+                listener,
+                shared: shared.clone(),
+                first: Some(data),
+                ticket: None,
+            };
             match &shared.tls {
                 None => {
                     let (read, write) = stream.into_split();
-                    spawn_connection(
-                        read,
-                        write,
-                        remote,
-                        listener,
-                        shared.clone(),
-                        Some(data),
-                        None,
-                    );
+                    conn.run(read, write);
                 }
                 Some(tls) => {
                     let stream = tls
@@ -488,15 +489,7 @@ pub fn send(
                         .await
                         .inspect_err(|_| shared.counters.tls_handshake_failed_connect.inc())?;
                     let (read, write) = tokio::io::split(stream);
-                    spawn_connection(
-                        read,
-                        write,
-                        remote,
-                        listener,
-                        shared.clone(),
-                        Some(data),
-                        None,
-                    );
+                    conn.run(read, write);
                 }
             }
             Ok::<(), std::io::Error>(())

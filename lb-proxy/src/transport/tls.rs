@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
-use super::tcp::{self, Shared, Ticket};
+use super::tcp::NewConn;
 use crate::config;
 
 /// The TLS side of the proxy, built from the `tls` section.
@@ -160,6 +160,9 @@ fn roots(cfg: &config::Tls) -> Result<RootCertStore, FieldError> {
 #[derive(Debug)]
 struct NoVerification(Arc<CryptoProvider>);
 
+type Dss = DigitallySignedStruct;
+type Signed = Result<HandshakeSignatureValid, rustls::Error>;
+
 impl ServerCertVerifier for NoVerification {
     fn verify_server_cert(
         &self,
@@ -172,32 +175,12 @@ impl ServerCertVerifier for NoVerification {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &Dss) -> Signed {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &Dss) -> Signed {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -209,14 +192,9 @@ impl ServerCertVerifier for NoVerification {
 /// peer that starts one and stalls holds its place no longer than a stalled message), then
 /// hands the connection to the TCP transport. A peer that does not speak TLS (plain SIP sent
 /// to the TLS port, say) fails the handshake and is closed; nothing reaches the core.
-pub(super) async fn accept(
-    tls: Arc<Tls>,
-    stream: TcpStream,
-    remote: SocketAddr,
-    listener: usize,
-    shared: Shared,
-    ticket: Ticket,
-) {
+pub(super) async fn accept(tls: Arc<Tls>, stream: TcpStream, conn: NewConn) {
+    let shared = &conn.shared;
+    let remote = conn.remote;
     let handshake =
         tokio::time::timeout(shared.limits.message_timeout, tls.acceptor.accept(stream));
     let stream = tokio::select! {
@@ -236,7 +214,7 @@ pub(super) async fn accept(
         _ = shared.shutdown.cancelled() => return,
     };
     let (read, write) = tokio::io::split(stream);
-    tcp::spawn_connection(read, write, remote, listener, shared, None, Some(ticket));
+    conn.run(read, write);
 }
 
 #[cfg(test)]
