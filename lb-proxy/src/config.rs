@@ -33,6 +33,28 @@ impl HostPort {
     }
 }
 
+/// The global `advertise`: `host:port`, or a host alone, each listener then advertising its
+/// own bind port (one address for UDP/TCP on 5060 and TLS on 5061).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GlobalAdvertise {
+    host: String,
+    port: Option<u16>,
+}
+
+impl GlobalAdvertise {
+    fn parse(s: &str) -> Result<GlobalAdvertise, String> {
+        let (host, port) =
+            crate::sip::split_host_port(s).ok_or_else(|| format!("{s:?} is not host[:port]"))?;
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        Ok(GlobalAdvertise {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
 impl std::fmt::Display for HostPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         crate::sip::write_host(f, &self.host)?;
@@ -730,7 +752,7 @@ impl Config {
         })?;
         let mut raw: RawConfig = raw;
         if let Some(a) = &overrides.advertise {
-            HostPort::parse(a).map_err(|e| FieldError::new("--advertise", e))?;
+            GlobalAdvertise::parse(a).map_err(|e| FieldError::new("--advertise", e))?;
             raw.advertise = Some(a.clone());
         }
         raw.into_config()
@@ -740,8 +762,9 @@ impl Config {
 /// Settings given on the command line (or environment) that take precedence over the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// `host:port` for Via and Record-Route of every listener without its own `advertise`
-    /// (in Kubernetes: the pod IP from the downward API, or the Service address).
+    /// `host:port` (or a host alone: each listener's own port) for Via and Record-Route of
+    /// every listener without its own `advertise` (in Kubernetes: the pod IP from the downward
+    /// API, or the Service address).
     pub advertise: Option<String>,
 }
 
@@ -772,7 +795,9 @@ impl RawConfig {
             }
         };
         let global_adv = match &self.advertise {
-            Some(a) => Some(HostPort::parse(a).map_err(|e| FieldError::new("advertise", e))?),
+            Some(a) => {
+                Some(GlobalAdvertise::parse(a).map_err(|e| FieldError::new("advertise", e))?)
+            }
             None => None,
         };
         if self.listeners.is_empty() {
@@ -799,7 +824,10 @@ impl RawConfig {
                 Some(a) => HostPort::parse(a)
                     .map_err(|e| FieldError::new(format!("{field}.advertise"), e))?,
                 None => match &global_adv {
-                    Some(a) => a.clone(),
+                    Some(a) => HostPort {
+                        host: a.host.clone(),
+                        port: a.port.unwrap_or(bind.port()),
+                    },
                     None => {
                         if bind.ip().is_unspecified() {
                             return Err(FieldError::new(
@@ -1156,6 +1184,21 @@ mod tests {
         assert_eq!(c.listeners[0].group, 2);
         assert_eq!(c.listeners[0].resources, vec!["tts".to_string()]);
         assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5060");
+        // A host alone: each listener keeps its own port.
+        let c = Config::from_yaml_with(
+            "listeners: [\"udp:0.0.0.0:5060\", \"tcp:[::]:5070\"]\n",
+            &Overrides {
+                advertise: Some("10.1.2.3".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].advertise.to_string(), "10.1.2.3:5060");
+        assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5070");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nadvertise: \"10.1.2.3:http\"\n");
+        assert!(
+            e.contains("advertise") && e.contains("10.1.2.3:http"),
+            "{e}"
+        );
     }
 
     #[test]
