@@ -41,7 +41,8 @@ k8s:
 chart-lint: k8s
 	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb > /dev/null \
-	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=speech > /dev/null
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=speech > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls,proxy.advertise=sip.example.com:5060 > /dev/null
 
 e2e: deps k8s
 	./tests/e2e/run.sh
