@@ -15,7 +15,7 @@ RUN cargo build --release --locked --target x86_64-unknown-linux-musl -p lb-prox
 FROM gcr.io/distroless/static-debian12:nonroot AS proxy
 COPY --from=build /out/lb-proxy /usr/local/bin/lb-proxy
 USER 65532:65532
-EXPOSE 5060/udp 5060/tcp 8081/tcp
+EXPOSE 5060/udp 5060/tcp 5061/tcp 8081/tcp
 ENTRYPOINT ["/usr/local/bin/lb-proxy"]
 
 FROM gcr.io/distroless/static-debian12:nonroot AS operator

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine: sipp (Debian package
-# sip-tester) and the Rust components used by `make test`. Idempotent and quiet when all is there.
+# sip-tester), socat (sipp has no TLS: socat wraps its TCP in TLS) and the Rust components
+# used by `make test`. Idempotent and quiet when all is there.
 set -euo pipefail
 
 need_apt=()
@@ -9,6 +10,7 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # control-plane certificates
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)   # e2e: proves no packet left loopback
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)       # SIP over TLS tests: TLS in front of sipp
 # promtool (checks the /metrics output) comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 

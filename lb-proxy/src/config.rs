@@ -5,7 +5,7 @@
 use lb_api::{DestinationSet, DestinationSpec, FieldError};
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::routing::{Mode, Policy};
@@ -27,6 +27,28 @@ impl HostPort {
             return Err(format!("{s:?} has no host"));
         }
         Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// The global `advertise`: `host:port`, or a host alone, each listener then advertising its
+/// own bind port (one address for UDP/TCP on 5060 and TLS on 5061).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GlobalAdvertise {
+    host: String,
+    port: Option<u16>,
+}
+
+impl GlobalAdvertise {
+    fn parse(s: &str) -> Result<GlobalAdvertise, String> {
+        let (host, port) =
+            crate::sip::split_host_port(s).ok_or_else(|| format!("{s:?} is not host[:port]"))?;
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        Ok(GlobalAdvertise {
             host: host.to_string(),
             port,
         })
@@ -109,6 +131,20 @@ pub struct Tcp {
     pub max_connections: usize,
     /// Accepted connections open at once from one source IP.
     pub max_connections_per_source: usize,
+}
+
+/// SIP over TLS: what the `tls` listeners present, and how the servers the proxy connects to
+/// over TLS are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// PEM: the proxy's certificate, then the intermediates of its chain.
+    pub cert_file: PathBuf,
+    /// PEM: the private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the roots a destination's certificate must chain to; None: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Check destination certificates (chain and name). Off only when said so, with a warning.
+    pub verify_destinations: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +273,8 @@ pub struct Config {
     pub timers: Timers,
     pub dialogs: Dialogs,
     pub tcp: Tcp,
+    /// Present exactly when a listener uses TLS.
+    pub tls: Option<Tls>,
     pub udp: Udp,
     pub limits: Limits,
     pub dns_refresh: Duration,
@@ -281,6 +319,8 @@ struct RawConfig {
     dialogs: RawDialogs,
     #[serde(default)]
     tcp: RawTcp,
+    #[serde(default)]
+    tls: Option<RawTls>,
     #[serde(default)]
     udp: RawUdp,
     #[serde(default)]
@@ -622,6 +662,21 @@ impl Default for RawTcp {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTls {
+    cert_file: String,
+    key_file: String,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default = "verify_by_default")]
+    verify_destinations: bool,
+}
+
+fn verify_by_default() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct RawUdp {
     max_message_size: usize,
@@ -739,7 +794,7 @@ fn parse_listener(s: &str, field: &str) -> Result<(Transport, SocketAddr), Field
     let transport = Transport::parse(t).ok_or_else(|| {
         FieldError::new(
             field,
-            format!("unknown transport {t:?} in {s:?}; use udp or tcp"),
+            format!("unknown transport {t:?} in {s:?}; use udp, tcp or tls"),
         )
     })?;
     let bind: SocketAddr = addr.parse().map_err(|_| {
@@ -815,7 +870,10 @@ pub fn validate_destinations(set: &DestinationSet) -> Result<(), FieldError> {
             if Transport::parse(t).is_none() {
                 return Err(FieldError::new(
                     format!("destinations[{i}].uri"),
-                    format!("unsupported transport {t:?} in {:?}; use udp or tcp", d.uri),
+                    format!(
+                        "unsupported transport {t:?} in {:?}; use udp, tcp or tls",
+                        d.uri
+                    ),
                 ));
             }
         }
@@ -860,7 +918,7 @@ impl Config {
         })?;
         let mut raw: RawConfig = raw;
         if let Some(a) = &overrides.advertise {
-            HostPort::parse(a).map_err(|e| FieldError::new("--advertise", e))?;
+            GlobalAdvertise::parse(a).map_err(|e| FieldError::new("--advertise", e))?;
             raw.advertise = Some(a.clone());
         }
         raw.into_config()
@@ -870,8 +928,9 @@ impl Config {
 /// Settings given on the command line (or environment) that take precedence over the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// `host:port` for Via and Record-Route of every listener without its own `advertise`
-    /// (in Kubernetes: the pod IP from the downward API, or the Service address).
+    /// `host:port` (or a host alone: each listener's own port) for Via and Record-Route of
+    /// every listener without its own `advertise` (in Kubernetes: the pod IP from the downward
+    /// API, or the Service address).
     pub advertise: Option<String>,
 }
 
@@ -902,7 +961,9 @@ impl RawConfig {
             }
         };
         let global_adv = match &self.advertise {
-            Some(a) => Some(HostPort::parse(a).map_err(|e| FieldError::new("advertise", e))?),
+            Some(a) => {
+                Some(GlobalAdvertise::parse(a).map_err(|e| FieldError::new("advertise", e))?)
+            }
             None => None,
         };
         if self.listeners.is_empty() {
@@ -929,7 +990,10 @@ impl RawConfig {
                 Some(a) => HostPort::parse(a)
                     .map_err(|e| FieldError::new(format!("{field}.advertise"), e))?,
                 None => match &global_adv {
-                    Some(a) => a.clone(),
+                    Some(a) => HostPort {
+                        host: a.host.clone(),
+                        port: a.port.unwrap_or(bind.port()),
+                    },
                     None => {
                         if bind.ip().is_unspecified() {
                             return Err(FieldError::new(
@@ -1078,6 +1142,7 @@ impl RawConfig {
             .into());
         }
         let limits = self.limits.into_limits()?;
+        let tls = tls_section(self.tls, &listeners)?;
         let destinations = match self.destinations {
             Some(list) => {
                 let set = DestinationSet {
@@ -1109,6 +1174,7 @@ impl RawConfig {
                 max_connections: self.tcp.max_connections,
                 max_connections_per_source: self.tcp.max_connections_per_source,
             },
+            tls,
             udp: Udp {
                 max_message_size: self.udp.max_message_size,
             },
@@ -1119,6 +1185,47 @@ impl RawConfig {
             destinations,
         })
     }
+}
+
+/// The `tls` section, required by a `tls` listener and only then; its files are read and
+/// checked now, so that a bad certificate stops the proxy before it binds anything.
+fn tls_section(raw: Option<RawTls>, listeners: &[Listener]) -> Result<Option<Tls>, FieldError> {
+    let first_tls = listeners.iter().position(|l| l.transport == Transport::Tls);
+    let raw = match (raw, first_tls) {
+        (None, None) => return Ok(None),
+        (None, Some(i)) => {
+            return Err(FieldError::new(
+                format!("listeners[{i}]"),
+                "a tls listener needs the `tls` section with certFile and keyFile",
+            ))
+        }
+        (Some(_), None) => {
+            return Err(FieldError::new(
+                "tls",
+                "is set but no listener uses tls: add one, e.g. \"tls:0.0.0.0:5061\"",
+            ))
+        }
+        (Some(raw), Some(_)) => raw,
+    };
+    let path = |field: &str, v: &str| {
+        if v.trim().is_empty() {
+            Err(FieldError::new(field, "must name a PEM file"))
+        } else {
+            Ok(PathBuf::from(v))
+        }
+    };
+    let tls = Tls {
+        cert_file: path("tls.certFile", &raw.cert_file)?,
+        key_file: path("tls.keyFile", &raw.key_file)?,
+        ca_file: raw
+            .ca_file
+            .as_deref()
+            .map(|f| path("tls.caFile", f))
+            .transpose()?,
+        verify_destinations: raw.verify_destinations,
+    };
+    crate::transport::tls::Tls::load(&tls)?;
+    Ok(Some(tls))
 }
 
 impl RawLimits {
@@ -1297,6 +1404,21 @@ mod tests {
         assert_eq!(c.listeners[0].group, 2);
         assert_eq!(c.listeners[0].resources, vec!["tts".to_string()]);
         assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5060");
+        // A host alone: each listener keeps its own port.
+        let c = Config::from_yaml_with(
+            "listeners: [\"udp:0.0.0.0:5060\", \"tcp:[::]:5070\"]\n",
+            &Overrides {
+                advertise: Some("10.1.2.3".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].advertise.to_string(), "10.1.2.3:5060");
+        assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5070");
+        let e = err("listeners: [\"udp:127.0.0.1:5060\"]\nadvertise: \"10.1.2.3:http\"\n");
+        assert!(
+            e.contains("advertise") && e.contains("10.1.2.3:http"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1361,6 +1483,73 @@ mod tests {
             let e = err(&format!("{head}{yaml}\n"));
             assert!(e.contains(field), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn tls_section_required_by_tls_listeners_only() {
+        let c = Config::from_yaml("listeners: [\"udp:127.0.0.1:5060\"]\n").unwrap();
+        assert!(c.tls.is_none());
+        let e = err("listeners: [\"udp:127.0.0.1:5060\", \"tls:127.0.0.1:5061\"]\n");
+        assert!(
+            e.contains("listeners[1]") && e.contains("`tls` section"),
+            "{e}"
+        );
+        let e =
+            err("listeners: [\"udp:127.0.0.1:5060\"]\ntls: {certFile: a.pem, keyFile: b.pem}\n");
+        assert!(
+            e.starts_with("tls:") && e.contains("no listener uses tls"),
+            "{e}"
+        );
+        let e = err("listeners: [\"tls:127.0.0.1:5061\"]\ntls: {keyFile: b.pem}\n");
+        assert!(e.contains("tls") && e.contains("certFile"), "{e}");
+        let e = err(
+            "listeners: [\"tls:127.0.0.1:5061\"]\ntls: {certFile: a.pem, keyFile: b.pem, verify: no}\n",
+        );
+        assert!(e.contains("tls") && e.contains("verify"), "{e}");
+        let e = err("listeners: [\"sctp:127.0.0.1:5061\"]\n");
+        assert!(e.contains("use udp, tcp or tls"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_read_and_named_in_errors() {
+        let dir = std::env::temp_dir().join(format!("lb-proxy-tls-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let missing = dir.join("missing.pem");
+        let head = "listeners: [\"tls:127.0.0.1:5061\"]\n";
+        for (tls, field, value) in [
+            (
+                format!("{{certFile: {}, keyFile: x}}", missing.display()),
+                "tls.certFile",
+                missing.display().to_string(),
+            ),
+            (
+                format!("{{certFile: {}, keyFile: x}}", empty.display()),
+                "tls.certFile",
+                empty.display().to_string(),
+            ),
+            (
+                format!("{{certFile: {}, keyFile: x}}", junk.display()),
+                "tls.certFile",
+                junk.display().to_string(),
+            ),
+            (
+                "{certFile: \"\", keyFile: x}".to_string(),
+                "tls.certFile",
+                "PEM file".to_string(),
+            ),
+        ] {
+            let e = err(&format!("{head}tls: {tls}\n"));
+            assert!(e.contains(field) && e.contains(&value), "{tls}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

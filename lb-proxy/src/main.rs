@@ -10,7 +10,8 @@ struct Cli {
     /// YAML configuration file.
     #[arg(long, short, env = "LB_PROXY_CONFIG")]
     config: PathBuf,
-    /// Advertised `host:port` for Via and Record-Route, overriding the file's `advertise`.
+    /// Advertised `host:port` (or a host: each listener's own port) for Via and Record-Route,
+    /// overriding the file's `advertise`.
     #[arg(long, env = "LB_PROXY_ADVERTISE")]
     advertise: Option<String>,
     /// Check the configuration and exit.

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub tcp_refused_per_source: IntCounter,
     pub tcp_timeout_idle: IntCounter,
     pub tcp_timeout_message: IntCounter,
+    /// TLS connections open (also counted in `tcp_connections`).
+    pub tls_connections: IntGauge,
+    /// Failed TLS handshakes: of accepted connections, of connections the proxy opened.
+    pub tls_handshake_failed_accept: IntCounter,
+    pub tls_handshake_failed_connect: IntCounter,
     pub invite_setup: Histogram,
     pub dest_capacity: IntGaugeVec,
     pub dest_load: IntGaugeVec,
@@ -233,6 +238,14 @@ impl Metrics {
              complete in time (message, tcp.messageTimeout).",
             &["reason"],
         );
+        let handshakes_failed = counter_vec(
+            &r,
+            "mrcp_lb_tls_handshakes_failed_total",
+            "TLS handshakes that failed: accept (a client of a tls listener: not TLS, no common \
+             protocol, too slow), connect (a server the proxy connected to: certificate not \
+             verified, name mismatch, refused).",
+            &["side"],
+        );
         Metrics {
             limited_source_rate: limited.with_label_values(&["source_rate"]),
             limited_transactions: limited.with_label_values(&["transactions"]),
@@ -255,12 +268,19 @@ impl Metrics {
             tcp_connections: gauge(
                 &r,
                 "mrcp_lb_tcp_connections",
-                "TCP connections open (accepted and opened by the proxy).",
+                "TCP connections open (accepted and opened by the proxy), TLS ones included.",
+            ),
+            tls_connections: gauge(
+                &r,
+                "mrcp_lb_tls_connections",
+                "TLS connections open (accepted and opened by the proxy); also counted in mrcp_lb_tcp_connections.",
             ),
             tcp_refused_total: refused.with_label_values(&["total"]),
             tcp_refused_per_source: refused.with_label_values(&["per_source"]),
             tcp_timeout_idle: timed_out.with_label_values(&["idle"]),
             tcp_timeout_message: timed_out.with_label_values(&["message"]),
+            tls_handshake_failed_accept: handshakes_failed.with_label_values(&["accept"]),
+            tls_handshake_failed_connect: handshakes_failed.with_label_values(&["connect"]),
             dialogs_active: gauge(
                 &r,
                 "mrcp_lb_dialogs_active",

@@ -19,7 +19,7 @@ use crate::destinations::Destinations;
 use crate::metrics::Metrics;
 use crate::proxy::{Applied, Proxy, SetError};
 use crate::sip::Transport;
-use crate::transport::{tcp, udp, ErrorToken, Inbound, Outbound, Target};
+use crate::transport::{tcp, tls, udp, ErrorToken, Inbound, Outbound, Target};
 
 /// Everything the core task reacts to.
 #[derive(Debug)]
@@ -157,12 +157,13 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
                 bound.push((Transport::Udp, s.local_addr()?));
                 udp_sockets.push(Some(Arc::new(s)));
             }
-            Transport::Tcp => {
+            Transport::Tcp | Transport::Tls => {
+                let t = l.transport;
                 let s = TcpListener::bind(l.bind)
                     .await
-                    .with_context(|| format!("listeners[{i}]: cannot bind tcp:{}", l.bind))?;
-                bound.push((Transport::Tcp, s.local_addr()?));
-                tcp_listeners.push((i, s));
+                    .with_context(|| format!("listeners[{i}]: cannot bind {t}:{}", l.bind))?;
+                bound.push((t, s.local_addr()?));
+                tcp_listeners.push((i, t, s));
                 udp_sockets.push(None);
             }
         }
@@ -218,7 +219,22 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
             }
         }
     }
+    let tls = match &cfg.tls {
+        Some(t) => {
+            if !t.verify_destinations {
+                warn!(
+                    "tls.verifyDestinations is false: certificates of the servers the proxy \
+                     connects to over TLS are NOT checked; anyone on the path can pose as one"
+                );
+            }
+            Some(Arc::new(
+                tls::Tls::load(t).map_err(|e| anyhow::anyhow!("{e}"))?,
+            ))
+        }
+        None => None,
+    };
     let tcp_shared = tcp::Shared {
+        tls: None,
         registry: Arc::new(tcp::Registry::default()),
         events: events.clone(),
         counters: metrics.clone(),
@@ -235,8 +251,18 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         shutdown: shutdown.clone(),
         binds: Arc::new(cfg.listeners.iter().map(|l| l.bind).collect()),
     };
-    for (i, l) in tcp_listeners {
-        tokio::spawn(tcp::accept(l, i, tcp_shared.clone()));
+    // TLS: the same limits and admission (tcp.maxConnections counts both), its own registry.
+    let tls_shared = tls.map(|tls| tcp::Shared {
+        tls: Some(tls),
+        registry: Arc::new(tcp::Registry::default()),
+        ..tcp_shared.clone()
+    });
+    for (i, t, l) in tcp_listeners {
+        let shared = match (t, &tls_shared) {
+            (Transport::Tls, Some(s)) => s.clone(),
+            _ => tcp_shared.clone(),
+        };
+        tokio::spawn(tcp::accept(l, i, shared));
     }
 
     let mut proxy = Proxy::with_metrics(cfg.clone(), dests, metrics.clone());
@@ -260,6 +286,7 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         cluster: cluster_sock,
         udp: udp_sockets,
         tcp: tcp_shared,
+        tls: tls_shared,
         events: events.clone(),
     };
     let core = Core {
@@ -286,6 +313,8 @@ struct Io {
     cluster: Option<Arc<UdpSocket>>,
     udp: Vec<Option<Arc<UdpSocket>>>,
     tcp: tcp::Shared,
+    /// Present when a tls listener is configured.
+    tls: Option<tcp::Shared>,
     events: mpsc::Sender<Event>,
 }
 
@@ -300,6 +329,7 @@ impl Io {
                     cluster: None,
                     udp: self.udp.clone(),
                     tcp: self.tcp.clone(),
+                    tls: self.tls.clone(),
                     events: self.events.clone(),
                 };
                 tokio::spawn(async move {
@@ -350,7 +380,25 @@ impl Io {
                 out.conn,
                 out.data,
                 out.on_error,
+                None,
             ),
+            Transport::Tls => match &self.tls {
+                Some(tls) => tcp::send(
+                    tls,
+                    out.listener,
+                    addr,
+                    out.conn,
+                    out.data,
+                    out.on_error,
+                    out.server_name,
+                ),
+                // The config allows no tls destination without a tls listener.
+                None => {
+                    if let Some(t) = out.on_error {
+                        let _ = self.events.try_send(Event::TransportError(t));
+                    }
+                }
+            },
         }
     }
 }

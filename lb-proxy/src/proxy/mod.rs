@@ -361,7 +361,7 @@ impl Proxy {
     }
 
     fn is_self_uri(&self, uri: &SipUri) -> bool {
-        self.is_self(&uri.host, uri.port)
+        self.is_self(&uri.host, Some(uri.port_or_default()))
     }
 
     // ---- sending ------------------------------------------------------------------------
@@ -377,14 +377,34 @@ impl Proxy {
     }
 
     fn push_out(&mut self, flow: Flow, data: Bytes, on_error: Option<ErrorToken>) {
-        self.out.push(Outbound {
+        let out = self.outbound(flow, data, on_error);
+        self.out.push(out);
+    }
+
+    fn outbound(&self, flow: Flow, data: Bytes, on_error: Option<ErrorToken>) -> Outbound {
+        Outbound {
             transport: flow.transport,
             listener: flow.listener,
             target: Target::Addr(flow.remote),
             conn: flow.conn,
             data,
             on_error,
-        });
+            server_name: match flow.transport {
+                Transport::Tls => self.tls_server_name(flow.remote),
+                _ => None,
+            },
+        }
+    }
+
+    /// The name a TLS connection to `remote` verifies the server's certificate against: the
+    /// host of the destination URI at that address (its name, or its IP literal). None for
+    /// any other peer (a client's address, say): the transport then uses the IP.
+    fn tls_server_name(&self, remote: SocketAddr) -> Option<Arc<str>> {
+        self.dests
+            .slots
+            .iter()
+            .find(|d| d.addr == Some(remote) && d.transport == Transport::Tls)
+            .map(|d| Arc::from(d.uri.host.as_str()))
     }
 
     /// Sends a response the proxy generates to a request it received.
@@ -493,7 +513,7 @@ impl Proxy {
     /// came on for TCP; for UDP to the source address when `rport` was asked for, otherwise to
     /// the source IP and the Via port.
     fn response_flow(&self, req: &Message, flow: Flow) -> Flow {
-        if flow.transport == Transport::Tcp {
+        if flow.transport.is_stream() {
             return flow;
         }
         match req.top_via() {
@@ -518,7 +538,7 @@ impl Proxy {
             .flatten()
             .and_then(|p| p.parse().ok())
             .or(via.port)
-            .unwrap_or(5060);
+            .unwrap_or(transport.default_port());
         let remote = SocketAddr::new(ip, port);
         let listener = self.out_listener(transport, Some(remote.is_ipv6()))?;
         Some(Flow {
@@ -940,14 +960,7 @@ impl Proxy {
     ) {
         let id = self.next_serial();
         let data = request.to_bytes();
-        let out = Outbound {
-            transport: flow.transport,
-            listener: flow.listener,
-            target: Target::Addr(flow.remote),
-            conn: flow.conn,
-            data,
-            on_error: Some(id),
-        };
+        let out = self.outbound(flow, data, Some(id));
         self.out.push(out.clone());
         let t = &self.cfg.timers;
         let (t1, invite_timeout, non_invite_timeout) =
@@ -1029,7 +1042,7 @@ impl Proxy {
         let id = tx.id;
         let is_invite = key.method == Method::Invite;
         let call = tx.call.take();
-        let reliable = reply.transport == Transport::Tcp;
+        let reliable = reply.transport.is_stream();
         if tx.state == SState::Proceeding {
             self.pending = self.pending.saturating_sub(1);
         }
@@ -1086,7 +1099,7 @@ impl Proxy {
             if tx.state == SState::Completed {
                 tx.state = SState::Confirmed;
                 let id = tx.id;
-                let wait = if tx.reply.transport == Transport::Tcp {
+                let wait = if tx.reply.transport.is_stream() {
                     Duration::ZERO
                 } else {
                     self.cfg.timers.t4
@@ -1370,7 +1383,7 @@ impl Proxy {
             return;
         }
         let id = ctx.id;
-        let reliable = ctx.out.transport == Transport::Tcp;
+        let reliable = ctx.out.transport.is_stream();
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
         if ctx.state == CState::Completed {

@@ -8,6 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 pub enum Transport {
     Udp,
     Tcp,
+    /// TCP with TLS (RFC 3261 26.2): the same framing as TCP, over an encrypted stream.
+    Tls,
 }
 
 impl Transport {
@@ -15,12 +17,14 @@ impl Transport {
         match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
         }
     }
     pub fn lower(self) -> &'static str {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         }
     }
     pub fn parse(s: &str) -> Option<Transport> {
@@ -28,8 +32,22 @@ impl Transport {
             Some(Transport::Udp)
         } else if s.eq_ignore_ascii_case("tcp") {
             Some(Transport::Tcp)
+        } else if s.eq_ignore_ascii_case("tls") {
+            Some(Transport::Tls)
         } else {
             None
+        }
+    }
+    /// A connection-oriented stream (TCP or TLS): no retransmissions, responses go back on
+    /// the connection the request came on.
+    pub fn is_stream(self) -> bool {
+        self != Transport::Udp
+    }
+    /// The default port: 5061 for TLS, 5060 otherwise (RFC 3261 19.1.2).
+    pub fn default_port(self) -> u16 {
+        match self {
+            Transport::Tls => 5061,
+            _ => 5060,
         }
     }
 }
@@ -103,18 +121,21 @@ impl SipUri {
         self.param(name).is_some()
     }
 
-    /// Transport named by the `transport` parameter, defaulting to UDP (TCP for sips).
+    /// Transport named by the `transport` parameter, defaulting to UDP; a `sips:` URI is
+    /// always reached over TLS (RFC 3261 26.2.2: `transport=tcp` there still means TLS).
     pub fn transport(&self) -> Transport {
+        if self.secure {
+            return Transport::Tls;
+        }
         match self.param("transport").flatten().and_then(Transport::parse) {
             Some(t) => t,
-            None if self.secure => Transport::Tcp,
             None => Transport::Udp,
         }
     }
 
-    /// Port, or the default 5060.
+    /// Port, or the default of the URI's transport (5061 for TLS, else 5060).
     pub fn port_or_default(&self) -> u16 {
-        self.port.unwrap_or(5060)
+        self.port.unwrap_or_else(|| self.transport().default_port())
     }
 
     /// The host as an IP address, when it is one.
@@ -222,6 +243,27 @@ mod tests {
         let u = SipUri::parse("SIP:mrcp-0.mrcp.default.svc").unwrap();
         assert_eq!(u.port_or_default(), 5060);
         assert!(u.ip().is_none());
+    }
+
+    #[test]
+    fn tls_transport_and_default_port() {
+        let u = SipUri::parse("sip:127.0.0.1;transport=TLS").unwrap();
+        assert_eq!(u.transport(), Transport::Tls);
+        assert_eq!(u.port_or_default(), 5061);
+        let u = SipUri::parse("sips:mrcp.example").unwrap();
+        assert_eq!(u.transport(), Transport::Tls);
+        assert_eq!(u.port_or_default(), 5061);
+        let u = SipUri::parse("sips:mrcp.example:5099;transport=tcp").unwrap();
+        assert_eq!(
+            u.transport(),
+            Transport::Tls,
+            "sips is TLS whatever the parameter"
+        );
+        let u = SipUri::parse("sip:127.0.0.1;transport=tcp").unwrap();
+        assert_eq!(u.port_or_default(), 5060);
+        assert!(Transport::Tls.is_stream() && Transport::Tcp.is_stream());
+        assert!(!Transport::Udp.is_stream());
+        assert_eq!(Transport::parse("tls"), Some(Transport::Tls));
     }
 
     #[test]

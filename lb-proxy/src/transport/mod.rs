@@ -1,19 +1,21 @@
-//! UDP and TCP: sockets, stream framing, connection reuse. The proxy core never touches a
-//! socket: it receives [`Inbound`] messages and emits [`Outbound`] ones.
+//! UDP, TCP and TLS: sockets, stream framing, connection reuse. The proxy core never touches
+//! a socket: it receives [`Inbound`] messages and emits [`Outbound`] ones.
 
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 
 use bytes::Bytes;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::sip::{Message, Transport};
 
-/// Identifies one TCP connection for the life of the process.
+/// Identifies one TCP or TLS connection for the life of the process.
 pub type ConnId = u64;
 
 /// Where a message came from, or where one goes: transport, the local listener, the peer, and
-/// the connection for TCP.
+/// the connection for TCP and TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
     pub transport: Transport,
@@ -47,8 +49,11 @@ pub struct Outbound {
     pub transport: Transport,
     pub listener: usize,
     pub target: Target,
-    /// Existing TCP connection to use when it is still open.
+    /// Existing TCP or TLS connection to use when it is still open.
     pub conn: Option<ConnId>,
     pub data: Bytes,
     pub on_error: Option<ErrorToken>,
+    /// TLS: the name the server's certificate must carry if a connection has to be opened
+    /// (the destination URI's host); None uses the target's IP address.
+    pub server_name: Option<Arc<str>>,
 }

@@ -1,5 +1,7 @@
 //! TCP: Content-Length framing, CRLF keep-alives, size and idle limits, and one connection per
 //! peer reused in both directions (responses go back on the connection the request came on).
+//! TLS connections are these same connections once [`super::tls`] has run the handshake: a
+//! [`Shared`] with `tls` set serves one transport's listeners and connections.
 //!
 //! Defences: accepted connections are counted in total and per source (beyond either limit a
 //! new one is closed at once), a connection silent for `tcp.idleTimeout` is closed, and so is
@@ -12,12 +14,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::tls::Tls;
 use super::{ConnId, ErrorToken, Flow, Inbound};
 use crate::metrics::Metrics;
 use crate::runtime::Event;
@@ -150,17 +153,31 @@ impl Registry {
     }
 }
 
-/// Everything a connection task needs.
+/// Everything a connection task of one transport (TCP, or TLS) needs.
 #[derive(Clone)]
 pub struct Shared {
+    /// Set for the TLS transport: handshakes on accept and connect.
+    pub tls: Option<Arc<Tls>>,
+    /// This transport's connections (TCP and TLS keep separate registries).
     pub registry: Arc<Registry>,
     pub events: mpsc::Sender<Event>,
     pub counters: Arc<Metrics>,
     pub limits: Limits,
+    /// Accepted connections, TCP and TLS together.
     pub admission: Arc<Admission>,
     pub shutdown: CancellationToken,
     /// Bind address of each listener, by index: outgoing connections leave from its IP.
     pub binds: Arc<Vec<SocketAddr>>,
+}
+
+impl Shared {
+    pub fn transport(&self) -> Transport {
+        if self.tls.is_some() {
+            Transport::Tls
+        } else {
+            Transport::Tcp
+        }
+    }
 }
 
 /// Accepts connections on one listener until shutdown.
@@ -196,45 +213,85 @@ pub async fn accept(listener: TcpListener, index: usize, shared: Shared) {
             }
         };
         let _ = stream.set_nodelay(true);
-        spawn_connection(stream, remote, index, shared.clone(), None, Some(ticket));
-    }
-}
-
-fn spawn_connection(
-    stream: TcpStream,
-    remote: SocketAddr,
-    listener: usize,
-    shared: Shared,
-    first: Option<Bytes>,
-    ticket: Option<Ticket>,
-) -> ConnId {
-    let (tx, rx) = mpsc::channel::<Bytes>(1024);
-    if let Some(first) = first {
-        let _ = tx.try_send(first);
-    }
-    let id = shared.registry.add(remote, tx.clone());
-    let (read, write) = stream.into_split();
-    tokio::spawn(write_loop(write, rx));
-    shared.counters.tcp_connections.inc();
-    tokio::spawn(async move {
-        let flow = Flow {
-            transport: Transport::Tcp,
-            listener,
+        let conn = NewConn {
             remote,
-            conn: Some(id),
+            listener: index,
+            shared: shared.clone(),
+            first: None,
+            ticket: Some(ticket),
         };
-        read_loop(read, flow, &shared, tx).await;
-        shared.registry.remove(id);
-        shared.counters.tcp_connections.dec();
-        drop(ticket);
-        debug!(%remote, "tcp connection closed");
-    });
-    id
+        match &shared.tls {
+            None => {
+                let (read, write) = stream.into_split();
+                conn.run(read, write);
+            }
+            Some(tls) => {
+                tokio::spawn(super::tls::accept(tls.clone(), stream, conn));
+            }
+        }
+    }
 }
 
-async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+/// A connection about to run: its peer, the listener it belongs to, the message to send first
+/// (on connections the proxy opens) and the admission ticket (on accepted ones).
+pub(super) struct NewConn {
+    pub remote: SocketAddr,
+    pub listener: usize,
+    pub shared: Shared,
+    pub first: Option<Bytes>,
+    pub ticket: Option<Ticket>,
+}
+
+impl NewConn {
+    /// Registers the connection, then reads, frames and writes until it closes. `read` and
+    /// `write` are the halves of a TCP stream or of a TLS stream over one.
+    pub(super) fn run<R, W>(self, read: R, write: W) -> ConnId
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let NewConn {
+            remote,
+            listener,
+            shared,
+            first,
+            ticket,
+        } = self;
+        let (tx, rx) = mpsc::channel::<Bytes>(1024);
+        if let Some(first) = first {
+            let _ = tx.try_send(first);
+        }
+        let id = shared.registry.add(remote, tx.clone());
+        tokio::spawn(write_loop(write, rx));
+        let transport = shared.transport();
+        shared.counters.tcp_connections.inc();
+        if transport == Transport::Tls {
+            shared.counters.tls_connections.inc();
+        }
+        tokio::spawn(async move {
+            let flow = Flow {
+                transport,
+                listener,
+                remote,
+                conn: Some(id),
+            };
+            read_loop(read, flow, &shared, tx).await;
+            shared.registry.remove(id);
+            shared.counters.tcp_connections.dec();
+            if transport == Transport::Tls {
+                shared.counters.tls_connections.dec();
+            }
+            drop(ticket);
+            debug!(%remote, "{transport} connection closed");
+        });
+        id
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(data) = rx.recv().await {
-        if write.write_all(&data).await.is_err() {
+        // flush: a no-op on TCP; over TLS it pushes out a record still buffered.
+        if write.write_all(&data).await.is_err() || write.flush().await.is_err() {
             return;
         }
     }
@@ -310,12 +367,7 @@ fn content_length(head: &[u8]) -> Result<usize, String> {
     Ok(0)
 }
 
-async fn read_loop(
-    mut read: tokio::net::tcp::OwnedReadHalf,
-    flow: Flow,
-    shared: &Shared,
-    writer: Writer,
-) {
+async fn read_loop<R: AsyncRead + Unpin>(mut read: R, flow: Flow, shared: &Shared, writer: Writer) {
     let limits = shared.limits;
     let mut buf = BytesMut::with_capacity(8192);
     // When the first bytes of the message now incomplete in `buf` arrived.
@@ -394,8 +446,9 @@ async fn read_loop(
     }
 }
 
-/// Sends over an open connection to the peer, or opens one. A connection that cannot be
-/// opened reports `on_error` back to the core.
+/// Sends over an open connection to the peer, or opens one (for TLS, verifying the server
+/// as `server_name`, or as its IP address when None). A connection that cannot be opened
+/// within `tcp.connectTimeout`, handshake included, reports `on_error` back to the core.
 pub fn send(
     shared: &Shared,
     listener: usize,
@@ -403,6 +456,7 @@ pub fn send(
     conn: Option<ConnId>,
     data: Bytes,
     on_error: Option<ErrorToken>,
+    server_name: Option<Arc<str>>,
 ) {
     if let Some(w) = shared.registry.writer(conn, remote) {
         if w.try_send(data).is_ok() {
@@ -414,25 +468,40 @@ pub fn send(
     let shared = shared.clone();
     tokio::spawn(async move {
         let local = shared.binds.get(listener).copied();
-        let connect =
-            tokio::time::timeout(shared.limits.connect_timeout, connect_from(local, remote));
-        match connect.await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                spawn_connection(stream, remote, listener, shared, Some(data), None);
-            }
-            Ok(Err(e)) => {
-                debug!(%remote, "tcp connect failed: {e}");
-                if let Some(t) = on_error {
-                    let _ = shared.events.send(Event::TransportError(t)).await;
+        let open = async {
+            let stream = connect_from(local, remote).await?;
+            let _ = stream.set_nodelay(true);
+            let conn = NewConn {
+                remote,
+                listener,
+                shared: shared.clone(),
+                first: Some(data),
+                ticket: None,
+            };
+            match &shared.tls {
+                None => {
+                    let (read, write) = stream.into_split();
+                    conn.run(read, write);
+                }
+                Some(tls) => {
+                    let stream = tls
+                        .connect(stream, remote, server_name.as_deref())
+                        .await
+                        .inspect_err(|_| shared.counters.tls_handshake_failed_connect.inc())?;
+                    let (read, write) = tokio::io::split(stream);
+                    conn.run(read, write);
                 }
             }
-            Err(_) => {
-                debug!(%remote, "tcp connect timed out");
-                if let Some(t) = on_error {
-                    let _ = shared.events.send(Event::TransportError(t)).await;
-                }
-            }
+            Ok::<(), std::io::Error>(())
+        };
+        let why = match tokio::time::timeout(shared.limits.connect_timeout, open).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        debug!(%remote, "{} connect failed: {why}", shared.transport());
+        if let Some(t) = on_error {
+            let _ = shared.events.send(Event::TransportError(t)).await;
         }
     });
 }
