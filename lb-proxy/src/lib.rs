@@ -14,6 +14,8 @@ pub mod admin;
 pub mod config;
 pub mod destinations;
 pub mod dialog;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

@@ -186,7 +186,27 @@ impl Proxy {
     }
 
     pub fn with_metrics(cfg: Arc<Config>, dests: Destinations, metrics: Arc<Metrics>) -> Proxy {
-        let mut rng = SmallRng::from_entropy();
+        Proxy::seeded(cfg, dests, metrics, SmallRng::from_entropy())
+    }
+
+    /// As [`Proxy::with_metrics`], with a fixed random seed: branches, tags and probe offsets
+    /// come out the same on every run, so that a fuzzer's input replays exactly.
+    #[doc(hidden)]
+    pub fn with_seed(
+        cfg: Arc<Config>,
+        dests: Destinations,
+        metrics: Arc<Metrics>,
+        seed: u64,
+    ) -> Proxy {
+        Proxy::seeded(cfg, dests, metrics, SmallRng::seed_from_u64(seed))
+    }
+
+    fn seeded(
+        cfg: Arc<Config>,
+        dests: Destinations,
+        metrics: Arc<Metrics>,
+        mut rng: SmallRng,
+    ) -> Proxy {
         let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
         let mut self_addrs = Vec::new();
         for l in &cfg.listeners {
