@@ -182,25 +182,31 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     }
 }
 
-/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`. Returns None for a malformed port.
+/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`. Returns None for a malformed port, and
+/// for a bracket anywhere but around the whole host: [`write_host`] could not write such a host
+/// back in a form that reads the same.
 pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
     let s = s.trim();
-    if let Some(rest) = s.strip_prefix('[') {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']')?;
-        let host = &rest[..end];
         let after = &rest[end + 1..];
-        if after.is_empty() {
-            return Some((host, None));
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':')?.parse().ok()?),
+        };
+        (&rest[..end], port)
+    } else {
+        match s.rsplit_once(':') {
+            // A bare IPv6 address without brackets has several colons: take it as a host.
+            Some((h, _)) if h.contains(':') => (s, None),
+            Some((h, p)) => (h, Some(p.parse().ok()?)),
+            None => (s, None),
         }
-        let port = after.strip_prefix(':')?.parse().ok()?;
-        return Some((host, Some(port)));
+    };
+    if host.contains(['[', ']']) {
+        return None;
     }
-    match s.rsplit_once(':') {
-        // A bare IPv6 address without brackets has several colons: take it as a host.
-        Some((h, _)) if h.contains(':') => Some((s, None)),
-        Some((h, p)) => Some((h, Some(p.parse().ok()?))),
-        None => Some((s, None)),
-    }
+    Some((host, port))
 }
 
 #[cfg(test)]
@@ -230,5 +236,21 @@ mod tests {
         assert!(SipUri::parse("sip:").is_err());
         assert!(SipUri::parse("sip:host:99999").is_err());
         assert!(SipUri::parse("sip:[::1").is_err());
+    }
+
+    #[test]
+    fn brackets_only_around_the_whole_host() {
+        // Found by fuzzing: such hosts were accepted, then written back as `[a]:1:2]` or
+        // `[:]:]`, which no longer parse (a Via the proxy rewrote became unreadable).
+        for bad in ["a]:1:2", ":]:", "t2.ex[::1]ample.com", "[[::1]", "[a]b]:5"] {
+            assert_eq!(split_host_port(bad), None, "{bad}");
+            assert!(SipUri::parse(&format!("sip:{bad}")).is_err(), "{bad}");
+        }
+        assert_eq!(split_host_port("[::1]:5060"), Some(("::1", Some(5060))));
+        assert_eq!(split_host_port("::1"), Some(("::1", None)));
+        assert_eq!(
+            split_host_port("[example.com]"),
+            Some(("example.com", None))
+        );
     }
 }
