@@ -99,8 +99,11 @@ enum CState {
     /// Sent, nothing received (INVITE: Calling; others: Trying).
     Calling,
     Proceeding,
-    /// Final received.
+    /// Final received (INVITE: a non-2xx, which was ACKed).
     Completed,
+    /// 2xx received for an INVITE (RFC 6026): its retransmissions are relayed, any other
+    /// response is absorbed (the request is no longer kept to ACK it).
+    Accepted,
 }
 
 #[derive(Debug)]
@@ -1023,7 +1026,7 @@ impl Proxy {
                 ctx.cancel_pending = true;
                 return;
             }
-            CState::Completed => return,
+            CState::Completed | CState::Accepted => return,
             CState::Proceeding => {}
         }
         let req = &ctx.request;
@@ -1244,7 +1247,7 @@ impl Proxy {
         let reliable = ctx.out.transport == Transport::Tcp;
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
-        if ctx.state == CState::Completed {
+        if matches!(ctx.state, CState::Completed | CState::Accepted) {
             if is_invite && (200..300).contains(&code) {
                 // A 2xx retransmission: relayed, unless the branch was given up on (then our
                 // own ACK and BYE have already answered it).
@@ -1252,7 +1255,7 @@ impl Proxy {
                     msg.remove_first(&HeaderName::Via);
                     self.send_response(up, code, msg.to_bytes());
                 }
-            } else if is_invite {
+            } else if is_invite && ctx.state == CState::Completed {
                 let ack = make_ack(&ctx.request, &msg);
                 let out = Outbound {
                     data: ack.to_bytes(),
@@ -1305,8 +1308,12 @@ impl Proxy {
             return;
         }
         // Final response.
-        ctx.state = CState::Completed;
-        if is_invite && (200..300).contains(&code) && !ctx.abandoned {
+        ctx.state = if is_invite && (200..300).contains(&code) {
+            CState::Accepted
+        } else {
+            CState::Completed
+        };
+        if ctx.state == CState::Accepted && !ctx.abandoned {
             // Only the upstream flow is needed from now on (to relay 2xx retransmissions).
             ctx.request = Message::request(Method::Invite, "");
             ctx.out.data = Bytes::new();
@@ -1582,7 +1589,7 @@ impl Proxy {
                     && match ctx.state {
                         CState::Calling => true,
                         CState::Proceeding => !is_invite,
-                        CState::Completed => false,
+                        CState::Completed | CState::Accepted => false,
                     };
                 if !active {
                     return;
@@ -1689,7 +1696,7 @@ impl Proxy {
         let timed_out = match ctx.state {
             CState::Calling => true,
             CState::Proceeding => !is_invite || transport_error,
-            CState::Completed => false,
+            CState::Completed | CState::Accepted => false,
         };
         if !timed_out || ctx.abandoned {
             return;

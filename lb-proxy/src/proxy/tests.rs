@@ -1355,6 +1355,26 @@ fn retransmitted_invite_is_absorbed_and_answered_with_the_last_response() {
 }
 
 #[test]
+fn a_final_after_a_2xx_on_the_same_branch_is_absorbed() {
+    // Found by fuzzing: once a 2xx has come, the INVITE's client transaction no longer keeps
+    // the request (RFC 6026 Accepted), and a 487 arriving after it made the proxy ACK it with
+    // an ACK built from nothing: `ACK  SIP/2.0` without Via, From or Call-ID.
+    let mut h = Harness::new();
+    let mut call = Call::udp("c2xx487");
+    let srv = Uas::new(S1, "srv2xx487");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.recv(srv.peer, &srv.reply(&inv.msg, 487, &[], ""));
+    assert_none(&h.out(), "after a 487 that follows the 200");
+    // Retransmissions of the 200 still reach the caller.
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 retransmission", |s| s.code() == Some(200));
+    ok.assert_to(&call.peer);
+    assert_none(&out, "after the 200 retransmission");
+}
+
+#[test]
 fn non_2xx_final_is_retransmitted_over_udp_until_the_ack() {
     let mut h = Harness::new();
     let call = Call::udp("c12");
