@@ -1,7 +1,7 @@
 //! SIP URIs (`sip:user@host:port;params?headers`) as far as routing needs them.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// A SIP transport protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -183,10 +183,12 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// Splits `host`, `host:port`, `[v6]` or `[v6]:port`. Returns None for a malformed port, and
-/// for a bracket anywhere but around the whole host: [`write_host`] could not write such a host
-/// back in a form that reads the same.
+/// for a host that [`write_host`] could not write back in a form that reads the same: brackets
+/// must enclose an IPv6 address, a host with several colons must be one, and a bracket may
+/// appear nowhere else.
 pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
     let s = s.trim();
+    let is_v6 = |h: &str| h.parse::<Ipv6Addr>().is_ok();
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']')?;
         let after = &rest[end + 1..];
@@ -203,7 +205,8 @@ pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
             None => (s, None),
         }
     };
-    if host.contains(['[', ']']) {
+    let must_be_v6 = s.starts_with('[') || host.contains(':');
+    if host.contains(['[', ']']) || (must_be_v6 && !is_v6(host)) {
         return None;
     }
     Some((host, port))
@@ -239,18 +242,38 @@ mod tests {
     }
 
     #[test]
-    fn brackets_only_around_the_whole_host() {
-        // Found by fuzzing: such hosts were accepted, then written back as `[a]:1:2]` or
-        // `[:]:]`, which no longer parse (a Via the proxy rewrote became unreadable).
-        for bad in ["a]:1:2", ":]:", "t2.ex[::1]ample.com", "[[::1]", "[a]b]:5"] {
+    fn hosts_read_back_as_they_are_written() {
+        // Found by fuzzing: these were accepted, then written back as `[a]:1:2]`, `[:]:]` or
+        // `sip:@ :5072` (from `[ ]`), which no longer parse: a Via the proxy rewrote with
+        // received= became unreadable.
+        for bad in [
+            "a]:1:2",
+            ":]:",
+            "t2.ex[::1]ample.com",
+            "[[::1]",
+            "[a]b]:5",
+            "[ ]:5072",
+            "[]",
+            "[example.com]",
+            "a:b:c",
+        ] {
             assert_eq!(split_host_port(bad), None, "{bad}");
             assert!(SipUri::parse(&format!("sip:{bad}")).is_err(), "{bad}");
         }
         assert_eq!(split_host_port("[::1]:5060"), Some(("::1", Some(5060))));
         assert_eq!(split_host_port("::1"), Some(("::1", None)));
         assert_eq!(
-            split_host_port("[example.com]"),
-            Some(("example.com", None))
+            split_host_port("fe80::1:5060"),
+            Some(("fe80::1:5060", None))
         );
+        assert_eq!(split_host_port("a b:5"), Some(("a b", Some(5))));
+        for ok in [
+            "sip:[::1]:5060",
+            "sip:u@[2001:db8::1];lr",
+            "sip:h.example:5",
+        ] {
+            let u = SipUri::parse(ok).unwrap();
+            assert_eq!(SipUri::parse(&u.to_string()).unwrap(), u, "{ok}");
+        }
     }
 }
