@@ -273,6 +273,16 @@ enum Event {
     Left(Vec<u8>),
 }
 
+impl Event {
+    fn text(&self) -> String {
+        match self {
+            Event::Message(m) => format!("Message({:?})", String::from_utf8_lossy(m)),
+            Event::Left(m) => format!("Left({:?})", String::from_utf8_lossy(m)),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
 /// A TCP byte stream. The first byte chooses the size limit, the next two seed the points where
 /// the stream is cut into reads; the rest is the stream.
 pub fn stream(data: &[u8]) {
@@ -300,7 +310,19 @@ pub fn stream(data: &[u8]) {
     }
     let whole = read_stream(bytes, std::iter::once(0..bytes.len()), max);
     let chunked = read_stream(bytes, cuts.into_iter(), max);
-    assert_eq!(whole, chunked, "framing depends on how the stream was cut");
+    if whole != chunked {
+        let i = whole
+            .iter()
+            .zip(&chunked)
+            .take_while(|(a, b)| a == b)
+            .count();
+        panic!(
+            "framing depends on how the stream was cut into reads: event {i} is\n  {:?} when \
+             the stream arrives at once,\n  {:?} when it arrives in pieces",
+            whole.get(i).map(Event::text),
+            chunked.get(i).map(Event::text)
+        );
+    }
     for ev in &whole {
         if let Event::Message(m) = ev {
             framed(m);

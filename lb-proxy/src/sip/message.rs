@@ -207,12 +207,17 @@ pub struct Message {
     pub body: Bytes,
 }
 
-/// Finds the end of the header section: the index just past the empty line.
+/// Finds the end of the header section: the index just past the first empty line, CRLF CRLF
+/// or (from a lenient peer) LF LF. The first of the two, whatever follows: TCP framing must not
+/// depend on how much of the stream has arrived.
 pub fn header_end(data: &[u8]) -> Option<usize> {
-    if let Some(i) = memchr::memmem::find(data, b"\r\n\r\n") {
-        return Some(i + 4);
+    let crlf = memchr::memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
+    // Only an LF LF before the CRLF CRLF can come first.
+    let before = crlf.map_or(data, |end| &data[..end]);
+    match memchr::memmem::find(before, b"\n\n") {
+        Some(i) => Some(i + 2),
+        None => crlf,
     }
-    memchr::memmem::find(data, b"\n\n").map(|i| i + 2)
 }
 
 impl Message {
@@ -859,6 +864,24 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
             bad_request(&e).is_none(),
             "no From/To/Call-ID: cannot answer"
         );
+    }
+
+    #[test]
+    fn header_end_is_the_first_empty_line() {
+        // Found by fuzzing the TCP framing: an LF LF was only looked for when no CRLF CRLF was
+        // in the buffer, so the same bytes were framed at the LF LF when the rest had not
+        // arrived yet, and at a later CRLF CRLF (of the body, or of the next message) when it
+        // had.
+        assert_eq!(header_end(b"\0\n\n\r\n\r\n"), Some(3));
+        assert_eq!(header_end(b"A\r\nB: c\n\nbody\r\n\r\n"), Some(9));
+        assert_eq!(header_end(b"A\r\nB: c\r\n\r\nbody\n\n"), Some(11));
+        assert_eq!(header_end(b"A\r\nB: c\r\n"), None);
+        // A message with LF line ends and a CRLF body: headers end at the LF LF.
+        let lf =
+            "OPTIONS sip:x SIP/2.0\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\nFrom: <sip:a@b>;tag=1\n\
+                  To: <sip:x>\nCall-ID: c\nCSeq: 1 OPTIONS\nContent-Length: 8\n\nv=0\r\n\r\n\r\n";
+        let m = Message::parse(lf.as_bytes()).unwrap();
+        assert_eq!(&m.body[..], b"v=0\r\n\r\n\r");
     }
 
     #[test]
