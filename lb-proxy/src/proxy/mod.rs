@@ -673,9 +673,7 @@ impl Proxy {
             from_hdr: msg.get(&HeaderName::From).unwrap_or_default().to_string(),
             to_hdr: msg.get(&HeaderName::To).unwrap_or_default().to_string(),
             caller: Party {
-                contact: msg
-                    .get(&HeaderName::Contact)
-                    .map(|c| name_addr_uri(c).to_string()),
+                contact: contact_target(&msg),
                 flow: Some(flow),
                 routes: msg
                     .get_all(&HeaderName::RecordRoute)
@@ -1488,9 +1486,7 @@ impl Proxy {
         d.phase = Phase::Confirmed;
         self.stats.active += 1;
         d.to_tag = msg.to_tag().map(str::to_string);
-        d.callee.contact = msg
-            .get(&HeaderName::Contact)
-            .map(|c| name_addr_uri(c).to_string());
+        d.callee.contact = contact_target(msg);
         if let Some(routes) = callee_routes {
             d.callee.routes = routes;
         }
@@ -1536,8 +1532,8 @@ impl Proxy {
             conn: out.conn,
         };
         let mut ack = ack;
-        if let Some(c) = resp.get(&HeaderName::Contact) {
-            ack.set_request_uri(name_addr_uri(c).to_string());
+        if let Some(c) = contact_target(resp) {
+            ack.set_request_uri(c);
         }
         let branch = self.new_branch();
         ack.remove_all(&HeaderName::Via);
@@ -1909,6 +1905,13 @@ fn same_transaction(invite: &Message, method: Method, to: &str) -> Message {
         m.push(HeaderName::Route, r.to_string());
     }
     m
+}
+
+/// The Contact URI of a message, when it is a SIP URI a request can be sent to. A malformed
+/// one is no remote target: a request with it as Request-URI would not even parse.
+fn contact_target(msg: &Message) -> Option<String> {
+    let uri = name_addr_uri(msg.get(&HeaderName::Contact)?);
+    SipUri::parse(uri).is_ok().then(|| uri.to_string())
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.
