@@ -1620,6 +1620,10 @@ impl Proxy {
                 // Provisional but no final in time: CANCEL and try the next server.
                 ctx.abandoned = true;
                 let server = ctx.server.clone();
+                // Kept 64*T1 for a late final (ACKed) or 2xx (hung up), then dropped even if
+                // the server never answers the CANCEL (RFC 3261 9.1).
+                let linger = self.cfg.timers.t1 * 64;
+                self.arm(now + linger, Timer::ClientCleanup(id));
                 self.cancel_branch(
                     now,
                     &key,

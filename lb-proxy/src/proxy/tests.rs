@@ -1145,6 +1145,30 @@ fn provisional_without_final_cancels_and_fails_over_without_marking_down() {
 }
 
 #[test]
+fn a_ringing_branch_that_goes_silent_is_forgotten() {
+    // Found by fuzzing: a branch given up on at inviteFinalTimeout (180, then nothing) was
+    // cancelled but never removed when the server answered neither the CANCEL nor the INVITE:
+    // one client transaction leaked per such call.
+    let mut h = Harness::new();
+    let call = Call::udp("c7s");
+    let srv1 = Uas::new(S1, "srv7s");
+    let inv = place(&mut h, &call);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 180, &[], ""));
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    let inv2 = take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite)
+    });
+    // The second server turns the call down; the first one stays silent.
+    let srv2 = Uas::new(S2, "srv7t");
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 486, &[], ""));
+    h.advance_to(secs(60));
+    assert_eq!(h.proxy.sizes(), (0, 0, 0), "transactions and dialogs left");
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+}
+
+#[test]
 fn server_503_is_acknowledged_and_fails_over() {
     let mut h = Harness::new();
     let call = Call::udp("c8");
