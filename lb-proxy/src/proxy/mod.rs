@@ -713,7 +713,9 @@ impl Proxy {
         };
         let Some(call) = tx.call.as_ref() else { return };
         let Some(dialog) = self.dialogs.get(&call.dialog) else {
-            return;
+            // A BYE ended the early dialog (RFC 3261 15): no other branch, and the INVITE
+            // still needs its final response.
+            return self.final_local(now, key, 487, "Request Terminated");
         };
         let resources = dialog.resources.clone();
         let choice = if call.attempts >= self.cfg.routing.max_attempts {

@@ -1169,6 +1169,33 @@ fn a_ringing_branch_that_goes_silent_is_forgotten() {
 }
 
 #[test]
+fn bye_in_the_early_dialog_then_silence_still_ends_the_invite() {
+    // Found by fuzzing: the caller's BYE in the early dialog ended the dialog while the INVITE
+    // was pending; when the branch then timed out, failover found no dialog and returned,
+    // leaving the INVITE's server transaction open forever and the caller without a final.
+    let mut h = Harness::new();
+    let mut call = Call::udp("c7b");
+    let srv1 = Uas::new(S1, "srv7c");
+    let inv = place(&mut h, &call);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 180, &[], ""));
+    let mut out = h.out();
+    let ringing = take(&mut out, "180", |s| s.code() == Some(180));
+    call.answered(&ringing.msg);
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    take(&mut out, "BYE to the server", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    // The server answers nothing; at inviteFinalTimeout the branch is cancelled.
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let fin = take(&mut out, "487 to the caller", |s| s.code() == Some(487));
+    fin.assert_to(&call.peer);
+    take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    h.advance_to(secs(120));
+    assert_eq!(h.proxy.sizes(), (0, 0, 0), "transactions and dialogs left");
+}
+
+#[test]
 fn server_503_is_acknowledged_and_fails_over() {
     let mut h = Harness::new();
     let call = Call::udp("c8");
