@@ -1914,10 +1914,11 @@ fn same_transaction(invite: &Message, method: Method, to: &str) -> Message {
 }
 
 /// The Contact URI of a message, when it is a SIP URI a request can be sent to. A malformed
-/// one is no remote target: a request with it as Request-URI would not even parse.
+/// one (or one with white space, which cannot stand in a request line) is no remote target: a
+/// request with it as Request-URI would not even parse.
 fn contact_target(msg: &Message) -> Option<String> {
     let uri = name_addr_uri(msg.get(&HeaderName::Contact)?);
-    SipUri::parse(uri).is_ok().then(|| uri.to_string())
+    (SipUri::parse(uri).is_ok() && !uri.contains(char::is_whitespace)).then(|| uri.to_string())
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.

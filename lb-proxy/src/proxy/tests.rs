@@ -1578,22 +1578,30 @@ fn dialog_lifetime_limit_sends_bye_to_both_sides() {
 
 #[test]
 fn a_malformed_contact_is_no_target_for_the_expiry_bye() {
-    // Found by fuzzing: the caller's Contact `<sip:client@127.0.5.1:5070t;ransport=UDP>` (a
-    // bad port) was kept as its remote target, and the BYE at the dialog's lifetime went out
-    // with it as Request-URI: a request that does not parse. The callee still gets its BYE.
-    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
-    let mut call = Call::udp("c14b");
-    call.contact = "<sip:client@127.0.5.1:5070t;ransport=UDP>".into();
-    let srv = Uas::new(S1, "srv14b");
-    let inv = place(&mut h, &call);
-    answer(&mut h, &mut call, &srv, &inv, &[]);
-    h.advance_to(secs(10));
-    let mut out = h.out();
-    let to_srv = take(&mut out, "BYE to the server", |s| s.is(Method::Bye));
-    to_srv.assert_to(&srv.peer);
-    assert_none(&out, "no BYE to a caller without a usable Contact");
-    assert_eq!(h.proxy.dialog_stats().expired, 1);
-    assert_eq!(h.load(0), 0);
+    // Found by fuzzing: the caller's Contact was kept as its remote target unchecked, and the
+    // BYE at the dialog's lifetime went out with it as Request-URI: a request that does not
+    // parse (a bad port; a space in a parameter). The callee still gets its BYE.
+    for (i, contact) in [
+        "<sip:client@127.0.5.1:5070t;ransport=UDP>",
+        "<sip:client@[::1]:5072;tra[:f: :1]nsport=UDP>",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+        let mut call = Call::udp(&format!("c14b{i}"));
+        call.contact = contact.into();
+        let srv = Uas::new(S1, "srv14b");
+        let inv = place(&mut h, &call);
+        answer(&mut h, &mut call, &srv, &inv, &[]);
+        h.advance_to(secs(10));
+        let mut out = h.out();
+        let to_srv = take(&mut out, "BYE to the server", |s| s.is(Method::Bye));
+        to_srv.assert_to(&srv.peer);
+        assert_none(&out, "no BYE to a caller without a usable Contact");
+        assert_eq!(h.proxy.dialog_stats().expired, 1);
+        assert_eq!(h.load(0), 0);
+    }
 }
 
 #[test]
