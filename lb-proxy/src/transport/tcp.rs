@@ -196,10 +196,16 @@ pub fn frame(buf: &[u8], max: usize) -> Frame {
     }
 }
 
-/// Content-Length from raw header bytes (0 when absent).
+/// Content-Length from raw header bytes (0 when absent): the first header line of that name,
+/// as the parser finds it. Not the start line, and not a folded continuation line (the parser
+/// joins that to the header above it), or the framer and the parser would disagree on where
+/// the body ends, and so on where the next message starts.
 fn content_length(head: &[u8]) -> Result<usize, String> {
     let text = String::from_utf8_lossy(head);
-    for line in text.split('\n') {
+    for line in text.split('\n').skip(1) {
+        if line.starts_with([' ', '\t']) {
+            continue;
+        }
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
@@ -345,6 +351,19 @@ mod tests {
         assert_eq!(frame(&two, 1000), Frame::Message(MSG.len()));
         let compact = b"OPTIONS sip:x SIP/2.0\r\nl: 0\r\n\r\n";
         assert_eq!(frame(compact, 1000), Frame::Message(compact.len()));
+    }
+
+    #[test]
+    fn folded_lines_are_not_content_length() {
+        // A continuation line ` l: 5` belongs to the header above it: the parser reads
+        // Content-Length 0 here, and the framer must too, or it would take the first five
+        // bytes of the next message as this one's body.
+        let head = "OPTIONS sip:x SIP/2.0\r\nSubject: a\r\n l: 5\r\nContent-Length: 0\r\n\r\n";
+        let mut stream = head.as_bytes().to_vec();
+        stream.extend_from_slice(b"hello");
+        assert_eq!(frame(&stream, 1000), Frame::Message(head.len()));
+        let no_cl = b"OPTIONS sip:x SIP/2.0\r\nSubject: a\r\n\tContent-Length: 3\r\n\r\nabc";
+        assert_eq!(frame(no_cl, 1000), Frame::Message(no_cl.len() - 3));
     }
 
     #[test]
