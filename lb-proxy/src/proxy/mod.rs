@@ -1494,7 +1494,9 @@ impl Proxy {
         }
         if session_timer {
             if let Some(se) = session_expires(msg) {
-                d.session_deadline = Some(now + se);
+                // Past what the clock can hold (a peer may write any number): no session
+                // limit, the dialog lifetime still applies.
+                d.session_deadline = now.checked_add(se);
             }
         }
         let (id, deadline) = (d.id, d.deadline());
@@ -1511,7 +1513,7 @@ impl Proxy {
         };
         if let Some(k) = self.find_dialog(msg) {
             if let Some(d) = self.dialogs.get_mut(&k) {
-                d.session_deadline = Some(now + se);
+                d.session_deadline = now.checked_add(se);
             }
         }
     }

@@ -1627,6 +1627,24 @@ fn session_expires_ends_the_dialog_at_its_deadline() {
 }
 
 #[test]
+fn a_session_expires_beyond_the_clock_leaves_the_lifetime_limit() {
+    // Found by fuzzing: `now + Session-Expires` panicked ("overflow when adding duration to
+    // instant") for a 2xx with Session-Expires: 18446744073709551615, which killed the task
+    // that owns every call.
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+    let mut call = Call::udp("c14c");
+    let srv = Uas::new(S1, "srv14c");
+    let inv = place(&mut h, &call);
+    let se = [("Session-Expires", "18446744073709551615".to_string())];
+    answer(&mut h, &mut call, &srv, &inv, &se);
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    expiry_byes(&mut out, &call, &srv);
+    assert_eq!(h.proxy.dialog_stats().expired, 1);
+}
+
+#[test]
 fn reinvite_with_session_expires_pushes_the_deadline() {
     let mut h = Harness::new();
     let mut call = Call::udp("c14c");
