@@ -1548,7 +1548,7 @@ impl Proxy {
             method: Method::Bye,
             uri: bye.request_uri().unwrap_or_default().to_string(),
         };
-        let seq = resp.cseq().map(|c| c.0).unwrap_or(1) + 1;
+        let seq = resp.cseq().map_or(1, |c| c.0).saturating_add(1);
         bye.set(HeaderName::CSeq, format!("{seq} BYE"));
         let branch = self.new_branch();
         bye.remove_all(&HeaderName::Via);
@@ -1806,14 +1806,14 @@ impl Proxy {
                     contact,
                     &d.from_hdr,
                     &to_tagged,
-                    d.caller.cseq + 1,
+                    d.caller.cseq.saturating_add(1),
                     &d.callee.routes,
                 );
                 self.send_own(now, bye, flow);
             }
             // Towards the caller: as the callee.
             if let (Some(contact), Some(flow)) = (&d.caller.contact, d.caller.flow) {
-                let seq = d.callee.cseq.max(1) + 1;
+                let seq = d.callee.cseq.max(1).saturating_add(1);
                 let bye =
                     self.make_bye(key, contact, &to_tagged, &d.from_hdr, seq, &d.caller.routes);
                 self.send_own(now, bye, flow);

@@ -1645,6 +1645,32 @@ fn a_session_expires_beyond_the_clock_leaves_the_lifetime_limit() {
 }
 
 #[test]
+fn the_largest_cseq_does_not_overflow_the_expiry_bye() {
+    // Found with the fuzz harness: a caller's CSeq of 4294967295 made `cseq + 1` for the
+    // expiry BYE overflow (a panic with overflow checks, CSeq 0 without).
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+    let call = Call::udp("c14d");
+    let srv = Uas::new(S1, "srv14d");
+    h.recv(
+        call.peer,
+        &call
+            .invite()
+            .replace("CSeq: 1 INVITE", "CSeq: 4294967295 INVITE"),
+    );
+    let mut out = h.out();
+    let inv = take(&mut out, "forwarded INVITE", |s| s.is(Method::Invite));
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    h.out();
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let to_srv = take(&mut out, "BYE to the server", |s| {
+        s.is(Method::Bye) && s.to() == srv.peer.addr
+    });
+    assert_eq!(to_srv.get(HeaderName::CSeq), Some("4294967295 BYE"));
+    assert_eq!(h.proxy.dialog_stats().expired, 1);
+}
+
+#[test]
 fn reinvite_with_session_expires_pushes_the_deadline() {
     let mut h = Harness::new();
     let mut call = Call::udp("c14c");
