@@ -300,7 +300,8 @@ impl Message {
             }
         }
         let Some((_, cseq_method)) = self.cseq() else {
-            let reason = format!("bad CSeq {:?}", self.get(&HeaderName::CSeq));
+            let value = self.get(&HeaderName::CSeq).unwrap_or_default();
+            let reason = format!("bad CSeq {value:?}");
             return Err(self.invalid(reason));
         };
         if let StartLine::Request { method, .. } = &self.start {
@@ -310,7 +311,8 @@ impl Message {
             }
         }
         if self.top_via().is_none() {
-            let reason = format!("bad Via {:?}", self.get(&HeaderName::Via));
+            let value = self.get(&HeaderName::Via).unwrap_or_default();
+            let reason = format!("bad Via {value:?}");
             return Err(self.invalid(reason));
         }
         if let Some(mf) = self.get(&HeaderName::MaxForwards) {
@@ -841,7 +843,11 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
         let short = INVITE.replace("Content-Length: 4", "Content-Length: 400");
         assert!(Message::parse(short.as_bytes()).is_err());
         let bad_cseq = INVITE.replace("CSeq: 1 INVITE", "CSeq: one INVITE");
-        assert!(Message::parse(bad_cseq.as_bytes()).is_err());
+        let e = Message::parse(bad_cseq.as_bytes()).unwrap_err();
+        assert_eq!(
+            e.reason, "bad CSeq \"one INVITE\"",
+            "names the field and its value"
+        );
         let wrong = INVITE.replace("CSeq: 1 INVITE", "CSeq: 1 BYE");
         assert!(Message::parse(wrong.as_bytes()).is_err());
         assert!(Message::parse(b"").is_err());
