@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench fuzz
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -12,6 +12,7 @@ help:
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
+	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60); fails on a crash (see RELIABILITY.md)"
 
 deps:
 	@./scripts/install-deps.sh
@@ -49,6 +50,13 @@ e2e: deps k8s
 bench:
 	./bench/run.sh
 
+# Bounded fuzzing of everything lb-proxy reads from the network (nightly Rust, cargo-fuzz;
+# fuzz/run.sh installs what is missing). A crash fails the run and leaves its input in
+# fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+fuzz:
+	./fuzz/run.sh $(FUZZ_SECONDS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -58,4 +66,5 @@ unit:
 
 test: deps k8s lint chart-lint
 	$(CARGO) test --workspace
+	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e
