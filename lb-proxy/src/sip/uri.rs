@@ -74,7 +74,10 @@ impl SipUri {
         };
         let mut parts = hostpart.split(';');
         let hostport = parts.next().unwrap_or_default();
+        // Trimmed: white space at the end of the last one would not survive being written
+        // back (the whole URI is trimmed when read).
         let params = parts
+            .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(|p| match p.split_once('=') {
                 Some((k, v)) => (k.to_string(), Some(v.to_string())),
@@ -267,6 +270,10 @@ mod tests {
             Some(("fe80::1:5060", None))
         );
         assert_eq!(split_host_port("a b:5"), Some(("a b", Some(5))));
+        // Found by fuzzing too: `;transp 03 ;` was read as the parameter `transp 03 `, written
+        // at the end of the URI, and read back without its trailing space.
+        let u = SipUri::parse("sip:[::1]:5060;transp 03 ;").unwrap();
+        assert_eq!(u.params, vec![("transp 03".to_string(), None)]);
         for ok in [
             "sip:[::1]:5060",
             "sip:u@[2001:db8::1];lr",
