@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench soak audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench soak fuzz audit audit-advisories cargo-deny
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
 	@echo "make audit  cargo deny: licences, duplicate versions (warnings), sources (crates.io only)"
 	@echo "make soak   30 min of mixed calls through lb-proxy; checks nothing is left and RSS is flat (MINUTES=N)"
+	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60); fails on a crash (see RELIABILITY.md)"
 
 deps:
 	@./scripts/install-deps.sh
@@ -57,6 +58,13 @@ bench:
 soak: deps build
 	LB_PROXY=$(PROXY) ./tests/soak/run.sh $(or $(MINUTES),30)
 
+# Bounded fuzzing of everything lb-proxy reads from the network (nightly Rust, cargo-fuzz;
+# fuzz/run.sh installs what is missing). A crash fails the run and leaves its input in
+# fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+fuzz:
+	./fuzz/run.sh $(FUZZ_SECONDS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -83,4 +91,5 @@ unit:
 
 test: deps k8s lint chart-lint
 	$(CARGO) test --workspace
+	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e

@@ -101,8 +101,11 @@ enum CState {
     /// Sent, nothing received (INVITE: Calling; others: Trying).
     Calling,
     Proceeding,
-    /// Final received.
+    /// Final received (INVITE: a non-2xx, which was ACKed).
     Completed,
+    /// 2xx received for an INVITE (RFC 6026): its retransmissions are relayed, any other
+    /// response is absorbed (the request is no longer kept to ACK it).
+    Accepted,
 }
 
 #[derive(Debug)]
@@ -199,7 +202,27 @@ impl Proxy {
     }
 
     pub fn with_metrics(cfg: Arc<Config>, dests: Destinations, metrics: Arc<Metrics>) -> Proxy {
-        let mut rng = SmallRng::from_entropy();
+        Proxy::seeded(cfg, dests, metrics, SmallRng::from_entropy())
+    }
+
+    /// As [`Proxy::with_metrics`], with a fixed random seed: branches, tags and probe offsets
+    /// come out the same on every run, so that a fuzzer's input replays exactly.
+    #[doc(hidden)]
+    pub fn with_seed(
+        cfg: Arc<Config>,
+        dests: Destinations,
+        metrics: Arc<Metrics>,
+        seed: u64,
+    ) -> Proxy {
+        Proxy::seeded(cfg, dests, metrics, SmallRng::seed_from_u64(seed))
+    }
+
+    fn seeded(
+        cfg: Arc<Config>,
+        dests: Destinations,
+        metrics: Arc<Metrics>,
+        mut rng: SmallRng,
+    ) -> Proxy {
         let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
         let cluster = cfg.cluster.as_ref().map(|c| Cluster::new(c, rng.gen()));
         let reject_tag = format!("lbx{:016x}", rng.gen::<u64>());
@@ -792,9 +815,7 @@ impl Proxy {
             from_hdr: msg.get(&HeaderName::From).unwrap_or_default().to_string(),
             to_hdr: msg.get(&HeaderName::To).unwrap_or_default().to_string(),
             caller: Party {
-                contact: msg
-                    .get(&HeaderName::Contact)
-                    .map(|c| name_addr_uri(c).to_string()),
+                contact: contact_target(&msg),
                 flow: Some(flow),
                 routes: msg
                     .get_all(&HeaderName::RecordRoute)
@@ -834,7 +855,9 @@ impl Proxy {
         };
         let Some(call) = tx.call.as_ref() else { return };
         let Some(dialog) = self.dialogs.get(&call.dialog) else {
-            return;
+            // A BYE ended the early dialog (RFC 3261 15): no other branch, and the INVITE
+            // still needs its final response.
+            return self.final_local(now, key, 487, "Request Terminated");
         };
         let resources = dialog.resources.clone();
         let choice = if call.attempts >= self.cfg.routing.max_attempts {
@@ -1159,7 +1182,7 @@ impl Proxy {
                 ctx.cancel_pending = true;
                 return;
             }
-            CState::Completed => return,
+            CState::Completed | CState::Accepted => return,
             CState::Proceeding => {}
         }
         let req = &ctx.request;
@@ -1386,7 +1409,7 @@ impl Proxy {
         let reliable = ctx.out.transport.is_stream();
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
-        if ctx.state == CState::Completed {
+        if matches!(ctx.state, CState::Completed | CState::Accepted) {
             if is_invite && (200..300).contains(&code) {
                 // A 2xx retransmission: relayed, unless the branch was given up on (then our
                 // own ACK and BYE have already answered it).
@@ -1394,7 +1417,7 @@ impl Proxy {
                     msg.remove_first(&HeaderName::Via);
                     self.send_response(up, code, msg.to_bytes());
                 }
-            } else if is_invite {
+            } else if is_invite && ctx.state == CState::Completed {
                 let ack = make_ack(&ctx.request, &msg);
                 let out = Outbound {
                     data: ack.to_bytes(),
@@ -1447,8 +1470,12 @@ impl Proxy {
             return;
         }
         // Final response.
-        ctx.state = CState::Completed;
-        if is_invite && (200..300).contains(&code) && !ctx.abandoned {
+        ctx.state = if is_invite && (200..300).contains(&code) {
+            CState::Accepted
+        } else {
+            CState::Completed
+        };
+        if ctx.state == CState::Accepted && !ctx.abandoned {
             // Only the upstream flow is needed from now on (to relay 2xx retransmissions).
             ctx.request = Message::request(Method::Invite, "");
             ctx.out.data = Bytes::new();
@@ -1623,15 +1650,15 @@ impl Proxy {
         d.phase = Phase::Confirmed;
         self.stats.active += 1;
         d.to_tag = msg.to_tag().map(str::to_string);
-        d.callee.contact = msg
-            .get(&HeaderName::Contact)
-            .map(|c| name_addr_uri(c).to_string());
+        d.callee.contact = contact_target(msg);
         if let Some(routes) = callee_routes {
             d.callee.routes = routes;
         }
         if session_timer {
             if let Some(se) = session_expires(msg) {
-                d.session_deadline = Some(now + se);
+                // Past what the clock can hold (a peer may write any number): no session
+                // limit, the dialog lifetime still applies.
+                d.session_deadline = now.checked_add(se);
             }
         }
         let (id, deadline) = (d.id, d.deadline());
@@ -1648,7 +1675,7 @@ impl Proxy {
         };
         if let Some(k) = self.find_dialog(msg) {
             if let Some(d) = self.dialogs.get_mut(&k) {
-                d.session_deadline = Some(now + se);
+                d.session_deadline = now.checked_add(se);
             }
         }
     }
@@ -1671,8 +1698,8 @@ impl Proxy {
             conn: out.conn,
         };
         let mut ack = ack;
-        if let Some(c) = resp.get(&HeaderName::Contact) {
-            ack.set_request_uri(name_addr_uri(c).to_string());
+        if let Some(c) = contact_target(resp) {
+            ack.set_request_uri(c);
         }
         let branch = self.new_branch();
         ack.remove_all(&HeaderName::Via);
@@ -1683,7 +1710,7 @@ impl Proxy {
             method: Method::Bye,
             uri: bye.request_uri().unwrap_or_default().to_string(),
         };
-        let seq = resp.cseq().map(|c| c.0).unwrap_or(1) + 1;
+        let seq = resp.cseq().map_or(1, |c| c.0).saturating_add(1);
         bye.set(HeaderName::CSeq, format!("{seq} BYE"));
         let branch = self.new_branch();
         bye.remove_all(&HeaderName::Via);
@@ -1724,7 +1751,7 @@ impl Proxy {
                     && match ctx.state {
                         CState::Calling => true,
                         CState::Proceeding => !is_invite,
-                        CState::Completed => false,
+                        CState::Completed | CState::Accepted => false,
                     };
                 if !active {
                     return;
@@ -1759,8 +1786,8 @@ impl Proxy {
                 // Provisional but no final in time: CANCEL and try the next server.
                 ctx.abandoned = true;
                 let server = ctx.server.clone();
-                // A server that died after its provisional never ends this transaction:
-                // forget it after the time a late answer (487 to the CANCEL) may take.
+                // Kept 64*T1 for a late final (ACKed) or 2xx (hung up), then dropped even if
+                // the server never answers the CANCEL (RFC 3261 9.1).
                 let linger = self.cfg.timers.t1 * 64;
                 self.arm(now + linger, Timer::ClientCleanup(id));
                 self.cancel_branch(
@@ -1845,7 +1872,7 @@ impl Proxy {
         let timed_out = match ctx.state {
             CState::Calling => true,
             CState::Proceeding => !is_invite || transport_error,
-            CState::Completed => false,
+            CState::Completed | CState::Accepted => false,
         };
         if !timed_out || ctx.abandoned {
             return;
@@ -1951,14 +1978,14 @@ impl Proxy {
                     contact,
                     &d.from_hdr,
                     &to_tagged,
-                    d.caller.cseq + 1,
+                    d.caller.cseq.saturating_add(1),
                     &d.callee.routes,
                 );
                 self.send_own(now, bye, flow);
             }
             // Towards the caller: as the callee.
             if let (Some(contact), Some(flow)) = (&d.caller.contact, d.caller.flow) {
-                let seq = d.callee.cseq.max(1) + 1;
+                let seq = d.callee.cseq.max(1).saturating_add(1);
                 let bye =
                     self.make_bye(key, contact, &to_tagged, &d.from_hdr, seq, &d.caller.routes);
                 self.send_own(now, bye, flow);
@@ -2058,6 +2085,14 @@ fn same_transaction(invite: &Message, method: Method, to: &str) -> Message {
         m.push(HeaderName::Route, r.to_string());
     }
     m
+}
+
+/// The Contact URI of a message, when it is a SIP URI a request can be sent to. A malformed
+/// one (or one with white space, which cannot stand in a request line) is no remote target: a
+/// request with it as Request-URI would not even parse.
+fn contact_target(msg: &Message) -> Option<String> {
+    let uri = name_addr_uri(msg.get(&HeaderName::Contact)?);
+    (SipUri::parse(uri).is_ok() && !uri.contains(char::is_whitespace)).then(|| uri.to_string())
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.

@@ -1305,6 +1305,57 @@ fn provisional_without_final_cancels_and_fails_over_without_marking_down() {
 }
 
 #[test]
+fn a_ringing_branch_that_goes_silent_is_forgotten() {
+    // Found by fuzzing: a branch given up on at inviteFinalTimeout (180, then nothing) was
+    // cancelled but never removed when the server answered neither the CANCEL nor the INVITE:
+    // one client transaction leaked per such call.
+    let mut h = Harness::new();
+    let call = Call::udp("c7s");
+    let srv1 = Uas::new(S1, "srv7s");
+    let inv = place(&mut h, &call);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 180, &[], ""));
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    let inv2 = take(&mut out, "INVITE to the second destination", |s| {
+        s.is(Method::Invite)
+    });
+    // The second server turns the call down; the first one stays silent.
+    let srv2 = Uas::new(S2, "srv7t");
+    h.recv(srv2.peer, &srv2.reply(&inv2.msg, 486, &[], ""));
+    h.advance_to(secs(60));
+    assert_eq!(h.proxy.sizes(), (0, 0, 0), "transactions and dialogs left");
+    assert_eq!((h.load(0), h.load(1)), (0, 0));
+}
+
+#[test]
+fn bye_in_the_early_dialog_then_silence_still_ends_the_invite() {
+    // Found by fuzzing: the caller's BYE in the early dialog ended the dialog while the INVITE
+    // was pending; when the branch then timed out, failover found no dialog and returned,
+    // leaving the INVITE's server transaction open forever and the caller without a final.
+    let mut h = Harness::new();
+    let mut call = Call::udp("c7b");
+    let srv1 = Uas::new(S1, "srv7c");
+    let inv = place(&mut h, &call);
+    h.recv(srv1.peer, &srv1.reply(&inv.msg, 180, &[], ""));
+    let mut out = h.out();
+    let ringing = take(&mut out, "180", |s| s.code() == Some(180));
+    call.answered(&ringing.msg);
+    h.recv(call.peer, &call.bye());
+    let mut out = h.out();
+    take(&mut out, "BYE to the server", |s| s.is(Method::Bye));
+    assert_none(&out, "after the BYE");
+    // The server answers nothing; at inviteFinalTimeout the branch is cancelled.
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let fin = take(&mut out, "487 to the caller", |s| s.code() == Some(487));
+    fin.assert_to(&call.peer);
+    take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    h.advance_to(secs(120));
+    assert_eq!(h.proxy.sizes(), (0, 0, 0), "transactions and dialogs left");
+}
+
+#[test]
 fn server_503_is_acknowledged_and_fails_over() {
     let mut h = Harness::new();
     let call = Call::udp("c8");
@@ -1528,6 +1579,26 @@ fn retransmitted_invite_is_absorbed_and_answered_with_the_last_response() {
 }
 
 #[test]
+fn a_final_after_a_2xx_on_the_same_branch_is_absorbed() {
+    // Found by fuzzing: once a 2xx has come, the INVITE's client transaction no longer keeps
+    // the request (RFC 6026 Accepted), and a 487 arriving after it made the proxy ACK it with
+    // an ACK built from nothing: `ACK  SIP/2.0` without Via, From or Call-ID.
+    let mut h = Harness::new();
+    let mut call = Call::udp("c2xx487");
+    let srv = Uas::new(S1, "srv2xx487");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.recv(srv.peer, &srv.reply(&inv.msg, 487, &[], ""));
+    assert_none(&h.out(), "after a 487 that follows the 200");
+    // Retransmissions of the 200 still reach the caller.
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    let mut out = h.out();
+    let ok = take(&mut out, "200 retransmission", |s| s.code() == Some(200));
+    ok.assert_to(&call.peer);
+    assert_none(&out, "after the 200 retransmission");
+}
+
+#[test]
 fn non_2xx_final_is_retransmitted_over_udp_until_the_ack() {
     let mut h = Harness::new();
     let call = Call::udp("c12");
@@ -1679,6 +1750,34 @@ fn dialog_lifetime_limit_sends_bye_to_both_sides() {
 }
 
 #[test]
+fn a_malformed_contact_is_no_target_for_the_expiry_bye() {
+    // Found by fuzzing: the caller's Contact was kept as its remote target unchecked, and the
+    // BYE at the dialog's lifetime went out with it as Request-URI: a request that does not
+    // parse (a bad port; a space in a parameter). The callee still gets its BYE.
+    for (i, contact) in [
+        "<sip:client@127.0.5.1:5070t;ransport=UDP>",
+        "<sip:client@[::1]:5072;tra[:f: :1]nsport=UDP>",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+        let mut call = Call::udp(&format!("c14b{i}"));
+        call.contact = contact.into();
+        let srv = Uas::new(S1, "srv14b");
+        let inv = place(&mut h, &call);
+        answer(&mut h, &mut call, &srv, &inv, &[]);
+        h.advance_to(secs(10));
+        let mut out = h.out();
+        let to_srv = take(&mut out, "BYE to the server", |s| s.is(Method::Bye));
+        to_srv.assert_to(&srv.peer);
+        assert_none(&out, "no BYE to a caller without a usable Contact");
+        assert_eq!(h.proxy.dialog_stats().expired, 1);
+        assert_eq!(h.load(0), 0);
+    }
+}
+
+#[test]
 fn session_expires_ends_the_dialog_at_its_deadline() {
     let mut h = Harness::new();
     let mut call = Call::udp("c14b");
@@ -1698,6 +1797,50 @@ fn session_expires_ends_the_dialog_at_its_deadline() {
     let st = h.proxy.dialog_stats();
     assert_eq!((st.expired, st.active), (1, 0));
     assert_eq!(h.load(0), 0);
+}
+
+#[test]
+fn a_session_expires_beyond_the_clock_leaves_the_lifetime_limit() {
+    // Found by fuzzing: `now + Session-Expires` panicked ("overflow when adding duration to
+    // instant") for a 2xx with Session-Expires: 18446744073709551615, which killed the task
+    // that owns every call.
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+    let mut call = Call::udp("c14c");
+    let srv = Uas::new(S1, "srv14c");
+    let inv = place(&mut h, &call);
+    let se = [("Session-Expires", "18446744073709551615".to_string())];
+    answer(&mut h, &mut call, &srv, &inv, &se);
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    expiry_byes(&mut out, &call, &srv);
+    assert_eq!(h.proxy.dialog_stats().expired, 1);
+}
+
+#[test]
+fn the_largest_cseq_does_not_overflow_the_expiry_bye() {
+    // Found with the fuzz harness: a caller's CSeq of 4294967295 made `cseq + 1` for the
+    // expiry BYE overflow (a panic with overflow checks, CSeq 0 without).
+    let mut h = Harness::with(TWO_DESTS, "dialogs:\n  lifetime: 10s\n");
+    let call = Call::udp("c14d");
+    let srv = Uas::new(S1, "srv14d");
+    h.recv(
+        call.peer,
+        &call
+            .invite()
+            .replace("CSeq: 1 INVITE", "CSeq: 4294967295 INVITE"),
+    );
+    let mut out = h.out();
+    let inv = take(&mut out, "forwarded INVITE", |s| s.is(Method::Invite));
+    h.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    h.out();
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let to_srv = take(&mut out, "BYE to the server", |s| {
+        s.is(Method::Bye) && s.to() == srv.peer.addr
+    });
+    assert_eq!(to_srv.get(HeaderName::CSeq), Some("4294967295 BYE"));
+    assert_eq!(h.proxy.dialog_stats().expired, 1);
 }
 
 #[test]

@@ -207,12 +207,17 @@ pub struct Message {
     pub body: Bytes,
 }
 
-/// Finds the end of the header section: the index just past the empty line.
+/// Finds the end of the header section: the index just past the first empty line, CRLF CRLF
+/// or (from a lenient peer) LF LF. The first of the two, whatever follows: TCP framing must not
+/// depend on how much of the stream has arrived.
 pub fn header_end(data: &[u8]) -> Option<usize> {
-    if let Some(i) = memchr::memmem::find(data, b"\r\n\r\n") {
-        return Some(i + 4);
+    let crlf = memchr::memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
+    // Only an LF LF before the CRLF CRLF can come first.
+    let before = crlf.map_or(data, |end| &data[..end]);
+    match memchr::memmem::find(before, b"\n\n") {
+        Some(i) => Some(i + 2),
+        None => crlf,
     }
-    memchr::memmem::find(data, b"\n\n").map(|i| i + 2)
 }
 
 impl Message {
@@ -327,7 +332,8 @@ impl Message {
             }
         }
         let Some((_, cseq_method)) = self.cseq() else {
-            let reason = format!("bad CSeq {:?}", self.get(&HeaderName::CSeq));
+            let value = self.get(&HeaderName::CSeq).unwrap_or_default();
+            let reason = format!("bad CSeq {value:?}");
             return Err(self.invalid(reason));
         };
         if let StartLine::Request { method, .. } = &self.start {
@@ -337,7 +343,8 @@ impl Message {
             }
         }
         if self.top_via().is_none() {
-            let reason = format!("bad Via {:?}", self.get(&HeaderName::Via));
+            let value = self.get(&HeaderName::Via).unwrap_or_default();
+            let reason = format!("bad Via {value:?}");
             return Err(self.invalid(reason));
         }
         if let Some(mf) = self.get(&HeaderName::MaxForwards) {
@@ -872,7 +879,11 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
         let short = INVITE.replace("Content-Length: 4", "Content-Length: 400");
         assert!(Message::parse(short.as_bytes()).is_err());
         let bad_cseq = INVITE.replace("CSeq: 1 INVITE", "CSeq: one INVITE");
-        assert!(Message::parse(bad_cseq.as_bytes()).is_err());
+        let e = Message::parse(bad_cseq.as_bytes()).unwrap_err();
+        assert_eq!(
+            e.reason, "bad CSeq \"one INVITE\"",
+            "names the field and its value"
+        );
         let wrong = INVITE.replace("CSeq: 1 INVITE", "CSeq: 1 BYE");
         assert!(Message::parse(wrong.as_bytes()).is_err());
         assert!(Message::parse(b"").is_err());
@@ -954,6 +965,24 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
         let e = Message::parse_limited(m.as_bytes(), 128).unwrap_err();
         assert!(e.reason.contains("more than 128"), "{}", e.reason);
         assert!(bad_request(&e).is_none());
+    }
+
+    #[test]
+    fn header_end_is_the_first_empty_line() {
+        // Found by fuzzing the TCP framing: an LF LF was only looked for when no CRLF CRLF was
+        // in the buffer, so the same bytes were framed at the LF LF when the rest had not
+        // arrived yet, and at a later CRLF CRLF (of the body, or of the next message) when it
+        // had.
+        assert_eq!(header_end(b"\0\n\n\r\n\r\n"), Some(3));
+        assert_eq!(header_end(b"A\r\nB: c\n\nbody\r\n\r\n"), Some(9));
+        assert_eq!(header_end(b"A\r\nB: c\r\n\r\nbody\n\n"), Some(11));
+        assert_eq!(header_end(b"A\r\nB: c\r\n"), None);
+        // A message with LF line ends and a CRLF body: headers end at the LF LF.
+        let lf =
+            "OPTIONS sip:x SIP/2.0\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\nFrom: <sip:a@b>;tag=1\n\
+                  To: <sip:x>\nCall-ID: c\nCSeq: 1 OPTIONS\nContent-Length: 8\n\nv=0\r\n\r\n\r\n";
+        let m = Message::parse(lf.as_bytes()).unwrap();
+        assert_eq!(&m.body[..], b"v=0\r\n\r\n\r");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! SIP URIs (`sip:user@host:port;params?headers`) as far as routing needs them.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// A SIP transport protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,7 +92,10 @@ impl SipUri {
         };
         let mut parts = hostpart.split(';');
         let hostport = parts.next().unwrap_or_default();
+        // Trimmed: white space at the end of the last one would not survive being written
+        // back (the whole URI is trimmed when read).
         let params = parts
+            .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(|p| match p.split_once('=') {
                 Some((k, v)) => (k.to_string(), Some(v.to_string())),
@@ -203,25 +206,34 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     }
 }
 
-/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`. Returns None for a malformed port.
+/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`. Returns None for a malformed port, and
+/// for a host that [`write_host`] could not write back in a form that reads the same: brackets
+/// must enclose an IPv6 address, a host with several colons must be one, and a bracket may
+/// appear nowhere else.
 pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
     let s = s.trim();
-    if let Some(rest) = s.strip_prefix('[') {
+    let is_v6 = |h: &str| h.parse::<Ipv6Addr>().is_ok();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']')?;
-        let host = &rest[..end];
         let after = &rest[end + 1..];
-        if after.is_empty() {
-            return Some((host, None));
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':')?.parse().ok()?),
+        };
+        (&rest[..end], port)
+    } else {
+        match s.rsplit_once(':') {
+            // A bare IPv6 address without brackets has several colons: take it as a host.
+            Some((h, _)) if h.contains(':') => (s, None),
+            Some((h, p)) => (h, Some(p.parse().ok()?)),
+            None => (s, None),
         }
-        let port = after.strip_prefix(':')?.parse().ok()?;
-        return Some((host, Some(port)));
+    };
+    let must_be_v6 = s.starts_with('[') || host.contains(':');
+    if host.contains(['[', ']']) || (must_be_v6 && !is_v6(host)) {
+        return None;
     }
-    match s.rsplit_once(':') {
-        // A bare IPv6 address without brackets has several colons: take it as a host.
-        Some((h, _)) if h.contains(':') => Some((s, None)),
-        Some((h, p)) => Some((h, Some(p.parse().ok()?))),
-        None => Some((s, None)),
-    }
+    Some((host, port))
 }
 
 #[cfg(test)]
@@ -272,5 +284,45 @@ mod tests {
         assert!(SipUri::parse("sip:").is_err());
         assert!(SipUri::parse("sip:host:99999").is_err());
         assert!(SipUri::parse("sip:[::1").is_err());
+    }
+
+    #[test]
+    fn hosts_read_back_as_they_are_written() {
+        // Found by fuzzing: these were accepted, then written back as `[a]:1:2]`, `[:]:]` or
+        // `sip:@ :5072` (from `[ ]`), which no longer parse: a Via the proxy rewrote with
+        // received= became unreadable.
+        for bad in [
+            "a]:1:2",
+            ":]:",
+            "t2.ex[::1]ample.com",
+            "[[::1]",
+            "[a]b]:5",
+            "[ ]:5072",
+            "[]",
+            "[example.com]",
+            "a:b:c",
+        ] {
+            assert_eq!(split_host_port(bad), None, "{bad}");
+            assert!(SipUri::parse(&format!("sip:{bad}")).is_err(), "{bad}");
+        }
+        assert_eq!(split_host_port("[::1]:5060"), Some(("::1", Some(5060))));
+        assert_eq!(split_host_port("::1"), Some(("::1", None)));
+        assert_eq!(
+            split_host_port("fe80::1:5060"),
+            Some(("fe80::1:5060", None))
+        );
+        assert_eq!(split_host_port("a b:5"), Some(("a b", Some(5))));
+        // Found by fuzzing too: `;transp 03 ;` was read as the parameter `transp 03 `, written
+        // at the end of the URI, and read back without its trailing space.
+        let u = SipUri::parse("sip:[::1]:5060;transp 03 ;").unwrap();
+        assert_eq!(u.params, vec![("transp 03".to_string(), None)]);
+        for ok in [
+            "sip:[::1]:5060",
+            "sip:u@[2001:db8::1];lr",
+            "sip:h.example:5",
+        ] {
+            let u = SipUri::parse(ok).unwrap();
+            assert_eq!(SipUri::parse(&u.to_string()).unwrap(), u, "{ok}");
+        }
     }
 }

@@ -338,10 +338,12 @@ pub fn frame(buf: &[u8], max: usize) -> Frame {
         Ok(cl) => cl,
         Err(e) => return Frame::Invalid(e),
     };
-    let total = hend + cl;
-    if total > max {
-        return Frame::Invalid(format!("message of {total} bytes exceeds {max}"));
-    }
+    // Content-Length is the peer's number: the sum may not even fit.
+    let Some(total) = hend.checked_add(cl).filter(|t| *t <= max) else {
+        return Frame::Invalid(format!(
+            "message of {hend} header bytes and Content-Length {cl} exceeds {max}"
+        ));
+    };
     if buf.len() < total {
         Frame::Incomplete
     } else {
@@ -349,10 +351,16 @@ pub fn frame(buf: &[u8], max: usize) -> Frame {
     }
 }
 
-/// Content-Length from raw header bytes (0 when absent).
+/// Content-Length from raw header bytes (0 when absent): the first header line of that name,
+/// as the parser finds it. Not the start line, and not a folded continuation line (the parser
+/// joins that to the header above it), or the framer and the parser would disagree on where
+/// the body ends, and so on where the next message starts.
 fn content_length(head: &[u8]) -> Result<usize, String> {
     let text = String::from_utf8_lossy(head);
-    for line in text.split('\n') {
+    for line in text.split('\n').skip(1) {
+        if line.starts_with([' ', '\t']) {
+            continue;
+        }
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
@@ -540,6 +548,19 @@ mod tests {
     }
 
     #[test]
+    fn folded_lines_are_not_content_length() {
+        // A continuation line ` l: 5` belongs to the header above it: the parser reads
+        // Content-Length 0 here, and the framer must too, or it would take the first five
+        // bytes of the next message as this one's body.
+        let head = "OPTIONS sip:x SIP/2.0\r\nSubject: a\r\n l: 5\r\nContent-Length: 0\r\n\r\n";
+        let mut stream = head.as_bytes().to_vec();
+        stream.extend_from_slice(b"hello");
+        assert_eq!(frame(&stream, 1000), Frame::Message(head.len()));
+        let no_cl = b"OPTIONS sip:x SIP/2.0\r\nSubject: a\r\n\tContent-Length: 3\r\n\r\nabc";
+        assert_eq!(frame(no_cl, 1000), Frame::Message(no_cl.len() - 3));
+    }
+
+    #[test]
     fn keepalives() {
         assert_eq!(frame(b"\r\n\r\n", 1000), Frame::Ping);
         assert_eq!(frame(b"\r\n", 1000), Frame::Incomplete);
@@ -559,6 +580,12 @@ mod tests {
                 b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 99999999\r\n\r\n",
                 1000
             ),
+            Frame::Invalid(_)
+        ));
+        // Found by fuzzing: header length + Content-Length overflowed (a panic with overflow
+        // checks; with wrapping, a bogus small frame).
+        assert!(matches!(
+            frame(b"I\nContent-Length:18446744073709551615\n\n", 65535),
             Frame::Invalid(_)
         ));
     }
