@@ -1633,8 +1633,13 @@ impl Proxy {
                     &key,
                     Some("SIP;cause=408;text=\"final response timeout\""),
                 );
-                if let Some(skey) = server {
+                let Some(skey) = server else { return };
+                if self.server_txs.get(&skey).is_some_and(|t| t.call.is_some()) {
                     self.branch_gave_up(now, &skey);
+                } else {
+                    // A relayed re-INVITE: no other branch, and its final response, now
+                    // absorbed as the branch is abandoned, will not come upstream.
+                    self.final_local(now, &skey, 408, "Request Timeout");
                 }
             }
             Timer::ClientCleanup(id) => {
