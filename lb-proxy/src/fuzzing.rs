@@ -9,7 +9,8 @@
 //!   read; a parsed message serialises to bytes that parse back to the same message; the
 //!   rewrites the proxy makes before forwarding (received/rport, Route removal, Request-URI,
 //!   Record-Route, Max-Forwards, our Via) and the responses it builds itself produce messages
-//!   that parse; a rejected request gets a `400` that parses, or nothing.
+//!   that parse; a rejected request gets a `400` that parses (unless it had to copy an
+//!   unreadable CSeq), or nothing.
 //! - [`stream`]: a TCP byte stream, cut into reads at points the input chooses. Framing gives
 //!   the same messages whatever the cuts, each framed message is checked as a datagram, and the
 //!   parser sees the body the framer cut.
@@ -19,7 +20,7 @@
 //!   dialog, no load on a destination.
 
 use bytes::{Buf, BytesMut};
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -419,7 +420,7 @@ fn core_metrics() -> Arc<Metrics> {
     METRICS.get_or_init(|| Arc::new(Metrics::new())).clone()
 }
 
-/// The peers a script can speak as: two clients and the servers (by the flow the proxy used).
+/// The clients a script can speak as: over UDP, over TCP (connection 7), and over UDP on IPv6.
 fn client_flow(which: u8) -> Flow {
     match which % 3 {
         0 => Flow {
@@ -437,9 +438,7 @@ fn client_flow(which: u8) -> Flow {
         _ => Flow {
             transport: Transport::Udp,
             listener: 2,
-            remote: "[::1]:40001"
-                .parse()
-                .unwrap_or(SocketAddr::from(([0; 16], 0))),
+            remote: SocketAddr::from((Ipv6Addr::LOCALHOST, 40001)),
             conn: None,
         },
     }

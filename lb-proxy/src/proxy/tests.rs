@@ -1844,6 +1844,36 @@ fn the_largest_cseq_does_not_overflow_the_expiry_bye() {
 }
 
 #[test]
+fn a_reinvite_left_without_a_final_gets_408() {
+    // Found by fuzzing: a re-INVITE answered only with a provisional was cancelled at
+    // inviteFinalTimeout, but its server transaction (no failover for it) never got a final
+    // response: the caller waited forever and the transaction leaked.
+    let mut h = Harness::new();
+    let mut call = Call::udp("c14e");
+    let srv = Uas::new(S1, "srv14e");
+    let inv = place(&mut h, &call);
+    answer(&mut h, &mut call, &srv, &inv, &[]);
+    h.recv(call.peer, &call.in_dialog("INVITE", &[], CLIENT_SDP));
+    let mut out = h.out();
+    let fwd = take(&mut out, "re-INVITE to the server", |s| {
+        s.is(Method::Invite)
+    });
+    take(&mut out, "100 Trying", |s| s.code() == Some(100));
+    h.recv(srv.peer, &srv.reply(&fwd.msg, 180, &[], ""));
+    take(&mut h.out(), "180 to the caller", |s| s.code() == Some(180));
+    h.advance_to(secs(10));
+    let mut out = h.out();
+    let cancel = take(&mut out, "CANCEL", |s| s.is(Method::Cancel));
+    cancel.assert_to(&srv.peer);
+    let timeout = take(&mut out, "408 to the caller", |s| s.code() == Some(408));
+    timeout.assert_to(&call.peer);
+    assert_eq!(timeout.get(HeaderName::CSeq), Some("2 INVITE"));
+    h.advance_to(secs(60));
+    assert_eq!(h.proxy.sizes(), (0, 0, 1), "only the dialog is left");
+    assert_eq!(h.proxy.dialog_stats().active, 1);
+}
+
+#[test]
 fn reinvite_with_session_expires_pushes_the_deadline() {
     let mut h = Harness::new();
     let mut call = Call::udp("c14c");
