@@ -286,27 +286,33 @@ impl Cluster {
     /// The update to send now, if one is due: after a local change (`seq` moved), when a
     /// peer's update needs acknowledging, every tick while a live peer has not acknowledged
     /// our latest, and at least every heartbeat. Returns the datagram and where it goes.
+    /// `loads` lists this replica's loads; it is only called when an update is due (the core
+    /// asks after every batch of events).
     pub fn outbound(
         &mut self,
         now: Instant,
         seq: u64,
-        loads: Vec<(String, String, u32)>,
+        loads: impl FnOnce() -> Vec<(String, String, u32)>,
     ) -> Option<(Bytes, Vec<SocketAddr>)> {
         let since = self.last_sent.map(|t| now.saturating_duration_since(t));
-        let unacked = self.min_ack(now).is_some_and(|a| a < seq);
         let due = self.ack_owed
             || seq != self.sent_seq
             || since.is_none_or(|s| s >= self.heartbeat)
-            || (unacked && since.is_some_and(|s| s >= self.tick()));
+            || (since.is_some_and(|s| s >= self.tick())
+                && self.min_ack(now).is_some_and(|a| a < seq));
+        if !due {
+            return None;
+        }
         let targets: Vec<SocketAddr> = self
             .peers
             .iter()
             .filter(|p| !p.is_self)
             .map(|p| p.addr)
             .collect();
-        if !due || targets.is_empty() {
+        if targets.is_empty() {
             return None;
         }
+        let loads = loads();
         let u = Update {
             v: WIRE_VERSION,
             node: self.node.clone(),
@@ -376,12 +382,12 @@ mod tests {
         let mut b = Cluster::new(&keyed("b", b"k1"), 2);
         let mut x = Cluster::new(&keyed("x", b"k2"), 3);
         let mut plain = Cluster::new(&cfg("p", &[A, B]), 4);
-        let (d, _) = a.outbound(now, 1, load("d1", 2)).unwrap();
+        let (d, _) = a.outbound(now, 1, || load("d1", 2)).unwrap();
         assert!(b.receive(now, addr(A), &d).unwrap().changed);
-        let (wrong, _) = x.outbound(now, 1, load("d1", 9)).unwrap();
+        let (wrong, _) = x.outbound(now, 1, || load("d1", 9)).unwrap();
         let e = b.receive(now, addr(A), &wrong).unwrap_err();
         assert!(e.starts_with("unauthenticated"), "{e}");
-        let (untagged, _) = plain.outbound(now, 2, load("d1", 9)).unwrap();
+        let (untagged, _) = plain.outbound(now, 2, || load("d1", 9)).unwrap();
         assert!(b
             .receive(now, addr(A), &untagged)
             .unwrap_err()
@@ -414,7 +420,7 @@ mod tests {
         seq: u64,
         n: u32,
     ) -> Option<Received> {
-        let (data, targets) = from.outbound(now, seq, load("d1", n))?;
+        let (data, targets) = from.outbound(now, seq, || load("d1", n))?;
         assert!(targets.contains(&addr(if from_addr == A { B } else { A })));
         Some(to.receive(now, addr(from_addr), &data).unwrap())
     }
@@ -425,7 +431,7 @@ mod tests {
         let mut a = Cluster::new(&cfg("a", &[A, B]), 1);
         let mut b = Cluster::new(&cfg("b", &[A, B]), 2);
         // Each learns it is one of the listed addresses from its own first datagram.
-        let (own, _) = a.outbound(now, 0, vec![]).unwrap();
+        let (own, _) = a.outbound(now, 0, Vec::new).unwrap();
         a.receive(now, addr(A), &own).unwrap();
         assert!(a.peers()[0].is_self);
         assert_eq!(a.size(now), 1, "nobody heard yet");
@@ -440,9 +446,9 @@ mod tests {
         a.settle(now, 1);
         assert_eq!(a.sync_lag(now), 0.0);
         // Nothing new: no datagram until the heartbeat.
-        assert!(a.outbound(now, 1, load("d1", 3)).is_none());
+        assert!(a.outbound(now, 1, || load("d1", 3)).is_none());
         assert!(a
-            .outbound(now + Duration::from_millis(500), 1, load("d1", 3))
+            .outbound(now + Duration::from_millis(500), 1, || load("d1", 3))
             .is_some());
     }
 
@@ -452,13 +458,16 @@ mod tests {
         let mut a = Cluster::new(&cfg("a", &[B]), 1);
         let mut b = Cluster::new(&cfg("b", &[A]), 2);
         deliver(t0, &mut b, B, &mut a, 1, 0).unwrap();
-        assert!(a.outbound(t0, 0, vec![]).is_some(), "ack owed");
+        assert!(a.outbound(t0, 0, Vec::new).is_some(), "ack owed");
         // A local change b never acknowledges (lost).
-        assert!(a.outbound(t0, 1, load("d1", 1)).is_some());
+        assert!(a.outbound(t0, 1, || load("d1", 1)).is_some());
         a.settle(t0, 1);
         let tick = a.tick();
-        assert!(a.outbound(t0 + tick / 2, 1, load("d1", 1)).is_none());
-        assert!(a.outbound(t0 + tick, 1, load("d1", 1)).is_some(), "resent");
+        assert!(a.outbound(t0 + tick / 2, 1, || load("d1", 1)).is_none());
+        assert!(
+            a.outbound(t0 + tick, 1, || load("d1", 1)).is_some(),
+            "resent"
+        );
         a.settle(t0 + tick, 1);
         assert!(a.sync_lag(t0 + tick) >= tick.as_secs_f64());
     }
@@ -485,8 +494,8 @@ mod tests {
         let now = Instant::now();
         let mut a = Cluster::new(&cfg("a", &[B]), 1);
         let mut b = Cluster::new(&cfg("b", &[A]), 2);
-        let (d5, _) = b.outbound(now, 5, load("d1", 5)).unwrap();
-        let (d4, _) = b.outbound(now, 4, load("d1", 4)).unwrap();
+        let (d5, _) = b.outbound(now, 5, || load("d1", 5)).unwrap();
+        let (d4, _) = b.outbound(now, 4, || load("d1", 4)).unwrap();
         assert!(a.receive(now, addr(B), &d5).unwrap().changed);
         assert!(!a.receive(now, addr(B), &d4).unwrap().changed, "reordered");
         assert_eq!(a.remote_loads(now)["d1"], vec![("pstn".to_string(), 5)]);
@@ -515,12 +524,14 @@ mod tests {
         let r = deliver(now, &mut a, A, &mut b, 2, 0).unwrap();
         assert_eq!(r.ends, vec![end.clone()]);
         a.settle(now, 2);
-        let (again, _) = a.outbound(now + a.tick(), 2, vec![]).unwrap();
+        let (again, _) = a.outbound(now + a.tick(), 2, Vec::new).unwrap();
         let u: Update = serde_json::from_slice(&again).unwrap();
         assert_eq!(u.ends, vec![end], "not acknowledged yet: still announced");
         deliver(now, &mut b, B, &mut a, 1, 0).unwrap();
         a.settle(now, 2);
-        let (done, _) = a.outbound(now + a.tick() + a.heartbeat, 2, vec![]).unwrap();
+        let (done, _) = a
+            .outbound(now + a.tick() + a.heartbeat, 2, Vec::new)
+            .unwrap();
         let u: Update = serde_json::from_slice(&done).unwrap();
         assert!(u.ends.is_empty());
     }

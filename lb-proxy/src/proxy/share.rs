@@ -137,17 +137,18 @@ impl Proxy {
     /// The update to send to the peers now, if one is due: the datagram and its targets.
     pub fn take_cluster_outbound(&mut self, now: Instant) -> Option<(Bytes, Vec<SocketAddr>)> {
         let c = self.cluster.as_mut()?;
-        let loads = self
-            .dests
-            .visible()
-            .flat_map(|d| {
-                d.resources
-                    .iter()
-                    .filter(|r| r.load > 0)
-                    .map(|r| (d.spec.id.clone(), r.name.clone(), r.load))
-            })
-            .collect();
-        let out = c.outbound(now, self.dests.seq, loads);
+        let dests = &self.dests;
+        let out = c.outbound(now, dests.seq, || {
+            dests
+                .visible()
+                .flat_map(|d| {
+                    d.resources
+                        .iter()
+                        .filter(|r| r.load > 0)
+                        .map(|r| (d.spec.id.clone(), r.name.clone(), r.load))
+                })
+                .collect()
+        });
         if let Some((_, targets)) = &out {
             self.metrics
                 .cluster
