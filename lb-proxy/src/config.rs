@@ -282,6 +282,8 @@ pub struct Config {
     pub shutdown_drain: Duration,
     /// Load sharing with other replicas; None: this proxy counts alone.
     pub cluster: Option<Cluster>,
+    /// The keys that sign the proxy's Record-Route (the relay rule, docs/relay-policy.md).
+    pub record_route: RecordRoute,
     /// The static set; None when the file has no `destinations` key (the proxy then waits for
     /// a set pushed through the admin API and is not ready until one arrives).
     pub destinations: Option<DestinationSet>,
@@ -333,6 +335,8 @@ struct RawConfig {
     shutdown: RawShutdown,
     #[serde(default)]
     cluster: Option<RawCluster>,
+    #[serde(default)]
+    record_route: RawRecordRoute,
     #[serde(default)]
     destinations: Option<Vec<DestinationSpec>>,
 }
@@ -448,6 +452,129 @@ impl RawCluster {
             peer_timeout: self.peer_timeout,
         })
     }
+}
+
+/// Where the Record-Route keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// `recordRoute.keyFile`, re-read while the proxy runs (rotation).
+    File,
+    /// [`ROUTE_KEY_ENV`].
+    Env,
+    /// Derived from the cluster key: every replica of a cluster signs alike.
+    Cluster,
+    /// No key: nothing is signed, and the relay rule without proof applies.
+    None,
+}
+
+/// The keys that sign the proxy's Record-Route, so that a request of a dialog this proxy does
+/// not hold (set up before a restart, or through another replica) can prove where it may go.
+#[derive(Debug, Clone)]
+pub struct RecordRoute {
+    /// The first key signs; every key verifies. Empty with [`KeySource::None`].
+    pub keys: Vec<Key>,
+    pub source: KeySource,
+    /// `recordRoute.keyFile`, re-read every few seconds: a new first key signs from then on.
+    pub key_file: Option<PathBuf>,
+    /// How long a key that is no longer in the file (or no longer first) is still accepted.
+    pub rotation_grace: Duration,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRecordRoute {
+    #[serde(default)]
+    key_file: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    rotation_grace: Option<Duration>,
+}
+
+/// Environment variable with the Record-Route keys when `recordRoute.keyFile` is not set.
+pub const ROUTE_KEY_ENV: &str = "LB_PROXY_ROUTE_KEY";
+
+/// The shortest key accepted, in characters (cluster and Record-Route keys alike).
+const MIN_KEY_LEN: usize = 16;
+
+/// Reads Record-Route keys: white-space separated, the first signs, each at least 16
+/// characters. `field` names the source in errors.
+pub fn parse_route_keys(field: &str, text: &str) -> Result<Vec<Key>, FieldError> {
+    let keys: Vec<Key> = text
+        .split_whitespace()
+        .map(|k| Key(k.as_bytes().to_vec()))
+        .collect();
+    if keys.is_empty() {
+        return Err(FieldError::new(field, "holds no key"));
+    }
+    if let Some((i, k)) = keys
+        .iter()
+        .enumerate()
+        .find(|(_, k)| k.0.len() < MIN_KEY_LEN)
+    {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "key {} holds {} characters; at least {MIN_KEY_LEN}",
+                i + 1,
+                k.0.len()
+            ),
+        ));
+    }
+    Ok(keys)
+}
+
+/// Reads the keys of `recordRoute.keyFile`.
+pub fn read_route_keys(path: &Path) -> Result<Vec<Key>, FieldError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        FieldError::new(
+            "recordRoute.keyFile",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    parse_route_keys(&format!("recordRoute.keyFile {}", path.display()), &text)
+}
+
+impl RawRecordRoute {
+    fn into_record_route(
+        self,
+        cluster: Option<&Cluster>,
+        lifetime: Duration,
+    ) -> Result<RecordRoute, FieldError> {
+        let rotation_grace = self.rotation_grace.unwrap_or(lifetime);
+        let (keys, source, key_file) = match self.key_file {
+            Some(f) if f.trim().is_empty() => {
+                return Err(FieldError::new("recordRoute.keyFile", "must not be empty"))
+            }
+            Some(f) => {
+                let path = PathBuf::from(f);
+                (read_route_keys(&path)?, KeySource::File, Some(path))
+            }
+            None => match std::env::var(ROUTE_KEY_ENV) {
+                Ok(v) if !v.trim().is_empty() => {
+                    (parse_route_keys(ROUTE_KEY_ENV, &v)?, KeySource::Env, None)
+                }
+                _ => match cluster.and_then(|c| c.key.as_ref()) {
+                    Some(k) => (vec![derive_key(k)], KeySource::Cluster, None),
+                    None => (Vec::new(), KeySource::None, None),
+                },
+            },
+        };
+        Ok(RecordRoute {
+            keys,
+            source,
+            key_file,
+            rotation_grace,
+        })
+    }
+}
+
+/// A key of its own for signing Record-Routes, from the cluster key: the two uses never share
+/// a MAC key.
+fn derive_key(cluster: &Key) -> Key {
+    use hmac::{Hmac, Mac};
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&cluster.0)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    m.update(b"mrcp-lb record-route v1");
+    Key(m.finalize().into_bytes().to_vec())
 }
 
 /// The host name (in Kubernetes: the pod name), for the default cluster node name.
@@ -1155,6 +1282,7 @@ impl RawConfig {
             }
             None => None,
         };
+        let cluster = self.cluster.map(RawCluster::into_cluster).transpose()?;
         Ok(Config {
             listeners,
             admin,
@@ -1181,7 +1309,10 @@ impl RawConfig {
             limits,
             dns_refresh: self.dns.refresh_interval,
             shutdown_drain: self.shutdown.drain_period,
-            cluster: self.cluster.map(RawCluster::into_cluster).transpose()?,
+            record_route: self
+                .record_route
+                .into_record_route(cluster.as_ref(), self.dialogs.lifetime)?,
+            cluster,
             destinations,
         })
     }

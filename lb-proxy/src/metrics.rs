@@ -35,6 +35,8 @@ pub struct Metrics {
     pub limited_source_rate: IntCounter,
     pub limited_transactions: IntCounter,
     pub limited_dialogs: IntCounter,
+    /// Requests with a To tag refused by the relay rule, by reason.
+    relay_refused: IntCounterVec,
     /// New requests let through untracked because the per-source table was full.
     pub rate_limit_untracked: IntCounter,
     /// Sources in the per-source table (set at scrape time).
@@ -246,7 +248,21 @@ impl Metrics {
              verified, name mismatch, refused).",
             &["side"],
         );
+        let relay_refused = counter_vec(
+            &r,
+            "mrcp_lb_relay_refused_total",
+            "Requests with a To tag the proxy refused to relay (docs/relay-policy.md): no_route \
+             (no dialog of ours, no Route to us), unsigned / bad_token (our Route without a \
+             valid token), not_from_destination (the server side's token from another \
+             address), stranger_target (a next hop that is no party or destination), \
+             no_target (nothing names where it goes).",
+            &["reason"],
+        );
+        for why in crate::proxy::Refusal::ALL {
+            relay_refused.with_label_values(&[why.label()]);
+        }
         Metrics {
+            relay_refused,
             limited_source_rate: limited.with_label_values(&["source_rate"]),
             limited_transactions: limited.with_label_values(&["transactions"]),
             limited_dialogs: limited.with_label_values(&["dialogs"]),
@@ -380,6 +396,10 @@ impl Metrics {
             cluster: ClusterMetrics::new(&r),
             registry: r,
         }
+    }
+
+    pub fn relay_refused(&self, why: crate::proxy::Refusal) {
+        self.relay_refused.with_label_values(&[why.label()]).inc();
     }
 
     pub fn request(&self, m: &Method) {

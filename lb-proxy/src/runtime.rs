@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, Overrides};
+use crate::config::{read_route_keys, Config, Key, Overrides};
 use crate::destinations::Destinations;
 use crate::metrics::Metrics;
 use crate::proxy::{Applied, Proxy, SetError};
@@ -55,6 +55,8 @@ pub enum Control {
     /// SIGTERM: stop taking new calls; answers what is still open: (dialogs, transactions).
     Drain(oneshot::Sender<(u64, u64)>),
     Cluster(oneshot::Sender<ClusterStatus>),
+    /// `recordRoute.keyFile` changed: its first key signs from now on.
+    RouteKeys(Vec<Key>),
 }
 
 /// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
@@ -274,6 +276,14 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
         events.clone(),
         shutdown.clone(),
     ));
+    if let Some(path) = &cfg.record_route.key_file {
+        tokio::spawn(watch_route_keys(
+            path.clone(),
+            cfg.record_route.keys.clone(),
+            events.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some((path, overrides)) = reload {
         tokio::spawn(reload_on_sighup(
             path,
@@ -523,6 +533,7 @@ impl Core {
             Control::Cluster(reply) => {
                 let _ = reply.send(proxy.cluster_status(now));
             }
+            Control::RouteKeys(keys) => proxy.rotate_route_keys(now, keys),
         }
     }
 
@@ -611,6 +622,53 @@ async fn resolve_loop(
             _ = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
             r = names.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How often `recordRoute.keyFile` is re-read (a Kubernetes Secret volume changes in place).
+const KEY_FILE_POLL: Duration = Duration::from_secs(5);
+
+/// Re-reads `recordRoute.keyFile` every few seconds and hands a changed key list to the core.
+/// A file that cannot be read or holds a bad key is reported once and changes nothing.
+async fn watch_route_keys(
+    path: PathBuf,
+    mut keys: Vec<Key>,
+    events: mpsc::Sender<Event>,
+    shutdown: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEY_FILE_POLL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let new = match read_route_keys(&path) {
+            Ok(k) => k,
+            Err(e) => {
+                if !failing {
+                    warn!("{e}; the keys in force stay");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        failing = false;
+        if new == keys {
+            continue;
+        }
+        info!(
+            "recordRoute.keyFile {} changed: {} key(s), the first signs from now on",
+            path.display(),
+            new.len()
+        );
+        keys = new.clone();
+        if events
+            .send(Event::Control(Control::RouteKeys(new)))
+            .await
+            .is_err()
+        {
+            return;
         }
     }
 }

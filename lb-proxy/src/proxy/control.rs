@@ -41,6 +41,13 @@ impl Proxy {
         self.refresh_cluster(now);
     }
 
+    /// New Record-Route keys (the key file changed): the first signs from now on, and keys
+    /// that left the list keep verifying for `recordRoute.rotationGrace`.
+    pub fn rotate_route_keys(&mut self, now: Instant, keys: Vec<crate::config::Key>) {
+        let grace = self.cfg.record_route.rotation_grace;
+        self.route_keys.rotate(now, keys, grace);
+    }
+
     /// Replaces the destination set atomically. Ids that stay keep load, health and manual
     /// state; removed ids take no new calls and count their open calls down to zero. An
     /// invalid set changes nothing. The same version with the same content is a no-op; an

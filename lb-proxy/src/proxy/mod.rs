@@ -194,6 +194,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Load sharing with other replicas, when configured.
     cluster: Option<Cluster>,
+    /// Signs our Record-Route and checks the Route of requests in dialogs we do not hold.
+    route_keys: RouteKeys,
 }
 
 impl Proxy {
@@ -227,6 +229,7 @@ impl Proxy {
         let cluster = cfg.cluster.as_ref().map(|c| Cluster::new(c, rng.gen()));
         let reject_tag = format!("lbx{:016x}", rng.gen::<u64>());
         let limiter = cfg.limits.per_source.as_ref().map(SourceLimiter::new);
+        let route_keys = RouteKeys::new(cfg.record_route.keys.clone());
         let mut self_addrs = Vec::new();
         for l in &cfg.listeners {
             self_addrs.push((l.advertise.host.to_ascii_lowercase(), l.advertise.port));
@@ -254,6 +257,7 @@ impl Proxy {
             stats: DialogStats::default(),
             metrics,
             cluster,
+            route_keys,
         }
     }
 
@@ -706,14 +710,18 @@ impl Proxy {
         msg.push_front(HeaderName::Via, via);
     }
 
-    fn record_route_uri(&self, listener: usize, double: bool) -> String {
+    /// Our Record-Route entry for `listener`, carrying the token when a key is configured.
+    fn record_route_uri(&self, listener: usize, double: bool, token: Option<&str>) -> String {
         let l = self.listener(listener);
-        format!(
-            "<sip:{};transport={};lr{}>",
-            l.advertise,
-            l.transport.lower(),
-            if double { ";r2=on" } else { "" }
-        )
+        let mut uri = format!("<sip:{};transport={};lr", l.advertise, l.transport.lower());
+        if double {
+            uri.push_str(";r2=on");
+        }
+        if let Some(t) = token {
+            uri.push_str(&format!(";{}={t}", relay::TOKEN_PARAM));
+        }
+        uri.push('>');
+        uri
     }
 
     fn new_server_tx(&mut self, msg: Message, flow: Flow, key: &ServerKey) -> u64 {
@@ -933,13 +941,23 @@ impl Proxy {
             ruri.user = orig.user;
         }
         fwd.set_request_uri(ruri.to_string());
-        // Record-Route: one entry, or two when the two sides differ (transport or family).
+        // Record-Route: one entry, or two when the two sides differ (transport or family),
+        // signed for this call and destination (the relay rule, relay.rs).
+        let token = self
+            .route_keys
+            .sign(&dkey.call_id, &dkey.caller_tag, &dest_id, addr);
+        let token = token.as_deref();
         let in_l = in_flow.listener;
         if in_l == out_l {
-            fwd.push_front(HeaderName::RecordRoute, self.record_route_uri(in_l, false));
+            let rr = self.record_route_uri(in_l, false, token);
+            fwd.push_front(HeaderName::RecordRoute, rr);
         } else {
-            fwd.push_front(HeaderName::RecordRoute, self.record_route_uri(in_l, true));
-            fwd.push_front(HeaderName::RecordRoute, self.record_route_uri(out_l, true));
+            let (rr_in, rr_out) = (
+                self.record_route_uri(in_l, true, token),
+                self.record_route_uri(out_l, true, token),
+            );
+            fwd.push_front(HeaderName::RecordRoute, rr_in);
+            fwd.push_front(HeaderName::RecordRoute, rr_out);
         }
         let branch = self.new_branch();
         self.prepare_forward(&mut fwd, out_l, &branch);
@@ -1220,66 +1238,19 @@ impl Proxy {
         if !self.may_forward(&msg, flow) {
             return;
         }
-        // Strip our own Route entries (one, or two for a double Record-Route).
-        while let Some(first) = msg.get(&HeaderName::Route) {
-            match SipUri::parse(name_addr_uri(first)) {
-                Ok(u) if self.is_self_uri(&u) => {
-                    msg.remove_first(&HeaderName::Route);
-                }
-                _ => break,
+        // The relay rule (relay.rs): where it may go, if anywhere.
+        let hop = match self.next_hop(now, &mut msg, flow) {
+            Ok(hop) => hop,
+            Err(Refusal::NoTarget) if !is_ack => {
+                self.metrics.relay_refused(Refusal::NoTarget);
+                return self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
             }
-        }
-        let dkey = self.find_dialog(&msg);
-        let from_caller = dkey
-            .as_ref()
-            .and_then(|k| self.dialogs.get(k))
-            .zip(msg.from_tag())
-            .map(|(_, tag)| dkey.as_ref().is_some_and(|k| k.caller_tag == tag));
-        // The next hop.
-        let next_route = msg
-            .get(&HeaderName::Route)
-            .and_then(|r| SipUri::parse(name_addr_uri(r)).ok());
-        let ruri = msg.request_uri().and_then(|u| SipUri::parse(u).ok());
-        let target: Option<Flow> = match (&next_route, &ruri) {
-            (Some(route), _) => self.uri_flow(route),
-            (None, Some(ruri)) if !self.is_self_uri(ruri) => {
-                // The remote target itself: the party's own flow when we know the dialog
-                // (keeps TCP connections and NAT bindings), else its URI.
-                let party_flow = dkey
-                    .as_ref()
-                    .and_then(|k| self.dialogs.get(k))
-                    .and_then(|d| match from_caller {
-                        Some(true) => d.callee.flow,
-                        Some(false) => d.caller.flow,
-                        None => None,
-                    });
-                party_flow.or_else(|| self.uri_flow(ruri))
-            }
-            _ => {
-                // Sent straight to us without Route: only the dialog knows where it goes.
-                let d = dkey.as_ref().and_then(|k| self.dialogs.get(k));
-                match (d, from_caller) {
-                    (Some(d), Some(true)) => {
-                        if let Some(c) = &d.callee.contact {
-                            msg.set_request_uri(c.clone());
-                        }
-                        d.callee.flow
-                    }
-                    (Some(d), Some(false)) => {
-                        if let Some(c) = &d.caller.contact {
-                            msg.set_request_uri(c.clone());
-                        }
-                        d.caller.flow
-                    }
-                    _ => None,
-                }
-            }
+            Err(why) => return self.refuse_relay(&msg, flow, why),
         };
-        let Some(mut target) = target else {
-            if !is_ack {
-                self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
-            }
-            return;
+        let mut target = hop.target;
+        let (dkey, from_caller) = match hop.dialog {
+            Some((k, fc)) => (Some(k), Some(fc)),
+            None => (None, None),
         };
         // Send from a listener of the target's transport and family.
         if let Some(l) = self.out_listener(target.transport, Some(target.remote.is_ipv6())) {
@@ -1389,9 +1360,11 @@ impl Proxy {
         let Some(ctx) = self.client_txs.get_mut(&key) else {
             // No transaction: forward 2xx to INVITE statelessly if the Via is ours
             // (retransmissions after the transaction ended).
+            // Only a branch this process made: a forged response relays nothing.
             if (200..300).contains(&code)
                 && method == Method::Invite
                 && self.is_self(&via.host, via.port)
+                && key.branch.starts_with(&self.branch_prefix)
             {
                 msg.remove_first(&HeaderName::Via);
                 if let Some(next) = msg.top_via().and_then(|v| self.via_flow(&v)) {
@@ -2120,9 +2093,11 @@ fn fxhash(s: &str) -> u64 {
 
 mod control;
 mod probe;
+mod relay;
 mod share;
 
 pub use control::{Applied, SetError};
+pub use relay::{Refusal, RouteKeys, TOKEN_PARAM};
 
 #[cfg(test)]
 mod tests;

@@ -3793,3 +3793,5 @@ fn draining_waits_for_the_byes_the_proxy_sends_itself() {
     h.recv(call.peer, &response(&to_caller.msg, 200, None, &[], ""));
     assert_eq!(h.proxy.open_work(), (0, 0));
 }
+
+mod relay;
