@@ -255,7 +255,8 @@ impl Metrics {
              (no dialog of ours, no Route to us), unsigned / bad_token (our Route without a \
              valid token), not_from_destination (the server side's token from another \
              address), stranger_target (a next hop that is no party or destination), \
-             no_target (nothing names where it goes).",
+             no_target (nothing names where it goes), no_set (no destination set loaded yet: \
+             dropped unanswered, a retransmission passes later).",
             &["reason"],
         );
         for why in crate::proxy::Refusal::ALL {

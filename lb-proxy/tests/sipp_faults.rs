@@ -355,7 +355,24 @@ fn kept_log(env: &TestEnv, name: &str) -> PathBuf {
 
 #[test]
 fn proxy_killed_and_restarted_between_invite_and_bye_calls_still_end_end_to_end() {
-    let env = TestEnv::new("proxy_restart", "127.0.1.63");
+    restarted_mid_call(TestEnv::new("proxy_restart", "127.0.1.63"), false);
+}
+
+/// The same with a Record-Route key: the calls that outlive the restart pass on the proof of
+/// their signed Record-Route alone (no rule without proof applies with a key).
+#[test]
+fn proxy_restarted_with_a_route_key_relays_the_calls_it_signed() {
+    restarted_mid_call(TestEnv::new("proxy_restart_key", "127.0.1.92"), true);
+}
+
+fn restarted_mid_call(env: TestEnv, key: bool) {
+    let extra = if key {
+        let path = env.subdir("key").join("route.key");
+        fs::write(&path, "restart-test-key-0123456789abcdef\n").unwrap();
+        format!("recordRoute:\n  keyFile: {}\n", path.display())
+    } else {
+        String::new()
+    };
     let config = config_yaml(
         &env,
         "absolute",
@@ -363,7 +380,7 @@ fn proxy_killed_and_restarted_between_invite_and_bye_calls_still_end_end_to_end(
             Dest::udp(1, SERVER1_PORT, "pstn=100"),
             Dest::udp(2, SERVER2_PORT, "pstn=100"),
         ],
-        "",
+        &extra,
     );
     let mut proxy = Proxy::start(&env, &config);
     let admin = proxy.admin;
@@ -476,4 +493,10 @@ fn proxy_killed_and_restarted_between_invite_and_bye_calls_still_end_end_to_end(
     assert_eq!((st.active, st.processed), (0, 0), "{st:?}");
     let ds = status(admin);
     assert!(ds.destinations.iter().all(|d| load(d) == 0), "{ds:?}");
+    let refused: f64 = parse_metrics(&metrics_text(admin))
+        .iter()
+        .filter(|m| m.name == "mrcp_lb_relay_refused_total")
+        .map(|m| m.value)
+        .sum();
+    assert_eq!(refused, 0.0, "the relay rule refused nothing of these calls");
 }

@@ -36,6 +36,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{- define "mrcp-lb.routeKeySecret" -}}
+{{- if .Values.proxy.routeKey.existingSecret -}}
+{{- .Values.proxy.routeKey.existingSecret -}}
+{{- else if .Values.proxy.routeKey.create -}}
+{{- printf "%s-route-key" (include "mrcp-lb.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "mrcp-lb.securityContext" -}}
 runAsNonRoot: true
 runAsUser: 65532

@@ -185,6 +185,9 @@ pub enum Refusal {
     StrangerTarget,
     /// Nothing says where the request goes (a Route to us and nothing after it).
     NoTarget,
+    /// No destination set loaded yet (a restart, before the operator's first push): dropped
+    /// without an answer, so that the sender's retransmission passes once the set is in.
+    NoSet,
 }
 
 impl Refusal {
@@ -196,16 +199,18 @@ impl Refusal {
             Refusal::NotFromDestination => "not_from_destination",
             Refusal::StrangerTarget => "stranger_target",
             Refusal::NoTarget => "no_target",
+            Refusal::NoSet => "no_set",
         }
     }
 
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::NoRoute,
         Refusal::Unsigned,
         Refusal::BadToken,
         Refusal::NotFromDestination,
         Refusal::StrangerTarget,
         Refusal::NoTarget,
+        Refusal::NoSet,
     ];
 }
 
@@ -250,6 +255,9 @@ impl Proxy {
                 Refusal::NoRoute
             });
         };
+        if !self.has_set() {
+            return Err(Refusal::NoSet);
+        }
         let target = if self.route_keys.is_empty() {
             self.unproven_hop(msg, flow)?
         } else {
@@ -425,7 +433,7 @@ impl Proxy {
             reason = why.label(),
             "in-dialog request refused by the relay rule"
         );
-        if msg.method() != Some(&Method::Ack) {
+        if msg.method() != Some(&Method::Ack) && why != Refusal::NoSet {
             self.reply(msg, flow, 404, "Not Found");
         }
     }

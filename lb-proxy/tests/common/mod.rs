@@ -128,7 +128,7 @@ impl TestEnv {
     }
 
     /// A private sub-folder for one process.
-    fn subdir(&self, name: &str) -> PathBuf {
+    pub fn subdir(&self, name: &str) -> PathBuf {
         let d = self.dir.join(name);
         fs::create_dir_all(&d).expect("create process dir");
         d

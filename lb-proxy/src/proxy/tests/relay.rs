@@ -368,3 +368,26 @@ fn a_forged_2xx_with_our_via_is_not_relayed() {
     h.recv(stranger(), &ok);
     assert_none(&h.out(), "a 2xx whose top Via is not a branch of ours");
 }
+
+#[test]
+fn before_its_set_arrives_a_restarted_proxy_holds_back_and_the_retransmission_passes() {
+    let extra = key_file("noset", KEY1);
+    let mut before = Harness::with(TWO_DESTS, &extra);
+    let (mut call, srv, _inv) = answered_call(&mut before, "noset");
+    // Restarted without a set in the file: the operator has not pushed yet.
+    let cfg = Arc::new(config(TWO_DESTS, &extra));
+    let set = cfg.destinations.clone().unwrap();
+    let mut h = Harness::with(TWO_DESTS, &extra);
+    h.proxy = Proxy::new(cfg, Destinations::waiting());
+    let bye = call.bye();
+    h.recv(call.peer, &bye);
+    assert_none(&h.out(), "no answer while the set is missing");
+    assert_eq!(refused_count(&h, "no_set"), 1.0);
+    h.proxy.replace_set(h.now, &set).unwrap();
+    // The caller retransmits the BYE (same branch): now it goes to the server.
+    h.recv(call.peer, &bye);
+    let sent = take(&mut h.out(), "BYE after the set arrived", |s| {
+        s.is(Method::Bye)
+    });
+    assert_eq!(sent.to(), srv.peer.addr);
+}
