@@ -47,7 +47,9 @@ chart-lint: k8s
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=speech > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.cluster.enabled=false,proxy.service.type=LoadBalancer,proxy.service.loadBalancerIP=203.0.113.7,proxy.service.sessionAffinity=None > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls,proxy.advertise=sip.example.com:5060 > /dev/null \
-	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls > /dev/null
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.routeKey.existingSecret=my-route-key | grep -q 'secretName: my-route-key' \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.routeKey.create=false | grep -q 'recordRoute:'
 
 e2e: deps k8s
 	./tests/e2e/run.sh

@@ -498,5 +498,8 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
         .filter(|m| m.name == "mrcp_lb_relay_refused_total")
         .map(|m| m.value)
         .sum();
-    assert_eq!(refused, 0.0, "the relay rule refused nothing of these calls");
+    assert_eq!(
+        refused, 0.0,
+        "the relay rule refused nothing of these calls"
+    );
 }

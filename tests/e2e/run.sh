@@ -422,6 +422,15 @@ for i in "${!PROXY_IPS[@]}"; do
 	mkdir -p "$d"
 	# In the pod 0.0.0.0 means the pod's own interfaces; here that is the pod IP.
 	sed "s/0\.0\.0\.0/$ip/g" "$WORK/chart-proxy-config.yaml" >"$d/config.yaml"
+	# The Record-Route key Secret volume, as the kubelet would mount it (docs/relay-policy.md).
+	rk_secret=$(jq -r '.spec.template.spec.volumes[] | select(.name == "route-key") | .secret.secretName' <<<"$PROXY_DEPLOY")
+	[ -n "$rk_secret" ] || fail "the proxy Deployment mounts no route-key Secret (the chart creates one by default)"
+	mkdir -p "$d/route-key"
+	k -n "$NS" get secret "$rk_secret" -o json | jq -r '.data | to_entries[] | "\(.key) \(.value)"' |
+		while read -r key val; do base64 -d <<<"$val" >"$d/route-key/$key"; done
+	chmod 600 "$d"/route-key/*
+	grep -q '/etc/lb-proxy/route-key/' "$d/config.yaml" || fail "the chart's proxy config names no recordRoute.keyFile"
+	sed -i "s|/etc/lb-proxy/route-key/|$d/route-key/|" "$d/config.yaml"
 	args=()
 	for a in "${CHART_PROXY_ARGS[@]}"; do
 		case $a in --config=*) a=--config=$d/config.yaml ;; esac

@@ -95,6 +95,21 @@ impl RouteKeys {
         Some(URL_SAFE_NO_PAD.encode(raw))
     }
 
+    /// The destination address a token names, when one of the keys made it for this call and
+    /// a destination of that id (the whole check the relay rule runs per candidate).
+    pub fn check(
+        &self,
+        now: Instant,
+        token: &str,
+        call_id: &str,
+        caller_tag: &str,
+        dest_id: &str,
+    ) -> Option<SocketAddr> {
+        let t = Token::decode(token)?;
+        self.verify(now, &t, call_id, caller_tag, dest_id)
+            .then_some(t.addr)
+    }
+
     /// Whether `token` was made by one of the keys for this call and destination.
     fn verify(
         &self,
