@@ -44,6 +44,10 @@ if [ -f /run/kamailio/kamailio.pid ]; then
   fi
 fi
 
+# lb-proxy signs its Record-Route as deployed (the chart always sets a key): the cost of the
+# relay rule's proof is in the figures (docs/relay-policy.md).
+export LB_PROXY_ROUTE_KEY="${LB_PROXY_ROUTE_KEY:-bench-route-key-0123456789abcdef}"
+
 # --- build -------------------------------------------------------------------------------------
 say "cargo build --release -p lb-proxy"
 cargo build --release -p lb-proxy
