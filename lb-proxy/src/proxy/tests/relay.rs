@@ -391,3 +391,37 @@ fn before_its_set_arrives_a_restarted_proxy_holds_back_and_the_retransmission_pa
     });
     assert_eq!(sent.to(), srv.peer.addr);
 }
+
+#[test]
+fn a_double_record_route_carries_the_token_twice_and_both_routes_are_ours() {
+    let extra = key_file("double", KEY1);
+    let mut before = Harness::with(TWO_DESTS, &extra);
+    let mut call = Call::tcp("dbl");
+    let inv = place(&mut before, &call);
+    let rr = inv.all(HeaderName::RecordRoute);
+    assert_eq!(rr.len(), 2, "{rr:?}");
+    let token = |r: &str| {
+        SipUri::parse(name_addr_uri(r))
+            .unwrap()
+            .param(TOKEN_PARAM)
+            .flatten()
+            .map(str::to_string)
+    };
+    assert!(token(&rr[0]).is_some());
+    assert_eq!(token(&rr[0]), token(&rr[1]), "one token on both entries");
+    let srv = Uas::new(S1, "dblsrv");
+    before.recv(srv.peer, &srv.reply(&inv.msg, 200, &[], SERVER_SDP));
+    let ok = take(&mut before.out(), "200", |s| s.code() == Some(200));
+    call.answered(&ok.msg);
+
+    // After a restart the caller's BYE over TCP, with both Routes: to the UDP server.
+    let mut h = Harness::with(TWO_DESTS, &extra);
+    h.recv(call.peer, &call.bye());
+    let bye = take(&mut h.out(), "BYE", |s| s.is(Method::Bye));
+    assert_eq!(bye.to(), srv.peer.addr);
+    assert_eq!(bye.out.transport, Transport::Udp);
+    assert!(
+        bye.all(HeaderName::Route).is_empty(),
+        "both of our Routes stripped"
+    );
+}
