@@ -29,8 +29,8 @@ use crate::destinations::Destinations;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::sip::{
-    bad_request, header_param, name_addr_uri, HeaderName, Message, Method, ParseError, SipUri,
-    Transport, Via,
+    bad_request, check_name_addr, header_param, is_stateless_tag, name_addr_uri, HeaderName,
+    Message, Method, ParseError, SipUri, Transport, Via,
 };
 use crate::transport::tcp::{frame, Frame};
 use crate::transport::{Flow, Inbound, Outbound, Target};
@@ -76,12 +76,18 @@ fn rejected(e: &ParseError) {
         None => panic!("a 400 without the message it answers"),
     };
     // The 400 copies Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6): it may only fail to
-    // parse for the defect it copied (an out-of-range CSeq, RFC 4475 3.1.2.4).
+    // parse for a defect it copied, an out-of-range CSeq (RFC 4475 3.1.2.4) or an unreadable
+    // From or To (3.1.2.6, 3.1.2.14, 3.1.2.15), that the request had too.
     let r = match Message::parse(&resp) {
         Ok(r) => r,
         Err(again) => {
+            let copied_cseq = partial.cseq().is_none() && again.reason.starts_with("bad CSeq");
+            let copied_addr = [HeaderName::From, HeaderName::To].iter().any(|h| {
+                again.reason.starts_with(&format!("bad {} ", h.as_str()))
+                    && check_name_addr(partial.get(h).unwrap_or_default()).is_err()
+            });
             assert!(
-                partial.cseq().is_none() && again.reason.starts_with("bad CSeq"),
+                copied_cseq || copied_addr,
                 "the 400 for a malformed request does not parse ({}) for a reason of its \
                  own:\n{}",
                 again.reason,
@@ -91,6 +97,15 @@ fn rejected(e: &ParseError) {
         }
     };
     assert_eq!(r.code(), Some(400));
+    // A To tag, the request's own or a stateless one, so that an ACK can be matched.
+    match partial.to_tag() {
+        Some(tag) => assert_eq!(r.to_tag(), Some(tag), "400 keeps the To tag"),
+        None => assert!(
+            r.to_tag().is_some_and(is_stateless_tag),
+            "400 without a stateless To tag: {:?}",
+            r.get(&HeaderName::To)
+        ),
+    }
     assert_eq!(r.call_id(), partial.call_id(), "400 keeps the Call-ID");
     assert_eq!(
         r.get(&HeaderName::CSeq),

@@ -3793,3 +3793,37 @@ fn draining_waits_for_the_byes_the_proxy_sends_itself() {
     h.recv(call.peer, &response(&to_caller.msg, 200, None, &[], ""));
     assert_eq!(h.proxy.open_work(), (0, 0));
 }
+
+#[test]
+fn the_ack_of_the_transports_400_is_absorbed() {
+    let mut h = Harness::new();
+    let mut c = Call::udp("c400");
+    // Aimed at a destination: an ACK the core took for an in-dialog one would go there.
+    c.ruri = format!("sip:mrcp@{S1}");
+    // Two spaces after the method: the parser refuses it, the transport answers 400.
+    let bad = c.invite().replacen("INVITE ", "INVITE  ", 1);
+    let e = Message::parse(bad.as_bytes()).unwrap_err();
+    let resp = Message::parse(&crate::sip::bad_request(&e).unwrap()).unwrap();
+    assert_eq!(resp.code(), Some(400));
+    let tag = resp.to_tag().unwrap();
+    assert!(crate::sip::is_stateless_tag(tag), "{tag}");
+    // A retransmission would get the same tag.
+    let again = Message::parse(&crate::sip::bad_request(&e).unwrap()).unwrap();
+    assert_eq!(again.to_tag(), Some(tag));
+    let sizes = h.proxy.sizes();
+    h.recv(c.peer, &c.ack_non_2xx(&resp));
+    assert_none(&h.out(), "the ACK of the stateless 400 is absorbed");
+    assert_eq!(h.proxy.sizes(), sizes, "and leaves nothing behind");
+
+    // The same ACK with another To tag is taken for an end-to-end one and relayed: the
+    // absorption above is the tag's doing.
+    let other = resp
+        .get(&HeaderName::To)
+        .unwrap()
+        .replace(tag, "lb-not-ours");
+    let mut ack = resp.clone();
+    ack.set(HeaderName::To, other);
+    h.recv(c.peer, &c.ack_non_2xx(&ack));
+    let mut out = h.out();
+    take(&mut out, "the relayed ACK", |s| s.is(Method::Ack)).assert_to(&Peer::udp_server(S1));
+}
