@@ -29,10 +29,10 @@ use crate::destinations::Destinations;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::sip::{
-    bad_request, header_param, name_addr_uri, HeaderName, Message, Method, ParseError, SipUri,
-    Transport, Via,
+    bad_request, check_name_addr, header_param, is_stateless_tag, name_addr_uri, HeaderName,
+    Message, Method, ParseError, SipUri, Transport, Via,
 };
-use crate::transport::tcp::{frame, Frame};
+use crate::transport::tcp::{frame, no_length_answer, Frame};
 use crate::transport::{Flow, Inbound, Outbound, Target};
 
 // ---- (a) one datagram -----------------------------------------------------------------------
@@ -76,12 +76,18 @@ fn rejected(e: &ParseError) {
         None => panic!("a 400 without the message it answers"),
     };
     // The 400 copies Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6): it may only fail to
-    // parse for the defect it copied (an out-of-range CSeq, RFC 4475 3.1.2.4).
+    // parse for a defect it copied, an out-of-range CSeq (RFC 4475 3.1.2.4) or an unreadable
+    // From or To (3.1.2.6, 3.1.2.14, 3.1.2.15), that the request had too.
     let r = match Message::parse(&resp) {
         Ok(r) => r,
         Err(again) => {
+            let copied_cseq = partial.cseq().is_none() && again.reason.starts_with("bad CSeq");
+            let copied_addr = [HeaderName::From, HeaderName::To].iter().any(|h| {
+                again.reason.starts_with(&format!("bad {} ", h.as_str()))
+                    && check_name_addr(partial.get(h).unwrap_or_default()).is_err()
+            });
             assert!(
-                partial.cseq().is_none() && again.reason.starts_with("bad CSeq"),
+                copied_cseq || copied_addr,
                 "the 400 for a malformed request does not parse ({}) for a reason of its \
                  own:\n{}",
                 again.reason,
@@ -91,6 +97,15 @@ fn rejected(e: &ParseError) {
         }
     };
     assert_eq!(r.code(), Some(400));
+    // A To tag, the request's own or a stateless one, so that an ACK can be matched.
+    match partial.to_tag() {
+        Some(tag) => assert_eq!(r.to_tag(), Some(tag), "400 keeps the To tag"),
+        None => assert!(
+            r.to_tag().is_some_and(is_stateless_tag),
+            "400 without a stateless To tag: {:?}",
+            r.get(&HeaderName::To)
+        ),
+    }
     assert_eq!(r.call_id(), partial.call_id(), "400 keeps the Call-ID");
     assert_eq!(
         r.get(&HeaderName::CSeq),
@@ -269,6 +284,8 @@ enum Event {
     Ping,
     Skip(usize),
     Message(Vec<u8>),
+    /// A message head without Content-Length: answered (a request) or dropped, then closed.
+    NoLength(Vec<u8>),
     Closed,
     /// Bytes left unframed at the end of the stream.
     Left(Vec<u8>),
@@ -278,6 +295,7 @@ impl Event {
     fn text(&self) -> String {
         match self {
             Event::Message(m) => format!("Message({:?})", String::from_utf8_lossy(m)),
+            Event::NoLength(m) => format!("NoLength({:?})", String::from_utf8_lossy(m)),
             Event::Left(m) => format!("Left({:?})", String::from_utf8_lossy(m)),
             other => format!("{other:?}"),
         }
@@ -325,8 +343,10 @@ pub fn stream(data: &[u8]) {
         );
     }
     for ev in &whole {
-        if let Event::Message(m) = ev {
-            framed(m);
+        match ev {
+            Event::Message(m) => framed(m),
+            Event::NoLength(head) => unframed(head),
+            _ => {}
         }
     }
 }
@@ -364,6 +384,18 @@ fn read_stream(
                     assert!(n <= max, "message {n} over the limit {max}");
                     events.push(Event::Message(buf.split_to(n).to_vec()));
                 }
+                Frame::NoLength(n) => {
+                    assert!(n > 0 && n <= buf.len(), "head {n} of {}", buf.len());
+                    assert!(n <= max, "head {n} over the limit {max}");
+                    assert_eq!(
+                        crate::sip::header_end(&buf[..n]),
+                        Some(n),
+                        "a head without Content-Length ends at its empty line"
+                    );
+                    events.push(Event::NoLength(buf[..n].to_vec()));
+                    events.push(Event::Closed);
+                    return events;
+                }
             }
         }
     }
@@ -382,6 +414,42 @@ fn framed(data: &[u8]) {
             "the framer and the parser disagree on the body of {:?}",
             String::from_utf8_lossy(data)
         );
+    }
+}
+
+/// A message head the framer found without Content-Length (the connection then closes). The
+/// parser must agree that it has none; checked as a datagram; and the framer's answer is the
+/// transport's `400` exactly when that can be addressed: a request (not an ACK) whose Via,
+/// From, To, Call-ID and CSeq are readable. A response gets nothing.
+fn unframed(head: &[u8]) {
+    message(head);
+    let answer = no_length_answer(head, usize::MAX);
+    match Message::parse(head) {
+        Ok(msg) => {
+            assert!(
+                msg.get(&HeaderName::ContentLength).is_none(),
+                "the framer found no Content-Length in {:?}",
+                String::from_utf8_lossy(head)
+            );
+            let answerable = matches!(msg.method(), Some(m) if *m != Method::Ack);
+            assert_eq!(
+                answer.is_some(),
+                answerable,
+                "answer to a request without Content-Length on a stream: {:?}",
+                String::from_utf8_lossy(head)
+            );
+            if let Some(resp) = answer {
+                let r = reparse(&resp, "the 400 to a request without Content-Length");
+                assert_eq!(r.code(), Some(400));
+                assert_eq!(r.call_id(), msg.call_id());
+                assert_eq!(r.top_via(), msg.top_via());
+            }
+        }
+        Err(e) => assert_eq!(
+            answer,
+            bad_request(&e),
+            "a malformed head is answered as such"
+        ),
     }
 }
 

@@ -227,7 +227,11 @@ impl Proxy {
     ) -> Proxy {
         let branch_prefix = format!("{BRANCH_COOKIE}-lb{:08x}-", rng.gen::<u32>());
         let cluster = cfg.cluster.as_ref().map(|c| Cluster::new(c, rng.gen()));
-        let reject_tag = format!("lbx{:016x}", rng.gen::<u64>());
+        let reject_tag = format!(
+            "{}{:016x}",
+            crate::sip::STATELESS_TAG_PREFIX,
+            rng.gen::<u64>()
+        );
         let limiter = cfg.limits.per_source.as_ref().map(SourceLimiter::new);
         let route_keys = RouteKeys::new(cfg.record_route.keys.clone());
         let mut self_addrs = Vec::new();
@@ -434,15 +438,19 @@ impl Proxy {
             .map(|d| Arc::from(d.uri.host.as_str()))
     }
 
-    /// Sends a response the proxy generates to a request it received.
+    /// Sends a response the proxy generates to a request it received, statelessly: a request
+    /// without To tag gets the stateless tag, so the ACK of an error answered here (400 for no
+    /// From tag, 482, 483) is recognised and absorbed like the 503's.
     fn reply(&mut self, req: &Message, flow: Flow, code: u16, reason: &str) {
-        let resp = self.make_response(req, code, reason, None);
+        let tag = self.reject_tag.clone();
+        let resp = self.make_response(req, code, reason, Some(&tag));
         let target = self.response_flow(req, flow);
         self.send_response(target, code, resp.to_bytes());
     }
 
     /// Answers `503` with Retry-After statelessly: no transaction, no dialog. The To tag is
-    /// [`Proxy::reject_tag`], by which the caller's ACK is recognised and absorbed.
+    /// [`Proxy::reject_tag`] ([`crate::sip::STATELESS_TAG_PREFIX`]), by which the caller's ACK is
+    /// recognised and absorbed.
     fn reject(&mut self, req: &Message, flow: Flow) {
         let tag = (req.to_tag().is_none()).then(|| self.reject_tag.clone());
         let resp = self.make_response(req, 503, "Service Unavailable", tag.as_deref());
@@ -1152,8 +1160,8 @@ impl Proxy {
                 return;
             }
         }
-        // ACK for a 503 sent statelessly: nothing to do.
-        if msg.to_tag() == Some(self.reject_tag.as_str()) {
+        // ACK for a response sent statelessly (our 503, the transport's 400): nothing to do.
+        if msg.to_tag().is_some_and(crate::sip::is_stateless_tag) {
             return;
         }
         // ACK for a 2xx: end to end, routed like any in-dialog request.

@@ -3794,4 +3794,64 @@ fn draining_waits_for_the_byes_the_proxy_sends_itself() {
     assert_eq!(h.proxy.open_work(), (0, 0));
 }
 
+#[test]
+fn the_ack_of_the_transports_400_is_absorbed() {
+    let mut h = Harness::new();
+    let mut c = Call::udp("c400");
+    // Aimed at a destination: an ACK the core took for an in-dialog one would go there.
+    c.ruri = format!("sip:mrcp@{S1}");
+    // Two spaces after the method: the parser refuses it, the transport answers 400.
+    let bad = c.invite().replacen("INVITE ", "INVITE  ", 1);
+    let e = Message::parse(bad.as_bytes()).unwrap_err();
+    let resp = Message::parse(&crate::sip::bad_request(&e).unwrap()).unwrap();
+    assert_eq!(resp.code(), Some(400));
+    let tag = resp.to_tag().unwrap();
+    assert!(crate::sip::is_stateless_tag(tag), "{tag}");
+    // A retransmission would get the same tag.
+    let again = Message::parse(&crate::sip::bad_request(&e).unwrap()).unwrap();
+    assert_eq!(again.to_tag(), Some(tag));
+    let sizes = h.proxy.sizes();
+    let refused = "mrcp_lb_relay_refused_total{reason=\"no_route\"}";
+    h.recv(c.peer, &c.ack_non_2xx(&resp));
+    assert_none(&h.out(), "the ACK of the stateless 400 is absorbed");
+    assert_eq!(h.proxy.sizes(), sizes, "and leaves nothing behind");
+    assert_eq!(sample(&h, refused), 0.0, "as the answer to our 400");
+
+    // The same ACK with another To tag is taken for an end-to-end one, and the relay rule
+    // refuses it (no dialog, no Route to us): the absorption above is the tag's doing.
+    let other = resp
+        .get(&HeaderName::To)
+        .unwrap()
+        .replace(tag, "lb-not-ours");
+    let mut ack = resp.clone();
+    ack.set(HeaderName::To, other);
+    h.recv(c.peer, &c.ack_non_2xx(&ack));
+    assert_none(&h.out(), "the relay rule absorbs it");
+    assert_eq!(
+        sample(&h, refused),
+        1.0,
+        "as an in-dialog ACK nobody may relay"
+    );
+}
+
+#[test]
+fn the_ack_of_the_cores_own_400_is_absorbed() {
+    let mut h = Harness::new();
+    let mut c = Call::udp("c400core");
+    c.ruri = format!("sip:mrcp@{S1}");
+    // No From tag: the core answers 400 itself.
+    c.from = "sipp <sip:sipp@192.168.0.5:5061>".into();
+    h.recv(c.peer, &c.invite());
+    let resp = take(&mut h.out(), "400", |s| s.code() == Some(400));
+    let tag = resp.msg.to_tag().unwrap().to_string();
+    assert!(crate::sip::is_stateless_tag(&tag), "{tag}");
+    h.recv(c.peer, &c.ack_non_2xx(&resp.msg));
+    assert_none(&h.out(), "the ACK of the core's 400 is absorbed");
+    assert_eq!(
+        sample(&h, "mrcp_lb_relay_refused_total{reason=\"no_route\"}"),
+        0.0,
+        "as the answer to our 400, not as a stray in-dialog ACK"
+    );
+}
+
 mod relay;

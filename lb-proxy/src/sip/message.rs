@@ -4,7 +4,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::borrow::Cow;
 use std::fmt;
 
+use std::hash::{Hash, Hasher};
+
 use super::uri::{split_host_port, write_host, SipUri};
+use super::STATELESS_TAG_PREFIX;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Method {
@@ -193,6 +196,16 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+/// Header fields that may appear only once and that the proxy, or the framing, reads.
+const SINGLE: [HeaderName; 6] = [
+    HeaderName::From,
+    HeaderName::To,
+    HeaderName::CallId,
+    HeaderName::CSeq,
+    HeaderName::MaxForwards,
+    HeaderName::ContentLength,
+];
+
 fn perr(reason: impl Into<String>) -> ParseError {
     ParseError {
         reason: reason.into(),
@@ -244,7 +257,21 @@ impl Message {
             return Err(perr("no start line"));
         }
         let first = lines.remove(0);
-        let start = parse_start_line(&first)?;
+        // A request line that does not parse still names its method: the headers are read so
+        // that a 400 can be addressed (RFC 4475 3.1.2.7-10: extra or missing spaces, `<...>`).
+        let (start, bad_start) = match parse_start_line(&first) {
+            Ok(start) => (start, None),
+            Err(BadStart { reason, method }) => match method {
+                Some(method) => (
+                    StartLine::Request {
+                        method,
+                        uri: String::new(),
+                    },
+                    Some(reason),
+                ),
+                None => return Err(perr(reason)),
+            },
+        };
         let mut headers = Vec::with_capacity(lines.len() + 2);
         for line in lines {
             let (name, value) = line
@@ -257,7 +284,19 @@ impl Message {
             let name = HeaderName::parse(name);
             let value = value.trim();
             if name.is_list() {
-                for v in split_list(value) {
+                let (entries, empty) = list_entries(value);
+                if empty {
+                    // `Via: a,,b` or an empty value (RFC 3261 7.3.1: no empty elements;
+                    // RFC 4475 3.1.2.1).
+                    let msg = Message {
+                        start,
+                        headers,
+                        body: Bytes::new(),
+                    };
+                    let reason = format!("empty entry in {} {value:?}", name.as_str());
+                    return Err(msg.invalid(reason));
+                }
+                for v in entries {
                     headers.push((name.clone(), v.to_string()));
                 }
             } else {
@@ -293,6 +332,17 @@ impl Message {
             headers,
             body: Bytes::new(),
         };
+        if let Some(reason) = bad_start {
+            return Err(msg.invalid(reason));
+        }
+        // Fields that may appear once (RFC 3261 7.3.1, 20): with two, the proxy and the next
+        // hop could each read another one (RFC 4475 3.3.8 multi01, 3.3.9 mcl01).
+        for h in &SINGLE {
+            if msg.count(h) > 1 {
+                let reason = format!("more than one {} header", h.as_str());
+                return Err(msg.invalid(reason));
+            }
+        }
         if let Some(cl) = msg.get(&HeaderName::ContentLength).map(str::to_string) {
             let cl: usize = match cl.trim().parse() {
                 Ok(n) => n,
@@ -354,11 +404,15 @@ impl Message {
             }
         }
         if let StartLine::Request { uri, .. } = &self.start {
-            if let Err(e) = SipUri::parse(uri) {
-                // tel: and other schemes are not ours to route, but are not malformed.
-                if uri.starts_with("sip") {
-                    return Err(self.invalid(format!("bad Request-URI: {e}")));
-                }
+            if let Err(e) = check_request_uri(uri) {
+                return Err(self.invalid(format!("bad Request-URI: {e}")));
+            }
+        }
+        for h in [HeaderName::From, HeaderName::To] {
+            let value = self.get(&h).unwrap_or_default();
+            if let Err(e) = check_name_addr(value) {
+                let reason = format!("bad {} {value:?}: {e}", h.as_str());
+                return Err(self.invalid(reason));
             }
         }
         Ok(self)
@@ -527,15 +581,18 @@ impl Message {
         out.freeze()
     }
 
-    /// A response to this request, copying Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6).
+    /// A response to this request, copying Via, From, To, Call-ID and CSeq (RFC 3261 8.2.6);
+    /// of From, To, Call-ID and CSeq only the first (a 400 may answer a request that had two).
     pub fn response(&self, code: u16, reason: &str) -> Message {
-        let mut headers = Vec::with_capacity(8);
+        let mut headers: Vec<(HeaderName, String)> = Vec::with_capacity(8);
         for (n, v) in &self.headers {
             match n {
-                HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
+                HeaderName::Via => headers.push((n.clone(), v.clone())),
+                HeaderName::From | HeaderName::To | HeaderName::CallId | HeaderName::CSeq
+                    if !headers.iter().any(|(h, _)| h == n) =>
+                {
                     headers.push((n.clone(), v.clone()))
                 }
-                HeaderName::To => headers.push((n.clone(), v.clone())),
                 _ => {}
             }
         }
@@ -582,37 +639,57 @@ fn unfold(head: &str, max: usize) -> (Vec<Cow<'_, str>>, bool) {
     (lines, false)
 }
 
-fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
+/// A start line that does not parse, and the method when it is a request line whose first
+/// word is one (then a 400 can still be addressed).
+struct BadStart {
+    reason: String,
+    method: Option<Method>,
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+}
+
+fn parse_start_line(line: &str) -> Result<StartLine, BadStart> {
     if let Some(rest) = line.strip_prefix("SIP/2.0 ") {
         let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
         let code: u16 = code
             .parse()
             .ok()
             .filter(|c| (100..700).contains(c))
-            .ok_or_else(|| perr(format!("bad status code in {line:?}")))?;
+            .ok_or_else(|| BadStart {
+                reason: format!("bad status code in {line:?}"),
+                method: None,
+            })?;
         return Ok(StartLine::Response {
             code,
             reason: reason.to_string(),
         });
     }
+    let first = line.split(' ').next().unwrap_or_default();
+    let bad = |reason: String| BadStart {
+        reason,
+        method: (is_token(first) && first.len() < line.len() && !line.starts_with("SIP/"))
+            .then(|| Method::parse(first)),
+    };
+    // Exactly one SP between the three elements, none around them (RFC 3261 25.1; RFC 4475
+    // 3.1.2.8 lwsruri, 3.1.2.9 lwsstart, 3.1.2.10 trws).
     let mut it = line.split(' ');
     let (Some(method), Some(uri), Some(version), None) =
         (it.next(), it.next(), it.next(), it.next())
     else {
-        return Err(perr(format!("bad start line {line:?}")));
+        return Err(bad(format!("bad request line {line:?}")));
     };
     if version != "SIP/2.0" {
-        return Err(perr(format!("unsupported version {version:?}")));
+        return Err(bad(format!("unsupported version {version:?}")));
     }
-    if method.is_empty()
-        || !method
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
-    {
-        return Err(perr(format!("bad method {method:?}")));
+    if !is_token(method) {
+        return Err(bad(format!("bad method {method:?}")));
     }
     if uri.is_empty() {
-        return Err(perr("empty Request-URI"));
+        return Err(bad("empty Request-URI".to_string()));
     }
     Ok(StartLine::Request {
         method: Method::parse(method),
@@ -620,8 +697,117 @@ fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
     })
 }
 
+/// The scheme of an absolute URI (`ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) ":"`, RFC 3261
+/// 25.1), or None.
+fn uri_scheme(uri: &str) -> Option<&str> {
+    let (scheme, _) = uri.split_once(':')?;
+    let mut b = scheme.bytes();
+    let first = b.next()?;
+    (first.is_ascii_alphabetic() && b.all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c)))
+        .then_some(scheme)
+}
+
+/// A Request-URI: an absolute URI without characters that a URI never carries unescaped; a
+/// `sip:` or `sips:` one must parse as such. Other schemes (`tel:`, and ones nobody knows,
+/// RFC 4475 3.3.2) are well formed: the proxy routes INVITEs by load, not by this URI.
+fn check_request_uri(uri: &str) -> Result<(), String> {
+    let Some(scheme) = uri_scheme(uri) else {
+        // `<sip:...>` (RFC 4475 3.1.2.7 ltgtruri) and anything else without a scheme.
+        return Err(format!("{uri:?} is not an absolute URI"));
+    };
+    if let Some(c) = uri
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '<' | '>' | '"'))
+    {
+        return Err(format!("{c:?} in {uri:?}"));
+    }
+    if scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips") {
+        SipUri::parse(uri)?;
+    }
+    Ok(())
+}
+
+/// A From or To value: `name-addr` or `addr-spec`, then parameters (RFC 3261 20.20, 20.39).
+/// Refused: an unterminated quoted string (RFC 4475 3.1.2.6 quotbal), a display name that is
+/// neither quoted nor tokens (3.1.2.15 baddn), white space inside the URI (3.1.2.14 badaspec),
+/// a URI without a scheme, and an empty parameter.
+pub(crate) fn check_name_addr(value: &str) -> Result<(), &'static str> {
+    let (uri, params) = match find_unquoted(value, '<') {
+        Some(lt) => {
+            let display = value[..lt].trim();
+            let quoted =
+                display.starts_with('"') && closing_quote(display) == Some(display.len() - 1);
+            if !(display.is_empty() || quoted || display.split_whitespace().all(is_token)) {
+                return Err("display name neither quoted nor tokens");
+            }
+            let rest = &value[lt + 1..];
+            let gt = rest.find('>').ok_or("no closing '>'")?;
+            // LAQUOT and RAQUOT allow no white space inside the brackets.
+            (&rest[..gt], &rest[gt + 1..])
+        }
+        None => {
+            if value.contains('"') {
+                // An unterminated quoted string hides the '<' (quotbal).
+                return Err("quoted string without an address in <...>");
+            }
+            let (uri, params) = value.split_at(value.find(';').unwrap_or(value.len()));
+            (uri.trim(), params)
+        }
+    };
+    if uri.is_empty() || uri.contains(char::is_whitespace) {
+        return Err("white space in the address");
+    }
+    if uri_scheme(uri).is_none() {
+        return Err("address without a scheme");
+    }
+    let params = params.trim();
+    if !params.is_empty() {
+        let Some(params) = params.strip_prefix(';') else {
+            return Err("text after the address");
+        };
+        let mut quoted = false;
+        let mut escaped = false;
+        let mut empty = true;
+        for c in params.chars() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ';' if !quoted && empty => return Err("empty parameter"),
+                ';' if !quoted => empty = true,
+                c if !c.is_whitespace() => empty = false,
+                _ => {}
+            }
+        }
+        if empty || quoted {
+            return Err("empty parameter or unterminated quoted string");
+        }
+    }
+    Ok(())
+}
+
+/// Where the quoted string that `s` starts with ends (the index of its closing quote).
+fn closing_quote(s: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Splits a header value at commas that are outside quotes and angle brackets.
 pub fn split_list(value: &str) -> Vec<&str> {
+    list_entries(value).0
+}
+
+/// As [`split_list`], and whether an entry was empty (`a,,b`, a trailing comma, no value).
+fn list_entries(value: &str) -> (Vec<&str>, bool) {
+    let mut empty = false;
     let mut out = Vec::new();
     let (mut quoted, mut angle, mut escaped) = (false, false, false);
     let mut start = 0;
@@ -637,7 +823,9 @@ pub fn split_list(value: &str) -> Vec<&str> {
             '>' if !quoted => angle = false,
             ',' if !quoted && !angle => {
                 let part = value[start..i].trim();
-                if !part.is_empty() {
+                if part.is_empty() {
+                    empty = true;
+                } else {
                     out.push(part);
                 }
                 start = i + 1;
@@ -646,10 +834,12 @@ pub fn split_list(value: &str) -> Vec<&str> {
         }
     }
     let part = value[start..].trim();
-    if !part.is_empty() {
+    if part.is_empty() {
+        empty = true;
+    } else {
         out.push(part);
     }
-    out
+    (out, empty)
 }
 
 /// The URI inside a name-addr (`"x" <sip:a@b>;tag=1`) or addr-spec (`sip:a@b;tag=1`).
@@ -664,10 +854,14 @@ pub fn name_addr_uri(value: &str) -> &str {
     value.split(';').next().unwrap_or(value).trim()
 }
 
+/// The first `needle` outside quoted strings (which may hold `\"`, RFC 3261 25.1).
 fn find_unquoted(value: &str, needle: char) -> Option<usize> {
     let mut quoted = false;
+    let mut escaped = false;
     for (i, c) in value.char_indices() {
         match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
             c if c == needle && !quoted => return Some(i),
             _ => {}
@@ -705,24 +899,34 @@ impl Via {
     pub fn parse(value: &str) -> Option<Via> {
         let mut parts = value.split(';');
         let proto_host = parts.next()?.trim();
-        let (proto, sent_by) = proto_host.split_once(char::is_whitespace)?;
-        let mut p = proto.split('/');
-        let (name, version, transport) = (p.next()?, p.next()?, p.next()?);
+        // sent-protocol: `SIP / 2.0 / UDP`, white space allowed around each slash (SLASH is
+        // SWS "/" SWS, RFC 3261 25.1; RFC 4475 3.1.1.1 wsinv), then LWS and the sent-by.
+        let mut p = proto_host.splitn(3, '/');
+        let (name, version, rest) = (p.next()?, p.next()?, p.next()?);
         if !name.trim().eq_ignore_ascii_case("SIP") || version.trim() != "2.0" {
+            return None;
+        }
+        let (transport, sent_by) = rest.trim_start().split_once(char::is_whitespace)?;
+        if !is_token(transport) {
             return None;
         }
         let (host, port) = split_host_port(sent_by.trim())?;
         if host.is_empty() {
             return None;
         }
-        let params = parts
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|p| match p.split_once('=') {
-                Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
-                None => (p.to_string(), None),
-            })
-            .collect();
+        // No empty parameter (`;;`, a trailing `;`: RFC 4475 3.1.2.1 badinv01).
+        let mut params = Vec::new();
+        for p in parts {
+            let p = p.trim();
+            let (k, v) = match p.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
+                None => (p, None),
+            };
+            if k.is_empty() {
+                return None;
+            }
+            params.push((k.to_string(), v));
+        }
         Some(Via {
             transport: transport.trim().to_ascii_uppercase(),
             host: host.to_string(),
@@ -796,8 +1000,19 @@ pub fn bad_request(e: &ParseError) -> Option<Bytes> {
     ] {
         msg.get(&h)?;
     }
-    msg.top_via()?;
+    let via = msg.top_via()?;
     let mut resp = msg.response(400, "Bad Request");
+    // A To tag, so that the ACK of a 400 to an INVITE can be matched (RFC 3261 17.1.1.3) and
+    // absorbed by the core (`STATELESS_TAG_PREFIX`). The same for every retransmission.
+    if msg.to_tag().is_none() {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (msg.call_id(), msg.from_tag(), via.branch()).hash(&mut h);
+        let tag = format!("{STATELESS_TAG_PREFIX}{:016x}", h.finish());
+        if let Some(to) = resp.headers.iter_mut().find(|(n, _)| *n == HeaderName::To) {
+            to.1.push_str(";tag=");
+            to.1.push_str(&tag);
+        }
+    }
     let reason: String = e
         .reason
         .chars()
@@ -983,6 +1198,52 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
                   To: <sip:x>\nCall-ID: c\nCSeq: 1 OPTIONS\nContent-Length: 8\n\nv=0\r\n\r\n\r\n";
         let m = Message::parse(lf.as_bytes()).unwrap();
         assert_eq!(&m.body[..], b"v=0\r\n\r\n\r");
+    }
+
+    #[test]
+    fn rfc4475_shapes() {
+        // wsinv: white space around the slashes of the Via's protocol.
+        let v = Via::parse("SIP  /   2.0 /UDP 192.0.2.2;branch=390skdjuw").unwrap();
+        assert_eq!(
+            (v.transport.as_str(), v.host.as_str()),
+            ("UDP", "192.0.2.2")
+        );
+        assert_eq!(v.to_string(), "SIP/2.0/UDP 192.0.2.2;branch=390skdjuw");
+        // badinv01: empty parameters.
+        assert!(Via::parse("SIP/2.0/UDP 192.0.2.15;;").is_none());
+        // wsinv: an escaped quote and an escaped backslash in a display name.
+        let from = r#""J Rosenberg \"" <sip:jdrosen@example.com> ; tag = 98asjd8"#;
+        assert_eq!(name_addr_uri(from), "sip:jdrosen@example.com");
+        assert_eq!(header_param(from, "tag"), Some("98asjd8"));
+        assert!(check_name_addr(from).is_ok());
+        for bad in [
+            r#""Mr. J. User <sip:j.user@example.com>"#,
+            "Bell, Alexander <sip:a.g.bell@example.com>;tag=43",
+            r#""Watson, Thomas" < sip:t.watson@example.org >"#,
+            "<sip:a@b>;;tag=1",
+            "<a@b>",
+        ] {
+            assert!(check_name_addr(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "caller<sip:caller@example.com>;tag=323",
+            "isbn:2983792873",
+            "<http://www.example.com>;tag=3234233",
+            "sip:vivekg@chair-dnrc.example.com ;   tag    = 1918181833n",
+            r#"A <sip:a@b>;x=";;";tag=1"#,
+        ] {
+            assert!(check_name_addr(good).is_ok(), "{good}");
+        }
+        // An empty entry in a list.
+        let two_vias = INVITE.replace("branch=z9hG4bK-0", "branch=z9hG4bK-0,");
+        let e = Message::parse(two_vias.as_bytes()).unwrap_err();
+        assert!(e.reason.starts_with("empty entry in Via"), "{}", e.reason);
+        // Two From: the 400 copies the first only, and parses.
+        let two = INVITE.replace("To: ", "From: <sip:b@x>;tag=2\r\nTo: ");
+        let e = Message::parse(two.as_bytes()).unwrap_err();
+        assert_eq!(e.reason, "more than one From header");
+        let resp = Message::parse(&bad_request(&e).unwrap()).unwrap();
+        assert_eq!(resp.from_tag(), Some("abc"));
     }
 
     #[test]

@@ -8,11 +8,22 @@
 mod message;
 mod uri;
 
+pub(crate) use message::check_name_addr;
 pub use message::{
     bad_request, header_end, header_param, name_addr_uri, split_list, HeaderName, Message, Method,
     ParseError, StartLine, Via,
 };
 pub use uri::{split_host_port, write_host, SipUri, Transport};
+
+/// The To tag of every response lb-proxy sends statelessly (the transport's `400` to a malformed
+/// request, the core's `503` under overload) starts with this. No dialog ever has such a tag,
+/// so an ACK that carries one answers such a response and is absorbed.
+pub const STATELESS_TAG_PREFIX: &str = "lbx-";
+
+/// Whether a To tag is one of a stateless response ([`STATELESS_TAG_PREFIX`]).
+pub fn is_stateless_tag(tag: &str) -> bool {
+    tag.starts_with(STATELESS_TAG_PREFIX)
+}
 
 /// The RFC 3261 magic cookie that starts every branch this proxy generates.
 pub const BRANCH_COOKIE: &str = "z9hG4bK";

@@ -82,13 +82,16 @@ impl SipUri {
         } else {
             return Err(format!("{s:?} is not a sip: or sips: URI"));
         };
-        let (rest, headers) = match rest.split_once('?') {
-            Some((a, b)) => (a, Some(b.to_string())),
-            None => (rest, None),
-        };
-        let (userinfo, hostpart) = match rest.rfind('@') {
+        // The user part may hold `?`, `/` and `;` (RFC 3261 25.1 user-unreserved; RFC 4475
+        // 3.1.1.2, 3.1.1.9) but never an unescaped `@`: it ends at the last `@`, and the
+        // headers (`?...`) can only follow the host.
+        let (userinfo, rest) = match rest.rfind('@') {
             Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
             None => (None, rest),
+        };
+        let (hostpart, headers) = match rest.split_once('?') {
+            Some((a, b)) => (a, Some(b.to_string())),
+            None => (rest, None),
         };
         let mut parts = hostpart.split(';');
         let hostport = parts.next().unwrap_or_default();
@@ -276,6 +279,24 @@ mod tests {
         assert!(Transport::Tls.is_stream() && Transport::Tcp.is_stream());
         assert!(!Transport::Udp.is_stream());
         assert_eq!(Transport::parse("tls"), Some(Transport::Tls));
+    }
+
+    #[test]
+    fn user_part_may_hold_question_marks() {
+        // RFC 4475 3.1.1.2 (intmeth): `?` and `/` in the user part are not headers.
+        let u = SipUri::parse("sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*@example.com")
+            .unwrap();
+        assert_eq!(u.host, "example.com");
+        assert_eq!(u.headers, None);
+        assert_eq!(
+            u.user.as_deref(),
+            Some("1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*")
+        );
+        let u = SipUri::parse("sip:a@h;lr?subject=x").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.headers.as_deref()),
+            ("h", Some("subject=x"))
+        );
     }
 
     #[test]

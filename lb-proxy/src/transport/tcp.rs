@@ -24,7 +24,7 @@ use super::tls::Tls;
 use super::{ConnId, ErrorToken, Flow, Inbound};
 use crate::metrics::Metrics;
 use crate::runtime::Event;
-use crate::sip::{header_end, Message, Transport};
+use crate::sip::{bad_request, header_end, Message, ParseError, Transport};
 
 /// Limits applied to every connection.
 #[derive(Debug, Clone, Copy)]
@@ -309,6 +309,10 @@ pub enum Frame {
     Skip(usize),
     /// One whole message of this many bytes.
     Message(usize),
+    /// A message head of this many bytes (up to the empty line) without Content-Length: on a
+    /// stream nothing says where its body ends (RFC 3261 18.3, 20.14). A request is answered
+    /// `400` ([`no_length_answer`]), a response dropped; then the connection is closed.
+    NoLength(usize),
     /// The stream cannot be framed (too large, bad Content-Length): close it.
     Invalid(String),
 }
@@ -335,7 +339,9 @@ pub fn frame(buf: &[u8], max: usize) -> Frame {
         return Frame::Incomplete;
     };
     let cl = match content_length(&buf[..hend]) {
-        Ok(cl) => cl,
+        Ok(Some(cl)) => cl,
+        Ok(None) if hend <= max => return Frame::NoLength(hend),
+        Ok(None) => return Frame::Invalid(format!("header section over {max} bytes")),
         Err(e) => return Frame::Invalid(e),
     };
     // Content-Length is the peer's number: the sum may not even fit.
@@ -351,12 +357,14 @@ pub fn frame(buf: &[u8], max: usize) -> Frame {
     }
 }
 
-/// Content-Length from raw header bytes (0 when absent): the first header line of that name,
-/// as the parser finds it. Not the start line, and not a folded continuation line (the parser
-/// joins that to the header above it), or the framer and the parser would disagree on where
-/// the body ends, and so on where the next message starts.
-fn content_length(head: &[u8]) -> Result<usize, String> {
+/// Content-Length from raw header bytes (None when absent), as the parser finds it: a header
+/// line of that name, not the start line, and not a folded continuation line (the parser joins
+/// that to the header above it), or the framer and the parser would disagree on where the body
+/// ends, and so on where the next message starts. Two of them are an error, even when equal
+/// (RFC 4475 3.3.9 mcl01: over a stream the framing is lost).
+fn content_length(head: &[u8]) -> Result<Option<usize>, String> {
     let text = String::from_utf8_lossy(head);
+    let mut found = None;
     for line in text.split('\n').skip(1) {
         if line.starts_with([' ', '\t']) {
             continue;
@@ -366,13 +374,30 @@ fn content_length(head: &[u8]) -> Result<usize, String> {
         };
         let name = name.trim();
         if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l") {
-            return value
+            if found.is_some() {
+                return Err("more than one Content-Length".to_string());
+            }
+            let cl = value
                 .trim()
                 .parse()
-                .map_err(|_| format!("bad Content-Length {:?}", value.trim()));
+                .map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
+            found = Some(cl);
         }
     }
-    Ok(0)
+    Ok(found)
+}
+
+/// The `400` for a message head framed without Content-Length ([`Frame::NoLength`]), when it is
+/// a request to which one can be addressed; None for a response (nobody to answer).
+pub fn no_length_answer(head: &[u8], max_headers: usize) -> Option<Bytes> {
+    let e = match Message::parse_limited(head, max_headers) {
+        Ok(msg) => ParseError {
+            reason: "no Content-Length on a stream (RFC 3261 18.3)".to_string(),
+            partial: Some(Box::new(msg)),
+        },
+        Err(e) => e,
+    };
+    bad_request(&e)
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(mut read: R, flow: Flow, shared: &Shared, writer: Writer) {
@@ -396,6 +421,15 @@ async fn read_loop<R: AsyncRead + Unpin>(mut read: R, flow: Flow, shared: &Share
                 Frame::Invalid(reason) => {
                     shared.counters.malformed_stream();
                     debug!(remote = %flow.remote, "closing tcp connection: {reason}");
+                    return;
+                }
+                Frame::NoLength(n) => {
+                    shared.counters.malformed_stream();
+                    debug!(remote = %flow.remote, "closing tcp connection: no Content-Length");
+                    if let Some(resp) = no_length_answer(&buf[..n], limits.max_headers) {
+                        // Queued before the connection's writer ends: it goes out, then FIN.
+                        let _ = writer.try_send(resp);
+                    }
                     return;
                 }
                 Frame::Message(n) => {
@@ -557,7 +591,61 @@ mod tests {
         stream.extend_from_slice(b"hello");
         assert_eq!(frame(&stream, 1000), Frame::Message(head.len()));
         let no_cl = b"OPTIONS sip:x SIP/2.0\r\nSubject: a\r\n\tContent-Length: 3\r\n\r\nabc";
-        assert_eq!(frame(no_cl, 1000), Frame::Message(no_cl.len() - 3));
+        assert_eq!(frame(no_cl, 1000), Frame::NoLength(no_cl.len() - 3));
+    }
+
+    const NO_LENGTH: &str = "INVITE sip:a@127.0.0.1 SIP/2.0\r\n\
+Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bK-nl\r\n\
+From: <sip:c@10.0.0.1>;tag=1\r\n\
+To: <sip:a@127.0.0.1>\r\n\
+Call-ID: no-length@10.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Max-Forwards: 70\r\n\r\n";
+
+    #[test]
+    fn a_request_without_content_length_is_a_400_then_close() {
+        // RFC 3261 18.3: over a stream Content-Length says where the body ends; without it
+        // the next message cannot be found (UDP keeps it optional).
+        let mut stream = NO_LENGTH.as_bytes().to_vec();
+        stream.extend_from_slice(b"v=0\r\n");
+        assert_eq!(frame(&stream, 1000), Frame::NoLength(NO_LENGTH.len()));
+        let resp = no_length_answer(&stream[..NO_LENGTH.len()], 128).expect("a 400");
+        let resp = Message::parse(&resp).expect("the 400 parses");
+        assert_eq!(resp.code(), Some(400));
+        assert_eq!(resp.call_id(), Some("no-length@10.0.0.1"));
+        assert!(
+            resp.to_tag().is_some_and(crate::sip::is_stateless_tag),
+            "{:?}",
+            resp.get(&crate::sip::HeaderName::To)
+        );
+        // The same head arrives in pieces: no decision before the empty line.
+        assert_eq!(frame(&stream[..20], 1000), Frame::Incomplete);
+        // Over UDP the same message is fine.
+        assert!(Message::parse(NO_LENGTH.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_response_without_content_length_is_dropped() {
+        let resp = "SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bK-nl\r\n\
+                    From: <sip:c@10.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>;tag=2\r\n\
+                    Call-ID: x\r\nCSeq: 1 INVITE\r\n\r\n";
+        assert_eq!(frame(resp.as_bytes(), 1000), Frame::NoLength(resp.len()));
+        assert_eq!(
+            no_length_answer(resp.as_bytes(), 128),
+            None,
+            "nobody to answer"
+        );
+        // An ACK is never answered either.
+        let ack = NO_LENGTH.replace("INVITE", "ACK");
+        assert_eq!(frame(ack.as_bytes(), 1000), Frame::NoLength(ack.len()));
+        assert_eq!(no_length_answer(ack.as_bytes(), 128), None);
+    }
+
+    #[test]
+    fn two_content_lengths_close() {
+        // RFC 4475 3.3.9 (mcl01): which one frames the stream? Neither.
+        let two = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 3\r\nl: 3\r\n\r\nabc";
+        assert!(matches!(frame(two, 1000), Frame::Invalid(_)));
     }
 
     #[test]
