@@ -1,0 +1,222 @@
+//! The dialog lifecycle in the core: confirmed by a 2xx, refreshed by session timers (RFC 4028),
+//! ended by BYE, failure or expiry (then the proxy sends BYE to both sides itself).
+
+use super::*;
+
+impl Proxy {
+    pub(in crate::proxy) fn confirm_dialog(
+        &mut self,
+        now: Instant,
+        dkey: &DialogKey,
+        msg: &Message,
+    ) {
+        let session_timer = self.cfg.dialogs.session_timer;
+        // Record-Route entries above ours are the callee's side of the route set; towards the
+        // callee the next hop is the entry just above ours (RFC 3261 12.1.2).
+        let rrs: Vec<&str> = msg.get_all(&HeaderName::RecordRoute).collect();
+        let ours = rrs
+            .iter()
+            .position(|r| SipUri::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
+        let callee_routes: Option<Vec<String>> =
+            ours.map(|i| rrs[..i].iter().rev().map(|s| s.to_string()).collect());
+        let Some(d) = self.dialogs.get_mut(dkey) else {
+            return;
+        };
+        if d.phase == Phase::Confirmed {
+            return;
+        }
+        if d.phase == Phase::Early {
+            self.stats.early = self.stats.early.saturating_sub(1);
+        }
+        d.phase = Phase::Confirmed;
+        self.stats.active += 1;
+        d.to_tag = msg.to_tag().map(str::to_string);
+        d.callee.contact = contact_target(msg);
+        if let Some(routes) = callee_routes {
+            d.callee.routes = routes;
+        }
+        if session_timer {
+            if let Some(se) = session_expires(msg) {
+                // Past what the clock can hold (a peer may write any number): no session
+                // limit, the dialog lifetime still applies.
+                d.session_deadline = now.checked_add(se);
+            }
+        }
+        let (id, deadline) = (d.id, d.deadline());
+        self.arm(deadline, Timer::Dialog(id));
+    }
+
+    /// A 2xx to a re-INVITE or UPDATE with Session-Expires pushes the dialog's deadline.
+    pub(in crate::proxy) fn refresh_session(&mut self, now: Instant, msg: &Message) {
+        if !self.cfg.dialogs.session_timer {
+            return;
+        }
+        let Some(se) = session_expires(msg) else {
+            return;
+        };
+        if let Some(k) = self.find_dialog(msg) {
+            if let Some(d) = self.dialogs.get_mut(&k) {
+                d.session_deadline = now.checked_add(se);
+            }
+        }
+    }
+
+    /// A 2xx from a branch the proxy had given up on: acknowledge it and hang it up, so the
+    /// server does not hold a call nobody will use.
+    pub(in crate::proxy) fn hang_up_late_answer(
+        &mut self,
+        now: Instant,
+        key: &ClientKey,
+        resp: &Message,
+    ) {
+        let Some(ctx) = self.client_txs.get(key) else {
+            return;
+        };
+        let ack = make_ack(&ctx.request, resp);
+        let out = ctx.out.clone();
+        let mut target_flow = Flow {
+            transport: out.transport,
+            listener: out.listener,
+            remote: match out.target {
+                Target::Addr(a) => a,
+                Target::Host(..) => return,
+            },
+            conn: out.conn,
+        };
+        let mut ack = ack;
+        if let Some(c) = contact_target(resp) {
+            ack.set_request_uri(c);
+        }
+        let branch = self.new_branch();
+        ack.remove_all(&HeaderName::Via);
+        self.prepare_forward(&mut ack, out.listener, &branch);
+        self.send(target_flow, ack.to_bytes(), None);
+        let mut bye = ack.clone();
+        bye.start = StartLine::Request {
+            method: Method::Bye,
+            uri: bye.request_uri().unwrap_or_default().to_string(),
+        };
+        let seq = resp.cseq().map_or(1, |c| c.0).saturating_add(1);
+        bye.set(HeaderName::CSeq, format!("{seq} BYE"));
+        let branch = self.new_branch();
+        bye.remove_all(&HeaderName::Via);
+        self.prepare_forward(&mut bye, out.listener, &branch);
+        target_flow.conn = None;
+        warn!(
+            call_id = resp.call_id().unwrap_or_default(),
+            "late 2xx on an abandoned branch: hanging up"
+        );
+        self.start_client(
+            now,
+            ClientKey {
+                branch,
+                method: Method::Bye,
+            },
+            bye,
+            target_flow,
+            None,
+            Role::Plain,
+            None,
+        );
+    }
+
+    pub(in crate::proxy) fn end_dialog(&mut self, key: &DialogKey, how: End) {
+        let Some(d) = self.dialogs.remove(key) else {
+            return;
+        };
+        self.dialog_ids.remove(&d.id);
+        if let Some(slot) = d.dest {
+            self.dests.release(slot, &d.resources);
+        }
+        match d.phase {
+            Phase::Confirmed => self.stats.active = self.stats.active.saturating_sub(1),
+            Phase::Early => self.stats.early = self.stats.early.saturating_sub(1),
+            Phase::Trying => {}
+        }
+        match how {
+            End::Normal => {}
+            End::Failed => self.metrics.dialogs_failed.inc(),
+            End::Expired => self.metrics.dialogs_expired.inc(),
+        }
+    }
+
+    /// The lifetime or Session-Expires limit passed: BYE to both sides, load freed.
+    pub(in crate::proxy) fn expire_dialog(&mut self, now: Instant, key: &DialogKey) {
+        let Some(d) = self.dialogs.get(key).cloned() else {
+            return;
+        };
+        if d.phase == Phase::Confirmed {
+            let to_tagged = match &d.to_tag {
+                Some(t) => format!("{};tag={t}", d.to_hdr),
+                None => d.to_hdr.clone(),
+            };
+            // Towards the callee: as the caller.
+            if let (Some(contact), Some(flow)) = (&d.callee.contact, d.callee.flow) {
+                let bye = self.make_bye(
+                    key,
+                    contact,
+                    &d.from_hdr,
+                    &to_tagged,
+                    d.caller.cseq.saturating_add(1),
+                    &d.callee.routes,
+                );
+                self.send_own(now, bye, flow);
+            }
+            // Towards the caller: as the callee.
+            if let (Some(contact), Some(flow)) = (&d.caller.contact, d.caller.flow) {
+                let seq = d.callee.cseq.max(1).saturating_add(1);
+                let bye =
+                    self.make_bye(key, contact, &to_tagged, &d.from_hdr, seq, &d.caller.routes);
+                self.send_own(now, bye, flow);
+            }
+        }
+        info!(call_id = %key.call_id, "dialog expired: BYE sent to both sides");
+        self.end_dialog(key, End::Expired);
+    }
+
+    pub(in crate::proxy) fn make_bye(
+        &self,
+        key: &DialogKey,
+        ruri: &str,
+        from: &str,
+        to: &str,
+        cseq: u32,
+        routes: &[String],
+    ) -> Message {
+        let mut bye = Message::request(Method::Bye, ruri);
+        for r in routes {
+            bye.push(HeaderName::Route, r.clone());
+        }
+        bye.push(HeaderName::From, from.to_string());
+        bye.push(HeaderName::To, to.to_string());
+        bye.push(HeaderName::CallId, key.call_id.clone());
+        bye.push(HeaderName::CSeq, format!("{cseq} BYE"));
+        bye.push(
+            HeaderName::Reason,
+            "SIP;cause=408;text=\"dialog expired\"".to_string(),
+        );
+        bye
+    }
+
+    /// Sends a request the proxy originates, in a client transaction of its own.
+    pub(in crate::proxy) fn send_own(&mut self, now: Instant, mut req: Message, mut flow: Flow) {
+        let Some(l) = self.out_listener(flow.transport, Some(flow.remote.is_ipv6())) else {
+            return;
+        };
+        flow.listener = l;
+        let branch = self.new_branch();
+        self.prepare_forward(&mut req, l, &branch);
+        let Some(method) = req.method().cloned() else {
+            return;
+        };
+        self.start_client(
+            now,
+            ClientKey { branch, method },
+            req,
+            flow,
+            None,
+            Role::Plain,
+            None,
+        );
+    }
+}
