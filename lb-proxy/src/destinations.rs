@@ -317,6 +317,14 @@ impl Candidate for Destination {
     }
 }
 
+/// A destination as a transaction or a timer remembers it: its slot, and the uid of the
+/// destination that held the slot then (a slot freed by a removal is reused, with a new uid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestRef {
+    pub slot: usize,
+    pub uid: u64,
+}
+
 /// All destinations, by slot.
 #[derive(Debug, Default)]
 pub struct Destinations {
@@ -352,9 +360,14 @@ impl Destinations {
         self.slots.get_mut(slot)
     }
 
+    /// The reference a transaction or a timer keeps to the destination in `slot`.
+    pub fn dest_ref(&self, slot: usize) -> Option<DestRef> {
+        self.get(slot).map(|d| DestRef { slot, uid: d.uid })
+    }
+
     /// The destination in `slot`, if the slot still holds the one with `uid` (slots are
     /// reused once a removed destination has no call left).
-    pub fn live_mut(&mut self, slot: usize, uid: u64) -> Option<&mut Destination> {
+    pub fn live_mut(&mut self, DestRef { slot, uid }: DestRef) -> Option<&mut Destination> {
         self.slots.get_mut(slot).filter(|d| d.uid == uid)
     }
 

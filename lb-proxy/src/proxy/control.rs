@@ -8,7 +8,7 @@ use lb_api::{DestinationSet, FieldError};
 use std::time::{Instant, SystemTime};
 use tracing::info;
 
-use super::{CState, Proxy, Role, SState};
+use super::{ClientState, Proxy, Role, ServerState};
 use crate::config::check_set;
 use crate::destinations::{unix, Health, Manual};
 
@@ -165,7 +165,7 @@ impl Proxy {
         let serving = self
             .server_txs
             .values()
-            .filter(|t| t.state == SState::Proceeding && t.call.is_none())
+            .filter(|t| t.state == ServerState::Proceeding && t.call.is_none())
             .count();
         let own = self
             .client_txs
@@ -174,7 +174,7 @@ impl Proxy {
                 c.server.is_none()
                     && c.role == Role::Plain
                     && !c.abandoned
-                    && c.state != CState::Completed
+                    && c.state != ClientState::Completed
             })
             .count();
         (self.dialogs.len() as u64, (serving + own) as u64)

@@ -274,7 +274,10 @@ impl Proxy {
             fwd,
             flow,
             Some(key.clone()),
-            Role::Branch(slot, dest_uid),
+            Role::Branch(DestRef {
+                slot,
+                uid: dest_uid,
+            }),
             Some(in_flow),
         );
     }
@@ -325,12 +328,12 @@ impl Proxy {
         now: Instant,
         skey: &ServerKey,
         mut msg: Message,
-        dest: Option<(usize, u64)>,
+        dest: Option<DestRef>,
     ) {
         let Some(code) = msg.code() else { return };
         if code == 503 {
-            if let (Some((slot, uid)), Some(secs)) = (dest, retry_after(&msg)) {
-                self.hold(now, slot, uid, secs);
+            if let (Some(d), Some(secs)) = (dest, retry_after(&msg)) {
+                self.hold(now, d, secs);
             }
         }
         let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
@@ -368,13 +371,13 @@ impl Proxy {
 
     /// A server that answered 503 with Retry-After takes no new calls for that long
     /// (RFC 3261 21.5.4), capped at [`MAX_HOLD`].
-    pub(in crate::proxy) fn hold(&mut self, now: Instant, slot: usize, uid: u64, secs: u64) {
+    pub(in crate::proxy) fn hold(&mut self, now: Instant, dest: DestRef, secs: u64) {
         let until = now + Duration::from_secs(secs).min(MAX_HOLD);
-        if let Some(d) = self.dests.live_mut(slot, uid) {
+        if let Some(d) = self.dests.live_mut(dest) {
             if d.held_until.is_none_or(|h| h < until) {
                 debug!(destination = %d.spec.id, secs, "503 with Retry-After: destination held");
                 d.held_until = Some(until);
-                self.arm(until, Timer::Hold(slot));
+                self.arm(until, Timer::Hold(dest.slot));
             }
         }
     }

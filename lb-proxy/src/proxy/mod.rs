@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::Cluster;
 use crate::config::{Config, Listener, RateAction, RateScope};
-use crate::destinations::{Destinations, Health};
+use crate::destinations::{DestRef, Destinations, Health};
 use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
 use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
@@ -52,7 +52,7 @@ use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
 use failover::Call;
 use messages::{contact_target, fxhash, make_ack, retry_after, same_transaction, session_expires};
 use timers::Timer;
-use transaction::{CState, ClientKey, ClientTx, Role, SState, ServerKey, ServerTx};
+use transaction::{ClientKey, ClientState, ClientTx, Role, ServerKey, ServerState, ServerTx};
 
 /// The longest a 503 with Retry-After keeps a destination from new calls.
 const MAX_HOLD: Duration = Duration::from_secs(300);

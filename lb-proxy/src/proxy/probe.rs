@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{ClientKey, Proxy, Role, Timer};
-use crate::destinations::Health;
+use crate::destinations::{DestRef, Health};
 use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Flow;
 
@@ -22,20 +22,19 @@ const LATENCY_ALPHA: f64 = 0.3;
 impl Proxy {
     /// Arms the first probe of a destination, at a random point within one interval.
     pub(super) fn schedule_first_probe(&mut self, now: Instant, slot: usize) {
-        let Some(d) = self.dests.get(slot) else {
+        let Some(dest) = self.dests.dest_ref(slot) else {
             return;
         };
-        let uid = d.uid;
         let interval = self.cfg.probing.interval;
         let offset =
             Duration::from_millis(self.rng.gen_range(0..=interval.as_millis().max(1) as u64));
-        self.arm(now + offset, Timer::Probe(slot, uid));
+        self.arm(now + offset, Timer::Probe(dest));
     }
 
     /// A destination's probe timer fired: probe it if its mode says so, and re-arm.
-    pub(super) fn probe_due(&mut self, now: Instant, slot: usize, uid: u64) {
+    pub(super) fn probe_due(&mut self, now: Instant, dest: DestRef) {
         let interval = self.cfg.probing.interval;
-        let Some(d) = self.dests.live_mut(slot, uid) else {
+        let Some(d) = self.dests.live_mut(dest) else {
             return;
         };
         if d.is_free() {
@@ -46,17 +45,16 @@ impl Proxy {
         if wants {
             if let Some((addr, transport, uri)) = target {
                 d.probe.sent += 1;
-                self.send_probe(now, slot, uid, addr, transport, uri);
+                self.send_probe(now, dest, addr, transport, uri);
             }
         }
-        self.arm(now + interval, Timer::Probe(slot, uid));
+        self.arm(now + interval, Timer::Probe(dest));
     }
 
     fn send_probe(
         &mut self,
         now: Instant,
-        slot: usize,
-        uid: u64,
+        dest: DestRef,
         addr: std::net::SocketAddr,
         transport: crate::sip::Transport,
         uri: crate::sip::SipUri,
@@ -90,22 +88,16 @@ impl Proxy {
             branch,
             method: Method::Options,
         };
-        self.start_client(now, key, req, flow, None, Role::Probe(slot, uid, now), None);
+        self.start_client(now, key, req, flow, None, Role::Probe(dest, now), None);
     }
 
     /// The outcome of one probe: `latency` is Some for an alive reply.
-    pub(super) fn probe_result(
-        &mut self,
-        slot: usize,
-        uid: u64,
-        code: u16,
-        latency: Option<Duration>,
-    ) {
+    pub(super) fn probe_result(&mut self, dest: DestRef, code: u16, latency: Option<Duration>) {
         let (fail_n, ok_n) = (
             self.cfg.probing.failure_threshold,
             self.cfg.probing.success_threshold,
         );
-        let Some(d) = self.dests.live_mut(slot, uid) else {
+        let Some(d) = self.dests.live_mut(dest) else {
             return;
         };
         let p = &mut d.probe;

@@ -15,8 +15,8 @@ pub(in crate::proxy) enum Timer {
     Dialog(u64),
     /// End of a Retry-After hold on a destination slot.
     Hold(usize),
-    /// Time to probe the destination in (slot, uid).
-    Probe(usize, u64),
+    /// Time to probe the destination.
+    Probe(DestRef),
     /// Load sharing: expire silent peers, resend what is unacknowledged.
     Cluster,
 }
@@ -65,9 +65,9 @@ impl Proxy {
                 let is_invite = key.method == Method::Invite;
                 let active = !ctx.abandoned
                     && match ctx.state {
-                        CState::Calling => true,
-                        CState::Proceeding => !is_invite,
-                        CState::Completed | CState::Accepted => false,
+                        ClientState::Calling => true,
+                        ClientState::Proceeding => !is_invite,
+                        ClientState::Completed | ClientState::Accepted => false,
                     };
                 if !active {
                     return;
@@ -75,7 +75,7 @@ impl Proxy {
                 self.out.push(ctx.out.clone());
                 ctx.retransmit = if is_invite {
                     ctx.retransmit * 2
-                } else if ctx.state == CState::Proceeding {
+                } else if ctx.state == ClientState::Proceeding {
                     t2
                 } else {
                     (ctx.retransmit * 2).min(t2)
@@ -96,7 +96,7 @@ impl Proxy {
                 let Some(ctx) = self.client_txs.get_mut(&key) else {
                     return;
                 };
-                if ctx.state != CState::Proceeding || ctx.abandoned {
+                if ctx.state != ClientState::Proceeding || ctx.abandoned {
                     return;
                 }
                 // Provisional but no final in time: CANCEL and try the next server.
@@ -133,7 +133,7 @@ impl Proxy {
                 let Some(tx) = self.server_txs.get_mut(&key) else {
                     return;
                 };
-                if tx.state != SState::Completed {
+                if tx.state != ServerState::Completed {
                     return;
                 }
                 if let Some(last) = tx.last_response.clone() {
@@ -147,13 +147,13 @@ impl Proxy {
             Timer::ServerTimeout(id) | Timer::ServerCleanup(id) => {
                 if let Some(key) = self.server_ids.remove(&id) {
                     if let Some(tx) = self.server_txs.remove(&key) {
-                        if tx.state == SState::Proceeding {
+                        if tx.state == ServerState::Proceeding {
                             self.pending = self.pending.saturating_sub(1);
                         }
                     }
                 }
             }
-            Timer::Probe(slot, uid) => self.probe_due(now, slot, uid),
+            Timer::Probe(d) => self.probe_due(now, d),
             Timer::Cluster => self.cluster_tick(now),
             Timer::Hold(slot) => {
                 if let Some(d) = self.dests.get_mut(slot) {

@@ -39,7 +39,7 @@ impl Proxy {
                 id,
                 request,
                 out,
-                state: CState::Calling,
+                state: ClientState::Calling,
                 retransmit: t1,
                 server,
                 role,
@@ -86,7 +86,7 @@ impl Proxy {
         let reliable = ctx.out.transport.is_stream();
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
-        if matches!(ctx.state, CState::Completed | CState::Accepted) {
+        if matches!(ctx.state, ClientState::Completed | ClientState::Accepted) {
             if is_invite && (200..300).contains(&code) {
                 // A 2xx retransmission: relayed, unless the branch was given up on (then our
                 // own ACK and BYE have already answered it).
@@ -94,7 +94,7 @@ impl Proxy {
                     msg.remove_first(&HeaderName::Via);
                     self.send_response(up, code, msg.to_bytes());
                 }
-            } else if is_invite && ctx.state == CState::Completed {
+            } else if is_invite && ctx.state == ClientState::Completed {
                 let ack = make_ack(&ctx.request, &msg);
                 let out = Outbound {
                     data: ack.to_bytes(),
@@ -106,8 +106,8 @@ impl Proxy {
             return;
         }
         if code < 200 {
-            let was_calling = ctx.state == CState::Calling;
-            ctx.state = CState::Proceeding;
+            let was_calling = ctx.state == ClientState::Calling;
+            ctx.state = ClientState::Proceeding;
             let cancel_pending = ctx.cancel_pending;
             let abandoned = ctx.abandoned;
             let server = ctx.server.clone();
@@ -137,7 +137,7 @@ impl Proxy {
                 msg.remove_first(&HeaderName::Via);
                 let data = msg.to_bytes();
                 if let Some(stx) = self.server_txs.get_mut(&skey) {
-                    if stx.state == SState::Proceeding {
+                    if stx.state == ServerState::Proceeding {
                         stx.last_response = Some(data.clone());
                         let reply = stx.reply;
                         self.send_response(reply, code, data);
@@ -148,11 +148,11 @@ impl Proxy {
         }
         // Final response.
         ctx.state = if is_invite && (200..300).contains(&code) {
-            CState::Accepted
+            ClientState::Accepted
         } else {
-            CState::Completed
+            ClientState::Completed
         };
-        if ctx.state == CState::Accepted && !ctx.abandoned {
+        if ctx.state == ClientState::Accepted && !ctx.abandoned {
             // Only the upstream flow is needed from now on (to relay 2xx retransmissions).
             ctx.request = Message::request(Method::Invite, "");
             ctx.out.data = Bytes::new();
@@ -183,11 +183,10 @@ impl Proxy {
             }
             return;
         }
-        if let Role::Probe(slot, uid, sent) = role {
+        if let Role::Probe(dest, sent) = role {
             let alive = self.cfg.probing.is_alive(code);
             return self.probe_result(
-                slot,
-                uid,
+                dest,
                 code,
                 alive.then(|| now.saturating_duration_since(sent)),
             );
@@ -198,7 +197,7 @@ impl Proxy {
         let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
         if is_invite && is_call {
             let dest = match role {
-                Role::Branch(slot, uid) => Some((slot, uid)),
+                Role::Branch(d) => Some(d),
                 _ => None,
             };
             self.branch_final(now, &skey, msg, dest);
@@ -222,9 +221,9 @@ impl Proxy {
         };
         let is_invite = key.method == Method::Invite;
         let timed_out = match ctx.state {
-            CState::Calling => true,
-            CState::Proceeding => !is_invite || transport_error,
-            CState::Completed | CState::Accepted => false,
+            ClientState::Calling => true,
+            ClientState::Proceeding => !is_invite || transport_error,
+            ClientState::Completed | ClientState::Accepted => false,
         };
         if !timed_out || ctx.abandoned {
             return;
@@ -239,18 +238,18 @@ impl Proxy {
             let linger = self.cfg.timers.t1 * 64;
             self.arm(now + linger, Timer::ClientCleanup(id));
         } else {
-            ctx.state = CState::Completed;
+            ctx.state = ClientState::Completed;
             self.arm(now, Timer::ClientCleanup(id));
         }
         match role {
-            Role::Branch(slot, uid) if is_invite => {
-                if let Some(d) = self.dests.live_mut(slot, uid) {
+            Role::Branch(dest) if is_invite => {
+                if let Some(d) = self.dests.live_mut(dest) {
                     warn!(destination = %d.spec.id, uri = %d.spec.uri, "no response to INVITE: marked down");
                     d.probe.consecutive_successes = 0;
                     d.set_health(Health::DownTimeout);
                 }
             }
-            Role::Probe(slot, uid, _) => return self.probe_result(slot, uid, 408, None),
+            Role::Probe(dest, _) => return self.probe_result(dest, 408, None),
             _ => {}
         }
         let Some(skey) = server else { return };
@@ -288,12 +287,12 @@ impl Proxy {
             return;
         };
         match ctx.state {
-            CState::Calling => {
+            ClientState::Calling => {
                 ctx.cancel_pending = true;
                 return;
             }
-            CState::Completed | CState::Accepted => return,
-            CState::Proceeding => {}
+            ClientState::Completed | ClientState::Accepted => return,
+            ClientState::Proceeding => {}
         }
         let req = &ctx.request;
         // RFC 3261 9.1: same Request-URI, top Via, From, To, Call-ID, CSeq number and Route.

@@ -24,7 +24,7 @@ pub(in crate::proxy) struct ClientKey {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(in crate::proxy) enum SState {
+pub(in crate::proxy) enum ServerState {
     /// Request received, no final response yet.
     Proceeding,
     /// Non-2xx final sent (INVITE: waiting for ACK; others: absorbing retransmissions).
@@ -41,7 +41,7 @@ pub(in crate::proxy) struct ServerTx {
     pub(in crate::proxy) request: Message,
     /// Where responses go.
     pub(in crate::proxy) reply: Flow,
-    pub(in crate::proxy) state: SState,
+    pub(in crate::proxy) state: ServerState,
     pub(in crate::proxy) last_response: Option<Bytes>,
     pub(in crate::proxy) retransmit: Duration,
     /// To tag for responses the proxy itself generates.
@@ -50,7 +50,7 @@ pub(in crate::proxy) struct ServerTx {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(in crate::proxy) enum CState {
+pub(in crate::proxy) enum ClientState {
     /// Sent, nothing received (INVITE: Calling; others: Trying).
     Calling,
     Proceeding,
@@ -67,7 +67,7 @@ pub(in crate::proxy) struct ClientTx {
     /// The request as sent (for retransmission, ACK and CANCEL).
     pub(in crate::proxy) request: Message,
     pub(in crate::proxy) out: Outbound,
-    pub(in crate::proxy) state: CState,
+    pub(in crate::proxy) state: ClientState,
     pub(in crate::proxy) retransmit: Duration,
     /// Upstream transaction; None when the proxy itself sent the request.
     pub(in crate::proxy) server: Option<ServerKey>,
@@ -85,8 +85,8 @@ pub(in crate::proxy) struct ClientTx {
 pub(in crate::proxy) enum Role {
     /// A relayed in-dialog request, or one the proxy sends itself (CANCEL, BYE).
     Plain,
-    /// A branch of an initial INVITE to the destination in (slot, uid).
-    Branch(usize, u64),
-    /// An OPTIONS health probe of the destination in (slot, uid), sent at that time.
-    Probe(usize, u64, Instant),
+    /// A branch of an initial INVITE to the destination.
+    Branch(DestRef),
+    /// An OPTIONS health probe of the destination, sent at that time.
+    Probe(DestRef, Instant),
 }

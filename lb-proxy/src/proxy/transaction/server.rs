@@ -20,7 +20,7 @@ impl Proxy {
                 id,
                 request: msg,
                 reply,
-                state: SState::Proceeding,
+                state: ServerState::Proceeding,
                 last_response: None,
                 retransmit: self.cfg.timers.t1,
                 local_tag,
@@ -40,8 +40,8 @@ impl Proxy {
     ) {
         // ACK for a non-2xx final we sent: absorbed here (hop-by-hop).
         if let Some(tx) = self.server_txs.get_mut(&key) {
-            if tx.state == SState::Completed {
-                tx.state = SState::Confirmed;
+            if tx.state == ServerState::Completed {
+                tx.state = ServerState::Confirmed;
                 let id = tx.id;
                 let wait = if tx.reply.transport.is_stream() {
                     Duration::ZERO
@@ -51,7 +51,7 @@ impl Proxy {
                 self.arm(now + wait, Timer::ServerCleanup(id));
                 return;
             }
-            if tx.state == SState::Confirmed {
+            if tx.state == ServerState::Confirmed {
                 return;
             }
         }
@@ -79,7 +79,7 @@ impl Proxy {
         let Some(tx) = self.server_txs.get_mut(&invite_key) else {
             return self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
         };
-        let proceeding = tx.state == SState::Proceeding;
+        let proceeding = tx.state == ServerState::Proceeding;
         let branch = match tx.call.as_mut() {
             Some(call) if proceeding => {
                 call.cancelled = true;
@@ -133,7 +133,7 @@ impl Proxy {
         let Some(tx) = self.server_txs.get_mut(key) else {
             return;
         };
-        if matches!(tx.state, SState::Completed | SState::Confirmed) {
+        if matches!(tx.state, ServerState::Completed | ServerState::Confirmed) {
             return;
         }
         let reply = tx.reply;
@@ -141,19 +141,19 @@ impl Proxy {
         let is_invite = key.method == Method::Invite;
         let call = tx.call.take();
         let reliable = reply.transport.is_stream();
-        if tx.state == SState::Proceeding {
+        if tx.state == ServerState::Proceeding {
             self.pending = self.pending.saturating_sub(1);
         }
         if (200..300).contains(&code) {
             // RFC 6026: retransmitted INVITEs are absorbed silently (the UAS retransmits its
             // 2xx itself), so nothing of the request or the response needs keeping: at high
             // call rates these lingering transactions are most of the memory.
-            tx.state = SState::Accepted;
+            tx.state = ServerState::Accepted;
             tx.last_response = None;
             tx.request = Message::request(Method::Invite, "");
         } else {
             tx.last_response = Some(data.clone());
-            tx.state = SState::Completed;
+            tx.state = ServerState::Completed;
         }
         self.send_response(reply, code, data);
         if is_invite && !(200..300).contains(&code) {
