@@ -219,4 +219,22 @@ impl Proxy {
             None,
         );
     }
+
+    /// A dialog's deadline timer: re-armed when a refresh moved the deadline, else the dialog
+    /// expires.
+    pub(in crate::proxy) fn dialog_due(&mut self, now: Instant, id: u64) {
+        let Some(key) = self.dialog_ids.get(&id).cloned() else {
+            return;
+        };
+        let Some(d) = self.dialogs.get(&key) else {
+            return;
+        };
+        let deadline = d.deadline();
+        if deadline > now {
+            // Refreshed since the timer was set.
+            self.arm(deadline, Timer::Dialog(id));
+            return;
+        }
+        self.expire_dialog(now, &key);
+    }
 }

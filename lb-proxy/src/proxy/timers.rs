@@ -3,15 +3,29 @@
 
 use super::*;
 
+/// Everything that can be due. Transaction timers carry the transaction's id; their RFC 3261
+/// letters are given per variant (INVITE / non-INVITE).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(in crate::proxy) enum Timer {
+    /// Timer A / E: retransmit a request over UDP (T1 doubling; E capped at T2).
     ClientRetransmit(u64),
+    /// Timer B / F: no final response in time (`inviteTimeout`, `nonInviteTimeout`, 64×T1).
     ClientTimeout(u64),
+    /// Timer C (RFC 3261 16.6 step 11): a provisional but no final within
+    /// `inviteFinalTimeout`: CANCEL the branch.
     ClientFinalTimeout(u64),
+    /// Timer D / K: the completed client transaction is forgotten (absorbed retransmissions
+    /// until then); also the 64×T1 linger of an abandoned INVITE branch and of an accepted one
+    /// (RFC 6026 Timer M).
     ClientCleanup(u64),
+    /// Timer G: retransmit a non-2xx final response over UDP until the ACK (T1 doubling,
+    /// capped at T2).
     ServerRetransmit(u64),
+    /// Timer H: no ACK for a non-2xx final within 64×T1.
     ServerTimeout(u64),
+    /// Timer I / J / L: the completed, confirmed or accepted server transaction is forgotten.
     ServerCleanup(u64),
+    /// A dialog's lifetime or Session-Expires deadline (RFC 4028).
     Dialog(u64),
     /// End of a Retry-After hold on a destination slot.
     Hold(usize),
@@ -52,107 +66,24 @@ impl Proxy {
             .collect();
     }
 
+    /// Runs a timer that is due. A timer whose transaction, dialog or destination is gone does
+    /// nothing (timers are cancelled lazily).
     pub(in crate::proxy) fn fire(&mut self, now: Instant, timer: Timer) {
         match timer {
-            Timer::ClientRetransmit(id) => {
-                let Some(key) = self.client_ids.get(&id).cloned() else {
-                    return;
-                };
-                let t2 = self.cfg.timers.t2;
-                let Some(ctx) = self.client_txs.get_mut(&key) else {
-                    return;
-                };
-                let is_invite = key.method == Method::Invite;
-                let active = !ctx.abandoned
-                    && match ctx.state {
-                        ClientState::Calling => true,
-                        ClientState::Proceeding => !is_invite,
-                        ClientState::Completed | ClientState::Accepted => false,
-                    };
-                if !active {
-                    return;
-                }
-                self.out.push(ctx.out.clone());
-                ctx.retransmit = if is_invite {
-                    ctx.retransmit * 2
-                } else if ctx.state == ClientState::Proceeding {
-                    t2
-                } else {
-                    (ctx.retransmit * 2).min(t2)
-                };
-                let next = now + ctx.retransmit;
-                self.arm(next, Timer::ClientRetransmit(id));
-            }
+            Timer::ClientRetransmit(id) => self.client_retransmit(now, id),
             Timer::ClientTimeout(id) => {
-                let Some(key) = self.client_ids.get(&id).cloned() else {
-                    return;
-                };
-                self.client_timeout(now, key, false);
-            }
-            Timer::ClientFinalTimeout(id) => {
-                let Some(key) = self.client_ids.get(&id).cloned() else {
-                    return;
-                };
-                let Some(ctx) = self.client_txs.get_mut(&key) else {
-                    return;
-                };
-                if ctx.state != ClientState::Proceeding || ctx.abandoned {
-                    return;
-                }
-                // Provisional but no final in time: CANCEL and try the next server.
-                ctx.abandoned = true;
-                let server = ctx.server.clone();
-                // Kept 64*T1 for a late final (ACKed) or 2xx (hung up), then dropped even if
-                // the server never answers the CANCEL (RFC 3261 9.1).
-                let linger = self.cfg.timers.t1 * 64;
-                self.arm(now + linger, Timer::ClientCleanup(id));
-                self.cancel_branch(
-                    now,
-                    &key,
-                    Some("SIP;cause=408;text=\"final response timeout\""),
-                );
-                let Some(skey) = server else { return };
-                if self.server_txs.get(&skey).is_some_and(|t| t.call.is_some()) {
-                    self.branch_gave_up(now, &skey);
-                } else {
-                    // A relayed re-INVITE: no other server to try, so the caller gets the
-                    // final response now (the 487 the CANCEL brings is absorbed).
-                    self.final_local(now, &skey, 408, "Request Timeout");
+                if let Some(key) = self.client_ids.get(&id).cloned() {
+                    self.client_timeout(now, key, false);
                 }
             }
+            Timer::ClientFinalTimeout(id) => self.client_final_timeout(now, id),
             Timer::ClientCleanup(id) => {
                 if let Some(key) = self.client_ids.remove(&id) {
                     self.client_txs.remove(&key);
                 }
             }
-            Timer::ServerRetransmit(id) => {
-                let Some(key) = self.server_ids.get(&id).cloned() else {
-                    return;
-                };
-                let t2 = self.cfg.timers.t2;
-                let Some(tx) = self.server_txs.get_mut(&key) else {
-                    return;
-                };
-                if tx.state != ServerState::Completed {
-                    return;
-                }
-                if let Some(last) = tx.last_response.clone() {
-                    let reply = tx.reply;
-                    tx.retransmit = (tx.retransmit * 2).min(t2);
-                    let next = now + tx.retransmit;
-                    self.send(reply, last, None);
-                    self.arm(next, Timer::ServerRetransmit(id));
-                }
-            }
-            Timer::ServerTimeout(id) | Timer::ServerCleanup(id) => {
-                if let Some(key) = self.server_ids.remove(&id) {
-                    if let Some(tx) = self.server_txs.remove(&key) {
-                        if tx.state == ServerState::Proceeding {
-                            self.pending = self.pending.saturating_sub(1);
-                        }
-                    }
-                }
-            }
+            Timer::ServerRetransmit(id) => self.server_retransmit(now, id),
+            Timer::ServerTimeout(id) | Timer::ServerCleanup(id) => self.server_cleanup(id),
             Timer::Probe(d) => self.probe_due(now, d),
             Timer::Cluster => self.cluster_tick(now),
             Timer::Hold(slot) => {
@@ -162,21 +93,7 @@ impl Proxy {
                     }
                 }
             }
-            Timer::Dialog(id) => {
-                let Some(key) = self.dialog_ids.get(&id).cloned() else {
-                    return;
-                };
-                let Some(d) = self.dialogs.get(&key) else {
-                    return;
-                };
-                let deadline = d.deadline();
-                if deadline > now {
-                    // Refreshed since the timer was set.
-                    self.arm(deadline, Timer::Dialog(id));
-                    return;
-                }
-                self.expire_dialog(now, &key);
-            }
+            Timer::Dialog(id) => self.dialog_due(now, id),
         }
     }
 }

@@ -318,4 +318,55 @@ impl Proxy {
             self.start_client(now, key, cancel, flow, None, Role::Plain, None);
         }
     }
+
+    /// Timer A / E: retransmits the request while it waits, at the interval
+    /// [`ClientTx::next_retransmit`] gives.
+    pub(in crate::proxy) fn client_retransmit(&mut self, now: Instant, id: u64) {
+        let Some(key) = self.client_ids.get(&id) else {
+            return;
+        };
+        let t2 = self.cfg.timers.t2;
+        let is_invite = key.method == Method::Invite;
+        let Some(ctx) = self.client_txs.get_mut(key) else {
+            return;
+        };
+        let Some(wait) = ctx.next_retransmit(is_invite, t2) else {
+            return;
+        };
+        self.out.push(ctx.out.clone());
+        self.arm(now + wait, Timer::ClientRetransmit(id));
+    }
+
+    /// Timer C: a provisional but no final in time: CANCEL the branch and try the next server
+    /// (a relayed re-INVITE has no other server: the caller gets 408 now).
+    pub(in crate::proxy) fn client_final_timeout(&mut self, now: Instant, id: u64) {
+        let Some(key) = self.client_ids.get(&id).cloned() else {
+            return;
+        };
+        let Some(ctx) = self.client_txs.get_mut(&key) else {
+            return;
+        };
+        if ctx.state != ClientState::Proceeding || ctx.abandoned {
+            return;
+        }
+        ctx.abandoned = true;
+        let server = ctx.server.clone();
+        // Kept 64*T1 for a late final (ACKed) or 2xx (hung up), then dropped even if
+        // the server never answers the CANCEL (RFC 3261 9.1).
+        let linger = self.cfg.timers.t1 * 64;
+        self.arm(now + linger, Timer::ClientCleanup(id));
+        self.cancel_branch(
+            now,
+            &key,
+            Some("SIP;cause=408;text=\"final response timeout\""),
+        );
+        let Some(skey) = server else { return };
+        if self.server_txs.get(&skey).is_some_and(|t| t.call.is_some()) {
+            self.branch_gave_up(now, &skey);
+        } else {
+            // A relayed re-INVITE: no other server to try, so the caller gets the
+            // final response now (the 487 the CANCEL brings is absorbed).
+            self.final_local(now, &skey, 408, "Request Timeout");
+        }
+    }
 }

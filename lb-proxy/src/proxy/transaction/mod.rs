@@ -90,3 +90,137 @@ pub(in crate::proxy) enum Role {
     /// An OPTIONS health probe of the destination, sent at that time.
     Probe(DestRef, Instant),
 }
+
+impl ClientTx {
+    /// Timer A / E (RFC 3261 17.1.1.2, 17.1.2.2): whether to retransmit now, and the wait
+    /// until the next time. INVITE: while Calling, the interval doubles. Non-INVITE: while
+    /// Trying it doubles up to T2; once Proceeding it is T2. Nothing once a final arrived, or
+    /// when the proxy gave up on the transaction.
+    pub(in crate::proxy) fn next_retransmit(
+        &mut self,
+        is_invite: bool,
+        t2: Duration,
+    ) -> Option<Duration> {
+        let waiting = !self.abandoned
+            && match self.state {
+                ClientState::Calling => true,
+                ClientState::Proceeding => !is_invite,
+                ClientState::Completed | ClientState::Accepted => false,
+            };
+        if !waiting {
+            return None;
+        }
+        self.retransmit = if is_invite {
+            self.retransmit * 2
+        } else if self.state == ClientState::Proceeding {
+            t2
+        } else {
+            (self.retransmit * 2).min(t2)
+        };
+        Some(self.retransmit)
+    }
+}
+
+impl ServerTx {
+    /// Timer G (RFC 3261 17.2.1): while the non-2xx final waits for its ACK (Completed), it
+    /// is retransmitted at an interval that doubles up to T2.
+    pub(in crate::proxy) fn next_retransmit(&mut self, t2: Duration) -> Option<Duration> {
+        if self.state != ServerState::Completed {
+            return None;
+        }
+        self.retransmit = (self.retransmit * 2).min(t2);
+        Some(self.retransmit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: Duration = Duration::from_millis(500);
+    const T2: Duration = Duration::from_secs(4);
+
+    fn client(state: ClientState) -> ClientTx {
+        ClientTx {
+            id: 1,
+            request: Message::request(Method::Invite, "sip:x"),
+            out: Outbound {
+                transport: Transport::Udp,
+                listener: 0,
+                target: Target::Addr(([127, 0, 0, 1], 5060).into()),
+                conn: None,
+                data: Bytes::new(),
+                on_error: None,
+                server_name: None,
+            },
+            state,
+            retransmit: T1,
+            server: None,
+            role: Role::Plain,
+            cancel_pending: false,
+            abandoned: false,
+            upstream: None,
+        }
+    }
+
+    fn waits(tx: &mut ClientTx, invite: bool, n: usize) -> Vec<u64> {
+        (0..n)
+            .map_while(|_| tx.next_retransmit(invite, T2))
+            .map(|d| d.as_millis() as u64)
+            .collect()
+    }
+
+    #[test]
+    fn timer_a_doubles_while_an_invite_is_calling_and_stops_on_a_provisional() {
+        let mut tx = client(ClientState::Calling);
+        assert_eq!(waits(&mut tx, true, 4), [1000, 2000, 4000, 8000]);
+        tx.state = ClientState::Proceeding;
+        assert_eq!(tx.next_retransmit(true, T2), None);
+    }
+
+    #[test]
+    fn timer_e_doubles_up_to_t2_then_is_t2_once_proceeding() {
+        let mut tx = client(ClientState::Calling);
+        assert_eq!(waits(&mut tx, false, 5), [1000, 2000, 4000, 4000, 4000]);
+        let mut tx = client(ClientState::Calling);
+        tx.next_retransmit(false, T2);
+        tx.state = ClientState::Proceeding;
+        assert_eq!(tx.next_retransmit(false, T2), Some(T2));
+        tx.state = ClientState::Completed;
+        assert_eq!(tx.next_retransmit(false, T2), None);
+    }
+
+    #[test]
+    fn an_abandoned_transaction_is_not_retransmitted() {
+        let mut tx = client(ClientState::Calling);
+        tx.abandoned = true;
+        assert_eq!(tx.next_retransmit(true, T2), None);
+        assert_eq!(tx.next_retransmit(false, T2), None);
+    }
+
+    #[test]
+    fn timer_g_doubles_up_to_t2_while_completed_only() {
+        let mut tx = ServerTx {
+            id: 1,
+            request: Message::request(Method::Invite, "sip:x"),
+            reply: Flow {
+                transport: Transport::Udp,
+                listener: 0,
+                remote: ([127, 0, 0, 1], 5070).into(),
+                conn: None,
+            },
+            state: ServerState::Completed,
+            last_response: None,
+            retransmit: T1,
+            local_tag: String::new(),
+            call: None,
+        };
+        let got: Vec<u64> = (0..5)
+            .filter_map(|_| tx.next_retransmit(T2))
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(got, [1000, 2000, 4000, 4000, 4000]);
+        tx.state = ServerState::Confirmed;
+        assert_eq!(tx.next_retransmit(T2), None);
+    }
+}

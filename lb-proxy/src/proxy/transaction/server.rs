@@ -190,4 +190,34 @@ impl Proxy {
             );
         }
     }
+
+    /// Timer G: retransmits the non-2xx final response until the ACK comes.
+    pub(in crate::proxy) fn server_retransmit(&mut self, now: Instant, id: u64) {
+        let Some(key) = self.server_ids.get(&id) else {
+            return;
+        };
+        let t2 = self.cfg.timers.t2;
+        let Some(tx) = self.server_txs.get_mut(key) else {
+            return;
+        };
+        let Some(wait) = tx.next_retransmit(t2) else {
+            return;
+        };
+        if let Some(last) = tx.last_response.clone() {
+            let reply = tx.reply;
+            self.send(reply, last, None);
+            self.arm(now + wait, Timer::ServerRetransmit(id));
+        }
+    }
+
+    /// Timer H / I / J / L: the server transaction is forgotten.
+    pub(in crate::proxy) fn server_cleanup(&mut self, id: u64) {
+        if let Some(key) = self.server_ids.remove(&id) {
+            if let Some(tx) = self.server_txs.remove(&key) {
+                if tx.state == ServerState::Proceeding {
+                    self.pending = self.pending.saturating_sub(1);
+                }
+            }
+        }
+    }
 }
