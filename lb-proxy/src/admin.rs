@@ -31,13 +31,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{Applied, SetError};
-use crate::runtime::{Control, Event};
+use crate::proxy::{Applied, Control, SetError};
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct Api {
-    pub events: mpsc::Sender<Event>,
+    /// The core's control queue.
+    pub control: mpsc::Sender<Control>,
     pub token: Option<Arc<str>>,
 }
 
@@ -56,10 +56,7 @@ impl Api {
     ) -> Result<T, Response> {
         let (tx, rx) = oneshot::channel();
         let stopped = || error(StatusCode::SERVICE_UNAVAILABLE, "proxy core stopped", None);
-        self.events
-            .send(Event::Control(make(tx)))
-            .await
-            .map_err(|_| stopped())?;
+        self.control.send(make(tx)).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())
     }
 

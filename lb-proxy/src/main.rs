@@ -55,6 +55,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The files the configuration names (TLS material) are read here, once, for the check and
+    // for the run alike.
+    let prepared = match lb_proxy::runtime::prepare(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "lb-proxy: invalid configuration {}: {e}",
+                cli.config.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
     if cli.check {
         println!("configuration {} is valid", cli.config.display());
         return ExitCode::SUCCESS;
@@ -70,9 +82,9 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let drain_period = cfg.shutdown_drain;
+        let drain_period = prepared.config().shutdown_drain;
         let reload = Some((cli.config.clone(), overrides.clone()));
-        let running = match lb_proxy::runtime::start(cfg, reload).await {
+        let running = match lb_proxy::runtime::start_prepared(prepared, reload).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("lb-proxy: {e:#}");

@@ -35,8 +35,9 @@ pub struct Metrics {
     pub limited_source_rate: IntCounter,
     pub limited_transactions: IntCounter,
     pub limited_dialogs: IntCounter,
-    /// Requests with a To tag refused by the relay rule, by reason.
-    relay_refused: IntCounterVec,
+    /// Requests with a To tag refused by the relay rule, by reason (the core creates every
+    /// reason's series at start, so that each shows from 0).
+    pub relay_refused: IntCounterVec,
     /// New requests let through untracked because the per-source table was full.
     pub rate_limit_untracked: IntCounter,
     /// Sources in the per-source table (set at scrape time).
@@ -259,9 +260,6 @@ impl Metrics {
              dropped unanswered, a retransmission passes later).",
             &["reason"],
         );
-        for why in crate::proxy::Refusal::ALL {
-            relay_refused.with_label_values(&[why.label()]);
-        }
         Metrics {
             relay_refused,
             limited_source_rate: limited.with_label_values(&["source_rate"]),
@@ -399,8 +397,8 @@ impl Metrics {
         }
     }
 
-    pub fn relay_refused(&self, why: crate::proxy::Refusal) {
-        self.relay_refused.with_label_values(&[why.label()]).inc();
+    pub fn relay_refused(&self, reason: &str) {
+        self.relay_refused.with_label_values(&[reason]).inc();
     }
 
     pub fn request(&self, m: &Method) {

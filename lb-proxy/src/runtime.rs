@@ -2,9 +2,6 @@
 //! SIGHUP reloader and the one task that owns the proxy core.
 
 use anyhow::Context;
-use lb_api::admin::{Action, ClusterStatus, DestinationsStatus, DialogStats, State};
-use lb_api::DestinationSet;
-use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,9 +14,10 @@ use tracing::{debug, info, warn};
 use crate::config::{read_route_keys, Config, Key, Overrides};
 use crate::destinations::Destinations;
 use crate::metrics::Metrics;
-use crate::proxy::{Applied, Proxy, SetError};
+use crate::proxy::{Applied, Proxy};
+pub use crate::proxy::{Control, Stats};
 use crate::sip::Transport;
-use crate::transport::{tcp, tls, udp, ErrorToken, Inbound, Outbound, Target};
+use crate::transport::{tcp, tls, udp, ErrorToken, Inbound, Outbound, SendFailed, Target};
 
 /// Everything the core task reacts to.
 #[derive(Debug)]
@@ -39,36 +37,16 @@ pub enum Event {
     Control(Control),
 }
 
-/// Requests from the admin API and the reloader, answered by the core task.
-#[derive(Debug)]
-pub enum Control {
-    Status(oneshot::Sender<DestinationsStatus>),
-    Stats(oneshot::Sender<Stats>),
-    /// Prometheus text exposition.
-    Metrics(oneshot::Sender<String>),
-    /// Ok when ready to take calls, else why not.
-    Ready(oneshot::Sender<Result<(), &'static str>>),
-    Replace(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
-    /// A set re-read from the config file: versioned by the core.
-    Reload(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
-    Manual(String, Action, oneshot::Sender<Option<State>>),
-    /// SIGTERM: stop taking new calls; answers what is still open: (dialogs, transactions).
-    Drain(oneshot::Sender<(u64, u64)>),
-    Cluster(oneshot::Sender<ClusterStatus>),
-    /// `recordRoute.keyFile` changed: its first key signs from now on.
-    RouteKeys(Vec<Key>),
+impl From<Inbound> for Event {
+    fn from(m: Inbound) -> Event {
+        Event::Message(m)
+    }
 }
 
-/// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Stats {
-    #[serde(flatten)]
-    pub dialogs: DialogStats,
-    pub routed: u64,
-    pub failovers: u64,
-    pub rejected_no_capacity: u64,
-    pub malformed: u64,
+impl From<SendFailed> for Event {
+    fn from(SendFailed(t): SendFailed) -> Event {
+        Event::TransportError(t)
+    }
 }
 
 /// A running proxy: its bound addresses and the handle to stop it.
@@ -134,6 +112,39 @@ type Names = Vec<(String, String, u16)>;
 /// Binds everything (failing before any traffic when a bind fails) and starts the tasks.
 /// `config_path`, when given, is re-read on SIGHUP for a new destination set.
 pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow::Result<Running> {
+    let prepared = prepare(cfg).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    start_prepared(prepared, reload).await
+}
+
+/// A configuration with the material its files name loaded: what `--check` checks and what
+/// the proxy then runs with, read once.
+pub struct Prepared {
+    cfg: Config,
+    tls: Option<Arc<tls::Tls>>,
+}
+
+/// Loads what the configuration names on disk (TLS certificates and keys), so that a bad file
+/// stops the proxy before it binds anything, naming the field.
+pub fn prepare(cfg: Config) -> Result<Prepared, lb_api::FieldError> {
+    let tls = match &cfg.tls {
+        Some(t) => Some(Arc::new(tls::Tls::load(t)?)),
+        None => None,
+    };
+    Ok(Prepared { cfg, tls })
+}
+
+impl Prepared {
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
+/// As [`start`], with the configuration already prepared.
+pub async fn start_prepared(
+    prepared: Prepared,
+    reload: Option<(PathBuf, Overrides)>,
+) -> anyhow::Result<Running> {
+    let Prepared { cfg, tls } = prepared;
     let cfg = Arc::new(cfg);
     let dests = match &cfg.destinations {
         Some(set) => Destinations::from_set(set).map_err(anyhow::Error::msg)?,
@@ -189,7 +200,7 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
                 .with_context(|| format!("admin.listen: cannot bind {}", a.listen))?;
             let local = l.local_addr()?;
             let api = crate::admin::Api {
-                events: events.clone(),
+                control: control_queue(events.clone()),
                 token: a.token.clone().map(Arc::from),
             };
             tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
@@ -221,20 +232,12 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
             }
         }
     }
-    let tls = match &cfg.tls {
-        Some(t) => {
-            if !t.verify_destinations {
-                warn!(
-                    "tls.verifyDestinations is false: certificates of the servers the proxy \
-                     connects to over TLS are NOT checked; anyone on the path can pose as one"
-                );
-            }
-            Some(Arc::new(
-                tls::Tls::load(t).map_err(|e| anyhow::anyhow!("{e}"))?,
-            ))
-        }
-        None => None,
-    };
+    if cfg.tls.as_ref().is_some_and(|t| !t.verify_destinations) {
+        warn!(
+            "tls.verifyDestinations is false: certificates of the servers the proxy \
+             connects to over TLS are NOT checked; anyone on the path can pose as one"
+        );
+    }
     let tcp_shared = tcp::Shared {
         tls: None,
         registry: Arc::new(tcp::Registry::default()),
@@ -322,9 +325,9 @@ struct Io {
     /// The peer exchange socket, when the proxy shares load.
     cluster: Option<Arc<UdpSocket>>,
     udp: Vec<Option<Arc<UdpSocket>>>,
-    tcp: tcp::Shared,
+    tcp: tcp::Shared<Event>,
     /// Present when a tls listener is configured.
-    tls: Option<tcp::Shared>,
+    tls: Option<tcp::Shared<Event>>,
     events: mpsc::Sender<Event>,
 }
 
@@ -624,6 +627,20 @@ async fn resolve_loop(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// A queue for control requests (the admin API's), forwarded onto the core's event queue: the
+/// admin API speaks the proxy's control API and knows nothing of the runtime's events.
+fn control_queue(events: mpsc::Sender<Event>) -> mpsc::Sender<Control> {
+    let (tx, mut rx) = mpsc::channel::<Control>(64);
+    tokio::spawn(async move {
+        while let Some(c) = rx.recv().await {
+            if events.send(Event::Control(c)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tx
 }
 
 /// How often `recordRoute.keyFile` is re-read (a Kubernetes Secret volume changes in place).

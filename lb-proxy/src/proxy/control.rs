@@ -3,14 +3,49 @@
 //! runtime's event channel, so they run on the core task between two messages and never race
 //! the call path.
 
-use lb_api::admin::{Action, DestinationsStatus, State};
+use lb_api::admin::{Action, ClusterStatus, DestinationsStatus, DialogStats, State};
 use lb_api::{DestinationSet, FieldError};
+use serde::Serialize;
 use std::time::{Instant, SystemTime};
+use tokio::sync::oneshot;
 use tracing::info;
 
 use super::{ClientState, Proxy, Role, ServerState};
-use crate::config::check_set;
+use crate::config::{check_set, Key};
 use crate::destinations::{unix, Health, Manual};
+
+/// Requests from the admin API, the reloaders and the signal handler, answered by the core
+/// task between two messages (the runtime forwards them on its event queue).
+#[derive(Debug)]
+pub enum Control {
+    Status(oneshot::Sender<DestinationsStatus>),
+    Stats(oneshot::Sender<Stats>),
+    /// Prometheus text exposition.
+    Metrics(oneshot::Sender<String>),
+    /// Ok when ready to take calls, else why not.
+    Ready(oneshot::Sender<Result<(), &'static str>>),
+    Replace(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
+    /// A set re-read from the config file: versioned by the core.
+    Reload(DestinationSet, oneshot::Sender<Result<Applied, SetError>>),
+    Manual(String, Action, oneshot::Sender<Option<State>>),
+    /// SIGTERM: stop taking new calls; answers what is still open: (dialogs, transactions).
+    Drain(oneshot::Sender<(u64, u64)>),
+    Cluster(oneshot::Sender<ClusterStatus>),
+    /// `recordRoute.keyFile` changed: its first key signs from now on.
+    RouteKeys(Vec<Key>),
+}
+
+/// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    #[serde(flatten)]
+    pub dialogs: DialogStats,
+    pub routed: u64,
+    pub failovers: u64,
+    pub rejected_no_capacity: u64,
+    pub malformed: u64,
+}
 
 /// Why a destination set was not applied.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@ impl Proxy {
         let hop = match self.next_hop(now, &mut msg, flow) {
             Ok(hop) => hop,
             Err(Refusal::NoTarget) if !is_ack => {
-                self.metrics.relay_refused(Refusal::NoTarget);
+                self.metrics.relay_refused(Refusal::NoTarget.label());
                 return self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
             }
             Err(why) => return self.refuse_relay(&msg, flow, why),

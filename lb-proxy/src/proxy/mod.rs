@@ -138,6 +138,9 @@ impl Proxy {
         );
         let limiter = cfg.limits.per_source.as_ref().map(SourceLimiter::new);
         let route_keys = RouteKeys::new(cfg.record_route.keys.clone());
+        for why in Refusal::ALL {
+            metrics.relay_refused.with_label_values(&[why.label()]);
+        }
         let mut self_addrs = Vec::new();
         for l in &cfg.listeners {
             self_addrs.push((l.advertise.host.to_ascii_lowercase(), l.advertise.port));
@@ -370,7 +373,7 @@ mod share;
 mod timers;
 mod transaction;
 
-pub use control::{Applied, SetError};
+pub use control::{Applied, Control, SetError, Stats};
 pub use relay::{Refusal, RouteKeys, TOKEN_PARAM};
 
 #[cfg(test)]

@@ -440,7 +440,7 @@ impl Proxy {
     /// Refuses a request the relay rule does not allow: 404 statelessly (an ACK is absorbed),
     /// counted by reason, logged with its source.
     pub(super) fn refuse_relay(&mut self, msg: &Message, flow: Flow, why: Refusal) {
-        self.metrics.relay_refused(why);
+        self.metrics.relay_refused(why.label());
         debug!(
             source = %flow.remote,
             transport = %flow.transport,

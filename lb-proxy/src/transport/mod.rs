@@ -31,6 +31,18 @@ pub struct Inbound {
     pub flow: Flow,
 }
 
+/// A send that failed (connect refused, name did not resolve), handed up with the token the
+/// outbound message carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendFailed(pub ErrorToken);
+
+/// The item of the channel the transport tasks hand up on: the runtime's event type, made from
+/// what a transport has to say. The transport never names it, so it does not depend on the
+/// runtime that wires it.
+pub trait Upward: From<Inbound> + From<SendFailed> + Send + 'static {}
+
+impl<T> Upward for T where T: From<Inbound> + From<SendFailed> + Send + 'static {}
+
 /// Where an outbound message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {

@@ -21,9 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::tls::Tls;
-use super::{ConnId, ErrorToken, Flow, Inbound};
+use super::{ConnId, ErrorToken, Flow, Inbound, SendFailed, Upward};
 use crate::metrics::Metrics;
-use crate::runtime::Event;
 use crate::sip::{bad_request, header_end, Message, ParseError, Transport};
 
 /// Limits applied to every connection.
@@ -154,13 +153,12 @@ impl Registry {
 }
 
 /// Everything a connection task of one transport (TCP, or TLS) needs.
-#[derive(Clone)]
-pub struct Shared {
+pub struct Shared<E> {
     /// Set for the TLS transport: handshakes on accept and connect.
     pub tls: Option<Arc<Tls>>,
     /// This transport's connections (TCP and TLS keep separate registries).
     pub registry: Arc<Registry>,
-    pub events: mpsc::Sender<Event>,
+    pub events: mpsc::Sender<E>,
     pub counters: Arc<Metrics>,
     pub limits: Limits,
     /// Accepted connections, TCP and TLS together.
@@ -170,7 +168,23 @@ pub struct Shared {
     pub binds: Arc<Vec<SocketAddr>>,
 }
 
-impl Shared {
+// Not derived: `E` itself need not be Clone.
+impl<E> Clone for Shared<E> {
+    fn clone(&self) -> Self {
+        Shared {
+            tls: self.tls.clone(),
+            registry: self.registry.clone(),
+            events: self.events.clone(),
+            counters: self.counters.clone(),
+            limits: self.limits,
+            admission: self.admission.clone(),
+            shutdown: self.shutdown.clone(),
+            binds: self.binds.clone(),
+        }
+    }
+}
+
+impl<E> Shared<E> {
     pub fn transport(&self) -> Transport {
         if self.tls.is_some() {
             Transport::Tls
@@ -181,7 +195,7 @@ impl Shared {
 }
 
 /// Accepts connections on one listener until shutdown.
-pub async fn accept(listener: TcpListener, index: usize, shared: Shared) {
+pub async fn accept<E: Upward>(listener: TcpListener, index: usize, shared: Shared<E>) {
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -234,15 +248,15 @@ pub async fn accept(listener: TcpListener, index: usize, shared: Shared) {
 
 /// A connection about to run: its peer, the listener it belongs to, the message to send first
 /// (on connections the proxy opens) and the admission ticket (on accepted ones).
-pub(super) struct NewConn {
+pub(super) struct NewConn<E> {
     pub remote: SocketAddr,
     pub listener: usize,
-    pub shared: Shared,
+    pub shared: Shared<E>,
     pub first: Option<Bytes>,
     pub ticket: Option<Ticket>,
 }
 
-impl NewConn {
+impl<E: Upward> NewConn<E> {
     /// Registers the connection, then reads, frames and writes until it closes. `read` and
     /// `write` are the halves of a TCP stream or of a TLS stream over one.
     pub(super) fn run<R, W>(self, read: R, write: W) -> ConnId
@@ -400,7 +414,12 @@ pub fn no_length_answer(head: &[u8], max_headers: usize) -> Option<Bytes> {
     bad_request(&e)
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(mut read: R, flow: Flow, shared: &Shared, writer: Writer) {
+async fn read_loop<R: AsyncRead + Unpin, E: Upward>(
+    mut read: R,
+    flow: Flow,
+    shared: &Shared<E>,
+    writer: Writer,
+) {
     let limits = shared.limits;
     let mut buf = BytesMut::with_capacity(8192);
     // When the first bytes of the message now incomplete in `buf` arrived.
@@ -437,7 +456,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut read: R, flow: Flow, shared: &Share
                     begun = None;
                     match Message::parse_limited(&data, limits.max_headers) {
                         Ok(msg) => {
-                            let ev = Event::Message(Inbound { msg, flow });
+                            let ev = E::from(Inbound { msg, flow });
                             if shared.events.send(ev).await.is_err() {
                                 return;
                             }
@@ -491,8 +510,8 @@ async fn read_loop<R: AsyncRead + Unpin>(mut read: R, flow: Flow, shared: &Share
 /// Sends over an open connection to the peer, or opens one (for TLS, verifying the server
 /// as `server_name`, or as its IP address when None). A connection that cannot be opened
 /// within `tcp.connectTimeout`, handshake included, reports `on_error` back to the core.
-pub fn send(
-    shared: &Shared,
+pub fn send<E: Upward>(
+    shared: &Shared<E>,
     listener: usize,
     remote: SocketAddr,
     conn: Option<ConnId>,
@@ -543,7 +562,7 @@ pub fn send(
         };
         debug!(%remote, "{} connect failed: {why}", shared.transport());
         if let Some(t) = on_error {
-            let _ = shared.events.send(Event::TransportError(t)).await;
+            let _ = shared.events.send(E::from(SendFailed(t))).await;
         }
     });
 }

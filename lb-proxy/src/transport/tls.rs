@@ -21,6 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
 use super::tcp::NewConn;
+use super::Upward;
 use crate::config;
 
 /// The TLS side of the proxy, built from the `tls` section.
@@ -192,7 +193,7 @@ impl ServerCertVerifier for NoVerification {
 /// peer that starts one and stalls holds its place no longer than a stalled message), then
 /// hands the connection to the TCP transport. A peer that does not speak TLS (plain SIP sent
 /// to the TLS port, say) fails the handshake and is closed; nothing reaches the core.
-pub(super) async fn accept(tls: Arc<Tls>, stream: TcpStream, conn: NewConn) {
+pub(super) async fn accept<E: Upward>(tls: Arc<Tls>, stream: TcpStream, conn: NewConn<E>) {
     let shared = &conn.shared;
     let remote = conn.remote;
     let handshake =
@@ -220,6 +221,36 @@ pub(super) async fn accept(tls: Arc<Tls>, stream: TcpStream, conn: NewConn) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_files_are_read_and_named_in_errors() {
+        let dir = std::env::temp_dir().join(format!("lb-proxy-tls-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let missing = dir.join("missing.pem");
+        for cert in [&missing, &empty, &junk] {
+            let cfg = config::Tls {
+                cert_file: cert.clone(),
+                key_file: "x".into(),
+                ca_file: None,
+                verify_destinations: true,
+            };
+            let e = Tls::load(&cfg).unwrap_err().to_string();
+            assert!(
+                e.contains("tls.certFile") && e.contains(&cert.display().to_string()),
+                "{}: {e}",
+                cert.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn server_names() {

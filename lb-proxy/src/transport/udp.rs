@@ -6,9 +6,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{Flow, Inbound};
+use super::{Flow, Inbound, Upward};
 use crate::metrics::Metrics;
-use crate::runtime::Event;
 use crate::sip::{Message, Transport};
 
 /// Limits applied to every datagram.
@@ -21,11 +20,11 @@ pub struct Limits {
 }
 
 /// Receives datagrams until shutdown; malformed ones get a 400 when it can be addressed.
-pub async fn receive(
+pub async fn receive<E: Upward>(
     socket: Arc<UdpSocket>,
     listener: usize,
     limits: Limits,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
     counters: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -60,11 +59,7 @@ pub async fn receive(
         };
         match Message::parse_limited(data, limits.max_headers) {
             Ok(msg) => {
-                if events
-                    .send(Event::Message(Inbound { msg, flow }))
-                    .await
-                    .is_err()
-                {
+                if events.send(E::from(Inbound { msg, flow })).await.is_err() {
                     return;
                 }
             }
