@@ -106,6 +106,19 @@ pub struct Cluster {
     unacked_since: Option<Instant>,
 }
 
+/// Why an update datagram was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("version {0} (this proxy speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("{0} is not a configured peer")]
+    NotAPeer(SocketAddr),
+}
+
 impl Cluster {
     pub fn new(cfg: &config::Cluster, suffix: u32) -> Cluster {
         let mut c = Cluster {
@@ -210,29 +223,27 @@ impl Cluster {
         now: Instant,
         from: SocketAddr,
         data: &[u8],
-    ) -> Result<Received, String> {
+    ) -> Result<Received, Refused> {
         let body = match &self.key {
             Some(config::Key(key)) => {
                 if data.len() < TAG {
-                    return Err("unauthenticated: shorter than its tag".into());
+                    return Err(Refused::Unauthenticated("shorter than its tag"));
                 }
                 let (tag, body) = data.split_at(TAG);
-                mac(key, body)
-                    .verify_slice(tag)
-                    .map_err(|_| "unauthenticated: the tag does not verify (another key?)")?;
+                mac(key, body).verify_slice(tag).map_err(|_| {
+                    Refused::Unauthenticated("the tag does not verify (another key?)")
+                })?;
                 body
             }
             None => data,
         };
-        let u: Update = serde_json::from_slice(body).map_err(|e| format!("malformed: {e}"))?;
+        let u: Update =
+            serde_json::from_slice(body).map_err(|e| Refused::Malformed(e.to_string()))?;
         if u.v != WIRE_VERSION {
-            return Err(format!(
-                "version {} (this proxy speaks {WIRE_VERSION})",
-                u.v
-            ));
+            return Err(Refused::Version(u.v));
         }
         let Some(i) = self.peers.iter().position(|p| p.addr == from) else {
-            return Err(format!("{from} is not a configured peer"));
+            return Err(Refused::NotAPeer(from));
         };
         if u.node == self.node {
             // Our own datagram: the pushed list names this replica too.
@@ -386,12 +397,13 @@ mod tests {
         assert!(b.receive(now, addr(A), &d).unwrap().changed);
         let (wrong, _) = x.outbound(now, 1, || load("d1", 9)).unwrap();
         let e = b.receive(now, addr(A), &wrong).unwrap_err();
-        assert!(e.starts_with("unauthenticated"), "{e}");
+        assert!(matches!(e, Refused::Unauthenticated(_)), "{e}");
+        assert!(e.to_string().starts_with("unauthenticated"), "{e}");
         let (untagged, _) = plain.outbound(now, 2, || load("d1", 9)).unwrap();
-        assert!(b
-            .receive(now, addr(A), &untagged)
-            .unwrap_err()
-            .starts_with("unauthenticated"));
+        assert!(matches!(
+            b.receive(now, addr(A), &untagged),
+            Err(Refused::Unauthenticated(_))
+        ));
         // A flipped bit in the body.
         let mut forged = d.to_vec();
         let last = forged.len() - 2;
@@ -500,13 +512,15 @@ mod tests {
         assert!(!a.receive(now, addr(B), &d4).unwrap().changed, "reordered");
         assert_eq!(a.remote_loads(now)["d1"], vec![("pstn".to_string(), 5)]);
         let e = a.receive(now, addr("127.0.0.9:7070"), &d5).unwrap_err();
-        assert!(e.contains("not a configured peer"), "{e}");
+        assert_eq!(e, Refused::NotAPeer(addr("127.0.0.9:7070")));
+        assert!(e.to_string().contains("not a configured peer"), "{e}");
         let e = a.receive(now, addr(B), b"{\"v\":1").unwrap_err();
-        assert!(e.starts_with("malformed"), "{e}");
+        assert!(matches!(e, Refused::Malformed(_)), "{e}");
         let e = a
             .receive(now, addr(B), br#"{"v":9,"node":"x","seq":1}"#)
             .unwrap_err();
-        assert!(e.contains("version 9"), "{e}");
+        assert_eq!(e, Refused::Version(9));
+        assert!(e.to_string().contains("version 9"), "{e}");
     }
 
     #[test]

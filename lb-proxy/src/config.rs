@@ -992,7 +992,7 @@ pub fn validate_destinations(set: &DestinationSet) -> Result<(), FieldError> {
     set.validate()?;
     for (i, d) in set.destinations.iter().enumerate() {
         let uri = SipUri::parse(&d.uri)
-            .map_err(|e| FieldError::new(format!("destinations[{i}].uri"), e))?;
+            .map_err(|e| FieldError::new(format!("destinations[{i}].uri"), e.to_string()))?;
         if let Some(t) = uri.param("transport").flatten() {
             if Transport::parse(t).is_none() {
                 return Err(FieldError::new(
@@ -1206,7 +1206,7 @@ impl RawConfig {
         }
         let from_uri = match &p.from_uri {
             Some(u) => {
-                SipUri::parse(u).map_err(|e| FieldError::new("probing.fromUri", e))?;
+                SipUri::parse(u).map_err(|e| FieldError::new("probing.fromUri", e.to_string()))?;
                 u.clone()
             }
             None => format!("sip:mrcp-lb@{}", listeners[0].advertise),

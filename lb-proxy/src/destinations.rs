@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use crate::routing::{Candidate, Capacity};
-use crate::sip::{SipUri, Transport};
+use crate::sip::{SipUri, Transport, UriError};
 
 /// Health as seen by the proxy: INVITE timeouts and OPTIONS probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub struct Destination {
 }
 
 impl Destination {
-    fn new(uid: u64, spec: DestinationSpec) -> Result<Destination, String> {
+    fn new(uid: u64, spec: DestinationSpec) -> Result<Destination, UriError> {
         let uri = SipUri::parse(&spec.uri)?;
         let resources = spec
             .resources
@@ -205,7 +205,7 @@ impl Destination {
     }
 
     /// Applies a new spec for the same id, keeping load, health and manual state.
-    fn update(&mut self, spec: DestinationSpec) -> Result<(), String> {
+    fn update(&mut self, spec: DestinationSpec) -> Result<(), UriError> {
         if spec.uri != self.spec.uri {
             let uri = SipUri::parse(&spec.uri)?;
             self.transport = uri.transport();
@@ -341,7 +341,7 @@ pub struct Destinations {
 
 impl Destinations {
     /// Builds the set from a validated spec.
-    pub fn from_set(set: &DestinationSet) -> Result<Destinations, String> {
+    pub fn from_set(set: &DestinationSet) -> Result<Destinations, UriError> {
         let mut d = Destinations::default();
         d.replace(set)?;
         Ok(d)
@@ -380,7 +380,7 @@ impl Destinations {
     /// Replaces the whole set atomically. Ids that stay keep their slot, load, health and
     /// manual state; new ids get a slot; ids that went are marked removed and keep counting
     /// down their open calls. Returns the slots that are new. The set must be validated.
-    pub fn replace(&mut self, set: &DestinationSet) -> Result<Vec<usize>, String> {
+    pub fn replace(&mut self, set: &DestinationSet) -> Result<Vec<usize>, UriError> {
         // Build every new destination first, so a bad URI changes nothing.
         let mut staged: Vec<(Option<usize>, DestinationSpec)> = Vec::new();
         let mut ids = HashMap::new();

@@ -147,7 +147,7 @@ pub async fn start_prepared(
     let Prepared { cfg, tls } = prepared;
     let cfg = Arc::new(cfg);
     let dests = match &cfg.destinations {
-        Some(set) => Destinations::from_set(set).map_err(anyhow::Error::msg)?,
+        Some(set) => Destinations::from_set(set)?,
         None => Destinations::waiting(),
     };
     let shutdown = CancellationToken::new();

@@ -115,7 +115,7 @@ impl Proxy {
         let fresh = self
             .dests
             .replace(set)
-            .map_err(|e| SetError::Invalid(FieldError::new("destinations", e)))?;
+            .map_err(|e| SetError::Invalid(FieldError::new("destinations", e.to_string())))?;
         for slot in fresh {
             self.schedule_first_probe(now, slot);
         }

@@ -330,7 +330,10 @@ impl Proxy {
         mut msg: Message,
         dest: Option<DestRef>,
     ) {
-        let Some(code) = msg.code() else { return };
+        let Some(status) = msg.status() else {
+            return;
+        };
+        let code = status.as_u16();
         if code == 503 {
             if let (Some(d), Some(secs)) = (dest, retry_after(&msg)) {
                 self.hold(now, d, secs);
@@ -343,7 +346,7 @@ impl Proxy {
         let dkey = call.dialog.clone();
         let cancelled = call.cancelled;
         msg.remove_first(&HeaderName::Via);
-        if (200..300).contains(&code) {
+        if status.is_success() {
             self.confirm_dialog(now, &dkey, &msg);
             return self.final_upstream(now, skey, msg);
         }

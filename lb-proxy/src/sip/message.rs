@@ -213,6 +213,43 @@ fn perr(reason: impl Into<String>) -> ParseError {
     }
 }
 
+/// A response's status code (RFC 3261 7.2, 21): its class decides what a proxy does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StatusCode(pub u16);
+
+impl StatusCode {
+    pub fn as_u16(self) -> u16 {
+        self.0
+    }
+
+    /// 1xx: the request is being worked on; no final answer yet.
+    pub fn is_provisional(self) -> bool {
+        self.0 < 200
+    }
+
+    /// 2xx: success (for an INVITE: the dialog is confirmed, the ACK goes end to end).
+    pub fn is_success(self) -> bool {
+        (200..300).contains(&self.0)
+    }
+
+    /// 200 to 699: the transaction's answer.
+    pub fn is_final(self) -> bool {
+        self.0 >= 200
+    }
+}
+
+impl PartialEq<u16> for StatusCode {
+    fn eq(&self, other: &u16) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Display for StatusCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub start: StartLine,
@@ -439,6 +476,11 @@ impl Message {
             StartLine::Request { method, .. } => Some(method),
             StartLine::Response { .. } => None,
         }
+    }
+
+    /// The status of a response, as a [`StatusCode`] whose class says what it means.
+    pub fn status(&self) -> Option<StatusCode> {
+        self.code().map(StatusCode)
     }
 
     pub fn code(&self) -> Option<u16> {
@@ -722,7 +764,7 @@ fn check_request_uri(uri: &str) -> Result<(), String> {
         return Err(format!("{c:?} in {uri:?}"));
     }
     if scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips") {
-        SipUri::parse(uri)?;
+        SipUri::parse(uri).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

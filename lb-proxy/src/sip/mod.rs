@@ -11,9 +11,9 @@ mod uri;
 pub(crate) use message::check_name_addr;
 pub use message::{
     bad_request, header_end, header_param, name_addr_uri, split_list, HeaderName, Message, Method,
-    ParseError, StartLine, Via,
+    ParseError, StartLine, StatusCode, Via,
 };
-pub use uri::{split_host_port, write_host, SipUri, Transport};
+pub use uri::{split_host_port, write_host, SipUri, Transport, UriError};
 
 /// The To tag of every response lb-proxy sends statelessly (the transport's `400` to a malformed
 /// request, the core's `503` under overload) starts with this. No dialog ever has such a tag,

@@ -72,15 +72,26 @@ pub struct SipUri {
     pub headers: Option<String>,
 }
 
+/// Why a string is no SIP URI.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("{0:?} is not a sip: or sips: URI")]
+    Scheme(String),
+    #[error("bad host in {0:?}")]
+    Host(String),
+    #[error("no host in {0:?}")]
+    NoHost(String),
+}
+
 impl SipUri {
-    pub fn parse(s: &str) -> Result<SipUri, String> {
+    pub fn parse(s: &str) -> Result<SipUri, UriError> {
         let s = s.trim();
         let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
             (false, r)
         } else if let Some(r) = strip_prefix_ci(s, "sips:") {
             (true, r)
         } else {
-            return Err(format!("{s:?} is not a sip: or sips: URI"));
+            return Err(UriError::Scheme(s.to_string()));
         };
         // The user part may hold `?`, `/` and `;` (RFC 3261 25.1 user-unreserved; RFC 4475
         // 3.1.1.2, 3.1.1.9) but never an unescaped `@`: it ends at the last `@`, and the
@@ -105,9 +116,10 @@ impl SipUri {
                 None => (p.to_string(), None),
             })
             .collect();
-        let (host, port) = split_host_port(hostport).ok_or_else(|| format!("bad host in {s:?}"))?;
+        let (host, port) =
+            split_host_port(hostport).ok_or_else(|| UriError::Host(s.to_string()))?;
         if host.is_empty() {
-            return Err(format!("no host in {s:?}"));
+            return Err(UriError::NoHost(s.to_string()));
         }
         Ok(SipUri {
             secure,

@@ -52,7 +52,10 @@ impl Proxy {
 
     pub(in crate::proxy) fn on_response(&mut self, now: Instant, mut msg: Message, _flow: Flow) {
         let Some(via) = msg.top_via() else { return };
-        let Some(code) = msg.code() else { return };
+        let Some(status) = msg.status() else {
+            return;
+        };
+        let code = status.as_u16();
         let Some((_, method)) = msg.cseq() else {
             return;
         };
@@ -65,7 +68,7 @@ impl Proxy {
             // No transaction: forward 2xx to INVITE statelessly if the Via is ours
             // (retransmissions after the transaction ended).
             // Only a branch this process made: a forged response relays nothing.
-            if (200..300).contains(&code)
+            if status.is_success()
                 && method == Method::Invite
                 && self.is_self(&via.host, via.port)
                 && key.branch.starts_with(&self.branch_prefix)
@@ -87,7 +90,7 @@ impl Proxy {
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
         if matches!(ctx.state, ClientState::Completed | ClientState::Accepted) {
-            if is_invite && (200..300).contains(&code) {
+            if is_invite && status.is_success() {
                 // A 2xx retransmission: relayed, unless the branch was given up on (then our
                 // own ACK and BYE have already answered it).
                 if let Some(up) = ctx.upstream.filter(|_| !ctx.abandoned) {
@@ -105,7 +108,7 @@ impl Proxy {
             }
             return;
         }
-        if code < 200 {
+        if status.is_provisional() {
             let was_calling = ctx.state == ClientState::Calling;
             ctx.state = ClientState::Proceeding;
             let cancel_pending = ctx.cancel_pending;
@@ -147,7 +150,7 @@ impl Proxy {
             return;
         }
         // Final response.
-        ctx.state = if is_invite && (200..300).contains(&code) {
+        ctx.state = if is_invite && status.is_success() {
             ClientState::Accepted
         } else {
             ClientState::Completed
@@ -167,7 +170,7 @@ impl Proxy {
         } else {
             self.cfg.timers.t4
         };
-        if is_invite && !(200..300).contains(&code) {
+        if is_invite && !status.is_success() {
             let ack = make_ack(&ctx.request, &msg);
             let out = Outbound {
                 data: ack.to_bytes(),
@@ -178,7 +181,7 @@ impl Proxy {
         }
         self.arm(now + cleanup, Timer::ClientCleanup(id));
         if abandoned {
-            if (200..300).contains(&code) && is_invite {
+            if status.is_success() && is_invite {
                 self.hang_up_late_answer(now, &key, &msg);
             }
             return;
@@ -202,7 +205,7 @@ impl Proxy {
             };
             self.branch_final(now, &skey, msg, dest);
         } else {
-            if is_invite && (200..300).contains(&code) {
+            if is_invite && status.is_success() {
                 self.refresh_session(now, &msg);
             }
             msg.remove_first(&HeaderName::Via);

@@ -127,7 +127,10 @@ impl Proxy {
         key: &ServerKey,
         resp: Message,
     ) {
-        let Some(code) = resp.code() else { return };
+        let Some(status) = resp.status() else {
+            return;
+        };
+        let code = status.as_u16();
         let data = resp.to_bytes();
         let t = self.cfg.timers.clone();
         let Some(tx) = self.server_txs.get_mut(key) else {
@@ -144,7 +147,7 @@ impl Proxy {
         if tx.state == ServerState::Proceeding {
             self.pending = self.pending.saturating_sub(1);
         }
-        if (200..300).contains(&code) {
+        if status.is_success() {
             // RFC 6026: retransmitted INVITEs are absorbed silently (the UAS retransmits its
             // 2xx itself), so nothing of the request or the response needs keeping: at high
             // call rates these lingering transactions are most of the memory.
@@ -156,7 +159,7 @@ impl Proxy {
             tx.state = ServerState::Completed;
         }
         self.send_response(reply, code, data);
-        if is_invite && !(200..300).contains(&code) {
+        if is_invite && !status.is_success() {
             if !reliable {
                 self.arm(now + t.t1, Timer::ServerRetransmit(id));
             }
@@ -170,7 +173,7 @@ impl Proxy {
         if let Some(call) = call {
             let setup = now.saturating_duration_since(call.received);
             self.metrics.invite_setup.observe(setup.as_secs_f64());
-            if !(200..300).contains(&code) {
+            if !status.is_success() {
                 self.end_dialog(&call.dialog, End::Failed);
             }
             let dest = self
