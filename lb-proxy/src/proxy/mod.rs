@@ -275,6 +275,15 @@ impl Proxy {
     /// Handles one message from the network.
     pub fn on_message(&mut self, now: Instant, inbound: Inbound) {
         let Inbound { msg, flow } = inbound;
+        // Every log line of the message's handling carries its call: a call's lines group by
+        // call_id. The fields are only read when debug logging is on.
+        let span = tracing::debug_span!(
+            "sip",
+            call_id = msg.call_id().unwrap_or_default(),
+            cseq = msg.get(&HeaderName::CSeq).unwrap_or_default(),
+            source = %flow.remote,
+        );
+        let _in_span = span.enter();
         if msg.is_request() {
             self.on_request(now, msg, flow);
         } else {

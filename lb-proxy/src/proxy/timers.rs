@@ -69,6 +69,8 @@ impl Proxy {
     /// Runs a timer that is due. A timer whose transaction, dialog or destination is gone does
     /// nothing (timers are cancelled lazily).
     pub(in crate::proxy) fn fire(&mut self, now: Instant, timer: Timer) {
+        let span = tracing::debug_span!("timer", timer = ?timer);
+        let _in_span = span.enter();
         match timer {
             Timer::ClientRetransmit(id) => self.client_retransmit(now, id),
             Timer::ClientTimeout(id) => {
