@@ -43,10 +43,7 @@ fn bench(c: &mut Criterion) {
             })
         });
         g.bench_with_input(BenchmarkId::new("rsip", name), &data, |b, d| {
-            b.iter(|| {
-                rsip::SipMessage::try_from(black_box(d.as_slice()))
-                    .map(|m| m.is_request())
-            })
+            b.iter(|| rsip::SipMessage::try_from(black_box(d.as_slice())).map(|m| m.is_request()))
         });
     }
     g.finish();
