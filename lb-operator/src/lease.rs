@@ -6,10 +6,68 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use kube::Client;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::settings::LeaseSettings;
+
+/// Whether this replica may write (statuses, Events, pushes), and the election behind it.
+pub struct Leadership {
+    /// True while this replica leads.
+    pub leading: watch::Receiver<bool>,
+    elector: Option<JoinHandle<()>>,
+    /// Without a Lease the replica always leads: the sender stays here so the channel stays
+    /// open.
+    _always: Option<watch::Sender<bool>>,
+}
+
+impl Leadership {
+    /// Elects through the Lease of `lease` (15 s, renewed every 2 s); with None, this replica
+    /// is the only writer and leads from the start.
+    pub fn start(
+        client: &Client,
+        lease: Option<&LeaseSettings>,
+        shutdown: &CancellationToken,
+    ) -> Leadership {
+        let (tx, leading) = watch::channel(lease.is_none());
+        let Some(l) = lease else {
+            return Leadership {
+                leading,
+                elector: None,
+                _always: Some(tx),
+            };
+        };
+        let elector = Elector {
+            api: Api::<Lease>::namespaced(client.clone(), &l.namespace),
+            name: l.name.clone(),
+            identity: l.identity.clone(),
+            duration: Duration::from_secs(15),
+            renew: Duration::from_secs(2),
+        };
+        Leadership {
+            leading,
+            elector: Some(tokio::spawn(elector.run(tx, shutdown.clone()))),
+            _always: None,
+        }
+    }
+
+    /// After the shutdown: waits (briefly) for the elector to release the lease, so that a
+    /// standby takes over at once instead of when the lease expires.
+    pub async fn finish(self) {
+        if let Some(task) = self.elector {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                warn!("the lease was not released within 5 s");
+            }
+        }
+    }
+}
 
 pub struct Elector {
     pub api: Api<Lease>,

@@ -1,0 +1,55 @@
+//! What can go wrong in the operator, one variant per kind.
+//!
+//! The kinds the operator survives (a failed push, status write or Event: logged,
+//! counted in `mrcp_lb_operator_errors_total{kind}` under [`Error::metric_label`], retried) and
+//! the ones that stop [`crate::run::run`] before the loop starts (no HTTP client, the listen
+//! address taken, the watches gone before their caches filled).
+
+use std::net::SocketAddr;
+
+use crate::push::PushError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A proxy did not take the destination set.
+    #[error(transparent)]
+    Push(#[from] PushError),
+    /// Writing an MrcpServer's status failed.
+    #[error("status update failed: {0}")]
+    Status(#[source] kube::Error),
+    /// Publishing an Event on a pod (`namespace/name`) failed.
+    #[error("event for pod {pod} failed: {source}")]
+    Event {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The HTTP client for the pushes could not be built.
+    #[error("HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+    /// The metrics/health address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A watch ended before its cache was filled.
+    #[error("watch ended before its cache synced: {0}")]
+    CacheSync(#[source] kube::runtime::reflector::store::WriterDropped),
+}
+
+impl Error {
+    /// The `kind` label of `mrcp_lb_operator_errors_total`: one fixed word per variant, never
+    /// anything from the error's text (names, URLs), so the metric keeps a handful of series.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Push(_) => "push",
+            Error::Status(_) => "status",
+            Error::Event { .. } => "event",
+            Error::HttpClient(_) => "http_client",
+            Error::Listen { .. } => "listen",
+            Error::CacheSync(_) => "cache_sync",
+        }
+    }
+}
