@@ -53,3 +53,24 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_are_fixed_words_whatever_the_message() {
+        let a = Error::Push(PushError::Rejected(
+            400,
+            "destination sip:10.0.0.1 bad".into(),
+        ));
+        let b = Error::Push(PushError::Http("connection refused to 10.9.9.9".into()));
+        assert_eq!(a.metric_label(), "push");
+        assert_eq!(b.metric_label(), "push");
+        // The message stays what the push error says (logs read as before).
+        assert_eq!(
+            a.to_string(),
+            "rejected with 400: destination sip:10.0.0.1 bad"
+        );
+    }
+}

@@ -174,3 +174,87 @@ fn unix_millis() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(ip: &str) -> DestinationSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": ip,
+            "uri": format!("sip:{ip}:8060"),
+            "resources": "pstn=100",
+        }))
+        .unwrap()
+    }
+
+    fn set(version: u64, dests: &[DestinationSpec]) -> DestinationSet {
+        DestinationSet {
+            version,
+            destinations: dests.to_vec(),
+            peers: None,
+        }
+    }
+
+    #[test]
+    fn the_first_set_takes_the_clock_as_its_version() {
+        let d = [dest("10.0.0.1")];
+        let s = next_set(None, &d, None, 0, false, 5_000).unwrap();
+        assert_eq!(
+            (s.version, s.destinations, s.peers),
+            (5_000, d.to_vec(), None)
+        );
+    }
+
+    #[test]
+    fn an_unchanged_round_keeps_the_set() {
+        let d = [dest("10.0.0.1")];
+        let current = set(5_000, &d);
+        assert_eq!(
+            next_set(Some(&current), &d, None, 4_999, false, 9_000),
+            None
+        );
+    }
+
+    #[test]
+    fn a_change_is_versioned_above_the_last_set_even_with_the_clock_behind() {
+        let current = set(5_000, &[dest("10.0.0.1")]);
+        let d = [dest("10.0.0.1"), dest("10.0.0.2")];
+        let s = next_set(Some(&current), &d, None, 0, false, 1_000).unwrap();
+        assert_eq!(s.version, 5_001);
+        let peers = Some(vec!["10.1.0.1:7070".parse().unwrap()]);
+        let s = next_set(
+            Some(&current),
+            &current.destinations,
+            peers,
+            0,
+            false,
+            9_000,
+        )
+        .unwrap();
+        assert_eq!(s.version, 9_000, "a peer list change is a new set");
+    }
+
+    #[test]
+    fn a_proxy_holding_a_newer_version_raises_the_next_one_above_it() {
+        let d = [dest("10.0.0.1")];
+        let current = set(5_000, &d);
+        let s = next_set(Some(&current), &d, None, 7_000, false, 6_000).unwrap();
+        assert_eq!(s.version, 7_001);
+        assert_eq!(s.destinations, d.to_vec());
+    }
+
+    #[test]
+    fn taking_the_lead_versions_the_same_set_anew() {
+        let d = [dest("10.0.0.1")];
+        let current = set(5_000, &d);
+        let s = next_set(Some(&current), &d, None, 0, true, 8_000).unwrap();
+        assert_eq!(s.version, 8_000);
+    }
+
+    #[test]
+    fn proxy_urls_bracket_ipv6() {
+        assert_eq!(proxy_url("10.0.0.1", 8081), "http://10.0.0.1:8081");
+        assert_eq!(proxy_url("fd00::1", 8081), "http://[fd00::1]:8081");
+    }
+}

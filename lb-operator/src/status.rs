@@ -151,3 +151,52 @@ fn with_condition(obj: &MrcpServer, view: &ServerView) -> MrcpServerStatus {
     }];
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_with_ready(status: Option<(&str, &str)>) -> MrcpServer {
+        let spec = serde_json::json!({"selector": {"matchLabels": {"app": "unimrcp"}}});
+        let mut s = MrcpServer::new("asr", serde_json::from_value(spec).unwrap());
+        s.metadata.generation = Some(4);
+        s.status = status.map(|(st, at)| MrcpServerStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: st.into(),
+                reason: "Before".into(),
+                message: String::new(),
+                observed_generation: Some(3),
+                last_transition_time: Time(at.parse().unwrap()),
+            }],
+            ..Default::default()
+        });
+        s
+    }
+
+    fn view(ready: bool) -> ServerView {
+        ServerView {
+            namespace: "speech".into(),
+            name: "asr".into(),
+            status: MrcpServerStatus::default(),
+            ready: (ready, "DestinationsReady", "1 of 1 ready".into()),
+        }
+    }
+
+    #[test]
+    fn the_ready_condition_keeps_its_transition_time_until_its_status_flips() {
+        let since = "2024-01-02T03:04:05Z";
+        let obj = server_with_ready(Some(("True", since)));
+        let kept = with_condition(&obj, &view(true));
+        let c = &kept.conditions[0];
+        assert_eq!(c.last_transition_time.0.to_string(), since);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), c.observed_generation),
+            ("True", "DestinationsReady", Some(4))
+        );
+        let flipped = with_condition(&obj, &view(false));
+        let c = &flipped.conditions[0];
+        assert_eq!(c.status, "False");
+        assert_ne!(c.last_transition_time.0.to_string(), since);
+    }
+}
