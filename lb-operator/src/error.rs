@@ -1,6 +1,6 @@
 //! What can go wrong in the operator, one variant per kind.
 //!
-//! The kinds the operator survives (a failed push, status write or Event: logged,
+//! The kinds the operator survives (a failed push, status write, Event or Lease call: logged,
 //! counted in `mrcp_lb_operator_errors_total{kind}` under [`Error::metric_label`], retried) and
 //! the ones that stop [`crate::run::run`] before the loop starts (no HTTP client, the listen
 //! address taken, the watches gone before their caches filled).
@@ -21,6 +21,13 @@ pub enum Error {
     #[error("event for pod {pod} failed: {source}")]
     Event {
         pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// A call on the leader Lease failed (this replica follows until the next try).
+    #[error("lease {name}: {source}")]
+    Lease {
+        name: String,
         #[source]
         source: kube::Error,
     },
@@ -47,6 +54,7 @@ impl Error {
             Error::Push(_) => "push",
             Error::Status(_) => "status",
             Error::Event { .. } => "event",
+            Error::Lease { .. } => "lease",
             Error::HttpClient(_) => "http_client",
             Error::Listen { .. } => "listen",
             Error::CacheSync(_) => "cache_sync",

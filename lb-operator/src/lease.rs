@@ -7,12 +7,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::Client;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::settings::LeaseSettings;
 
 /// Whether this replica may write (statuses, Events, pushes), and the election behind it.
@@ -31,6 +34,7 @@ impl Leadership {
     pub fn start(
         client: &Client,
         lease: Option<&LeaseSettings>,
+        metrics: Arc<Metrics>,
         shutdown: &CancellationToken,
     ) -> Leadership {
         let (tx, leading) = watch::channel(lease.is_none());
@@ -47,6 +51,7 @@ impl Leadership {
             identity: l.identity.clone(),
             duration: Duration::from_secs(15),
             renew: Duration::from_secs(2),
+            metrics,
         };
         Leadership {
             leading,
@@ -77,6 +82,8 @@ pub struct Elector {
     pub duration: Duration,
     /// How often the leader renews and followers retry.
     pub renew: Duration,
+    /// Failed Lease calls count in `mrcp_lb_operator_errors_total{kind="lease"}`.
+    pub metrics: Arc<Metrics>,
 }
 
 enum Outcome {
@@ -92,7 +99,7 @@ impl Elector {
             let outcome = match self.try_acquire().await {
                 Ok(o) => o,
                 Err(e) => {
-                    warn!("lease {}: {e}", self.name);
+                    warn!("{}", self.failed(e));
                     Outcome::Following
                 }
             };
@@ -109,9 +116,19 @@ impl Elector {
         if *leading.borrow() {
             let _ = leading.send(false);
             if let Err(e) = self.release().await {
-                warn!("releasing lease {}: {e}", self.name);
+                warn!("releasing {}", self.failed(e));
             }
         }
+    }
+
+    /// Counts a failed Lease call; the caller logs it.
+    fn failed(&self, source: kube::Error) -> Error {
+        let e = Error::Lease {
+            name: self.name.clone(),
+            source,
+        };
+        self.metrics.error(&e);
+        e
     }
 
     async fn try_acquire(&self) -> Result<Outcome, kube::Error> {

@@ -28,7 +28,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new());
     let ctx = Context::start(client, settings, metrics.clone(), &shutdown);
-    let leadership = Leadership::start(&ctx.client, ctx.settings.lease.as_ref(), &shutdown);
+    let leadership = Leadership::start(
+        &ctx.client,
+        ctx.settings.lease.as_ref(),
+        metrics.clone(),
+        &shutdown,
+    );
     let push = Pusher::spawn(
         &ctx.settings,
         metrics.clone(),
