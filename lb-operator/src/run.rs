@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::push::Pusher;
 use crate::reconcile::Reconciler;
 
-// Where these lived before the split; `main.rs` and older callers name them through `run`.
+// Where these lived before the split: callers that name them through `run` keep working.
 pub use crate::settings::{LeaseSettings, Settings};
 pub use crate::watches::WatchBackoff;
 
