@@ -6,10 +6,73 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use kube::Client;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::settings::LeaseSettings;
+
+/// Whether this replica may write (statuses, Events, pushes), and the election behind it.
+pub struct Leadership {
+    /// True while this replica leads.
+    pub leading: watch::Receiver<bool>,
+    elector: Option<JoinHandle<()>>,
+    /// Without a Lease the replica always leads: the sender stays here so the channel stays
+    /// open.
+    _always: Option<watch::Sender<bool>>,
+}
+
+impl Leadership {
+    /// Elects through the Lease of `lease` (15 s, renewed every 2 s); with None, this replica
+    /// is the only writer and leads from the start.
+    pub fn start(
+        client: &Client,
+        lease: Option<&LeaseSettings>,
+        metrics: Arc<Metrics>,
+        shutdown: &CancellationToken,
+    ) -> Leadership {
+        let (tx, leading) = watch::channel(lease.is_none());
+        let Some(l) = lease else {
+            return Leadership {
+                leading,
+                elector: None,
+                _always: Some(tx),
+            };
+        };
+        let elector = Elector {
+            api: Api::<Lease>::namespaced(client.clone(), &l.namespace),
+            name: l.name.clone(),
+            identity: l.identity.clone(),
+            duration: Duration::from_secs(15),
+            renew: Duration::from_secs(2),
+            metrics,
+        };
+        Leadership {
+            leading,
+            elector: Some(tokio::spawn(elector.run(tx, shutdown.clone()))),
+            _always: None,
+        }
+    }
+
+    /// After the shutdown: waits (briefly) for the elector to release the lease, so that a
+    /// standby takes over at once instead of when the lease expires.
+    pub async fn finish(self) {
+        if let Some(task) = self.elector {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                warn!("the lease was not released within 5 s");
+            }
+        }
+    }
+}
 
 pub struct Elector {
     pub api: Api<Lease>,
@@ -19,6 +82,8 @@ pub struct Elector {
     pub duration: Duration,
     /// How often the leader renews and followers retry.
     pub renew: Duration,
+    /// Failed Lease calls count in `mrcp_lb_operator_errors_total{kind="lease"}`.
+    pub metrics: Arc<Metrics>,
 }
 
 enum Outcome {
@@ -34,7 +99,7 @@ impl Elector {
             let outcome = match self.try_acquire().await {
                 Ok(o) => o,
                 Err(e) => {
-                    warn!("lease {}: {e}", self.name);
+                    warn!("{}", self.failed(e));
                     Outcome::Following
                 }
             };
@@ -51,9 +116,19 @@ impl Elector {
         if *leading.borrow() {
             let _ = leading.send(false);
             if let Err(e) = self.release().await {
-                warn!("releasing lease {}: {e}", self.name);
+                warn!("releasing {}", self.failed(e));
             }
         }
+    }
+
+    /// Counts a failed Lease call; the caller logs it.
+    fn failed(&self, source: kube::Error) -> Error {
+        let e = Error::Lease {
+            name: self.name.clone(),
+            source,
+        };
+        self.metrics.error(&e);
+        e
     }
 
     async fn try_acquire(&self) -> Result<Outcome, kube::Error> {

@@ -6,17 +6,34 @@
 //! - [`model`]: all servers and pods → the destination set and each server's status (pure);
 //! - [`push`]: delivering the set to every proxy replica;
 //! - [`lease`]: leader election for writes;
-//! - [`run`]: the watches and the loop.
+//! - [`run`]: start-up and the loop, over
+//!   - [`settings`]: what the command line says;
+//!   - [`context`]: what the loop shares (client, settings, recorder, metrics, caches);
+//!   - [`watches`]: the reflectors and the change signal;
+//!   - [`reconcile`]: one round, compute → push → status;
+//!   - [`status`]: MrcpServer statuses and Events (server-side apply);
+//!   - [`http`]: `/metrics`, `/healthz`, `/readyz`;
+//!   - [`error`]: the operator's errors and their metric label;
+//!   - [`metrics`]: the Prometheus metrics.
 
 #![forbid(unsafe_code)]
 
+pub mod context;
 pub mod crd;
+pub mod error;
+pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod pods;
 pub mod push;
+pub mod reconcile;
 pub mod run;
+pub mod settings;
+pub mod status;
+pub mod watches;
+
+pub use error::Error;
 
 use kube::CustomResourceExt;
 

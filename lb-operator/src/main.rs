@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use lb_operator::run::{LeaseSettings, Settings};
+use lb_operator::settings::{LeaseSettings, Settings};
 
 /// Registers UniMRCP server pods (MrcpServer resources) with every lb-proxy replica.
 #[derive(Parser)]

@@ -5,6 +5,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::error::Error;
+
 pub struct Metrics {
     pub registry: Registry,
     /// Recomputations of the destination set (one per batch of watch events).
@@ -117,8 +119,9 @@ impl Metrics {
         }
     }
 
-    pub fn error(&self, kind: &str) {
-        self.errors.with_label_values(&[kind]).inc();
+    /// Counts `e` in `mrcp_lb_operator_errors_total`, under its [`Error::metric_label`].
+    pub fn error(&self, e: &Error) {
+        self.errors.with_label_values(&[e.metric_label()]).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::settings::Settings;
 
 /// The set to push and when it was computed (for the latency metric).
 #[derive(Debug, Clone)]
@@ -35,12 +37,50 @@ pub struct Pusher {
     pub floor: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The loop's side of the pushers: where it hands the newest set and the proxy list.
+pub struct PushHandle {
+    pub desired: watch::Sender<Option<Desired>>,
+    /// The proxies' admin base URLs.
+    pub proxies: watch::Sender<BTreeSet<String>>,
+    /// [`Pusher::floor`]: the next set must be versioned above it.
+    pub floor: Arc<std::sync::atomic::AtomicU64>,
+}
+
 struct ProxyTask {
     handle: JoinHandle<()>,
     in_sync: Arc<AtomicBool>,
 }
 
 impl Pusher {
+    /// Starts the pushers for the `--proxy-url` proxies (the loop adds the discovered ones);
+    /// they push while `leading` is true.
+    pub fn spawn(
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+        leading: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) -> Result<PushHandle, Error> {
+        let (desired, desired_rx) = watch::channel::<Option<Desired>>(None);
+        let (proxies, proxies_rx) =
+            watch::channel::<BTreeSet<String>>(settings.proxy_urls.iter().cloned().collect());
+        let pusher = Pusher {
+            http: reqwest::Client::builder()
+                .build()
+                .map_err(Error::HttpClient)?,
+            token: settings.token.clone().map(Arc::from),
+            resync: settings.resync,
+            metrics,
+            floor: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let floor = pusher.floor.clone();
+        tokio::spawn(pusher.run(desired_rx, proxies_rx, leading, shutdown));
+        Ok(PushHandle {
+            desired,
+            proxies,
+            floor,
+        })
+    }
+
     /// Follows the proxy list: one push task per proxy base URL (e.g. `http://10.1.2.3:8081`).
     /// Pushes happen only while `enabled` is true (this replica leads).
     pub async fn run(
@@ -139,8 +179,9 @@ impl Pusher {
                             }
                         }
                         in_sync.store(false, Ordering::Relaxed);
-                        self.metrics.error("push");
                         self.metrics.pushes.with_label_values(&[e.label()]).inc();
+                        let e = Error::Push(e);
+                        self.metrics.error(&e);
                         warn!(proxy = %url, "push failed, retrying in {backoff:?}: {e}");
                         wait = backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(10));

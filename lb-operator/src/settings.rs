@@ -1,0 +1,78 @@
+//! What the operator is told on its command line (`main.rs` turns the flags into [`Settings`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything the operator is told on its command line.
+#[derive(Clone)]
+pub struct Settings {
+    /// Watch MrcpServers and pods in this namespace only; all namespaces when None.
+    pub namespace: Option<String>,
+    /// Label selector of the proxy pods (their admin API gets the set).
+    pub proxy_selector: Option<String>,
+    /// Namespace of the proxy pods.
+    pub proxy_namespace: Option<String>,
+    pub proxy_admin_port: u16,
+    /// Proxies at fixed admin URLs (outside the cluster, or tests).
+    pub proxy_urls: Vec<String>,
+    /// UDP port of the proxies' cluster listener: the pushed set lists every proxy replica at
+    /// `<IP>:<port>` as the replicas' `peers`. None: no peer list is pushed (the proxies keep
+    /// the peers of their config files).
+    pub proxy_cluster_port: Option<u16>,
+    pub token: Option<String>,
+    pub listen: SocketAddr,
+    pub resync: Duration,
+    /// Lease for leader election; None runs as the only writer.
+    pub lease: Option<LeaseSettings>,
+}
+
+/// Every field but the admin token, which shows only whether it is set: a `{:?}` of the
+/// settings in a log must not leak it.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("namespace", &self.namespace)
+            .field("proxy_selector", &self.proxy_selector)
+            .field("proxy_namespace", &self.proxy_namespace)
+            .field("proxy_admin_port", &self.proxy_admin_port)
+            .field("proxy_urls", &self.proxy_urls)
+            .field("proxy_cluster_port", &self.proxy_cluster_port)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("listen", &self.listen)
+            .field("resync", &self.resync)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_admin_token() {
+        let s = Settings {
+            namespace: None,
+            proxy_selector: None,
+            proxy_namespace: None,
+            proxy_admin_port: 8081,
+            proxy_urls: vec![],
+            proxy_cluster_port: Some(7070),
+            token: Some("s3cr3t-admin-token".into()),
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            resync: Duration::from_secs(10),
+            lease: None,
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("token: Some(\"<redacted>\")"), "{shown}");
+        assert!(shown.contains("proxy_admin_port: 8081"), "{shown}");
+    }
+}
