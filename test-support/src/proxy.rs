@@ -188,7 +188,6 @@ struct Served {
     name: String,
     scenario: &'static str,
     port: u16,
-    transport: Transport,
 }
 
 /// The set-up most proxy tests share: a proxy (`config_yaml`: routing `mode`, destinations,
@@ -243,18 +242,25 @@ impl<'e> Sandbox<'e> {
     }
 
     /// As `serve`, naming the server.
-    pub fn serve_as(mut self, name: &str, d: Dest, scenario: &'static str) -> Self {
+    pub fn serve_as(self, name: &str, d: Dest, scenario: &'static str) -> Self {
+        let port = d.port;
+        self.dest(d).uas(name, port, scenario)
+    }
+
+    /// Destinations in the config, in order (see `dest`).
+    pub fn dests(mut self, ds: &[Dest]) -> Self {
+        self.dests.extend(ds.iter().cloned());
+        self
+    }
+
+    /// A sipp server `name` for the destination on `port` (with its transport), playing
+    /// `scenario`.
+    pub fn uas(mut self, name: &str, port: u16, scenario: &'static str) -> Self {
         self.served.push(Served {
             name: name.to_string(),
             scenario,
-            port: d.port,
-            transport: if d.tcp {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            },
+            port,
         });
-        self.dests.push(d);
         self
     }
 
@@ -289,10 +295,12 @@ impl<'e> Sandbox<'e> {
             .served
             .iter()
             .map(|s| {
+                let tcp = self.dests.iter().any(|d| d.port == s.port && d.tcp);
+                let transport = if tcp { Transport::Tcp } else { Transport::Udp };
                 Sipp::uas(self.env, &s.name)
                     .scenario(s.scenario)
                     .port(s.port)
-                    .transport(s.transport)
+                    .transport(transport)
                     .start()
             })
             .collect();

@@ -126,6 +126,12 @@ impl<'e> SippBuilder<'e> {
         self
     }
 
+    /// A scenario given as a value (a file or a built-in one).
+    pub fn play(mut self, scenario: Scenario) -> Self {
+        self.scenario = scenario;
+        self
+    }
+
     /// One of sipp's built-in scenarios (`-sn uac`).
     pub fn builtin(mut self, name: &'static str) -> Self {
         self.scenario = Scenario::Builtin(name);
