@@ -30,6 +30,11 @@ macro_rules! test_env {
 /// kept for inspection.
 static SOME_TEST_FAILED: AtomicBool = AtomicBool::new(false);
 
+/// Records that a test of this binary failed (a `TestEnv` dropped in a panic does it too).
+pub fn mark_failed() {
+    SOME_TEST_FAILED.store(true, Ordering::SeqCst);
+}
+
 /// Whether a test of this binary has failed so far.
 pub fn some_test_failed() -> bool {
     SOME_TEST_FAILED.load(Ordering::SeqCst)
