@@ -250,7 +250,10 @@ async fn ready_pods_register_with_their_capacities_in_every_proxy() {
 async fn capacity_change_keeps_the_load_of_open_calls() {
     let env = TestEnv::new("capacity", 2).await;
     let ip = env.pod_ip(1);
-    let server = Sipp::server(&env, "uas", &ip, 8060).await;
+    let server = Sipp::uas(&env, "uas")
+        .at(format!("{ip}:8060").parse().unwrap())
+        .start_async()
+        .await;
     let proxy = Proxy::start(&env, "proxy", 5060, 8081).await;
     let _op = Operator::start(&env, "operator", 8090, &[&proxy], &[]).await;
     // A real server listens on the pod's IP:port: the proxy may probe it (mode 2).
@@ -262,7 +265,15 @@ async fn capacity_change_keeps_the_load_of_open_calls() {
     let u = uri(&ip);
     let id = wait_state(&proxy, &u, State::Up, 10 * SEC).await;
 
-    let client = Sipp::client(&env, "uac", 5070, proxy.sip, 3, 20_000, 60 * SEC);
+    let client = Sipp::uac(&env, "uac")
+        .port(5070)
+        .to(proxy.sip)
+        .calls(3)
+        .limit(3)
+        .rate(20)
+        .hold(ms(20_000))
+        .timeout(60 * SEC)
+        .start();
     eventually("3 open calls on mrcp-0", 15 * SEC, POLL, async || {
         let set = proxy.try_destinations().await?;
         let d = by_uri(&set, &u).ok_or(describe(&set))?;
@@ -307,7 +318,7 @@ async fn capacity_change_keeps_the_load_of_open_calls() {
         describe(&set)
     );
 
-    let report = client.wait(60 * SEC).await;
+    let report = client.wait_async(60 * SEC).await;
     report.assert_all_ok(3);
     eventually("load back to 0", 10 * SEC, POLL, async || {
         let set = proxy.try_destinations().await?;
@@ -317,7 +328,7 @@ async fn capacity_change_keeps_the_load_of_open_calls() {
             .ok_or(describe(&set))
     })
     .await;
-    let srv = server.stop().await;
+    let srv = server.stop_async().await;
     assert_eq!(srv.stat("FailedCall(C)"), 0, "{}", srv.summary());
 }
 
@@ -447,7 +458,10 @@ async fn deleting_an_mrcpserver_removes_its_destinations() {
 async fn operator_restart_keeps_the_set_and_converges() {
     let env = TestEnv::new("restart", 5).await;
     let ip = env.pod_ip(1);
-    let server = Sipp::server(&env, "uas", &ip, 8060).await;
+    let server = Sipp::uas(&env, "uas")
+        .at(format!("{ip}:8060").parse().unwrap())
+        .start_async()
+        .await;
     let proxy = Proxy::start(&env, "proxy", 5060, 8081).await;
     let mut op1 = Operator::start(&env, "operator-1", 8090, &[&proxy], &[]).await;
     // mrcp-1 has no server behind its IP: no probing (mode 0).
@@ -461,7 +475,15 @@ async fn operator_restart_keeps_the_set_and_converges() {
     let id0 = wait_state(&proxy, &u0, State::Up, 10 * SEC).await;
     let id1 = wait_state(&proxy, &u1, State::Down, 10 * SEC).await;
 
-    let long = Sipp::client(&env, "uac-long", 5070, proxy.sip, 1, 15_000, 40 * SEC);
+    let long = Sipp::uac(&env, "uac-long")
+        .port(5070)
+        .to(proxy.sip)
+        .calls(1)
+        .limit(1)
+        .rate(20)
+        .hold(ms(15_000))
+        .timeout(40 * SEC)
+        .start();
     eventually("1 open call on mrcp-0", 10 * SEC, POLL, async || {
         let set = proxy.try_destinations().await?;
         let d = by_uri(&set, &u0).ok_or(describe(&set))?;
@@ -492,8 +514,16 @@ async fn operator_restart_keeps_the_set_and_converges() {
     assert_eq!(describe(&during), describe(&before));
     assert_eq!(proxy.readyz().await, 200);
     // Routing still works without an operator.
-    let short = Sipp::client(&env, "uac-short", 5071, proxy.sip, 1, 200, 20 * SEC);
-    short.wait(20 * SEC).await.assert_all_ok(1);
+    let short = Sipp::uac(&env, "uac-short")
+        .port(5071)
+        .to(proxy.sip)
+        .calls(1)
+        .limit(1)
+        .rate(20)
+        .hold(ms(200))
+        .timeout(20 * SEC)
+        .start();
+    short.wait_async(20 * SEC).await.assert_all_ok(1);
 
     let op2 = Operator::start(&env, "operator-2", 8091, &[&proxy], &[]).await;
     let after = eventually("a push from operator-2", 10 * SEC, POLL, async || {
@@ -527,7 +557,7 @@ async fn operator_restart_keeps_the_set_and_converges() {
     assert!(ok.unwrap_or(0.0) >= 2.0, "resync pushes: ok={ok:?}");
     assert_eq!(in_sync, Some(1.0));
 
-    long.wait(40 * SEC).await.assert_all_ok(1);
+    long.wait_async(40 * SEC).await.assert_all_ok(1);
     drop(server);
 }
 

@@ -54,7 +54,12 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
     let ips = [env.pod_ip(1), env.pod_ip(2), env.pod_ip(3)];
     let mut servers = Vec::new();
     for (k, ip) in ips.iter().enumerate() {
-        servers.push(Sipp::server(&env, &format!("uas-{k}"), ip, 8060).await);
+        servers.push(
+            Sipp::uas(&env, &format!("uas-{k}"))
+                .at(format!("{ip}:8060").parse().unwrap())
+                .start_async()
+                .await,
+        );
     }
     let proxy = Proxy::start(&env, "proxy", 5060, 8081).await;
     let lease = [
@@ -105,7 +110,15 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
     })
     .await;
     // A call that stays open through the outage.
-    let long = Sipp::client(&env, "uac-long", 5070, proxy.sip, 1, 70_000, 120 * SEC);
+    let long = Sipp::uac(&env, "uac-long")
+        .port(5070)
+        .to(proxy.sip)
+        .calls(1)
+        .limit(1)
+        .rate(20)
+        .hold(ms(70_000))
+        .timeout(120 * SEC)
+        .start();
     eventually("the long call to be open", 10 * SEC, POLL, async || {
         let set = proxy.try_destinations().await?;
         (open_calls(&set) == 1).then_some(()).ok_or(describe(&set))
@@ -136,8 +149,16 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
         tokio::time::sleep(2 * SEC).await;
     }
     // The proxy routes on its last set meanwhile.
-    let calls = Sipp::client(&env, "uac-during", 5071, proxy.sip, 10, 200, 20 * SEC);
-    calls.wait(30 * SEC).await.assert_all_ok(10);
+    let calls = Sipp::uac(&env, "uac-during")
+        .port(5071)
+        .to(proxy.sip)
+        .calls(10)
+        .limit(10)
+        .rate(20)
+        .hold(ms(200))
+        .timeout(20 * SEC)
+        .start();
+    calls.wait_async(30 * SEC).await.assert_all_ok(10);
     assert!(op.guard.running(), "the operator exited during the outage");
     assert_eq!(op.get("/healthz").await.map(|r| r.0), Ok(200));
     let leader_during = op.metric("mrcp_lb_operator_leader").await.unwrap();
@@ -222,12 +243,20 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
     .await;
 
     // New calls go by the new set: all to mrcp-2, the largest free capacity.
-    let calls = Sipp::client(&env, "uac-after", 5072, proxy.sip, 5, 200, 20 * SEC);
-    calls.wait(30 * SEC).await.assert_all_ok(5);
+    let calls = Sipp::uac(&env, "uac-after")
+        .port(5072)
+        .to(proxy.sip)
+        .calls(5)
+        .limit(5)
+        .rate(20)
+        .hold(ms(200))
+        .timeout(20 * SEC)
+        .start();
+    calls.wait_async(30 * SEC).await.assert_all_ok(5);
     let set = proxy.destinations().await;
     let d2 = by_uri(&set, &uri(&ips[2])).expect("mrcp-2 listed");
     assert_eq!(d2.calls, 5, "{}", describe(&set));
 
-    long.wait(120 * SEC).await.assert_all_ok(1);
+    long.wait_async(120 * SEC).await.assert_all_ok(1);
     drop(servers);
 }

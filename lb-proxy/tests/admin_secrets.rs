@@ -9,9 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use serde_json::json;
 use std::fs;
 use std::process::{Command, Stdio};
@@ -24,7 +22,7 @@ enum Source {
 }
 
 fn run_case(case: &str, ip: &str, source: Source, level: &str, format: &str) {
-    let env = TestEnv::new(case, ip);
+    let env = test_env!(case, ip);
     let token = format!("tok-{:032x}", rand::random::<u128>());
     let config = config_yaml(
         &env,

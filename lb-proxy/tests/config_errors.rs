@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::fs;
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -187,7 +185,7 @@ fn check_refused(run: &Run, bad: &Bad, file: &Path, mode: &str) {
 
 #[test]
 fn bad_files_are_refused_naming_field_and_value_and_bind_nothing() {
-    let env = TestEnv::new("config_errors", IP);
+    let env = test_env!("config_errors", IP);
     for bad in bad_files() {
         let file = env.dir.join(format!("{}.yaml", bad.name));
         fs::write(&file, &bad.yaml).unwrap();
@@ -221,7 +219,7 @@ fn bad_files_are_refused_naming_field_and_value_and_bind_nothing() {
 /// instead of reporting the bad field.
 #[test]
 fn bad_file_is_refused_before_any_bind() {
-    let env = TestEnv::new("config_errors_held", IP);
+    let env = test_env!("config_errors_held", IP);
     let port = 5067;
     let _udp = UdpSocket::bind((IP, port)).expect("hold UDP port");
     let _tcp = TcpListener::bind((IP, port)).expect("hold TCP port");
@@ -255,7 +253,7 @@ fn bad_file_is_refused_before_any_bind() {
 /// clash with anything on 127.0.0.1).
 #[test]
 fn standalone_example_passes_check() {
-    let env = TestEnv::new("config_check_example", IP);
+    let env = test_env!("config_check_example", IP);
     let root = repo_root();
     let run = run_proxy(
         &env,
@@ -283,7 +281,7 @@ fn standalone_example_passes_check() {
 /// listener too.
 #[test]
 fn unknown_key_in_listener_object_is_named() {
-    let env = TestEnv::new("config_listener_key", IP);
+    let env = test_env!("config_listener_key", IP);
     let bad = Bad {
         name: "listener_unknown_key",
         yaml: format!(

@@ -8,10 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
 use lb_api::admin::{DestinationsStatus, ErrorBody, State};
+use mrcp_lb_test_support::*;
 use serde_json::{json, Value};
 use std::fs;
 use std::net::SocketAddr;
@@ -93,7 +91,7 @@ fn sorted(keys: &[&str]) -> Vec<String> {
 
 #[test]
 fn admin_endpoints_answer_as_documented() {
-    let env = TestEnv::new("admin_endpoints", "127.0.1.37");
+    let env = test_env!("admin_endpoints", "127.0.1.37");
     let mut proxy = Proxy::start(&env, &config_without_destinations(&env, ""));
     let admin = proxy.admin;
     let ip = &env.ip;
@@ -341,7 +339,7 @@ fn admin_endpoints_answer_as_documented() {
 
 #[test]
 fn admin_token_guards_writes_and_leaves_reads_open() {
-    let env = TestEnv::new("admin_token", "127.0.1.38");
+    let env = test_env!("admin_token", "127.0.1.38");
     let token = "t0k-4f1c9e-secret";
     let token_file = env.dir.join("admin.token");
     fs::write(&token_file, format!("{token}\n")).unwrap();

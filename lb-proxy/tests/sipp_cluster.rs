@@ -9,9 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -111,7 +109,7 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
     let envs: Vec<TestEnv> = ips
         .iter()
         .enumerate()
-        .map(|(i, ip)| TestEnv::new(&format!("cluster_oversell_{i}"), ip))
+        .map(|(i, ip)| test_env!(&format!("cluster_oversell_{i}"), ip))
         .collect();
     const CAP: u32 = 4;
     let dests = [(1, SERVER1_PORT, CAP), (2, SERVER2_PORT, CAP)];
@@ -119,14 +117,10 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
         .iter()
         .map(|port| {
             let local = SocketAddr::new(ips[0].parse().unwrap(), *port);
-            Sipp::server_traced(
-                &envs[0],
-                &format!("server{port}"),
-                "uas.xml",
-                local,
-                Transport::Udp,
-                0,
-            )
+            Sipp::uas(&envs[0], &format!("server{port}"))
+                .at(local)
+                .trace_messages()
+                .start()
         })
         .collect();
     let mut proxies: Vec<Proxy> = envs
@@ -159,15 +153,14 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
     let clients: Vec<Sipp> = envs
         .iter()
         .map(|e| {
-            Sipp::client(
-                e,
-                "client",
-                Scenario::File("uac_200_or_503.xml"),
-                CLIENT_PORT,
-                Transport::Udp,
-                Duration::from_secs(40),
-                &["-m", "60", "-r", "10", "-l", "40", "-d", "2000"],
-            )
+            Sipp::uac(e, "client")
+                .scenario("uac_200_or_503.xml")
+                .timeout(secs(40))
+                .calls(60)
+                .rate(10)
+                .limit(40)
+                .hold(ms(2000))
+                .start()
         })
         .collect();
     let reports: Vec<SippReport> = clients
@@ -213,15 +206,13 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
 
     // Long calls through the third replica; the others count them.
     let c = &envs[2];
-    let long = Sipp::client(
-        c,
-        "long",
-        Scenario::File("uac.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &["-m", "3", "-r", "10", "-d", "60000"],
-    );
+    let long = Sipp::uac(c, "long")
+        .port(CLIENT2_PORT)
+        .timeout(secs(60))
+        .calls(3)
+        .rate(10)
+        .hold(ms(60000))
+        .start();
     wait_for(
         "the first replica to count the third one's 3 calls",
         Duration::from_secs(10),
@@ -263,16 +254,13 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
     drop(long);
     // The survivors keep routing.
     for (i, e) in envs[..2].iter().enumerate() {
-        let r = Sipp::client(
-            e,
-            &format!("after{i}"),
-            Scenario::File("uac.xml"),
-            CLIENT2_PORT,
-            Transport::Udp,
-            Duration::from_secs(20),
-            &["-m", "4", "-r", "10", "-d", "100"],
-        )
-        .wait(Duration::from_secs(20));
+        let r = Sipp::uac(e, &format!("after{i}"))
+            .port(CLIENT2_PORT)
+            .timeout(secs(20))
+            .calls(4)
+            .rate(10)
+            .hold(ms(100))
+            .run();
         r.assert_all_ok(4);
     }
     for s in servers {
@@ -284,11 +272,11 @@ fn three_replicas_never_oversell_and_a_dead_replicas_load_goes_away() {
 fn a_bye_through_another_replica_ends_the_call_and_frees_the_load() {
     let ips = ["127.0.7.11", "127.0.7.12"];
     let (ea, eb) = (
-        TestEnv::new("cluster_bye_a", ips[0]),
-        TestEnv::new("cluster_bye_b", ips[1]),
+        test_env!("cluster_bye_a", ips[0]),
+        test_env!("cluster_bye_b", ips[1]),
     );
     let dests = [(1, SERVER1_PORT, 100)];
-    let server = Sipp::server(&ea, "server", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
+    let server = Sipp::uas(&ea, "server").port(SERVER1_PORT).start();
     let a = Proxy::start(&ea, &replica_config(ips[0], &ips, ips[0], &dests));
     let b = Proxy::start(&eb, &replica_config(ips[1], &ips, ips[0], &dests));
     a.wait_state(&["1"], "up", Duration::from_secs(10));
@@ -302,17 +290,13 @@ fn a_bye_through_another_replica_ends_the_call_and_frees_the_load() {
 
     // Calls set up through A, no BYE yet.
     let n = N.to_string();
-    Sipp::client(
-        &ea,
-        "setup",
-        Scenario::File("uac_cross_setup.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(20),
-        &[cid[0], cid[1], "-m", &n, "-r", "10"],
-    )
-    .wait(Duration::from_secs(20))
-    .assert_all_ok(N);
+    Sipp::uac(&ea, "setup")
+        .scenario("uac_cross_setup.xml")
+        .timeout(secs(20))
+        .rate(10)
+        .args([cid[0], cid[1], "-m", &n])
+        .run()
+        .assert_all_ok(N);
     assert_eq!(a.stats().active, N);
     assert_eq!(own_load(a.admin, "1"), N);
     wait_for(
@@ -324,28 +308,15 @@ fn a_bye_through_another_replica_ends_the_call_and_frees_the_load() {
     assert_eq!(own_load(b.admin, "1"), 0);
 
     // The callers hang up through B, which never saw these calls.
-    Sipp::client_at(
-        &eb,
-        "hangup",
-        Scenario::File("uac_bye_only.xml"),
-        SocketAddr::new(ips[1].parse().unwrap(), CLIENT2_PORT),
-        &eb.proxy_target(),
-        Transport::Udp,
-        Duration::from_secs(20),
-        &[
-            cid[0],
-            cid[1],
-            "-key",
-            "server_contact",
-            &contact,
-            "-m",
-            &n,
-            "-r",
-            "10",
-        ],
-    )
-    .wait(Duration::from_secs(20))
-    .assert_all_ok(N);
+    Sipp::uac(&eb, "hangup")
+        .scenario("uac_bye_only.xml")
+        .at(SocketAddr::new(ips[1].parse().unwrap(), CLIENT2_PORT))
+        .to(eb.proxy_target())
+        .timeout(secs(20))
+        .rate(10)
+        .args([cid[0], cid[1], "-key", "server_contact", &contact, "-m", &n])
+        .run()
+        .assert_all_ok(N);
     let freed = Instant::now();
     let stats = a.wait_idle(Duration::from_secs(5));
     eprintln!(
@@ -367,8 +338,7 @@ fn a_bye_through_another_replica_ends_the_call_and_frees_the_load() {
         .unwrap_or(0.0);
     assert_eq!(applied, N as f64, "A ended each dialog on B's notice");
     // Every call ended at the server: it got each BYE (relayed by B).
-    server.wait_no_calls(Duration::from_secs(10));
-    let s = server.stop();
+    let s = server.drain();
     assert_eq!(s.failed(), 0, "{}", s.summary());
     assert_eq!(s.invites(), N);
     assert_eq!(s.count("BYE_Recv"), N, "{}", s.summary());

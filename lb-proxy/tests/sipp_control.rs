@@ -12,10 +12,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
 use lb_api::admin::{DestinationStatus, DestinationsStatus, State};
+use mrcp_lb_test_support::*;
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
@@ -71,22 +69,20 @@ fn dest_uri(env: &TestEnv, port: u16) -> String {
 }
 
 fn uas(env: &TestEnv, name: &str, port: u16) -> Sipp {
-    Sipp::server(env, name, "uas.xml", port, Transport::Udp, 0)
+    Sipp::uas(env, name).port(port).start()
 }
 
 /// Short calls (`-d 200`) on `port`, all at once-ish; waits for them and returns the report.
 fn short_calls(env: &TestEnv, name: &str, port: u16, calls: u64) -> SippReport {
     let n = calls.to_string();
-    let r = Sipp::client(
-        env,
-        name,
-        Scenario::File("uac.xml"),
-        port,
-        Transport::Udp,
-        Duration::from_secs(20),
-        &["-m", &n, "-r", "10", "-l", "20", "-d", "200"],
-    )
-    .wait(Duration::from_secs(20));
+    let r = Sipp::uac(env, name)
+        .port(port)
+        .timeout(secs(20))
+        .rate(10)
+        .limit(20)
+        .hold(ms(200))
+        .args(["-m", &n])
+        .run();
     eprintln!("{}", r.summary());
     r
 }
@@ -95,15 +91,10 @@ fn short_calls(env: &TestEnv, name: &str, port: u16, calls: u64) -> SippReport {
 fn long_calls(env: &TestEnv, calls: u64, ms: u64) -> Sipp {
     let n = calls.to_string();
     let d = ms.to_string();
-    Sipp::client(
-        env,
-        "long_calls",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", &n, "-r", "10", "-l", &n, "-d", &d],
-    )
+    Sipp::uac(env, "long_calls")
+        .rate(10)
+        .args(["-m", &n, "-l", &n, "-d", &d])
+        .start()
 }
 
 /// Waits until the pstn loads of destinations 1 and 2 are `(l1, l2)`.
@@ -178,7 +169,7 @@ fn stop_and_wait_down(admin: SocketAddr, s2: Sipp) -> (Duration, DestinationStat
 
 #[test]
 fn probing_marks_a_dead_server_down_and_brings_it_back() {
-    let env = TestEnv::new("probing_dead_server", "127.0.1.30");
+    let env = test_env!("probing_dead_server", "127.0.1.30");
     let (mut proxy, s1, s2) = start_probed_pair(&env);
     let admin = proxy.admin;
 
@@ -266,9 +257,7 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
     assert_eq!(get(admin, "2").calls, calls2 + 10, "{:?}", get(admin, "2"));
 
     proxy.assert_running();
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2b.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2b) = (s1.stop(), s2b.stop());
+    let [s1, s2b] = drain([s1, s2b]);
     eprintln!("{}\n{}", s1.summary(), s2b.summary());
     assert_server_clean(&s1);
     assert_server_clean(&s2b);
@@ -283,20 +272,16 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
 
 #[test]
 fn options_answered_503_marks_destination_down() {
-    let env = TestEnv::new("probing_options_503", "127.0.1.31");
+    let env = test_env!("probing_options_503", "127.0.1.31");
     // Destination 2 (larger capacity, preferred while up) answers every OPTIONS with 503, as
     // UniMRCP does with its engine offline; it would answer INVITEs.
     // Servers first: a probe sent before server 2 listens would time out, and the
     // failures counted below must be its 503s.
     let s1 = uas(&env, "server1", SERVER1_PORT);
-    let s2 = Sipp::server(
-        &env,
-        "server2_options_503",
-        "uas_options_503.xml",
-        SERVER2_PORT,
-        Transport::Udp,
-        0,
-    );
+    let s2 = Sipp::uas(&env, "server2_options_503")
+        .scenario("uas_options_503.xml")
+        .port(SERVER2_PORT)
+        .start();
     let mut proxy = Proxy::start(
         &env,
         &config_yaml(
@@ -363,7 +348,7 @@ fn options_answered_503_marks_destination_down() {
 
 #[test]
 fn metrics_show_probe_results_and_down_state_of_a_dead_server() {
-    let env = TestEnv::new("probing_metrics", "127.0.1.32");
+    let env = test_env!("probing_metrics", "127.0.1.32");
     let (mut proxy, s1, s2) = start_probed_pair(&env);
     let admin = proxy.admin;
     let (_, down, _) = stop_and_wait_down(admin, s2);
@@ -517,7 +502,7 @@ const TOLERANCE: u64 = 2;
 
 #[test]
 fn set_update_during_traffic_keeps_every_load() {
-    let env = TestEnv::new("set_update_traffic", "127.0.1.33");
+    let env = test_env!("set_update_traffic", "127.0.1.33");
     let mut proxy = Proxy::start(
         &env,
         &config_yaml(
@@ -541,15 +526,13 @@ fn set_update_during_traffic_keeps_every_load() {
     const CALLS: u64 = 60;
     let sampler = TimedSampler::start(admin, Duration::from_millis(40));
     let traffic_start = unix_now();
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(40),
-        &["-m", "60", "-r", "8", "-l", "60", "-d", "3000"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .timeout(secs(40))
+        .calls(60)
+        .rate(8)
+        .limit(60)
+        .hold(ms(3000))
+        .start();
     thread::sleep(Duration::from_millis(4000));
 
     // Mid-traffic: same ids, capacity of 2 raised (so it keeps taking calls next to the
@@ -706,9 +689,7 @@ fn start_pair(env: &TestEnv) -> (Proxy, Sipp, Sipp) {
 /// BYEs and nothing failed, server 1 got every other call.
 fn check_servers_after_drain(long: &SippReport, s1: Sipp, s2: Sipp, s1_calls: u64) {
     long.assert_all_ok(6);
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     eprintln!("{}\n{}", s1.summary(), s2.summary());
     assert_server_clean(&s1);
     assert_server_clean(&s2);
@@ -723,7 +704,7 @@ fn check_servers_after_drain(long: &SippReport, s1: Sipp, s2: Sipp, s1_calls: u6
 
 #[test]
 fn drained_destination_takes_no_new_calls_and_finishes_its_own() {
-    let env = TestEnv::new("drain_destination", "127.0.1.34");
+    let env = test_env!("drain_destination", "127.0.1.34");
     let (mut proxy, s1, s2) = start_pair(&env);
     let admin = proxy.admin;
 
@@ -774,7 +755,7 @@ fn drained_destination_takes_no_new_calls_and_finishes_its_own() {
 
 #[test]
 fn removed_destination_stays_listed_until_its_calls_end() {
-    let env = TestEnv::new("remove_destination", "127.0.1.35");
+    let env = test_env!("remove_destination", "127.0.1.35");
     let (mut proxy, s1, s2) = start_pair(&env);
     let admin = proxy.admin;
     let v0 = status(admin).version;
@@ -861,7 +842,7 @@ fn summary(s: &DestinationsStatus) -> Vec<(String, u32, u32, bool)> {
 
 #[test]
 fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
-    let env = TestEnv::new("sighup_reload", "127.0.1.36");
+    let env = test_env!("sighup_reload", "127.0.1.36");
     let (mut proxy, s1, s2) = start_pair(&env);
     let admin = proxy.admin;
     let cfg = proxy_config_path(&env);
@@ -970,9 +951,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
     eprintln!("{}", long.summary());
     long.assert_all_ok(4);
     proxy.assert_running();
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     assert_server_clean(&s1);
     assert_server_clean(&s2);
     assert_eq!(s1.invites() + s2.invites(), 6);
@@ -981,7 +960,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
 
 #[test]
 fn sighup_of_a_file_without_destinations_keeps_the_pushed_set() {
-    let env = TestEnv::new("sighup_no_destinations_key", "127.0.1.39");
+    let env = test_env!("sighup_no_destinations_key", "127.0.1.39");
     // An operator-managed proxy: the file has no `destinations` key, the set is pushed.
     let config = config_yaml(&env, "absolute", &[], "");
     let config = config

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::time::{Duration, Instant};
 
 fn dests() -> Vec<Dest> {
@@ -28,43 +26,27 @@ fn phase(
     calls: u64,
     client_args: &[&str],
 ) -> Vec<LoadSample> {
-    let s1 = Sipp::server(
-        env,
-        &format!("{label}_server1"),
-        server_scenario,
-        SERVER1_PORT,
-        Transport::Udp,
-        0,
-    );
-    let s2 = Sipp::server(
-        env,
-        &format!("{label}_server2"),
-        server_scenario,
-        SERVER2_PORT,
-        Transport::Udp,
-        0,
-    );
+    let s1 = Sipp::uas(env, &format!("{label}_server1"))
+        .scenario(server_scenario)
+        .port(SERVER1_PORT)
+        .start();
+    let s2 = Sipp::uas(env, &format!("{label}_server2"))
+        .scenario(server_scenario)
+        .port(SERVER2_PORT)
+        .start();
     proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
     let sampler = LoadSampler::start(proxy.admin, Duration::from_millis(100));
     let n = calls.to_string();
     let mut args = vec!["-m", n.as_str(), "-r", "4", "-l", "20"];
     args.extend_from_slice(client_args);
-    let client = Sipp::client(
-        env,
-        &format!("{label}_client"),
-        Scenario::File(client_scenario),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &args,
-    )
-    .wait(Duration::from_secs(30));
+    let client = Sipp::uac(env, &format!("{label}_client"))
+        .scenario(client_scenario)
+        .args(args)
+        .run();
     let samples = sampler.finish();
     eprintln!("{}", client.summary());
     proxy.assert_running();
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     eprintln!("{}\n{}", s1.summary(), s2.summary());
     client.assert_all_ok(calls);
     assert_server_clean(&s1);
@@ -88,7 +70,7 @@ fn phase(
 
 #[test]
 fn counters_return_to_zero_after_answered_cancelled_and_rejected_calls() {
-    let env = TestEnv::new("dialog_counters", "127.0.1.11");
+    let env = test_env!("dialog_counters", "127.0.1.11");
     let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests(), ""));
 
     // 6 answered calls of 1 s, ended by the client's BYE.
@@ -165,38 +147,20 @@ fn counters_return_to_zero_after_answered_cancelled_and_rejected_calls() {
 
 #[test]
 fn dialog_lifetime_limit_sends_bye_to_both_sides() {
-    let env = TestEnv::new("dialog_lifetime", "127.0.1.12");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[Dest::udp(1, SERVER1_PORT, "pstn=100")],
-            "dialogs:\n  lifetime: 2s\n",
-        ),
-    );
-    let server = Sipp::server(
-        &env,
-        "server1",
-        "uas_expect_bye.xml",
-        SERVER1_PORT,
-        Transport::Udp,
-        0,
-    );
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
+    let env = test_env!("dialog_lifetime", "127.0.1.12");
+    let (mut proxy, [server]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas_expect_bye.xml")
+        .extra("dialogs:\n  lifetime: 2s\n")
+        .start();
 
     // Neither side hangs up: both wait for a BYE, which only the proxy can send, when the
     // 2 s lifetime has passed. Both scenarios check the BYE carries their dialog's tags.
     let t0 = Instant::now();
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac_long_expect_bye.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(15),
-        &["-m", "1"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .scenario("uac_long_expect_bye.xml")
+        .timeout(secs(15))
+        .calls(1)
+        .start();
     let admin = proxy.admin;
     wait_for(
         "the call to be answered",
@@ -208,8 +172,7 @@ fn dialog_lifetime_limit_sends_bye_to_both_sides() {
     let took = t0.elapsed();
     eprintln!("{} (wall {took:?})", client.summary());
     proxy.assert_running();
-    server.wait_no_calls(Duration::from_secs(10));
-    let server = server.stop();
+    let server = server.drain();
     eprintln!("{}", server.summary());
 
     client.assert_all_ok(1);

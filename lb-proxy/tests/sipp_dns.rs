@@ -5,15 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 #[test]
 fn host_name_destination_is_resolved_and_takes_calls() {
-    let env = TestEnv::new("dns_destination", "127.0.1.40");
+    let env = test_env!("dns_destination", "127.0.1.40");
     let ip = &env.ip;
     // Only `localhost` resolves without a network here; it is 127.0.0.1 (and ::1, which the
     // proxy passes over for its IPv4 listener). Port 15180 is used by no other test.
@@ -25,7 +23,7 @@ fn host_name_destination_is_resolved_and_takes_calls() {
     );
     let mut proxy = Proxy::start(&env, &config);
     let server_addr: SocketAddr = "127.0.0.1:15180".parse().unwrap();
-    let server = Sipp::server_at(&env, "server", "uas.xml", server_addr, Transport::Udp, 0);
+    let server = Sipp::uas(&env, "server").at(server_addr).start();
     proxy.wait_state(&["named"], "up", Duration::from_secs(10));
     let d = destination_json(proxy.admin, "named").expect("listed");
     assert_eq!(
@@ -33,19 +31,14 @@ fn host_name_destination_is_resolved_and_takes_calls() {
         "resolved to the IPv4 address: {d}"
     );
 
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "5", "-r", "5", "-l", "10", "-d", "100"],
-    )
-    .wait(Duration::from_secs(30));
+    let client = Sipp::uac(&env, "client")
+        .calls(5)
+        .rate(5)
+        .limit(10)
+        .hold(ms(100))
+        .run();
     proxy.assert_running();
-    server.wait_no_calls(Duration::from_secs(10));
-    let server = server.stop();
+    let server = server.drain();
     client.assert_all_ok(5);
     assert_eq!(server.invites(), 5, "every call reached the named server");
     proxy.wait_idle(Duration::from_secs(10));

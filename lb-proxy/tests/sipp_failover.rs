@@ -5,48 +5,32 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::time::{Duration, Instant};
 
 #[test]
 fn dead_destination_fails_over_and_is_marked_down() {
-    let env = TestEnv::new("dead_destination", "127.0.1.8");
+    let env = test_env!("dead_destination", "127.0.1.8");
     // Destination 2 (nothing listens on :5090) has the larger capacity, so it is tried first;
     // with no answer in inviteTimeout (3 s) the call must fail over to destination 1.
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=50"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            "",
-        ),
-    );
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
+        .dest(Dest::udp(2, SERVER2_PORT, "pstn=100"))
+        .start();
 
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(40),
-        &["-m", "10", "-r", "2", "-l", "20", "-d", "200"],
-    )
-    .wait(Duration::from_secs(40));
+    let client = Sipp::uac(&env, "client")
+        .timeout(secs(40))
+        .calls(10)
+        .rate(2)
+        .limit(20)
+        .hold(ms(200))
+        .run();
     eprintln!("{}", client.summary());
     proxy.assert_running();
     let ds = proxy.destinations();
     eprintln!("destinations after the calls: {ds:?}");
 
-    s1.wait_no_calls(Duration::from_secs(10));
-    let s1 = s1.stop();
+    let s1 = s1.drain();
     eprintln!("{}", s1.summary());
 
     client.assert_all_ok(10);
@@ -63,49 +47,28 @@ fn dead_destination_fails_over_and_is_marked_down() {
 
 #[test]
 fn destination_answering_503_fails_over() {
-    let env = TestEnv::new("destination_503", "127.0.1.9");
+    let env = test_env!("destination_503", "127.0.1.9");
     // Destination 2 (larger capacity, tried first) refuses every INVITE with 503: the proxy
     // must ACK the 503 and send the call to destination 1; the client never sees the 503.
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=50"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            "",
-        ),
-    );
-    let good = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let bad = Sipp::server(
-        &env,
-        "server2_503",
-        "uas_503.xml",
-        SERVER2_PORT,
-        Transport::Udp,
-        0,
-    );
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (mut proxy, [good, bad]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
+        .serve_as(
+            "server2_503",
+            Dest::udp(2, SERVER2_PORT, "pstn=100"),
+            "uas_503.xml",
+        )
+        .start();
 
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "10", "-r", "5", "-l", "20", "-d", "300"],
-    )
-    .wait(Duration::from_secs(30));
+    let client = Sipp::uac(&env, "client")
+        .calls(10)
+        .rate(5)
+        .limit(20)
+        .hold(ms(300))
+        .run();
     eprintln!("{}", client.summary());
     proxy.assert_running();
 
-    good.wait_no_calls(Duration::from_secs(10));
-    bad.wait_no_calls(Duration::from_secs(10));
-    let good = good.stop();
-    let bad = bad.stop();
+    let [good, bad] = drain([good, bad]);
     eprintln!("{}\n{}", good.summary(), bad.summary());
 
     client.assert_all_ok(10);
@@ -127,33 +90,19 @@ fn destination_answering_503_fails_over() {
 
 #[test]
 fn no_capacity_left_answers_503_at_once() {
-    let env = TestEnv::new("capacity_exhausted", "127.0.1.10");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=2"),
-                Dest::udp(2, SERVER2_PORT, "pstn=1"),
-            ],
-            "",
-        ),
-    );
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(&env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let env = test_env!("capacity_exhausted", "127.0.1.10");
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=2"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=1"), "uas.xml")
+        .start();
 
     // Three calls of 6 s fill capacities 2 + 1.
-    let long = Sipp::client(
-        &env,
-        "long_calls",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "3", "-r", "10", "-l", "3", "-d", "6000"],
-    );
+    let long = Sipp::uac(&env, "long_calls")
+        .calls(3)
+        .rate(10)
+        .limit(3)
+        .hold(ms(6000))
+        .start();
     let admin = proxy.admin;
     wait_for(
         "the 3 calls to fill both destinations (loads 2 and 1)",
@@ -168,16 +117,12 @@ fn no_capacity_left_answers_503_at_once() {
     // A 4th call must be refused by the proxy itself, at once, with 503 and Retry-After
     // (uac_expect_503.xml checks the header), not after a server timeout.
     let t0 = Instant::now();
-    let fourth = Sipp::client(
-        &env,
-        "fourth_call",
-        Scenario::File("uac_expect_503.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(10),
-        &["-m", "1"],
-    )
-    .wait(Duration::from_secs(10));
+    let fourth = Sipp::uac(&env, "fourth_call")
+        .scenario("uac_expect_503.xml")
+        .port(CLIENT2_PORT)
+        .timeout(secs(10))
+        .calls(1)
+        .run();
     let took = t0.elapsed();
     eprintln!("{} (wall {took:?})", fourth.summary());
     fourth.assert_all_ok(1);
@@ -200,9 +145,7 @@ fn no_capacity_left_answers_503_at_once() {
     let long = long.wait(Duration::from_secs(30));
     eprintln!("{}", long.summary());
     proxy.assert_running();
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     long.assert_all_ok(3);
     assert_server_clean(&s1);
     assert_server_clean(&s2);

@@ -10,10 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
 use lb_api::admin::{DestinationStatus, DestinationsStatus};
+use mrcp_lb_test_support::*;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -138,29 +136,26 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
     assert!(config.contains("nonInviteTimeout"), "{config}");
     let proxy = Proxy::start(env, &config);
     let admin = proxy.admin;
-    let s1 = Sipp::server(env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
+    let s1 = Sipp::uas(env, "server1").port(SERVER1_PORT).start();
+    let s2 = Sipp::uas(env, "server2").port(SERVER2_PORT).start();
     proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
 
     let t0 = Instant::now();
-    let hang_up_after_8s = Sipp::client(
-        env,
-        "bye_after_8s",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(50),
-        &["-m", "4", "-r", "20", "-l", "4", "-d", "8000"],
-    );
-    let never_hang_up = Sipp::client(
-        env,
-        "never_hang_up",
-        Scenario::File("uac_long_expect_bye.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(40),
-        &["-m", "2", "-r", "20", "-l", "2"],
-    );
+    let hang_up_after_8s = Sipp::uac(env, "bye_after_8s")
+        .timeout(secs(50))
+        .calls(4)
+        .rate(20)
+        .limit(4)
+        .hold(ms(8000))
+        .start();
+    let never_hang_up = Sipp::uac(env, "never_hang_up")
+        .scenario("uac_long_expect_bye.xml")
+        .port(CLIENT2_PORT)
+        .timeout(secs(40))
+        .calls(2)
+        .rate(20)
+        .limit(2)
+        .start();
     wait_for(
         "6 calls answered by server 1",
         Duration::from_secs(5),
@@ -183,16 +178,12 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
         Fault::Dies => {
             // The first new call still goes to server 1 (nothing says it is dead yet): its
             // INVITE times out after 3 s, server 1 is marked down and the call fails over.
-            let first = Sipp::client(
-                env,
-                "first_new_call",
-                Scenario::File("uac.xml"),
-                CLIENT3_PORT,
-                Transport::Udp,
-                Duration::from_secs(20),
-                &["-m", "1", "-d", "200"],
-            )
-            .wait(Duration::from_secs(20));
+            let first = Sipp::uac(env, "first_new_call")
+                .port(CLIENT3_PORT)
+                .timeout(secs(20))
+                .calls(1)
+                .hold(ms(200))
+                .run();
             eprintln!("{}", first.summary());
             first.assert_all_ok(1);
             assert!(
@@ -222,16 +213,13 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
     let calls_to_1 = get(admin, "1").calls;
 
     // Every new call now goes to server 2, with no attempt on server 1.
-    let more = Sipp::client(
-        env,
-        "new_calls",
-        Scenario::File("uac.xml"),
-        CLIENT4_PORT,
-        Transport::Udp,
-        Duration::from_secs(20),
-        &["-m", "10", "-r", "5", "-d", "200"],
-    )
-    .wait(Duration::from_secs(20));
+    let more = Sipp::uac(env, "new_calls")
+        .port(CLIENT4_PORT)
+        .timeout(secs(20))
+        .calls(10)
+        .rate(5)
+        .hold(ms(200))
+        .run();
     eprintln!("{}", more.summary());
     more.assert_all_ok(10);
     assert!(
@@ -292,8 +280,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
         hung_up.summary()
     );
 
-    s2.wait_no_calls(Duration::from_secs(10));
-    let s2 = s2.stop();
+    let s2 = s2.drain();
     eprintln!("{}", s2.summary());
     assert_server_clean(&s2);
     assert_eq!(
@@ -320,13 +307,13 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
 
 #[test]
 fn a_server_that_dies_with_calls_open_takes_no_new_calls_and_its_calls_end() {
-    let env = TestEnv::new("server_dies", "127.0.1.61");
+    let env = test_env!("server_dies", "127.0.1.61");
     server_fails_with_calls_open(&env, Fault::Dies);
 }
 
 #[test]
 fn a_black_holed_server_takes_no_new_calls_and_its_calls_end() {
-    let env = TestEnv::new("server_black_hole", "127.0.1.62");
+    let env = test_env!("server_black_hole", "127.0.1.62");
     server_fails_with_calls_open(&env, Fault::BlackHole);
 }
 
@@ -355,14 +342,14 @@ fn kept_log(env: &TestEnv, name: &str) -> PathBuf {
 
 #[test]
 fn proxy_killed_and_restarted_between_invite_and_bye_calls_still_end_end_to_end() {
-    restarted_mid_call(TestEnv::new("proxy_restart", "127.0.1.63"), false);
+    restarted_mid_call(test_env!("proxy_restart", "127.0.1.63"), false);
 }
 
 /// The same with a Record-Route key: the calls that outlive the restart pass on the proof of
 /// their signed Record-Route alone (no rule without proof applies with a key).
 #[test]
 fn proxy_restarted_with_a_route_key_relays_the_calls_it_signed() {
-    restarted_mid_call(TestEnv::new("proxy_restart_key", "127.0.1.92"), true);
+    restarted_mid_call(test_env!("proxy_restart_key", "127.0.1.92"), true);
 }
 
 fn restarted_mid_call(env: TestEnv, key: bool) {
@@ -385,35 +372,26 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
     let mut proxy = Proxy::start(&env, &config);
     let admin = proxy.admin;
     // Server 1 takes re-INVITEs; server 2 hangs up its calls itself after 6 s.
-    let s1 = Sipp::server(
-        &env,
-        "server1_reinvite",
-        "uas_reinvite.xml",
-        SERVER1_PORT,
-        Transport::Udp,
-        0,
-    );
-    let s2 = Sipp::server(
-        &env,
-        "server2_hangs_up",
-        "uas_bye.xml",
-        SERVER2_PORT,
-        Transport::Udp,
-        6000,
-    );
+    let s1 = Sipp::uas(&env, "server1_reinvite")
+        .scenario("uas_reinvite.xml")
+        .port(SERVER1_PORT)
+        .start();
+    let s2 = Sipp::uas(&env, "server2_hangs_up")
+        .scenario("uas_bye.xml")
+        .port(SERVER2_PORT)
+        .pause(ms(6000))
+        .start();
     proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
 
     // Five calls to server 1 (server 2 disabled meanwhile): re-INVITE after 5 s, BYE 1 s later.
     assert_eq!(post_state(admin, None, "2", "disable").code, 200);
-    let reinviting = Sipp::client(
-        &env,
-        "reinvite_then_bye",
-        Scenario::File("uac_reinvite.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "5", "-r", "20", "-l", "5", "-d", "5000"],
-    );
+    let reinviting = Sipp::uac(&env, "reinvite_then_bye")
+        .scenario("uac_reinvite.xml")
+        .calls(5)
+        .rate(20)
+        .limit(5)
+        .hold(ms(5000))
+        .start();
     wait_for(
         "5 calls on server 1",
         Duration::from_secs(5),
@@ -423,15 +401,13 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
     // Three calls to server 2, which hangs up after 6 s through the proxy.
     assert_eq!(post_state(admin, None, "2", "enable").code, 200);
     assert_eq!(post_state(admin, None, "1", "disable").code, 200);
-    let hung_up_by_server = Sipp::client(
-        &env,
-        "server_hangs_up",
-        Scenario::File("uac_long_expect_bye.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "3", "-r", "20", "-l", "3"],
-    );
+    let hung_up_by_server = Sipp::uac(&env, "server_hangs_up")
+        .scenario("uac_long_expect_bye.xml")
+        .port(CLIENT2_PORT)
+        .calls(3)
+        .rate(20)
+        .limit(3)
+        .start();
     wait_for(
         "3 calls on server 2",
         Duration::from_secs(5),
@@ -464,9 +440,7 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
     let reinviting = reinviting.wait(Duration::from_secs(30));
     let hung_up_by_server = hung_up_by_server.wait(Duration::from_secs(30));
     eprintln!("{}\n{}", reinviting.summary(), hung_up_by_server.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     eprintln!("{}\n{}", s1.summary(), s2.summary());
 
     reinviting.assert_all_ok(5);

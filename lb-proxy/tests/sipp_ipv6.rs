@@ -9,9 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -64,30 +62,23 @@ fn calls_succeed(
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            Sipp::server_at(
-                env,
-                &format!("server{}", i + 1),
-                server_scenario,
-                *a,
-                Transport::Udp,
-                0,
-            )
+            Sipp::uas(env, &format!("server{}", i + 1))
+                .scenario(server_scenario)
+                .at(*a)
+                .start()
         })
         .collect();
     proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
 
     let calls = CALLS.to_string();
-    let client = Sipp::client_at(
-        env,
-        "client",
-        Scenario::File("uac.xml"),
-        client,
-        &target.to_string(),
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", &calls, "-r", "5", "-l", "20", "-d", "500"],
-    )
-    .wait(Duration::from_secs(30));
+    let client = Sipp::uac(env, "client")
+        .at(client)
+        .to(target.to_string())
+        .rate(5)
+        .limit(20)
+        .hold(ms(500))
+        .args(["-m", &calls])
+        .run();
     eprintln!("{}", client.summary());
     proxy.assert_running();
 
@@ -119,7 +110,7 @@ fn calls_succeed(
 
 #[test]
 fn ipv6_client_to_ipv4_servers() {
-    let env = TestEnv::new("ipv6_to_ipv4", "127.0.1.20");
+    let env = test_env!("ipv6_to_ipv4", "127.0.1.20");
     let proxy_v6 = v6(16060);
     let listeners = [
         format!("udp:{proxy_v6}"),
@@ -150,7 +141,7 @@ fn ipv6_client_to_ipv4_servers() {
 fn ipv6_end_to_end() {
     // Its sipp processes share ::1 with the other test's client: slots from 50 keep their
     // media ports (20000 + 10 × slot) apart.
-    let env = TestEnv::with_sipp_slots("ipv6_end_to_end", "127.0.1.21", 50);
+    let env = test_env!("ipv6_end_to_end", "127.0.1.21").with_sipp_slots(50);
     let proxy_v6 = v6(16062);
     let (s1, s2) = (v6(16080), v6(16090));
     let listeners = [format!("udp:{proxy_v6}")];

@@ -11,9 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use socket2::{Domain, Socket, Type};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -147,55 +145,43 @@ fn vm_rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn per_source_rate_limit_refuses_the_flooding_source_only() {
-    let env = TestEnv::new("limits-rate", "127.0.1.41");
+    let env = test_env!("limits-rate", "127.0.1.41");
     let flood_ip = "127.0.1.42";
     let dests = [
         Dest::udp(1, SERVER1_PORT, "pstn=1000"),
         Dest::udp(2, SERVER2_PORT, "pstn=1000"),
     ];
     let extra = "limits:\n  perSource: {rate: 10, window: 1s, burst: 10}\n";
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(&env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .uas("server2", SERVER2_PORT, "uas.xml")
+        .extra(extra)
+        .start();
 
     // A normal client at 5 calls/s, under the limit, for 6 s.
-    let normal = Sipp::client(
-        &env,
-        "normal",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &["-m", "30", "-r", "5", "-d", "200"],
-    );
+    let normal = Sipp::uac(&env, "normal")
+        .timeout(secs(60))
+        .calls(30)
+        .rate(5)
+        .hold(ms(200))
+        .start();
     // Meanwhile another source floods at 200 INVITEs/s for 3 s.
-    let flood = Sipp::client_at(
-        &env,
-        "flood",
-        Scenario::File("uac_200_or_503.xml"),
-        format!("{flood_ip}:{CLIENT_PORT}").parse().unwrap(),
-        &env.proxy_target(),
-        Transport::Udp,
-        Duration::from_secs(60),
-        &[
-            "-m",
-            "600",
-            "-r",
-            "200",
-            "-d",
-            "100",
-            "-l",
-            "600",
-            "-trace_counts",
-        ],
-    );
+    let flood = Sipp::uac(&env, "flood")
+        .scenario("uac_200_or_503.xml")
+        .at(format!("{flood_ip}:{CLIENT_PORT}").parse().unwrap())
+        .to(env.proxy_target())
+        .timeout(secs(60))
+        .calls(600)
+        .rate(200)
+        .hold(ms(100))
+        .limit(600)
+        .args(["-trace_counts"])
+        .start();
     let flood = flood.wait(Duration::from_secs(60));
     let normal = normal.wait(Duration::from_secs(60));
     eprintln!("{}\n{}", normal.summary(), flood.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     proxy.assert_running();
 
     normal.assert_all_ok(30);
@@ -243,42 +229,38 @@ fn udp_options(me: SocketAddr, proxy: SocketAddr, id: &str, body_len: usize) -> 
 
 #[test]
 fn too_many_header_fields_get_400_oversized_datagrams_are_dropped() {
-    let env = TestEnv::new("limits-headers", "127.0.1.43");
+    let env = test_env!("limits-headers", "127.0.1.43");
     let dests = [Dest::udp(1, SERVER1_PORT, "pstn=100")];
     let extra = "limits:\n  maxHeaders: 32\nudp:\n  maxMessageSize: 4096\n";
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1]) = Sandbox::new(&env)
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .extra(extra)
+        .start();
     let malformed_before = stats_number(proxy.admin, "malformed");
 
-    let normal = Sipp::client(
-        &env,
-        "normal",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &["-m", "10", "-r", "10", "-d", "100"],
-    );
+    let normal = Sipp::uac(&env, "normal")
+        .timeout(secs(60))
+        .calls(10)
+        .rate(10)
+        .hold(ms(100))
+        .start();
     // 51 header fields each, over UDP and over TCP.
-    let many_udp = Sipp::client(
-        &env,
-        "many-udp",
-        Scenario::File("uac_many_headers_expect_400.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "5", "-r", "10", "-trace_counts"],
-    );
-    let many_tcp = Sipp::client(
-        &env,
-        "many-tcp",
-        Scenario::File("uac_many_headers_expect_400.xml"),
-        5072,
-        Transport::Tcp,
-        Duration::from_secs(30),
-        &["-m", "5", "-r", "10", "-trace_counts"],
-    );
+    let many_udp = Sipp::uac(&env, "many-udp")
+        .scenario("uac_many_headers_expect_400.xml")
+        .port(CLIENT2_PORT)
+        .calls(5)
+        .rate(10)
+        .args(["-trace_counts"])
+        .start();
+    let many_tcp = Sipp::uac(&env, "many-tcp")
+        .scenario("uac_many_headers_expect_400.xml")
+        .port(5072)
+        .tcp()
+        .calls(5)
+        .rate(10)
+        .args(["-trace_counts"])
+        .start();
     // A request whose From comes after 40 padding fields: a 400 cannot be addressed from
     // what lies within the limit, so it is dropped (and counted).
     let sock = UdpSocket::bind(env.addr(5075)).unwrap();
@@ -333,8 +315,7 @@ fn too_many_header_fields_get_400_oversized_datagrams_are_dropped() {
         many_udp.summary(),
         many_tcp.summary()
     );
-    s1.wait_no_calls(Duration::from_secs(10));
-    let s1 = s1.stop();
+    let s1 = s1.drain();
     proxy.assert_running();
     normal.assert_all_ok(10);
     many_udp.assert_all_ok(5);
@@ -355,25 +336,25 @@ fn too_many_header_fields_get_400_oversized_datagrams_are_dropped() {
 
 #[test]
 fn tcp_connection_limits_refuse_extra_connections_while_calls_go_on() {
-    let env = TestEnv::new("limits-tcp-conns", "127.0.1.44");
+    let env = test_env!("limits-tcp-conns", "127.0.1.44");
     let (other, third) = ("127.0.1.45", "127.0.1.46");
     let dests = [Dest::udp(1, SERVER1_PORT, "pstn=100")];
     let extra = "tcp:\n  maxConnections: 4\n  maxConnectionsPerSource: 2\n";
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1]) = Sandbox::new(&env)
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .extra(extra)
+        .start();
     let proxy_addr: SocketAddr = env.proxy_target().parse().unwrap();
 
     // sipp over one TCP connection from the test's address: 20 calls over about 6 s.
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Tcp,
-        Duration::from_secs(60),
-        &["-m", "20", "-r", "4", "-d", "500"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .tcp()
+        .timeout(secs(60))
+        .calls(20)
+        .rate(4)
+        .hold(ms(500))
+        .start();
     wait_for(
         "sipp's first call",
         Duration::from_secs(10),
@@ -430,8 +411,7 @@ fn tcp_connection_limits_refuse_extra_connections_while_calls_go_on() {
 
     let client = client.wait(Duration::from_secs(60));
     eprintln!("{}", client.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    let s1 = s1.stop();
+    let s1 = s1.drain();
     proxy.assert_running();
     client.assert_all_ok(20);
     assert_server_clean(&s1);
@@ -440,24 +420,24 @@ fn tcp_connection_limits_refuse_extra_connections_while_calls_go_on() {
 
 #[test]
 fn slowloris_connection_is_closed_while_calls_go_on() {
-    let env = TestEnv::new("limits-slowloris", "127.0.1.47");
+    let env = test_env!("limits-slowloris", "127.0.1.47");
     let dests = [Dest::udp(1, SERVER1_PORT, "pstn=100")];
     let extra = "tcp:\n  messageTimeout: 1s\n";
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1]) = Sandbox::new(&env)
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .extra(extra)
+        .start();
     let proxy_addr: SocketAddr = env.proxy_target().parse().unwrap();
 
     // Calls over TCP whose connection is silent for more than 1 s between messages.
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Tcp,
-        Duration::from_secs(60),
-        &["-m", "6", "-r", "2", "-d", "1500"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .tcp()
+        .timeout(secs(60))
+        .calls(6)
+        .rate(2)
+        .hold(ms(1500))
+        .start();
 
     // The slowloris: the start of a request, then one byte every 200 ms. Each byte resets an
     // idle timer; the message deadline is what closes it.
@@ -505,8 +485,7 @@ fn slowloris_connection_is_closed_while_calls_go_on() {
 
     let client = client.wait(Duration::from_secs(60));
     eprintln!("{}", client.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    let s1 = s1.stop();
+    let s1 = s1.drain();
     proxy.assert_running();
     client.assert_all_ok(6);
     assert_server_clean(&s1);
@@ -523,7 +502,7 @@ fn slowloris_connection_is_closed_while_calls_go_on() {
 
 #[test]
 fn pending_transaction_limit_answers_503() {
-    let env = TestEnv::new("limits-pending", "127.0.1.48");
+    let env = test_env!("limits-pending", "127.0.1.48");
     let dests = [
         Dest::udp(1, SERVER1_PORT, "pstn=100"),
         Dest::udp(2, SERVER2_PORT, "pstn=100"),
@@ -531,33 +510,24 @@ fn pending_transaction_limit_answers_503() {
     let extra = "limits:\n  maxPendingTransactions: 3\n";
     let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
     // Servers that answer 2 s after their 100: transactions stay pending that long.
-    let s1 = Sipp::server(
-        &env,
-        "server1",
-        "uas_slow.xml",
-        SERVER1_PORT,
-        Transport::Udp,
-        2000,
-    );
-    let s2 = Sipp::server(
-        &env,
-        "server2",
-        "uas_slow.xml",
-        SERVER2_PORT,
-        Transport::Udp,
-        2000,
-    );
+    let s1 = Sipp::uas(&env, "server1")
+        .scenario("uas_slow.xml")
+        .port(SERVER1_PORT)
+        .pause(ms(2000))
+        .start();
+    let s2 = Sipp::uas(&env, "server2")
+        .scenario("uas_slow.xml")
+        .port(SERVER2_PORT)
+        .pause(ms(2000))
+        .start();
     proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
 
-    let first = Sipp::client(
-        &env,
-        "first",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &["-m", "3", "-r", "50", "-d", "100"],
-    );
+    let first = Sipp::uac(&env, "first")
+        .timeout(secs(60))
+        .calls(3)
+        .rate(50)
+        .hold(ms(100))
+        .start();
     wait_for(
         "three INVITEs forwarded",
         Duration::from_secs(5),
@@ -565,23 +535,19 @@ fn pending_transaction_limit_answers_503() {
         || (stats_number(proxy.admin, "routed") >= 3).then_some(()),
     );
     // Three pending: the next INVITEs are refused, statelessly, with Retry-After.
-    let refused = Sipp::client(
-        &env,
-        "refused",
-        Scenario::File("uac_expect_503.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "5", "-r", "20", "-trace_counts"],
-    );
+    let refused = Sipp::uac(&env, "refused")
+        .scenario("uac_expect_503.xml")
+        .port(CLIENT2_PORT)
+        .calls(5)
+        .rate(20)
+        .args(["-trace_counts"])
+        .start();
     let refused = refused.wait(Duration::from_secs(30));
     eprintln!("{}", refused.summary());
     let routed_meanwhile = stats_number(proxy.admin, "routed");
     let first = first.wait(Duration::from_secs(60));
     eprintln!("{}", first.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     proxy.assert_running();
 
     refused.assert_all_ok(5);
@@ -604,23 +570,22 @@ fn pending_transaction_limit_answers_503() {
 /// memory where it was.
 #[test]
 fn refused_invites_keep_memory_flat() {
-    let env = TestEnv::new("limits-memory", "127.0.1.49");
+    let env = test_env!("limits-memory", "127.0.1.49");
     let dests = [Dest::udp(1, SERVER1_PORT, "pstn=0")];
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, ""));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1]) = Sandbox::new(&env)
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .start();
     let pid = proxy.guard.pid();
 
     let run = |name: &str, calls: u64| {
-        let c = Sipp::client(
-            &env,
-            name,
-            Scenario::File("uac_expect_503.xml"),
-            CLIENT_PORT,
-            Transport::Udp,
-            Duration::from_secs(120),
-            &["-m", &calls.to_string(), "-r", "2000", "-l", "4000"],
-        );
+        let c = Sipp::uac(&env, name)
+            .scenario("uac_expect_503.xml")
+            .timeout(secs(120))
+            .calls(calls)
+            .rate(2000)
+            .limit(4000)
+            .start();
         let r = c.wait(Duration::from_secs(120));
         eprintln!("{}", r.summary());
         r.assert_all_ok(calls);

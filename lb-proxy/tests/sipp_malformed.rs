@@ -7,9 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::thread;
@@ -125,15 +123,17 @@ fn read_tcp_message(s: &mut TcpStream, timeout: Duration) -> Result<Option<Strin
 
 #[test]
 fn garbage_during_calls_is_counted_answered_and_harmless() {
-    let env = TestEnv::new("malformed", "127.0.1.23");
+    let env = test_env!("malformed", "127.0.1.23");
     let dests = [
         Dest::udp(1, SERVER1_PORT, "pstn=100"),
         Dest::udp(2, SERVER2_PORT, "pstn=100"),
     ];
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "relative", &dests, ""));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(&env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .mode("relative")
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .uas("server2", SERVER2_PORT, "uas.xml")
+        .start();
     let malformed_before = stats_number(proxy.admin, "malformed");
 
     let proxy_udp = env.proxy_target();
@@ -143,15 +143,13 @@ fn garbage_during_calls_is_counted_answered_and_harmless() {
 
     // A steady stream of calls: 50 at 10/s, 1 s each.
     let calls = CALLS.to_string();
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &["-m", &calls, "-r", "10", "-l", "30", "-d", "1000"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .timeout(secs(60))
+        .rate(10)
+        .limit(30)
+        .hold(ms(1000))
+        .args(["-m", &calls])
+        .start();
     // Start once calls are up.
     wait_for(
         "the first calls to be set up",
@@ -259,9 +257,7 @@ fn garbage_during_calls_is_counted_answered_and_harmless() {
     let client = client.wait(Duration::from_secs(60));
     eprintln!("{}", client.summary());
     proxy.assert_running();
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     eprintln!("{}\n{}", s1.summary(), s2.summary());
     eprintln!("TCP: {tcp_results:?}");
 

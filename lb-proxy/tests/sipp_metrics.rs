@@ -8,9 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -83,27 +81,26 @@ fn single(all: &[MetricSample], name: &str) -> f64 {
 #[test]
 fn metrics_after_calls_are_complete_and_valid() {
     require_promtool();
-    let env = TestEnv::new("metrics", "127.0.1.24");
+    let env = test_env!("metrics", "127.0.1.24");
     let dests = [
         Dest::udp(1, SERVER1_PORT, "pstn=100"),
         Dest::udp(2, SERVER2_PORT, "pstn=50"),
     ];
     // Relative mode spreads the calls over both destinations.
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "relative", &dests, ""));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(&env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .mode("relative")
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .uas("server2", SERVER2_PORT, "uas.xml")
+        .start();
 
     let calls = CALLS.to_string();
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", &calls, "-r", "10", "-l", "20", "-d", "1000"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .rate(10)
+        .limit(20)
+        .hold(ms(1000))
+        .args(["-m", &calls])
+        .start();
     // While calls are up, the load gauges show them.
     let during = wait_for(
         "load in mrcp_lb_destination_load during the calls",
@@ -121,9 +118,7 @@ fn metrics_after_calls_are_complete_and_valid() {
     eprintln!("load during the calls: {during}");
     let client = client.wait(Duration::from_secs(30));
     eprintln!("{}", client.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
     client.assert_all_ok(CALLS);
     assert_server_clean(&s1);
     assert_server_clean(&s2);

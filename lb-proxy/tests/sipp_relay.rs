@@ -10,9 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -155,7 +153,7 @@ struct Shape {
 }
 
 fn run(name: &str, ip: &str, stranger_ip: &str, trap_ip: &str, key: bool) {
-    let env = TestEnv::new(name, ip);
+    let env = test_env!(name, ip);
     let dests = [
         Dest::udp(1, SERVER1_PORT, "pstn=100"),
         Dest::udp(2, SERVER2_PORT, "pstn=100"),
@@ -167,10 +165,13 @@ fn run(name: &str, ip: &str, stranger_ip: &str, trap_ip: &str, key: bool) {
     } else {
         String::new()
     };
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "relative", &dests, &extra));
-    let s1 = Sipp::server(&env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(&env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .mode("relative")
+        .dests(&dests)
+        .uas("server1", SERVER1_PORT, "uas.xml")
+        .uas("server2", SERVER2_PORT, "uas.xml")
+        .extra(&extra)
+        .start();
 
     let trap_udp = UdpSocket::bind(format!("{trap_ip}:5060")).expect("bind UDP trap");
     let trap_tcp = TcpListener::bind(format!("{trap_ip}:5060")).expect("bind TCP trap");
@@ -182,15 +183,13 @@ fn run(name: &str, ip: &str, stranger_ip: &str, trap_ip: &str, key: bool) {
 
     // Calls from a real client all along.
     let calls = CALLS.to_string();
-    let client = Sipp::client(
-        &env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &["-m", &calls, "-r", "10", "-l", "20", "-d", "1000"],
-    );
+    let client = Sipp::uac(&env, "client")
+        .timeout(secs(60))
+        .rate(10)
+        .limit(20)
+        .hold(ms(1000))
+        .args(["-m", &calls])
+        .start();
     wait_for(
         "the first calls to be set up",
         Duration::from_secs(10),
@@ -388,9 +387,7 @@ fn run(name: &str, ip: &str, stranger_ip: &str, trap_ip: &str, key: bool) {
 
     let client = client.wait(Duration::from_secs(60));
     eprintln!("{}", client.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let (s1, s2) = (s1.stop(), s2.stop());
+    let [s1, s2] = drain([s1, s2]);
 
     // Nothing reached the trap, over UDP or TCP.
     trap_udp

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::time::Duration;
 
 const RATE: &str = "50";
@@ -22,50 +20,26 @@ struct Run {
 }
 
 fn run_load(env: &TestEnv, mode: &str) -> Run {
-    let mut proxy = Proxy::start(
-        env,
-        &config_yaml(
-            env,
-            mode,
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=100"),
-                Dest::udp(2, SERVER2_PORT, "pstn=50"),
-            ],
-            "",
-        ),
-    );
-    let s1 = Sipp::server(env, "server1", "uas.xml", SERVER1_PORT, Transport::Udp, 0);
-    let s2 = Sipp::server(env, "server2", "uas.xml", SERVER2_PORT, Transport::Udp, 0);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (mut proxy, [s1, s2]) = Sandbox::new(env)
+        .mode(mode)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=50"), "uas.xml")
+        .start();
 
     let sampler = LoadSampler::start(proxy.admin, Duration::from_millis(250));
-    let client = Sipp::client(
-        env,
-        "client",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(60),
-        &[
-            "-r",
-            RATE,
-            "-m",
-            &CALLS.to_string(),
-            "-l",
-            "300",
-            "-d",
-            CALL_MS,
-        ],
-    );
+    let client = Sipp::uac(env, "client")
+        .timeout(secs(60))
+        .rate(RATE)
+        .calls(CALLS)
+        .limit(300)
+        .args(["-d", CALL_MS])
+        .start();
     let client = client.wait(Duration::from_secs(60));
     let samples = sampler.finish();
     proxy.assert_running();
     eprintln!("{}", client.summary());
 
-    s1.wait_no_calls(Duration::from_secs(10));
-    s2.wait_no_calls(Duration::from_secs(10));
-    let s1 = s1.stop();
-    let s2 = s2.stop();
+    let [s1, s2] = drain([s1, s2]);
     eprintln!("{}\n{}", s1.summary(), s2.summary());
     proxy.wait_idle(Duration::from_secs(10));
     Run {
@@ -132,7 +106,7 @@ fn print_samples(samples: &[LoadSample]) {
 
 #[test]
 fn absolute_mode_levels_free_capacity_75_25() {
-    let env = TestEnv::new("absolute_mode", "127.0.1.1");
+    let env = test_env!("absolute_mode", "127.0.1.1");
     let run = run_load(&env, "absolute");
     print_samples(&run.samples);
 
@@ -165,7 +139,7 @@ fn absolute_mode_levels_free_capacity_75_25() {
 
 #[test]
 fn relative_mode_splits_calls_2_to_1() {
-    let env = TestEnv::new("relative_mode", "127.0.1.2");
+    let env = test_env!("relative_mode", "127.0.1.2");
     let run = run_load(&env, "relative");
     print_samples(&run.samples);
 

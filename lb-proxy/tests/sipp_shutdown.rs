@@ -7,9 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::time::{Duration, Instant};
 
 fn readyz(proxy: &Proxy) -> (u16, String) {
@@ -38,7 +36,7 @@ fn wait_not_ready(proxy: &Proxy, since: Instant) -> (Duration, String) {
 
 #[test]
 fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
-    let env = TestEnv::new("shutdown_drain", "127.0.1.64");
+    let env = test_env!("shutdown_drain", "127.0.1.64");
     let mut proxy = Proxy::start(
         &env,
         &config_yaml(
@@ -50,27 +48,20 @@ fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
     );
     // The server answers INVITE 1.5 s after its 100 and BYE 400 ms after receiving it, so
     // transactions are in flight when the signal comes and when the last dialog ends.
-    let s1 = Sipp::server(
-        &env,
-        "server1",
-        "uas_slow_bye.xml",
-        SERVER1_PORT,
-        Transport::Udp,
-        0,
-    );
+    let s1 = Sipp::uas(&env, "server1")
+        .scenario("uas_slow_bye.xml")
+        .port(SERVER1_PORT)
+        .start();
     proxy.wait_state(&["1"], "up", Duration::from_secs(10));
     assert_eq!(readyz(&proxy).0, 200);
 
     // Three calls of 3 s: INVITE now, 200 after 1.5 s, BYE 3 s later, its 200 400 ms after.
-    let calls = Sipp::client(
-        &env,
-        "calls",
-        Scenario::File("uac.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(30),
-        &["-m", "3", "-r", "10", "-l", "3", "-d", "3000"],
-    );
+    let calls = Sipp::uac(&env, "calls")
+        .calls(3)
+        .rate(10)
+        .limit(3)
+        .hold(ms(3000))
+        .start();
     let admin = proxy.admin;
     wait_for(
         "the 3 INVITEs to reach the server",
@@ -91,16 +82,12 @@ fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
     assert!(body.contains("draining"), "{body:?}");
 
     // A new call is refused at once with 503 and Retry-After (checked by the scenario).
-    let refused = Sipp::client(
-        &env,
-        "new_call",
-        Scenario::File("uac_expect_503.xml"),
-        CLIENT2_PORT,
-        Transport::Udp,
-        Duration::from_secs(10),
-        &["-m", "1"],
-    )
-    .wait(Duration::from_secs(10));
+    let refused = Sipp::uac(&env, "new_call")
+        .scenario("uac_expect_503.xml")
+        .port(CLIENT2_PORT)
+        .timeout(secs(10))
+        .calls(1)
+        .run();
     eprintln!("{}", refused.summary());
     refused.assert_all_ok(1);
     assert!(
@@ -118,8 +105,7 @@ fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
     eprintln!("lb-proxy exited {exited_after:?} after SIGTERM with {st}");
     let calls = calls.wait(Duration::from_secs(30));
     eprintln!("{}", calls.summary());
-    s1.wait_no_calls(Duration::from_secs(10));
-    let s1 = s1.stop();
+    let s1 = s1.drain();
     eprintln!("{}", s1.summary());
 
     assert_eq!(st.code(), Some(0), "exit status after SIGTERM");
@@ -150,7 +136,7 @@ fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
 
 #[test]
 fn drain_period_over_exits_0_with_calls_still_open() {
-    let env = TestEnv::new("shutdown_period", "127.0.1.65");
+    let env = test_env!("shutdown_period", "127.0.1.65");
     let mut proxy = Proxy::start(
         &env,
         &config_yaml(
@@ -161,24 +147,16 @@ fn drain_period_over_exits_0_with_calls_still_open() {
         ),
     );
     // Nobody hangs up: both sides wait for a BYE.
-    let s1 = Sipp::server(
-        &env,
-        "server1",
-        "uas_expect_bye.xml",
-        SERVER1_PORT,
-        Transport::Udp,
-        0,
-    );
+    let s1 = Sipp::uas(&env, "server1")
+        .scenario("uas_expect_bye.xml")
+        .port(SERVER1_PORT)
+        .start();
     proxy.wait_state(&["1"], "up", Duration::from_secs(10));
-    let call = Sipp::client(
-        &env,
-        "endless_call",
-        Scenario::File("uac_long_expect_bye.xml"),
-        CLIENT_PORT,
-        Transport::Udp,
-        Duration::from_secs(20),
-        &["-m", "1"],
-    );
+    let call = Sipp::uac(&env, "endless_call")
+        .scenario("uac_long_expect_bye.xml")
+        .timeout(secs(20))
+        .calls(1)
+        .start();
     let admin = proxy.admin;
     wait_for(
         "the call to be answered",
@@ -215,7 +193,7 @@ fn drain_period_over_exits_0_with_calls_still_open() {
 
 #[test]
 fn sigterm_with_nothing_open_exits_0_at_once() {
-    let env = TestEnv::new("shutdown_idle", "127.0.1.66");
+    let env = test_env!("shutdown_idle", "127.0.1.66");
     let mut proxy = Proxy::start(
         &env,
         &config_yaml(

@@ -17,9 +17,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -313,16 +311,13 @@ fn tls_client(env: &TestEnv, name: &str, calls: u64, extra: &[&str]) -> Sipp {
     let calls = calls.to_string();
     let mut args = vec!["-m", calls.as_str()];
     args.extend_from_slice(extra);
-    Sipp::client_at(
-        env,
-        name,
-        Scenario::File("uac.xml"),
-        local,
-        &target,
-        Transport::Tcp,
-        Duration::from_secs(40),
-        &args,
-    )
+    Sipp::uac(env, name)
+        .at(local)
+        .to(target)
+        .tcp()
+        .timeout(secs(40))
+        .args(args)
+        .start()
 }
 
 // ---- tests --------------------------------------------------------------------------------
@@ -365,7 +360,11 @@ impl OneServer {
             pstn: 100,
         }];
         let proxy = Proxy::start(env, &tls_config(env, &pki, &dests, verify, extra));
-        let server = Sipp::server(env, "server1", scenario, SERVER1_PORT, Transport::Tcp, 0);
+        let server = Sipp::uas(env, "server1")
+            .scenario(scenario)
+            .port(SERVER1_PORT)
+            .tcp()
+            .start();
         OneServer {
             proxy,
             server,
@@ -381,8 +380,7 @@ impl OneServer {
             mut proxy, server, ..
         } = self;
         proxy.assert_running();
-        server.wait_no_calls(Duration::from_secs(10));
-        let server = server.stop();
+        let server = server.drain();
         eprintln!("{}", server.summary());
         assert_server_clean(&server);
         server.assert_no_stray_messages();
@@ -403,7 +401,7 @@ fn all_ok(client: Sipp, calls: u64) -> SippReport {
 /// probes over TLS too.
 #[test]
 fn calls_go_end_to_end_over_tls_with_probes() {
-    let env = TestEnv::new("tls_calls", "127.0.1.81");
+    let env = test_env!("tls_calls", "127.0.1.81");
     let probing = "probing:\n  interval: 1s\n";
     let one = OneServer::start(&env, "uas_tls.xml", Issuer::TestCa, true, probing);
     let admin = one.proxy.admin;
@@ -424,15 +422,12 @@ fn calls_go_end_to_end_over_tls_with_probes() {
     let calls = CALLS.to_string();
     let mut tcp_args = vec!["-m", calls.as_str()];
     tcp_args.extend_from_slice(&args);
-    let tcp_client = Sipp::client(
-        &env,
-        "tcp-client",
-        Scenario::File("uac.xml"),
-        CLIENT2_PORT,
-        Transport::Tcp,
-        Duration::from_secs(40),
-        &tcp_args,
-    );
+    let tcp_client = Sipp::uac(&env, "tcp-client")
+        .port(CLIENT2_PORT)
+        .tcp()
+        .timeout(secs(40))
+        .args(tcp_args)
+        .start();
     // Two TLS connections while the calls run: the client's, and the one to the server.
     wait_for(
         "the client's and the server's TLS connections",
@@ -457,7 +452,7 @@ fn calls_go_end_to_end_over_tls_with_probes() {
 
 #[test]
 fn a_destination_whose_certificate_does_not_verify_is_not_used() {
-    let env = TestEnv::new("tls_bad_cert", "127.0.1.82");
+    let env = test_env!("tls_bad_cert", "127.0.1.82");
     let pki = Pki::new(&env);
     // The largest capacities go to the bad ones, so that calls try them first: a certificate
     // from the test CA for another address, and one for this address from an unknown CA.
@@ -480,7 +475,11 @@ fn a_destination_whose_certificate_does_not_verify_is_not_used() {
     let mut proxy = Proxy::start(&env, &tls_config(&env, &pki, &dests, true, extra));
     let servers = servers.map(|(port, _, cert)| {
         let name = format!("server{port}");
-        let s = Sipp::server(&env, &name, "uas_tls.xml", port, Transport::Tcp, 0);
+        let s = Sipp::uas(&env, &name)
+            .scenario("uas_tls.xml")
+            .port(port)
+            .tcp()
+            .start();
         let tls = Socat::server_side(&env, &format!("{name}-tls"), &cert, port);
         (s, tls)
     });
@@ -545,7 +544,7 @@ fn closed_after(to: SocketAddr, data: &[u8], limit: Duration) -> Duration {
 
 #[test]
 fn plain_tcp_to_the_tls_port_is_dropped_while_tls_calls_go_on() {
-    let env = TestEnv::new("tls_plain_client", "127.0.1.83");
+    let env = test_env!("tls_plain_client", "127.0.1.83");
     let tcp = "tcp:\n  messageTimeout: 2s\n";
     let one = OneServer::start(&env, "uas.xml", Issuer::TestCa, true, tcp);
     let tls_addr: SocketAddr = env.addr(TLS_PORT).parse().unwrap();
@@ -567,16 +566,15 @@ fn plain_tcp_to_the_tls_port_is_dropped_while_tls_calls_go_on() {
     );
 
     // sipp speaking plain SIP over TCP to the TLS port: its calls cannot go anywhere.
-    let plain = Sipp::client_at(
-        &env,
-        "plain-client",
-        Scenario::File("uac.xml"),
-        env.addr(CLIENT2_PORT).parse().unwrap(),
-        &env.addr(TLS_PORT),
-        Transport::Tcp,
-        Duration::from_secs(5),
-        &["-m", "3", "-r", "3", "-d", "500"],
-    );
+    let plain = Sipp::uac(&env, "plain-client")
+        .at(env.addr(CLIENT2_PORT).parse().unwrap())
+        .to(env.addr(TLS_PORT))
+        .tcp()
+        .timeout(secs(5))
+        .calls(3)
+        .rate(3)
+        .hold(ms(500))
+        .start();
     // A plain INVITE by hand: the connection is closed at once, nothing answered.
     let invite = format!(
         "INVITE sip:svc@{ip}:{TLS_PORT} SIP/2.0\r\nVia: SIP/2.0/TCP {ip}:5999;branch=z9hG4bK-plain\r\n\
@@ -625,7 +623,7 @@ fn plain_tcp_to_the_tls_port_is_dropped_while_tls_calls_go_on() {
 
 #[test]
 fn unverified_destinations_only_when_configured_with_a_warning() {
-    let env = TestEnv::new("tls_no_verify", "127.0.1.84");
+    let env = test_env!("tls_no_verify", "127.0.1.84");
     let one = OneServer::start(&env, "uas_tls.xml", Issuer::Unknown, false, "");
     let calls = 5;
     all_ok(
@@ -658,7 +656,7 @@ fn check(file: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn bad_tls_files_stop_the_proxy_naming_the_field() {
-    let env = TestEnv::new("tls_bad_files", "127.0.1.85");
+    let env = test_env!("tls_bad_files", "127.0.1.85");
     let pki = Pki::new(&env);
     let proxy = pki.issue("proxy", &env.ip);
     let other = pki.issue("other", &env.ip);

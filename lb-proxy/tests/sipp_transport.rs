@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use mrcp_lb_test_support::*;
 use std::time::Duration;
 
 const CALLS: u64 = 10;
@@ -40,14 +38,12 @@ fn calls_succeed(
             } else {
                 Transport::Udp
             };
-            Sipp::server(
-                env,
-                &format!("server{}", d.id),
-                server_scenario,
-                d.port,
-                t,
-                server_pause_ms,
-            )
+            Sipp::uas(env, &format!("server{}", d.id))
+                .scenario(server_scenario)
+                .port(d.port)
+                .transport(t)
+                .pause(ms(server_pause_ms))
+                .start()
         })
         .collect();
     let ids: Vec<String> = dests.iter().map(|d| d.id.to_string()).collect();
@@ -57,16 +53,11 @@ fn calls_succeed(
     let calls = CALLS.to_string();
     let mut args = vec!["-m", calls.as_str(), "-r", "5", "-l", "20"];
     args.extend_from_slice(client_args);
-    let client = Sipp::client(
-        env,
-        "client",
-        client_scenario,
-        CLIENT_PORT,
-        client_transport,
-        Duration::from_secs(30),
-        &args,
-    )
-    .wait(Duration::from_secs(30));
+    let client = Sipp::uac(env, "client")
+        .play(client_scenario)
+        .transport(client_transport)
+        .args(args)
+        .run();
     eprintln!("{}", client.summary());
     proxy.assert_running();
 
@@ -97,7 +88,7 @@ fn calls_succeed(
 
 #[test]
 fn udp_client_to_udp_servers() {
-    let env = TestEnv::new("udp_udp", "127.0.1.3");
+    let env = test_env!("udp_udp", "127.0.1.3");
     calls_succeed(
         &env,
         &two_udp_dests(),
@@ -111,7 +102,7 @@ fn udp_client_to_udp_servers() {
 
 #[test]
 fn tcp_client_to_udp_servers() {
-    let env = TestEnv::new("tcp_udp", "127.0.1.4");
+    let env = test_env!("tcp_udp", "127.0.1.4");
     calls_succeed(
         &env,
         &two_udp_dests(),
@@ -125,7 +116,7 @@ fn tcp_client_to_udp_servers() {
 
 #[test]
 fn udp_client_to_tcp_server() {
-    let env = TestEnv::new("udp_tcp", "127.0.1.5");
+    let env = test_env!("udp_tcp", "127.0.1.5");
     // The TCP server has the larger capacity, so absolute mode sends it the calls.
     let dests = [
         Dest::tcp(1, SERVER1_PORT, "pstn=100"),
@@ -149,7 +140,7 @@ fn udp_client_to_tcp_server() {
 
 #[test]
 fn server_side_bye_goes_through_the_proxy() {
-    let env = TestEnv::new("server_bye", "127.0.1.6");
+    let env = test_env!("server_bye", "127.0.1.6");
     // uas_bye.xml hangs up after 500 ms, sending its BYE to the top Record-Route; the client
     // (uac_long_expect_bye.xml) must receive it with its own dialog's tags and answer 200,
     // and the server must get that 200.
@@ -166,7 +157,7 @@ fn server_side_bye_goes_through_the_proxy() {
 
 #[test]
 fn client_ignoring_record_route_is_routed_by_dialog() {
-    let env = TestEnv::new("builtin_uac", "127.0.1.7");
+    let env = test_env!("builtin_uac", "127.0.1.7");
     // sipp's built-in uac sends ACK and BYE to the proxy with its own R-URI and no Route
     // header: the proxy must route them by its dialog memory.
     calls_succeed(

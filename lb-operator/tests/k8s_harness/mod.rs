@@ -26,25 +26,20 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use lb_api::admin::{DestinationStatus, DestinationsStatus};
 use lb_operator::crd::MrcpServer;
+// What the operator's tests use from the shared support crate (each test binary a part).
+#[allow(unused_imports)]
+pub use mrcp_lb_test_support::{
+    clean_env, eventually, keep_requested, mark_failed, metric_value, millis, ms, read_lossy, repo,
+    some_test_failed, strip_ansi, tail, AdminClient, ChildGuard, Show, Sipp,
+};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Environment variables that would send HTTP(S) through a proxy: removed from every child.
-const PROXY_VARS: [&str; 6] = [
-    "HTTP_PROXY",
-    "http_proxy",
-    "HTTPS_PROXY",
-    "https_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-];
+use std::time::{Duration, Instant};
 
 /// Environment variables the operator reads its flags from: removed so that only the test's
 /// flags count.
@@ -64,174 +59,9 @@ pub const OPERATOR_VARS: [&str; 13] = [
     "LB_OPERATOR_LOG_LEVEL",
 ];
 
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn millis() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-}
-
-pub fn clean_env(cmd: &mut Command) -> &mut Command {
-    for v in PROXY_VARS {
-        cmd.env_remove(v);
-    }
-    cmd.env("NO_PROXY", "127.0.0.0/8,localhost")
-        .env("no_proxy", "127.0.0.0/8,localhost")
-}
-
-/// Set when a test fails, so the control plane's folder is kept for inspection.
-static SOME_TEST_FAILED: AtomicBool = AtomicBool::new(false);
-
-/// `KEEP_TEST_FILES=1`: keep every test's files, passed or failed.
-fn keep_requested() -> bool {
-    std::env::var_os("KEEP_TEST_FILES").is_some_and(|v| v != "0")
-}
-
+/// Keep shared folders (the control plane's): a test failed, or `KEEP_TEST_FILES=1`.
 fn keep_files() -> bool {
-    SOME_TEST_FAILED.load(Ordering::SeqCst) || keep_requested()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Polling
-
-/// Calls `f` every `every` until it returns `Ok`; panics after `timeout` with what it last
-/// returned.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    every: Duration,
-    mut f: impl AsyncFnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                if Instant::now() >= deadline {
-                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {e}");
-                }
-            }
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process killed (SIGKILL, by its PID) and reaped when dropped.
-pub struct ChildGuard {
-    pub name: String,
-    child: Option<Child>,
-}
-
-impl ChildGuard {
-    pub fn new(name: &str, child: Child) -> ChildGuard {
-        ChildGuard {
-            name: name.to_string(),
-            child: Some(child),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        let st = self.child.as_mut()?.try_wait().expect("try_wait");
-        if st.is_some() {
-            self.child = None;
-        }
-        st
-    }
-
-    pub fn running(&mut self) -> bool {
-        self.child.is_some() && self.try_wait().is_none()
-    }
-
-    /// Sends a signal (e.g. "TERM", "KILL") to this process only, by PID.
-    pub fn signal(&self, sig: &str) {
-        if self.child.is_some() {
-            let st = clean_env(&mut Command::new("kill"))
-                .arg(format!("-{sig}"))
-                .arg(self.pid().to_string())
-                .stdin(Stdio::null())
-                .status()
-                .expect("run kill");
-            assert!(
-                st.success(),
-                "kill -{sig} {} ({}) failed",
-                self.pid(),
-                self.name
-            );
-        }
-    }
-
-    /// Waits for the process to end; `None` if it still runs after `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let child = self.child.as_mut()?;
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn read_lossy(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-/// The text without ANSI colour sequences.
-pub fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = strip_ansi(&read_lossy(path));
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    some_test_failed() || keep_requested()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,7 +148,7 @@ impl ControlPlane {
             watchdog: Some(ChildGuard::new("watchdog", watchdog)),
         };
         if !out.status.success() {
-            SOME_TEST_FAILED.store(true, Ordering::SeqCst);
+            mark_failed();
             panic!(
                 "tests/k8s/control-plane.sh start {} failed ({}):\n{}{}",
                 cp.dir.display(),
@@ -532,19 +362,24 @@ pub fn lb_proxy_bin() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Test environment
 
-/// One test: its namespace, loopback addresses, folder, and API client.
+/// One test: its namespace, loopback addresses, folder (the shared `TestEnv`, which keeps it
+/// and prints the registered logs when the test fails), and API client.
 pub struct TestEnv {
-    pub name: String,
+    /// Name, address (127.0.4.<index> or the one given to `new_at`: proxies, operators and
+    /// sipp clients), folder, logs, sipp ports.
+    pub base: mrcp_lb_test_support::TestEnv,
     pub index: u8,
-    /// 127.0.4.<index> (or the address given to `new_at`): proxies, operators and sipp clients.
-    pub ip: String,
     pub ns: String,
-    pub dir: PathBuf,
     pub cp: Arc<ControlPlane>,
     pub client: kube::Client,
     pub http: reqwest::Client,
-    logs: Mutex<Vec<(String, PathBuf)>>,
-    next_sipp_slot: AtomicU16,
+}
+
+impl Deref for TestEnv {
+    type Target = mrcp_lb_test_support::TestEnv;
+    fn deref(&self) -> &Self::Target {
+        &self.base
+    }
 }
 
 impl TestEnv {
@@ -562,11 +397,12 @@ impl TestEnv {
     }
 
     async fn create(name: &str, index: u8, ip: String) -> TestEnv {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("lb-operator-k8s")
-            .join(format!("{name}-{}-{}", std::process::id(), millis()));
+        let base = mrcp_lb_test_support::TestEnv::new(
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("lb-operator-k8s"),
+            name,
+            &ip,
+        );
         let cp = control_plane();
-        fs::create_dir_all(&dir).expect("create test dir");
         let kc = kube::config::Kubeconfig::read_from(&cp.kubeconfig).expect("read kubeconfig");
         let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
@@ -580,16 +416,12 @@ impl TestEnv {
             .expect("http client");
         let ns = format!("it-{name}");
         let env = TestEnv {
-            name: name.to_string(),
+            base,
             index,
-            ip,
             ns: ns.clone(),
-            dir,
             cp,
             client,
             http,
-            logs: Mutex::new(Vec::new()),
-            next_sipp_slot: AtomicU16::new(0),
         };
         let namespaces: Api<Namespace> = Api::all(env.client.clone());
         let mut n = Namespace::default();
@@ -626,23 +458,10 @@ impl TestEnv {
         format!("127.0.3.{}", base + u16::from(k))
     }
 
-    pub fn subdir(&self, name: &str) -> PathBuf {
-        let d = self.dir.join(name);
-        fs::create_dir_all(&d).expect("create process dir");
-        d
-    }
-
+    /// A log printed if the test fails: the last 80 lines of an operator's, 30 of others'.
     pub fn register_log(&self, name: &str, path: &Path) {
-        self.logs
-            .lock()
-            .unwrap()
-            .push((name.to_string(), path.to_path_buf()));
-    }
-
-    /// sipp's control and media ports, unique per sipp process of this test (on its own IP).
-    fn sipp_ports(&self) -> (u16, u16) {
-        let k = self.next_sipp_slot.fetch_add(1, Ordering::SeqCst);
-        (8800 + k, 20000 + 10 * k)
+        let lines = if name.starts_with("operator") { 80 } else { 30 };
+        self.base.register_log(name, path, Show::Tail(lines));
     }
 
     // --- Kubernetes objects
@@ -775,31 +594,6 @@ impl TestEnv {
     }
 }
 
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            SOME_TEST_FAILED.store(true, Ordering::SeqCst);
-            eprintln!(
-                "\n===== {}: test failed; files kept in {} =====",
-                self.name,
-                self.dir.display()
-            );
-            for (name, path) in self.logs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                let lines = if name.starts_with("operator") { 80 } else { 30 };
-                eprintln!(
-                    "----- {name}: {} (last {lines} lines) -----",
-                    path.display()
-                );
-                eprintln!("{}", tail(path, lines));
-            }
-        } else if keep_requested() {
-            eprintln!("{}: files kept in {}", self.name, self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // lb-proxy
 
@@ -809,7 +603,7 @@ pub struct Proxy {
     pub sip: SocketAddr,
     pub admin: SocketAddr,
     pub log: PathBuf,
-    http: reqwest::Client,
+    api: AdminClient,
 }
 
 impl Proxy {
@@ -872,7 +666,7 @@ impl Proxy {
             sip,
             admin,
             log,
-            http: env.http.clone(),
+            api: AdminClient::new(name, admin),
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -899,16 +693,7 @@ impl Proxy {
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let url = format!("http://{}{path}", self.admin);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let code = resp.status().as_u16();
-        let body = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
-        Ok((code, body))
+        self.api.get(path).await
     }
 
     pub async fn readyz(&self) -> u16 {
@@ -919,15 +704,7 @@ impl Proxy {
     }
 
     pub async fn try_destinations(&self) -> Result<DestinationsStatus, String> {
-        let (code, body) = self.get("/v1/destinations").await?;
-        if code != 200 {
-            return Err(format!(
-                "{}: /v1/destinations answered {code}: {body}",
-                self.name
-            ));
-        }
-        serde_json::from_str(&body)
-            .map_err(|e| format!("{}: /v1/destinations: {e} in {body}", self.name))
+        self.api.destinations().await
     }
 
     pub async fn destinations(&self) -> DestinationsStatus {
@@ -981,7 +758,7 @@ pub struct Operator {
     pub guard: ChildGuard,
     pub listen: SocketAddr,
     pub log: PathBuf,
-    http: reqwest::Client,
+    api: AdminClient,
 }
 
 impl Operator {
@@ -1049,7 +826,7 @@ impl Operator {
             guard: ChildGuard::new(name, child),
             listen,
             log,
-            http: env.http.clone(),
+            api: AdminClient::new(name, listen),
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -1072,23 +849,11 @@ impl Operator {
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let url = format!("http://{}{path}", self.listen);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let code = resp.status().as_u16();
-        let body = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
-        Ok((code, body))
+        self.api.get(path).await
     }
 
     pub async fn metrics(&self) -> Result<String, String> {
-        match self.get("/metrics").await? {
-            (200, body) => Ok(body),
-            (code, body) => Err(format!("{}: /metrics answered {code}: {body}", self.name)),
-        }
+        self.api.metrics().await
     }
 
     /// The value of one series, e.g. `mrcp_lb_operator_leader` or
@@ -1111,214 +876,8 @@ impl Operator {
     }
 }
 
-/// One sample of a Prometheus text exposition: `series` is the name with its labels exactly as
-/// printed (`name{label="v"}`).
-pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (name, v) = l.trim().rsplit_once(' ')?;
-        (name == series).then(|| v.parse().ok()).flatten()
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // sipp
-
-fn sipp_bin() -> String {
-    std::env::var("SIPP").unwrap_or_else(|_| "sipp".to_string())
-}
-
-pub fn scenario(name: &str) -> PathBuf {
-    let p = repo().join("tests/sipp").join(name);
-    assert!(p.is_file(), "no scenario {}", p.display());
-    p
-}
-
-/// A running sipp: a server (runs until dropped) or a client.
-pub struct Sipp {
-    pub name: String,
-    pub dir: PathBuf,
-    pub guard: ChildGuard,
-}
-
-/// The last statistics row of a finished sipp and its exit code.
-#[derive(Debug)]
-pub struct SippReport {
-    pub name: String,
-    pub exit: Option<i32>,
-    pub stats: HashMap<String, String>,
-    pub errors: String,
-}
-
-impl SippReport {
-    pub fn stat(&self, key: &str) -> u64 {
-        self.stats
-            .get(key)
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{}: no numeric stat {key:?} in {:?}", self.name, self.stats))
-    }
-    pub fn summary(&self) -> String {
-        let get = |k: &str| self.stats.get(k).map(String::as_str).unwrap_or("?");
-        format!(
-            "{}: exit={:?} created={} successful={} failed={} errors={:?}",
-            self.name,
-            self.exit,
-            get("TotalCallCreated"),
-            get("SuccessfulCall(C)"),
-            get("FailedCall(C)"),
-            self.errors.lines().take(10).collect::<Vec<_>>().join(" | ")
-        )
-    }
-    pub fn assert_all_ok(&self, calls: u64) {
-        assert!(
-            self.exit == Some(0)
-                && self.stat("SuccessfulCall(C)") == calls
-                && self.stat("FailedCall(C)") == 0,
-            "expected {calls} successful calls and none failed; {}",
-            self.summary()
-        );
-    }
-}
-
-fn last_csv_row(path: &Path) -> HashMap<String, String> {
-    let text = read_lossy(path);
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let (Some(header), Some(last)) = (lines.next(), lines.next_back()) else {
-        return HashMap::new();
-    };
-    header
-        .split(';')
-        .map(str::to_string)
-        .zip(last.split(';').map(str::to_string))
-        .collect()
-}
-
-impl Sipp {
-    fn spawn(env: &TestEnv, name: &str, args: &[String]) -> Sipp {
-        let dir = env.subdir(name);
-        let (cp, mp) = env.sipp_ports();
-        let mut cmd = Command::new(sipp_bin());
-        clean_env(&mut cmd)
-            .args(["-nostdin", "-trace_err", "-trace_stat", "-fd", "1"])
-            .arg("-error_file")
-            .arg(dir.join("errors.log"))
-            .arg("-stf")
-            .arg(dir.join("stat.csv"))
-            .args(["-ci", &env.ip, "-cp", &cp.to_string()])
-            .args(["-mp", &mp.to_string()])
-            .args(args)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join("screen.log")).expect("sipp screen log"))
-            .stderr(fs::File::create(dir.join("stderr.log")).expect("sipp stderr log"));
-        fs::write(dir.join("command.txt"), format!("{cmd:?}\n")).unwrap();
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn sipp (install sip-tester: make deps): {e}"));
-        env.register_log(&format!("sipp {name} errors"), &dir.join("errors.log"));
-        Sipp {
-            name: name.to_string(),
-            dir,
-            guard: ChildGuard::new(name, child),
-        }
-    }
-
-    /// `tests/sipp/uas.xml` on `ip:port` over UDP: answers INVITE and OPTIONS. Returns once it
-    /// has bound its port.
-    pub async fn server(env: &TestEnv, name: &str, ip: &str, port: u16) -> Sipp {
-        let args: Vec<String> = vec![
-            "-sf".into(),
-            scenario("uas.xml").display().to_string(),
-            "-i".into(),
-            ip.into(),
-            "-p".into(),
-            port.to_string(),
-            "-t".into(),
-            "u1".into(),
-        ];
-        let mut s = Sipp::spawn(env, name, &args);
-        let stat = s.dir.join("stat.csv");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while read_lossy(&stat).lines().count() < 2 {
-            if let Some(st) = s.guard.try_wait() {
-                panic!(
-                    "sipp server {name} exited with {st}: {}",
-                    read_lossy(&s.dir.join("stderr.log"))
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sipp server {name} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        s
-    }
-
-    /// `tests/sipp/uac.xml` from the test's IP:`local_port` to `target` over UDP: `calls`
-    /// calls (all at once) of `call_ms` each; sipp gives up after `timeout`.
-    pub fn client(
-        env: &TestEnv,
-        name: &str,
-        local_port: u16,
-        target: SocketAddr,
-        calls: u32,
-        call_ms: u64,
-        timeout: Duration,
-    ) -> Sipp {
-        let args: Vec<String> = vec![
-            "-sf".into(),
-            scenario("uac.xml").display().to_string(),
-            "-i".into(),
-            env.ip.clone(),
-            "-p".into(),
-            local_port.to_string(),
-            "-t".into(),
-            "u1".into(),
-            "-m".into(),
-            calls.to_string(),
-            "-l".into(),
-            calls.to_string(),
-            "-r".into(),
-            "20".into(),
-            "-d".into(),
-            call_ms.to_string(),
-            "-timeout".into(),
-            format!("{}s", timeout.as_secs().max(1)),
-            "-timeout_error".into(),
-            target.to_string(),
-        ];
-        Sipp::spawn(env, name, &args)
-    }
-
-    pub fn stats(&self) -> HashMap<String, String> {
-        last_csv_row(&self.dir.join("stat.csv"))
-    }
-
-    /// Waits for a client to end (killing it after `timeout`) and reads its statistics.
-    pub async fn wait(mut self, timeout: Duration) -> SippReport {
-        let st = self.guard.wait_exit(timeout).await;
-        self.guard.kill();
-        SippReport {
-            name: self.name.clone(),
-            exit: st.map(|s| s.code().unwrap_or(-1)),
-            stats: self.stats(),
-            errors: read_lossy(&self.dir.join("errors.log")),
-        }
-    }
-
-    /// Stops a server (SIGUSR1: sipp writes its final statistics and exits) and reads them.
-    pub async fn stop(mut self) -> SippReport {
-        self.guard.signal("USR1");
-        let st = self.guard.wait_exit(Duration::from_secs(5)).await;
-        self.guard.kill();
-        SippReport {
-            name: self.name.clone(),
-            exit: st.map(|s| s.code().unwrap_or(-1)),
-            stats: self.stats(),
-            errors: read_lossy(&self.dir.join("errors.log")),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Numbers
