@@ -3,7 +3,7 @@
 
 tcp_stream input: one byte for the size limit, two that seed where the stream is cut into
 reads, then the stream. proxy_core input: a script of NUL-separated steps (see
-lb_proxy::fuzzing::core). Run from anywhere; it rewrites the two directories.
+`core` in fuzz-checks/src/lib.rs). Run from anywhere; it rewrites the two directories.
 """
 import os
 import shutil

@@ -57,6 +57,7 @@ for t in $TARGETS; do
     grep -E 'ERROR: libFuzzer|SUMMARY|Test unit written to' "$log" >&2 || true
     echo "fuzz: reproduce with: cd fuzz && cargo +nightly fuzz run --sanitizer none $t <artifact>" >&2
     echo "fuzz: keep the input as a regression: cp <artifact> lb-proxy/tests/fuzz-regressions/$t/<name>" >&2
+    echo "fuzz: (cargo test -p lb-proxy-fuzz-checks then replays it on stable)" >&2
     break
   fi
 done

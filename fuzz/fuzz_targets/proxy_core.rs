@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| lb_proxy::fuzzing::core(data));
+fuzz_target!(|data: &[u8]| lb_proxy_fuzz_checks::core(data));

@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| lb_proxy::fuzzing::datagram(data));
+fuzz_target!(|data: &[u8]| lb_proxy_fuzz_checks::datagram(data));

@@ -16,8 +16,6 @@ pub mod cluster;
 pub mod config;
 pub mod destinations;
 pub mod dialog;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;

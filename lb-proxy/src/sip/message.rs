@@ -773,7 +773,7 @@ fn check_request_uri(uri: &str) -> Result<(), String> {
 /// Refused: an unterminated quoted string (RFC 4475 3.1.2.6 quotbal), a display name that is
 /// neither quoted nor tokens (3.1.2.15 baddn), white space inside the URI (3.1.2.14 badaspec),
 /// a URI without a scheme, and an empty parameter.
-pub(crate) fn check_name_addr(value: &str) -> Result<(), &'static str> {
+pub fn check_name_addr(value: &str) -> Result<(), &'static str> {
     let (uri, params) = match find_unquoted(value, '<') {
         Some(lt) => {
             let display = value[..lt].trim();

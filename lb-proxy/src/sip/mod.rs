@@ -8,7 +8,7 @@
 mod message;
 mod uri;
 
-pub(crate) use message::check_name_addr;
+pub use message::check_name_addr;
 pub use message::{
     bad_request, header_end, header_param, name_addr_uri, split_list, HeaderName, Message, Method,
     ParseError, StartLine, StatusCode, Via,

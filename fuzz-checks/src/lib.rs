@@ -1,6 +1,7 @@
-//! Hostile-input checks: the properties the fuzz targets in `fuzz/` test, shared with
-//! `tests/fuzz_corpus.rs`, which replays the seed corpus and every input that ever failed on
-//! stable Rust.
+//! Hostile-input checks of lb-proxy: the properties the fuzz targets in `fuzz/` test, shared
+//! with `tests/corpus_replay.rs`, which replays the seed corpus and every input that ever failed
+//! on stable Rust. A crate of its own (not published) so that none of this is compiled into the
+//! lb-proxy library; it drives lb-proxy through its public API only.
 //!
 //! Each entry point takes bytes as a peer could send them, runs them through the code the proxy
 //! runs on network input, and panics when a property does not hold:
@@ -19,21 +20,23 @@
 //!   parses, and once the clock has run past every timer nothing is left: no transaction, no
 //!   dialog, no load on a destination.
 
+#![forbid(unsafe_code)]
+
 use bytes::{Buf, BytesMut};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::destinations::Destinations;
-use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::sip::{
+use lb_proxy::config::Config;
+use lb_proxy::destinations::Destinations;
+use lb_proxy::metrics::Metrics;
+use lb_proxy::proxy::Proxy;
+use lb_proxy::sip::{
     bad_request, check_name_addr, header_param, is_stateless_tag, name_addr_uri, HeaderName,
     Message, Method, ParseError, SipUri, Transport, Via,
 };
-use crate::transport::tcp::{frame, no_length_answer, Frame};
-use crate::transport::{Flow, Inbound, Outbound, Target};
+use lb_proxy::transport::tcp::{frame, no_length_answer, Frame};
+use lb_proxy::transport::{Flow, Inbound, Outbound, Target};
 
 // ---- (a) one datagram -----------------------------------------------------------------------
 
@@ -388,7 +391,7 @@ fn read_stream(
                     assert!(n > 0 && n <= buf.len(), "head {n} of {}", buf.len());
                     assert!(n <= max, "head {n} over the limit {max}");
                     assert_eq!(
-                        crate::sip::header_end(&buf[..n]),
+                        lb_proxy::sip::header_end(&buf[..n]),
                         Some(n),
                         "a head without Content-Length ends at its empty line"
                     );
@@ -407,7 +410,7 @@ fn read_stream(
 /// framer cut (otherwise the two disagree on where the next message starts).
 fn framed(data: &[u8]) {
     message(data);
-    if let (Ok(msg), Some(hend)) = (Message::parse(data), crate::sip::header_end(data)) {
+    if let (Ok(msg), Some(hend)) = (Message::parse(data), lb_proxy::sip::header_end(data)) {
         assert_eq!(
             msg.body.len(),
             data.len() - hend,
@@ -646,7 +649,7 @@ fn answer(req: &Message, code: u16, to: SocketAddr) -> Message {
         }
     }
     let mut host = String::new();
-    let _ = crate::sip::write_host(&mut host, &to.ip().to_string());
+    let _ = lb_proxy::sip::write_host(&mut host, &to.ip().to_string());
     resp.push(
         HeaderName::Contact,
         format!("<sip:mrcp@{host}:{}>", to.port()),

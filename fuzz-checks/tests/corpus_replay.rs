@@ -1,6 +1,6 @@
 //! Replays the fuzz seed corpus (`fuzz/corpus/<target>/`) and every input that once made a
-//! fuzz target fail (`tests/fuzz-regressions/<target>/`) through the same checks the fuzz
-//! targets run (`lb_proxy::fuzzing`), so that `cargo test` guards them on stable Rust, without
+//! fuzz target fail (`lb-proxy/tests/fuzz-regressions/<target>/`) through the same checks the
+//! fuzz targets run (this crate's), so that `cargo test` guards them on stable Rust, without
 //! nightly or libFuzzer.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,9 +21,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 /// Runs `check` on every corpus and regression input of `target`; fails naming each input
 /// that panics.
 fn replay(target: &str, check: fn(&[u8])) {
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let corpus = files(&crate_dir.join("../fuzz/corpus").join(target));
-    let regressions = files(&crate_dir.join("tests/fuzz-regressions").join(target));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let corpus = files(&root.join("fuzz/corpus").join(target));
+    let regressions = files(&root.join("lb-proxy/tests/fuzz-regressions").join(target));
     assert!(
         !corpus.is_empty(),
         "no seed corpus for {target} in fuzz/corpus/{target}"
@@ -46,15 +46,15 @@ fn replay(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn sip_datagram() {
-    replay("sip_datagram", lb_proxy::fuzzing::datagram);
+    replay("sip_datagram", lb_proxy_fuzz_checks::datagram);
 }
 
 #[test]
 fn tcp_stream() {
-    replay("tcp_stream", lb_proxy::fuzzing::stream);
+    replay("tcp_stream", lb_proxy_fuzz_checks::stream);
 }
 
 #[test]
 fn proxy_core() {
-    replay("proxy_core", lb_proxy::fuzzing::core);
+    replay("proxy_core", lb_proxy_fuzz_checks::core);
 }
