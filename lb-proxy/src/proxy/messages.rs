@@ -37,12 +37,12 @@ pub(in crate::proxy) fn same_transaction(invite: &Message, method: Method, to: &
     m
 }
 
-/// The Contact URI of a message, when it is a SIP URI a request can be sent to. A malformed
-/// one (or one with white space, which cannot stand in a request line) is no remote target: a
-/// request with it as Request-URI would not even parse.
+/// The Contact URI of a message, when it is a SIP URI a request can be sent to: one the parser
+/// would take as a Request-URI (no white space, no control or non-ASCII character), or a
+/// request with it as Request-URI (the BYE the proxy sends on expiry) would not even parse.
 pub(in crate::proxy) fn contact_target(msg: &Message) -> Option<String> {
     let uri = name_addr_uri(msg.get(&HeaderName::Contact)?);
-    (SipUri::parse(uri).is_ok() && !uri.contains(char::is_whitespace)).then(|| uri.to_string())
+    (SipUri::parse(uri).is_ok() && check_request_uri(uri).is_ok()).then(|| uri.to_string())
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.

@@ -46,7 +46,8 @@ use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
 use crate::routing::{self, Want};
 use crate::sip::{
-    name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport, Via, BRANCH_COOKIE,
+    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport,
+    Via, BRANCH_COOKIE,
 };
 use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
 use failover::Call;

@@ -752,7 +752,7 @@ fn uri_scheme(uri: &str) -> Option<&str> {
 /// A Request-URI: an absolute URI without characters that a URI never carries unescaped; a
 /// `sip:` or `sips:` one must parse as such. Other schemes (`tel:`, and ones nobody knows,
 /// RFC 4475 3.3.2) are well formed: the proxy routes INVITEs by load, not by this URI.
-fn check_request_uri(uri: &str) -> Result<(), String> {
+pub fn check_request_uri(uri: &str) -> Result<(), String> {
     let Some(scheme) = uri_scheme(uri) else {
         // `<sip:...>` (RFC 4475 3.1.2.7 ltgtruri) and anything else without a scheme.
         return Err(format!("{uri:?} is not an absolute URI"));

@@ -10,8 +10,8 @@ mod uri;
 
 pub use message::check_name_addr;
 pub use message::{
-    bad_request, header_end, header_param, name_addr_uri, split_list, HeaderName, Message, Method,
-    ParseError, StartLine, StatusCode, Via,
+    bad_request, check_request_uri, header_end, header_param, name_addr_uri, split_list,
+    HeaderName, Message, Method, ParseError, StartLine, StatusCode, Via,
 };
 pub use uri::{split_host_port, write_host, SipUri, Transport, UriError};
 
