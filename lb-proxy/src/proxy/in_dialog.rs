@@ -30,10 +30,6 @@ impl Proxy {
             Err(why) => return self.refuse_relay(&msg, flow, why),
         };
         let mut target = hop.target;
-        let (dkey, from_caller) = match hop.dialog {
-            Some((k, fc)) => (Some(k), Some(fc)),
-            None => (None, None),
-        };
         // Send from a listener of the target's transport and family.
         if let Some(l) = self.out_listener(target.transport, Some(target.remote.is_ipv6())) {
             target.listener = l;
@@ -47,10 +43,14 @@ impl Proxy {
             return;
         }
         // Track the dialog: CSeq, and BYE ends it.
-        if let (Some(k), Some(fc)) = (&dkey, from_caller) {
+        if let Some((k, from_caller)) = &hop.dialog {
             let seq = msg.cseq().map(|c| c.0).unwrap_or(0);
             if let Some(d) = self.dialogs.get_mut(k) {
-                let party = if fc { &mut d.caller } else { &mut d.callee };
+                let party = if *from_caller {
+                    &mut d.caller
+                } else {
+                    &mut d.callee
+                };
                 party.cseq = party.cseq.max(seq);
                 if !is_ack {
                     party.flow = Some(flow);
@@ -59,7 +59,7 @@ impl Proxy {
             if method == Method::Bye {
                 self.end_dialog(k, End::Normal);
             }
-        } else if method == Method::Bye && dkey.is_none() {
+        } else if method == Method::Bye {
             // Set up through another replica (or before a restart): its owner frees the load.
             self.announce_end(&msg);
         }
