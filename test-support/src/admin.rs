@@ -11,6 +11,7 @@
 //! tests, and by the tests here that read the raw JSON on purpose (`get_json`,
 //! `HttpResponse::json`).
 
+use crate::env::unix_now;
 use lb_api::admin::DestinationsStatus;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -271,6 +272,11 @@ pub struct LoadSampler {
 pub struct LoadSample {
     /// Time since the sampler started.
     pub at: Duration,
+    /// Wall-clock time (Unix seconds) in the middle of the `/v1/destinations` request, to
+    /// match the sample with sipp's statistics rows.
+    pub unix_at: f64,
+    /// How long that request took: how precisely `unix_at` places the loads.
+    pub took: Duration,
     pub loads: BTreeMap<String, u64>,
     pub stats: DialogStats,
 }
@@ -284,9 +290,14 @@ impl LoadSampler {
             let mut out = Vec::new();
             while !stop2.load(Ordering::SeqCst) {
                 // A failed poll (proxy busy) is skipped, not fatal: the samples are checked later.
-                if let (Ok(ds), Ok(stats)) = (try_destinations(admin), try_dialog_stats(admin)) {
+                let (asked, asked_unix) = (Instant::now(), unix_now());
+                let ds = try_destinations(admin);
+                let (took, answered_unix) = (asked.elapsed(), unix_now());
+                if let (Ok(ds), Ok(stats)) = (ds, try_dialog_stats(admin)) {
                     out.push(LoadSample {
                         at: t0.elapsed(),
+                        unix_at: (asked_unix + answered_unix) / 2.0,
+                        took,
                         loads: ds.into_iter().map(|d| (d.id, d.load)).collect(),
                         stats,
                     });
