@@ -14,11 +14,8 @@
 
 use lb_api::admin::{DestinationStatus, DestinationsStatus, State};
 use mrcp_lb_test_support::*;
-use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -68,10 +65,6 @@ fn dest_uri(env: &TestEnv, port: u16) -> String {
     format!("sip:{}:{port}", env.ip)
 }
 
-fn uas(env: &TestEnv, name: &str, port: u16) -> Sipp {
-    Sipp::uas(env, name).port(port).start()
-}
-
 /// Short calls (`-d 200`) on `port`, all at once-ish; waits for them and returns the report.
 fn short_calls(env: &TestEnv, name: &str, port: u16, calls: u64) -> SippReport {
     let n = calls.to_string();
@@ -117,20 +110,12 @@ fn wait_loads(admin: SocketAddr, l1: u32, l2: u32) {
 /// Proxy with probing on `PROBING`, destination 1 (pstn=50) and 2 (pstn=100, preferred while
 /// up) with a `uas.xml` server each; returns once destination 2 has answered two probes.
 fn start_probed_pair(env: &TestEnv) -> (Proxy, Sipp, Sipp) {
-    let proxy = Proxy::start(
-        env,
-        &config_yaml(
-            env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=50"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            PROBING,
-        ),
-    );
-    let s1 = uas(env, "server1", SERVER1_PORT);
-    let s2 = uas(env, "server2", SERVER2_PORT);
+    let (proxy, [s1, s2]) = Sandbox::new(env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas.xml")
+        .extra(PROBING)
+        .no_wait()
+        .start();
     let admin = proxy.admin;
     wait_for(
         "destination 2 to answer two probes",
@@ -219,7 +204,9 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
     assert_eq!(get(admin, "2").state, State::Down, "it must stay down");
 
     // 3. A server on the same port again: back up after two successful probes, not one.
-    let s2b = uas(&env, "server2_restarted", SERVER2_PORT);
+    let s2b = Sipp::uas(&env, "server2_restarted")
+        .port(SERVER2_PORT)
+        .start();
     let restarted = Instant::now();
     let mut down_after_one_success = false;
     let up = wait_for(
@@ -277,23 +264,17 @@ fn options_answered_503_marks_destination_down() {
     // UniMRCP does with its engine offline; it would answer INVITEs.
     // Servers first: a probe sent before server 2 listens would time out, and the
     // failures counted below must be its 503s.
-    let s1 = uas(&env, "server1", SERVER1_PORT);
-    let s2 = Sipp::uas(&env, "server2_options_503")
-        .scenario("uas_options_503.xml")
-        .port(SERVER2_PORT)
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
+        .serve_as(
+            "server2_options_503",
+            Dest::udp(2, SERVER2_PORT, "pstn=100"),
+            "uas_options_503.xml",
+        )
+        .extra(PROBING)
+        .servers_first()
+        .no_wait()
         .start();
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=50"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            PROBING,
-        ),
-    );
     let admin = proxy.admin;
     let started = Instant::now();
     let down = wait_for(
@@ -317,15 +298,11 @@ fn options_answered_503_marks_destination_down() {
         down.probe
     );
     assert!(down.reason.contains("probe"), "{down:?}");
-    let failures: f64 = parse_metrics(&metrics_text(admin))
-        .iter()
-        .filter(|m| {
-            m.name == "mrcp_lb_destination_probes_total"
-                && m.label("destination") == Some("2")
-                && m.label("result") == Some("failure")
-        })
-        .map(|m| m.value)
-        .sum();
+    let failures = metric_sum(
+        &parse_metrics(&metrics_text(admin)),
+        "mrcp_lb_destination_probes_total",
+        &[("destination", "2"), ("result", "failure")],
+    );
     assert!(
         failures >= 2.0,
         "mrcp_lb_destination_probes_total{{destination=\"2\",result=\"failure\"}} = {failures}"
@@ -424,67 +401,6 @@ fn metrics_show_probe_results_and_down_state_of_a_dead_server() {
 // ---------------------------------------------------------------------------------------------
 // Set updates under traffic
 
-/// One poll of `/v1/destinations`: when (Unix seconds, middle of the request) and the pstn
-/// load per destination id.
-#[derive(Debug, Clone)]
-struct TimedLoads {
-    at: f64,
-    loads: BTreeMap<String, u64>,
-}
-
-/// Polls the destination loads in the background, stamped with wall-clock time so that they
-/// can be matched with sipp's statistics rows.
-struct TimedSampler {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<Vec<TimedLoads>>>,
-}
-
-impl TimedSampler {
-    fn start(admin: SocketAddr, every: Duration) -> TimedSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = thread::spawn(move || {
-            let mut out = Vec::new();
-            while !stop2.load(Ordering::SeqCst) {
-                let t0 = unix_now();
-                if let Ok(ds) = try_destinations(admin) {
-                    let t1 = unix_now();
-                    // Only polls that were quick enough to be placed in time.
-                    if t1 - t0 < 0.03 {
-                        out.push(TimedLoads {
-                            at: (t0 + t1) / 2.0,
-                            loads: ds.into_iter().map(|d| (d.id, d.load)).collect(),
-                        });
-                    }
-                }
-                thread::sleep(every);
-            }
-            out
-        });
-        TimedSampler {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> Vec<TimedLoads> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle
-            .take()
-            .map(|h| h.join().expect("sampler thread"))
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for TimedSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// A point where the proxy's load of a destination and its server's open calls were read
 /// within `MATCH_WINDOW` of each other.
 #[derive(Debug)]
@@ -503,28 +419,18 @@ const TOLERANCE: u64 = 2;
 #[test]
 fn set_update_during_traffic_keeps_every_load() {
     let env = test_env!("set_update_traffic", "127.0.1.33");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=100"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            "",
-        ),
-    );
-    let s1 = uas(&env, "server1", SERVER1_PORT);
-    let s2 = uas(&env, "server2", SERVER2_PORT);
-    let s3 = uas(&env, "server3", SERVER3_PORT);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    // Server 3 answers for the destination the PUT adds.
+    let (mut proxy, [s1, s2, s3]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas.xml")
+        .uas("server3", SERVER3_PORT, "uas.xml")
+        .start();
     let admin = proxy.admin;
     let v0 = status(admin).version;
 
     // 60 calls of 3 s at 8 per second: about 24 open at once for most of 8 s.
     const CALLS: u64 = 60;
-    let sampler = TimedSampler::start(admin, Duration::from_millis(40));
+    let sampler = LoadSampler::start(admin, Duration::from_millis(40));
     let traffic_start = unix_now();
     let client = Sipp::uac(&env, "client")
         .timeout(secs(40))
@@ -584,7 +490,12 @@ fn set_update_during_traffic_keeps_every_load() {
     let client = client.wait(Duration::from_secs(40));
     let traffic_end = unix_now();
     eprintln!("{}", client.summary());
-    let samples = sampler.finish();
+    // Only the polls quick enough to be placed in time.
+    let samples: Vec<LoadSample> = sampler
+        .finish()
+        .into_iter()
+        .filter(|s| s.took < Duration::from_millis(30))
+        .collect();
     proxy.assert_running();
     for s in [&s1, &s2, &s3] {
         s.wait_no_calls(Duration::from_secs(10));
@@ -599,14 +510,14 @@ fn set_update_during_traffic_keeps_every_load() {
                 continue;
             }
             let Some(nearest) = samples.iter().min_by(|a, b| {
-                (a.at - row.at)
+                (a.unix_at - row.at)
                     .abs()
-                    .partial_cmp(&(b.at - row.at).abs())
+                    .partial_cmp(&(b.unix_at - row.at).abs())
                     .unwrap()
             }) else {
                 continue;
             };
-            if (nearest.at - row.at).abs() > MATCH_WINDOW {
+            if (nearest.unix_at - row.at).abs() > MATCH_WINDOW {
                 continue;
             }
             comparisons.push(Comparison {
@@ -667,21 +578,10 @@ fn set_update_during_traffic_keeps_every_load() {
 
 /// Proxy with destinations 1 and 2 (pstn=100 each, no probing noise) and a server on each.
 fn start_pair(env: &TestEnv) -> (Proxy, Sipp, Sipp) {
-    let proxy = Proxy::start(
-        env,
-        &config_yaml(
-            env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=100"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            "",
-        ),
-    );
-    let s1 = uas(env, "server1", SERVER1_PORT);
-    let s2 = uas(env, "server2", SERVER2_PORT);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (proxy, [s1, s2]) = Sandbox::new(env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas.xml")
+        .start();
     (proxy, s1, s2)
 }
 
@@ -962,11 +862,13 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
 fn sighup_of_a_file_without_destinations_keeps_the_pushed_set() {
     let env = test_env!("sighup_no_destinations_key", "127.0.1.39");
     // An operator-managed proxy: the file has no `destinations` key, the set is pushed.
-    let config = config_yaml(&env, "absolute", &[], "");
-    let config = config
-        .strip_suffix("destinations:\n")
-        .expect("config_yaml ends with the destinations key");
-    let mut proxy = Proxy::start(&env, config);
+    let (mut proxy, []) = Sandbox::new(&env)
+        .edit_config(|c| {
+            c.strip_suffix("destinations:\n")
+                .expect("config_yaml ends with the destinations key")
+                .to_string()
+        })
+        .start();
     let admin = proxy.admin;
     let set = serde_json::json!({
         "version": 3,
