@@ -220,6 +220,7 @@ pub struct Sandbox<'e> {
     served: Vec<Served<'e>>,
     extra: String,
     custom: Option<String>,
+    no_set: bool,
     edits: Vec<Box<dyn Fn(String) -> String + 'e>>,
     servers_first: bool,
     wait_up: bool,
@@ -235,6 +236,7 @@ impl<'e> Sandbox<'e> {
             served: Vec::new(),
             extra: String::new(),
             custom: None,
+            no_set: false,
             edits: Vec::new(),
             servers_first: false,
             wait_up: true,
@@ -324,6 +326,13 @@ impl<'e> Sandbox<'e> {
         self
     }
 
+    /// A config without the `destinations` key: the proxy of an operator, whose set is pushed
+    /// (`PUT /v1/destinations`), not read from the file.
+    pub fn without_destinations(mut self) -> Self {
+        self.no_set = true;
+        self
+    }
+
     /// A change to the config text (a key `config_yaml` does not write), applied in order.
     pub fn edit_config(mut self, edit: impl Fn(String) -> String + 'e) -> Self {
         self.edits.push(Box::new(edit));
@@ -351,6 +360,18 @@ impl<'e> Sandbox<'e> {
                     "a custom config has its own destinations and sections"
                 );
                 yaml.clone()
+            }
+            None if self.no_set => {
+                assert!(
+                    self.dests.is_empty(),
+                    "destinations in a config without any"
+                );
+                let y = config_yaml(self.env, &self.mode, &[], "");
+                let y = y
+                    .strip_suffix("destinations:\n")
+                    .expect("config_yaml ends with the destinations key");
+                assert!(!y.contains("destinations"), "{y}");
+                format!("{y}{}", self.extra)
             }
             None => config_yaml(self.env, &self.mode, &self.dests, &self.extra),
         };
