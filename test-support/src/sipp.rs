@@ -179,6 +179,11 @@ impl<'e> SippBuilder<'e> {
         self
     }
 
+    /// `-m n -l n`: the client makes `n` calls and may hold them all open together.
+    pub fn calls_together(self, n: u64) -> Self {
+        self.calls(n).limit(n)
+    }
+
     /// `-l`: at most this many calls open at once.
     pub fn limit(mut self, n: u64) -> Self {
         self.limit = Some(n);
