@@ -197,7 +197,7 @@ enum Served<'e> {
     },
     /// As the test built it; `start` waits for destination `dest` when given.
     Built {
-        builder: SippBuilder<'e>,
+        builder: Box<SippBuilder<'e>>,
         dest: Option<String>,
     },
 }
@@ -307,7 +307,7 @@ impl<'e> Sandbox<'e> {
     /// waits for destination `dest` to be up when one is given.
     pub fn server(mut self, dest: Option<&str>, builder: SippBuilder<'e>) -> Self {
         self.served.push(Served::Built {
-            builder,
+            builder: Box::new(builder),
             dest: dest.map(str::to_string),
         });
         self
@@ -407,7 +407,7 @@ impl<'e> Sandbox<'e> {
                 }
                 Served::Built { builder, dest } => {
                     wait_ids.extend(dest);
-                    builders.push(builder);
+                    builders.push(*builder);
                 }
             }
         }
