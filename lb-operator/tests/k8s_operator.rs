@@ -265,12 +265,9 @@ async fn capacity_change_keeps_the_load_of_open_calls() {
     let u = uri(&ip);
     let id = wait_state(&proxy, &u, State::Up, 10 * SEC).await;
 
-    let client = Sipp::uac(&env, "uac")
-        .port(5070)
-        .to(proxy.sip)
-        .calls(3)
-        .limit(3)
-        .rate(20)
+    let client = proxy
+        .uac(&env, "uac", 5070)
+        .calls_together(3)
         .hold(ms(20_000))
         .timeout(60 * SEC)
         .start();
@@ -475,12 +472,9 @@ async fn operator_restart_keeps_the_set_and_converges() {
     let id0 = wait_state(&proxy, &u0, State::Up, 10 * SEC).await;
     let id1 = wait_state(&proxy, &u1, State::Down, 10 * SEC).await;
 
-    let long = Sipp::uac(&env, "uac-long")
-        .port(5070)
-        .to(proxy.sip)
-        .calls(1)
-        .limit(1)
-        .rate(20)
+    let long = proxy
+        .uac(&env, "uac-long", 5070)
+        .calls_together(1)
         .hold(ms(15_000))
         .timeout(40 * SEC)
         .start();
@@ -514,12 +508,9 @@ async fn operator_restart_keeps_the_set_and_converges() {
     assert_eq!(describe(&during), describe(&before));
     assert_eq!(proxy.readyz().await, 200);
     // Routing still works without an operator.
-    let short = Sipp::uac(&env, "uac-short")
-        .port(5071)
-        .to(proxy.sip)
-        .calls(1)
-        .limit(1)
-        .rate(20)
+    let short = proxy
+        .uac(&env, "uac-short", 5071)
+        .calls_together(1)
         .hold(ms(200))
         .timeout(20 * SEC)
         .start();

@@ -110,12 +110,9 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
     })
     .await;
     // A call that stays open through the outage.
-    let long = Sipp::uac(&env, "uac-long")
-        .port(5070)
-        .to(proxy.sip)
-        .calls(1)
-        .limit(1)
-        .rate(20)
+    let long = proxy
+        .uac(&env, "uac-long", 5070)
+        .calls_together(1)
         .hold(ms(70_000))
         .timeout(120 * SEC)
         .start();
@@ -149,12 +146,9 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
         tokio::time::sleep(2 * SEC).await;
     }
     // The proxy routes on its last set meanwhile.
-    let calls = Sipp::uac(&env, "uac-during")
-        .port(5071)
-        .to(proxy.sip)
-        .calls(10)
-        .limit(10)
-        .rate(20)
+    let calls = proxy
+        .uac(&env, "uac-during", 5071)
+        .calls_together(10)
         .hold(ms(200))
         .timeout(20 * SEC)
         .start();
@@ -243,12 +237,9 @@ async fn apiserver_down_proxies_keep_routing_and_converge_when_it_returns() {
     .await;
 
     // New calls go by the new set: all to mrcp-2, the largest free capacity.
-    let calls = Sipp::uac(&env, "uac-after")
-        .port(5072)
-        .to(proxy.sip)
-        .calls(5)
-        .limit(5)
-        .rate(20)
+    let calls = proxy
+        .uac(&env, "uac-after", 5072)
+        .calls_together(5)
         .hold(ms(200))
         .timeout(20 * SEC)
         .start();

@@ -86,12 +86,14 @@ fn grant(scope: Option<&str>, group: &str, resource: &str, verb: &str, names: &[
 /// proxies and its Lease live (`--proxy-namespace`, `POD_NAMESPACE`) and the Lease's name.
 fn needed(watch: Option<&str>, release: &str, lease: &str) -> BTreeSet<Grant> {
     let mut g = BTreeSet::new();
-    // run.rs `run`: reflectors (watcher: list, then watch) on MrcpServers and on pods.
+    // watches.rs `Stores::start`: reflectors (watcher: list, then watch) on MrcpServers and
+    // on pods.
     for verb in ["list", "watch"] {
         g.insert(grant(watch, "mrcp-lb.io", "mrcpservers", verb, &[]));
         g.insert(grant(watch, "", "pods", verb, &[]));
     }
-    // run.rs `StatusWriter::write`: `patch_status` (server-side apply) of each MrcpServer.
+    // status.rs `StatusWriter::write_status`: `patch_status` (server-side apply) of each
+    // MrcpServer.
     g.insert(grant(
         watch,
         "mrcp-lb.io",
@@ -99,13 +101,13 @@ fn needed(watch: Option<&str>, release: &str, lease: &str) -> BTreeSet<Grant> {
         "patch",
         &[],
     ));
-    // run.rs `StatusWriter::write`: `pods.get_opt` of a pod with a bad annotation, then
+    // status.rs `StatusWriter::warn_once`: `pods.get_opt` of a pod with a bad annotation, then
     // kube's `Recorder::publish`: create the Event, patch it when it repeats (a series).
     g.insert(grant(watch, "", "pods", "get", &[]));
     g.insert(grant(watch, "events.k8s.io", "events", "create", &[]));
     g.insert(grant(watch, "events.k8s.io", "events", "patch", &[]));
-    // run.rs `run`: the proxy-pod reflector in --proxy-namespace (the release namespace),
-    // unless the rules above already cover that namespace.
+    // watches.rs `Stores::start`: the proxy-pod reflector in --proxy-namespace (the release
+    // namespace), unless the rules above already cover that namespace.
     if watch.is_some_and(|w| w != release) {
         for verb in ["list", "watch"] {
             g.insert(grant(Some(release), "", "pods", verb, &[]));

@@ -12,18 +12,6 @@ use lb_api::admin::{DestinationsStatus, ErrorBody, State};
 use mrcp_lb_test_support::*;
 use serde_json::{json, Value};
 use std::fs;
-use std::net::SocketAddr;
-
-/// A proxy config without any `destinations` key.
-fn config_without_destinations(env: &TestEnv, extra: &str) -> String {
-    let y = config_yaml(env, "absolute", &[], "");
-    let y = y
-        .strip_suffix("destinations:\n")
-        .expect("config_yaml ends with the destinations key")
-        .to_string();
-    assert!(!y.contains("destinations"), "{y}");
-    y + extra
-}
 
 /// id, group, URI, (resource, capacity)s, state, removed.
 type SpecView = (String, u32, String, Vec<(String, u32)>, State, bool);
@@ -46,12 +34,6 @@ fn specs(s: &DestinationsStatus) -> Vec<SpecView> {
             )
         })
         .collect()
-}
-
-fn status(admin: SocketAddr) -> DestinationsStatus {
-    let v = destinations_json(admin);
-    serde_json::from_value(v.clone())
-        .unwrap_or_else(|e| panic!("/v1/destinations does not match DestinationsStatus: {e}: {v}"))
 }
 
 /// Panics unless `r` is an error with one of `codes` and a JSON `ErrorBody`; returns the body.
@@ -92,7 +74,7 @@ fn sorted(keys: &[&str]) -> Vec<String> {
 #[test]
 fn admin_endpoints_answer_as_documented() {
     let env = test_env!("admin_endpoints", "127.0.1.37");
-    let mut proxy = Proxy::start(&env, &config_without_destinations(&env, ""));
+    let (mut proxy, []) = Sandbox::new(&env).without_destinations().start();
     let admin = proxy.admin;
     let ip = &env.ip;
 
@@ -115,7 +97,7 @@ fn admin_endpoints_answer_as_documented() {
         "/metrics without mrcp_lb_dialogs_active:\n{}",
         r.body
     );
-    let empty = status(admin);
+    let empty = destinations_status(admin);
     assert_eq!(
         (empty.version, empty.updated, empty.destinations.len()),
         (0, 0, 0),
@@ -204,13 +186,13 @@ fn admin_endpoints_answer_as_documented() {
     assert_eq!(b["state"], json!("draining"), "{b}");
     assert_eq!(b["probe"]["mode"], json!(2), "probeMode defaults to 2");
     assert_eq!(b["resources"].as_array().map(Vec::len), Some(2), "{b}");
-    let good = status(admin);
+    let good = destinations_status(admin);
 
     // The same version with the same content again: 200, nothing changes.
     let r = put_destinations(admin, None, &set5.to_string());
     assert_eq!(r.code, 200, "idempotent PUT: {}", r.body);
-    assert_eq!(specs(&status(admin)), specs(&good));
-    assert_eq!(status(admin).version, 5);
+    assert_eq!(specs(&destinations_status(admin)), specs(&good));
+    assert_eq!(destinations_status(admin).version, 5);
 
     // The same version with other content, and an older version: 409.
     let mut other = set5.clone();
@@ -222,7 +204,7 @@ fn admin_endpoints_answer_as_documented() {
     let r = put_destinations(admin, None, &older.to_string());
     let e = expect_error("older version", &r, &[409]);
     assert_eq!(e.field.as_deref(), Some("version"), "{e:?}");
-    assert_eq!(specs(&status(admin)), specs(&good));
+    assert_eq!(specs(&destinations_status(admin)), specs(&good));
 
     // Invalid sets (at a higher version, so only the content is wrong): refused whole with
     // the field named; the old set stays.
@@ -286,13 +268,13 @@ fn admin_endpoints_answer_as_documented() {
             e.error.contains(in_message),
             "{what}: the message should mention {in_message:?}: {e:?}"
         );
-        let now = status(admin);
+        let now = destinations_status(admin);
         assert_eq!(now.version, 5, "{what} changed the version");
         assert_eq!(specs(&now), specs(&good), "{what} changed the set");
     }
     let r = put_destinations(admin, None, "{not json");
     expect_error("body that does not parse", &r, &[400]);
-    assert_eq!(specs(&status(admin)), specs(&good));
+    assert_eq!(specs(&destinations_status(admin)), specs(&good));
 
     // Manual state: unknown id 404, bad action 400, drain and enable 200.
     let r = post_state(admin, None, "nope", "drain");
@@ -307,16 +289,19 @@ fn admin_endpoints_answer_as_documented() {
         Some("{\"act\": \"drain\"}"),
     );
     expect_error("body without action", &r, &[400]);
-    assert_eq!(status(admin).destinations[0].state, State::Up);
+    assert_eq!(destinations_status(admin).destinations[0].state, State::Up);
     let r = post_state(admin, None, "a", "drain");
     assert_eq!(r.code, 200, "{}", r.body);
     assert_eq!(r.json(), json!({"id": "a", "state": "draining"}));
-    assert_eq!(status(admin).destinations[0].state, State::Draining);
+    assert_eq!(
+        destinations_status(admin).destinations[0].state,
+        State::Draining
+    );
     let r = post_state(admin, None, "a", "disable");
     assert_eq!(r.json(), json!({"id": "a", "state": "disabled"}));
     let r = post_state(admin, None, "a", "enable");
     assert_eq!(r.json(), json!({"id": "a", "state": "up"}));
-    assert_eq!(status(admin).destinations[0].state, State::Up);
+    assert_eq!(destinations_status(admin).destinations[0].state, State::Up);
 
     // Dialog stats.
     let v = get_json(admin, "/v1/dialogs/stats");
@@ -343,23 +328,19 @@ fn admin_token_guards_writes_and_leaves_reads_open() {
     let token = "t0k-4f1c9e-secret";
     let token_file = env.dir.join("admin.token");
     fs::write(&token_file, format!("{token}\n")).unwrap();
-    let config = config_yaml(
-        &env,
-        "absolute",
-        &[
-            Dest::udp(1, SERVER1_PORT, "pstn=10"),
-            Dest::udp(2, SERVER2_PORT, "pstn=20"),
-        ],
-        "",
-    )
-    .replacen(
-        "admin:\n",
-        &format!("admin:\n  tokenFile: {}\n", token_file.display()),
-        1,
-    );
-    let mut proxy = Proxy::start(&env, &config);
+    let (mut proxy, []) = Sandbox::new(&env)
+        .dest(Dest::udp(1, SERVER1_PORT, "pstn=10"))
+        .dest(Dest::udp(2, SERVER2_PORT, "pstn=20"))
+        .edit_config(|c| {
+            c.replacen(
+                "admin:\n",
+                &format!("admin:\n  tokenFile: {}\n", token_file.display()),
+                1,
+            )
+        })
+        .start();
     let admin = proxy.admin;
-    let v0 = status(admin).version;
+    let v0 = destinations_status(admin).version;
 
     // Reads need no token.
     for path in [
@@ -412,7 +393,7 @@ fn admin_token_guards_writes_and_leaves_reads_open() {
         .unwrap();
         assert_eq!(r.code, 401, "POST with {what}: {}", r.body);
     }
-    let s = status(admin);
+    let s = destinations_status(admin);
     assert_eq!(s.version, v0, "a refused PUT changed the version");
     assert_eq!(s.destinations.len(), 2, "a refused PUT changed the set");
     assert!(
@@ -426,7 +407,7 @@ fn admin_token_guards_writes_and_leaves_reads_open() {
     assert_eq!(r.json(), json!({"id": "2", "state": "draining"}));
     let r = put_destinations(admin, Some(token), &set);
     assert_eq!(r.code, 200, "PUT with the token: {}", r.body);
-    let s = status(admin);
+    let s = destinations_status(admin);
     assert_eq!(s.version, v0 + 1);
     assert_eq!(s.destinations.len(), 1, "{s:?}");
     assert_eq!(s.destinations[0].resources[0].capacity, 15);

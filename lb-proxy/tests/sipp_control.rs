@@ -14,11 +14,8 @@
 
 use lb_api::admin::{DestinationStatus, DestinationsStatus, State};
 use mrcp_lb_test_support::*;
-use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,42 +31,12 @@ const PROBE_THRESHOLD: u32 = 2;
 /// Slack on top of interval × threshold for the probe timeout, scheduling and polling.
 const PROBE_MARGIN: Duration = Duration::from_millis(2000);
 
-fn status(admin: SocketAddr) -> DestinationsStatus {
-    let v = destinations_json(admin);
-    serde_json::from_value(v.clone())
-        .unwrap_or_else(|e| panic!("/v1/destinations does not match DestinationsStatus: {e}: {v}"))
-}
-
 fn find<'a>(s: &'a DestinationsStatus, id: &str) -> Option<&'a DestinationStatus> {
     s.destinations.iter().find(|d| d.id == id)
 }
 
-fn get(admin: SocketAddr, id: &str) -> DestinationStatus {
-    let s = status(admin);
-    find(&s, id)
-        .cloned()
-        .unwrap_or_else(|| panic!("destination {id} not listed: {s:?}"))
-}
-
-fn pstn(d: &DestinationStatus) -> (u32, u32) {
-    let r = d
-        .resources
-        .iter()
-        .find(|r| r.name == "pstn")
-        .unwrap_or_else(|| panic!("destination {} has no pstn: {d:?}", d.id));
-    (r.load, r.capacity)
-}
-
-fn load(d: &DestinationStatus) -> u32 {
-    pstn(d).0
-}
-
 fn dest_uri(env: &TestEnv, port: u16) -> String {
     format!("sip:{}:{port}", env.ip)
-}
-
-fn uas(env: &TestEnv, name: &str, port: u16) -> Sipp {
-    Sipp::uas(env, name).port(port).start()
 }
 
 /// Short calls (`-d 200`) on `port`, all at once-ish; waits for them and returns the report.
@@ -104,8 +71,8 @@ fn wait_loads(admin: SocketAddr, l1: u32, l2: u32) {
         Duration::from_secs(5),
         Duration::from_millis(50),
         || {
-            let s = status(admin);
-            let l = |id| find(&s, id).map(load);
+            let s = destinations_status(admin);
+            let l = |id| find(&s, id).map(pstn_load);
             (l("1") == Some(l1) && l("2") == Some(l2)).then_some(())
         },
     );
@@ -117,27 +84,19 @@ fn wait_loads(admin: SocketAddr, l1: u32, l2: u32) {
 /// Proxy with probing on `PROBING`, destination 1 (pstn=50) and 2 (pstn=100, preferred while
 /// up) with a `uas.xml` server each; returns once destination 2 has answered two probes.
 fn start_probed_pair(env: &TestEnv) -> (Proxy, Sipp, Sipp) {
-    let proxy = Proxy::start(
-        env,
-        &config_yaml(
-            env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=50"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            PROBING,
-        ),
-    );
-    let s1 = uas(env, "server1", SERVER1_PORT);
-    let s2 = uas(env, "server2", SERVER2_PORT);
+    let (proxy, [s1, s2]) = Sandbox::new(env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas.xml")
+        .extra(PROBING)
+        .no_wait()
+        .start();
     let admin = proxy.admin;
     wait_for(
         "destination 2 to answer two probes",
         Duration::from_secs(6),
         Duration::from_millis(100),
         || {
-            let d = get(admin, "2");
+            let d = destination_status(admin, "2");
             (d.probe.consecutive_successes >= 2).then_some(())
         },
     );
@@ -157,7 +116,7 @@ fn stop_and_wait_down(admin: SocketAddr, s2: Sipp) -> (Duration, DestinationStat
         Duration::from_secs(15),
         Duration::from_millis(50),
         || {
-            let d = get(admin, "2");
+            let d = destination_status(admin, "2");
             if d.state == State::Up && d.probe.consecutive_failures == 1 {
                 up_after_one_failure = true;
             }
@@ -197,7 +156,7 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
     );
 
     // 2. Calls now all go to server 1, at once (no INVITE timeout, no failover).
-    let calls2 = get(admin, "2").calls;
+    let calls2 = destination_status(admin, "2").calls;
     let failovers = stats_number(admin, "failovers");
     let c = short_calls(&env, "client_while_down", CLIENT_PORT, 10);
     c.assert_all_ok(10);
@@ -207,7 +166,7 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
         c.summary()
     );
     assert_eq!(
-        get(admin, "2").calls,
+        destination_status(admin, "2").calls,
         calls2,
         "a call was routed to the down destination"
     );
@@ -216,10 +175,16 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
         failovers,
         "calls failed over: the down destination was tried"
     );
-    assert_eq!(get(admin, "2").state, State::Down, "it must stay down");
+    assert_eq!(
+        destination_status(admin, "2").state,
+        State::Down,
+        "it must stay down"
+    );
 
     // 3. A server on the same port again: back up after two successful probes, not one.
-    let s2b = uas(&env, "server2_restarted", SERVER2_PORT);
+    let s2b = Sipp::uas(&env, "server2_restarted")
+        .port(SERVER2_PORT)
+        .start();
     let restarted = Instant::now();
     let mut down_after_one_success = false;
     let up = wait_for(
@@ -227,7 +192,7 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
         Duration::from_secs(15),
         Duration::from_millis(50),
         || {
-            let d = get(admin, "2");
+            let d = destination_status(admin, "2");
             if d.state == State::Down && d.probe.consecutive_successes == 1 {
                 down_after_one_success = true;
             }
@@ -254,7 +219,12 @@ fn probing_marks_a_dead_server_down_and_brings_it_back() {
     // 4. New calls reach it again (it has the larger capacity, so it takes them all).
     let c = short_calls(&env, "client_after_restart", CLIENT_PORT, 10);
     c.assert_all_ok(10);
-    assert_eq!(get(admin, "2").calls, calls2 + 10, "{:?}", get(admin, "2"));
+    assert_eq!(
+        destination_status(admin, "2").calls,
+        calls2 + 10,
+        "{:?}",
+        destination_status(admin, "2")
+    );
 
     proxy.assert_running();
     let [s1, s2b] = drain([s1, s2b]);
@@ -277,23 +247,17 @@ fn options_answered_503_marks_destination_down() {
     // UniMRCP does with its engine offline; it would answer INVITEs.
     // Servers first: a probe sent before server 2 listens would time out, and the
     // failures counted below must be its 503s.
-    let s1 = uas(&env, "server1", SERVER1_PORT);
-    let s2 = Sipp::uas(&env, "server2_options_503")
-        .scenario("uas_options_503.xml")
-        .port(SERVER2_PORT)
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
+        .serve_as(
+            "server2_options_503",
+            Dest::udp(2, SERVER2_PORT, "pstn=100"),
+            "uas_options_503.xml",
+        )
+        .extra(PROBING)
+        .servers_first()
+        .no_wait()
         .start();
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=50"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            PROBING,
-        ),
-    );
     let admin = proxy.admin;
     let started = Instant::now();
     let down = wait_for(
@@ -301,7 +265,7 @@ fn options_answered_503_marks_destination_down() {
         Duration::from_secs(15),
         Duration::from_millis(50),
         || {
-            let d = get(admin, "2");
+            let d = destination_status(admin, "2");
             (d.state == State::Down).then_some(d)
         },
     );
@@ -317,15 +281,11 @@ fn options_answered_503_marks_destination_down() {
         down.probe
     );
     assert!(down.reason.contains("probe"), "{down:?}");
-    let failures: f64 = parse_metrics(&metrics_text(admin))
-        .iter()
-        .filter(|m| {
-            m.name == "mrcp_lb_destination_probes_total"
-                && m.label("destination") == Some("2")
-                && m.label("result") == Some("failure")
-        })
-        .map(|m| m.value)
-        .sum();
+    let failures = metric_sum(
+        &parse_metrics(&metrics_text(admin)),
+        "mrcp_lb_destination_probes_total",
+        &[("destination", "2"), ("result", "failure")],
+    );
     assert!(
         failures >= 2.0,
         "mrcp_lb_destination_probes_total{{destination=\"2\",result=\"failure\"}} = {failures}"
@@ -333,8 +293,16 @@ fn options_answered_503_marks_destination_down() {
 
     let c = short_calls(&env, "client", CLIENT_PORT, 6);
     c.assert_all_ok(6);
-    assert_eq!(get(admin, "2").calls, 0, "a call went to the 503 server");
-    assert_eq!(get(admin, "2").state, State::Down, "it must stay down");
+    assert_eq!(
+        destination_status(admin, "2").calls,
+        0,
+        "a call went to the 503 server"
+    );
+    assert_eq!(
+        destination_status(admin, "2").state,
+        State::Down,
+        "it must stay down"
+    );
 
     proxy.assert_running();
     s1.wait_no_calls(Duration::from_secs(10));
@@ -424,67 +392,6 @@ fn metrics_show_probe_results_and_down_state_of_a_dead_server() {
 // ---------------------------------------------------------------------------------------------
 // Set updates under traffic
 
-/// One poll of `/v1/destinations`: when (Unix seconds, middle of the request) and the pstn
-/// load per destination id.
-#[derive(Debug, Clone)]
-struct TimedLoads {
-    at: f64,
-    loads: BTreeMap<String, u64>,
-}
-
-/// Polls the destination loads in the background, stamped with wall-clock time so that they
-/// can be matched with sipp's statistics rows.
-struct TimedSampler {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<Vec<TimedLoads>>>,
-}
-
-impl TimedSampler {
-    fn start(admin: SocketAddr, every: Duration) -> TimedSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = thread::spawn(move || {
-            let mut out = Vec::new();
-            while !stop2.load(Ordering::SeqCst) {
-                let t0 = unix_now();
-                if let Ok(ds) = try_destinations(admin) {
-                    let t1 = unix_now();
-                    // Only polls that were quick enough to be placed in time.
-                    if t1 - t0 < 0.03 {
-                        out.push(TimedLoads {
-                            at: (t0 + t1) / 2.0,
-                            loads: ds.into_iter().map(|d| (d.id, d.load)).collect(),
-                        });
-                    }
-                }
-                thread::sleep(every);
-            }
-            out
-        });
-        TimedSampler {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> Vec<TimedLoads> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle
-            .take()
-            .map(|h| h.join().expect("sampler thread"))
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for TimedSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// A point where the proxy's load of a destination and its server's open calls were read
 /// within `MATCH_WINDOW` of each other.
 #[derive(Debug)]
@@ -503,28 +410,18 @@ const TOLERANCE: u64 = 2;
 #[test]
 fn set_update_during_traffic_keeps_every_load() {
     let env = test_env!("set_update_traffic", "127.0.1.33");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=100"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            "",
-        ),
-    );
-    let s1 = uas(&env, "server1", SERVER1_PORT);
-    let s2 = uas(&env, "server2", SERVER2_PORT);
-    let s3 = uas(&env, "server3", SERVER3_PORT);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    // Server 3 answers for the destination the PUT adds.
+    let (mut proxy, [s1, s2, s3]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas.xml")
+        .uas("server3", SERVER3_PORT, "uas.xml")
+        .start();
     let admin = proxy.admin;
-    let v0 = status(admin).version;
+    let v0 = destinations_status(admin).version;
 
     // 60 calls of 3 s at 8 per second: about 24 open at once for most of 8 s.
     const CALLS: u64 = 60;
-    let sampler = TimedSampler::start(admin, Duration::from_millis(40));
+    let sampler = LoadSampler::start(admin, Duration::from_millis(40));
     let traffic_start = unix_now();
     let client = Sipp::uac(&env, "client")
         .timeout(secs(40))
@@ -537,7 +434,7 @@ fn set_update_during_traffic_keeps_every_load() {
 
     // Mid-traffic: same ids, capacity of 2 raised (so it keeps taking calls next to the
     // empty newcomer), a new destination 3, a higher version.
-    let before = status(admin);
+    let before = destinations_status(admin);
     let set = serde_json::json!({
         "version": v0 + 1,
         "destinations": [
@@ -555,7 +452,7 @@ fn set_update_during_traffic_keeps_every_load() {
         before
             .destinations
             .iter()
-            .map(|d| (&d.id, load(d)))
+            .map(|d| (&d.id, pstn_load(d)))
             .collect::<Vec<_>>(),
         after
             .destinations
@@ -566,8 +463,8 @@ fn set_update_during_traffic_keeps_every_load() {
     assert_eq!(after.version, v0 + 1);
     for id in ["1", "2"] {
         let (b, a) = (
-            load(find(&before, id).unwrap()),
-            load(find(&after, id).unwrap()),
+            pstn_load(find(&before, id).unwrap()),
+            pstn_load(find(&after, id).unwrap()),
         );
         assert!(
             b >= 5,
@@ -584,7 +481,12 @@ fn set_update_during_traffic_keeps_every_load() {
     let client = client.wait(Duration::from_secs(40));
     let traffic_end = unix_now();
     eprintln!("{}", client.summary());
-    let samples = sampler.finish();
+    // Only the polls quick enough to be placed in time.
+    let samples: Vec<LoadSample> = sampler
+        .finish()
+        .into_iter()
+        .filter(|s| s.took < Duration::from_millis(30))
+        .collect();
     proxy.assert_running();
     for s in [&s1, &s2, &s3] {
         s.wait_no_calls(Duration::from_secs(10));
@@ -599,14 +501,14 @@ fn set_update_during_traffic_keeps_every_load() {
                 continue;
             }
             let Some(nearest) = samples.iter().min_by(|a, b| {
-                (a.at - row.at)
+                (a.unix_at - row.at)
                     .abs()
-                    .partial_cmp(&(b.at - row.at).abs())
+                    .partial_cmp(&(b.unix_at - row.at).abs())
                     .unwrap()
             }) else {
                 continue;
             };
-            if (nearest.at - row.at).abs() > MATCH_WINDOW {
+            if (nearest.unix_at - row.at).abs() > MATCH_WINDOW {
                 continue;
             }
             comparisons.push(Comparison {
@@ -653,9 +555,9 @@ fn set_update_during_traffic_keeps_every_load() {
     }
     assert_eq!(s1.invites() + s2.invites() + s3.invites(), CALLS);
     assert!(s3.invites() > 0, "the new destination got no call");
-    let end = status(admin);
+    let end = destinations_status(admin);
     for d in &end.destinations {
-        assert_eq!(load(d), 0, "load left at the end: {d:?}");
+        assert_eq!(pstn_load(d), 0, "load left at the end: {d:?}");
     }
     let stats = proxy.wait_idle(Duration::from_secs(5));
     assert_eq!((stats.active, stats.early), (0, 0), "{stats:?}");
@@ -667,21 +569,10 @@ fn set_update_during_traffic_keeps_every_load() {
 
 /// Proxy with destinations 1 and 2 (pstn=100 each, no probing noise) and a server on each.
 fn start_pair(env: &TestEnv) -> (Proxy, Sipp, Sipp) {
-    let proxy = Proxy::start(
-        env,
-        &config_yaml(
-            env,
-            "absolute",
-            &[
-                Dest::udp(1, SERVER1_PORT, "pstn=100"),
-                Dest::udp(2, SERVER2_PORT, "pstn=100"),
-            ],
-            "",
-        ),
-    );
-    let s1 = uas(env, "server1", SERVER1_PORT);
-    let s2 = uas(env, "server2", SERVER2_PORT);
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let (proxy, [s1, s2]) = Sandbox::new(env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas.xml")
+        .start();
     (proxy, s1, s2)
 }
 
@@ -718,23 +609,23 @@ fn drained_destination_takes_no_new_calls_and_finishes_its_own() {
         r.json(),
         serde_json::json!({"id": "2", "state": "draining"})
     );
-    let d2 = get(admin, "2");
+    let d2 = destination_status(admin, "2");
     assert_eq!(
-        (d2.state, load(&d2), d2.open_calls),
+        (d2.state, pstn_load(&d2), d2.open_calls),
         (State::Draining, 3, 3)
     );
 
     // New calls all go to 1 while 2's calls go on.
     let short = short_calls(&env, "short_calls", CLIENT2_PORT, 6);
     short.assert_all_ok(6);
-    let d2 = get(admin, "2");
+    let d2 = destination_status(admin, "2");
     assert_eq!(d2.calls, 3, "a new call went to the draining destination");
     assert_eq!(
-        (d2.state, load(&d2)),
+        (d2.state, pstn_load(&d2)),
         (State::Draining, 3),
         "the draining destination's calls must stay open"
     );
-    assert_eq!(get(admin, "1").calls, 9);
+    assert_eq!(destination_status(admin, "1").calls, 9);
 
     let long = long.wait(Duration::from_secs(30));
     eprintln!("{}", long.summary());
@@ -744,8 +635,8 @@ fn drained_destination_takes_no_new_calls_and_finishes_its_own() {
         Duration::from_secs(3),
         Duration::from_millis(50),
         || {
-            let d = get(admin, "2");
-            (load(&d) == 0).then_some(d)
+            let d = destination_status(admin, "2");
+            (pstn_load(&d) == 0).then_some(d)
         },
     );
     assert_eq!((d2.state, d2.open_calls), (State::Draining, 0), "{d2:?}");
@@ -758,7 +649,7 @@ fn removed_destination_stays_listed_until_its_calls_end() {
     let env = test_env!("remove_destination", "127.0.1.35");
     let (mut proxy, s1, s2) = start_pair(&env);
     let admin = proxy.admin;
-    let v0 = status(admin).version;
+    let v0 = destinations_status(admin).version;
 
     let long = long_calls(&env, 6, 6000);
     wait_loads(admin, 3, 3);
@@ -772,19 +663,19 @@ fn removed_destination_stays_listed_until_its_calls_end() {
     });
     let r = put_destinations(admin, None, &set.to_string());
     assert_eq!(r.code, 200, "PUT answered {}: {}", r.code, r.body);
-    let s = status(admin);
+    let s = destinations_status(admin);
     assert_eq!(s.version, v0 + 1);
     let d2 = find(&s, "2")
         .unwrap_or_else(|| panic!("removed destination with open calls not listed: {s:?}"));
     assert!(d2.removed, "{d2:?}");
-    assert_eq!(load(d2), 3, "{d2:?}");
+    assert_eq!(pstn_load(d2), 3, "{d2:?}");
 
     let short = short_calls(&env, "short_calls", CLIENT2_PORT, 6);
     short.assert_all_ok(6);
-    let d2 = get(admin, "2");
+    let d2 = destination_status(admin, "2");
     assert!(d2.removed, "{d2:?}");
     assert_eq!(d2.calls, 3, "a new call went to the removed destination");
-    assert_eq!(load(&d2), 3, "its calls must stay open");
+    assert_eq!(pstn_load(&d2), 3, "its calls must stay open");
 
     // Listed (and marked removed) until its calls end, then gone.
     let mut last_seen = None;
@@ -795,7 +686,7 @@ fn removed_destination_stays_listed_until_its_calls_end() {
             Duration::from_secs(15),
             Duration::from_millis(50),
             || {
-                let s = status(admin);
+                let s = destinations_status(admin);
                 match find(&s, "2") {
                     Some(d) => {
                         assert!(d.removed, "listed without removed=true: {d:?}");
@@ -813,12 +704,12 @@ fn removed_destination_stays_listed_until_its_calls_end() {
         long.summary()
     );
     assert!(
-        last_seen.as_ref().is_some_and(|d| load(d) > 0),
+        last_seen.as_ref().is_some_and(|d| pstn_load(d) > 0),
         "never saw the removed destination listed with its calls: {last_seen:?}"
     );
     proxy.assert_running();
     check_servers_after_drain(&long, s1, s2, 9);
-    let s = status(admin);
+    let s = destinations_status(admin);
     assert!(find(&s, "2").is_none(), "{s:?}");
     proxy.wait_idle(Duration::from_secs(5));
 }
@@ -846,7 +737,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
     let (mut proxy, s1, s2) = start_pair(&env);
     let admin = proxy.admin;
     let cfg = proxy_config_path(&env);
-    let v0 = status(admin).version;
+    let v0 = destinations_status(admin).version;
 
     let long = long_calls(&env, 4, 5000);
     wait_loads(admin, 2, 2);
@@ -872,7 +763,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
         Duration::from_secs(5),
         Duration::from_millis(50),
         || {
-            let s = status(admin);
+            let s = destinations_status(admin);
             (s.version > v0).then_some(s)
         },
     );
@@ -890,7 +781,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
     proxy.assert_running();
 
     // Broken files: YAML that does not parse, then a set that does not validate.
-    let good = status(admin);
+    let good = destinations_status(admin);
     let broken = [
         format!(
             "{}  - id: 4\n    uri: [unclosed\n",
@@ -932,7 +823,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
             "broken file {i} was not refused: {verdict}"
         );
         proxy.assert_running();
-        let s = status(admin);
+        let s = destinations_status(admin);
         assert_eq!(
             s.version, good.version,
             "broken file {i} changed the version"
@@ -962,11 +853,7 @@ fn sighup_reloads_the_set_and_a_broken_file_changes_nothing() {
 fn sighup_of_a_file_without_destinations_keeps_the_pushed_set() {
     let env = test_env!("sighup_no_destinations_key", "127.0.1.39");
     // An operator-managed proxy: the file has no `destinations` key, the set is pushed.
-    let config = config_yaml(&env, "absolute", &[], "");
-    let config = config
-        .strip_suffix("destinations:\n")
-        .expect("config_yaml ends with the destinations key");
-    let mut proxy = Proxy::start(&env, config);
+    let (mut proxy, []) = Sandbox::new(&env).without_destinations().start();
     let admin = proxy.admin;
     let set = serde_json::json!({
         "version": 3,
@@ -977,7 +864,7 @@ fn sighup_of_a_file_without_destinations_keeps_the_pushed_set() {
     });
     let r = put_destinations(admin, None, &set.to_string());
     assert_eq!(r.code, 200, "PUT answered {}: {}", r.code, r.body);
-    let pushed = status(admin);
+    let pushed = destinations_status(admin);
 
     // A SIGHUP (log rotation, a habit) re-reads a file that has no set to give.
     let seen = fs::read_to_string(&proxy.log).unwrap_or_default();
@@ -992,7 +879,7 @@ fn sighup_of_a_file_without_destinations_keeps_the_pushed_set() {
         },
     );
     proxy.assert_running();
-    let s = status(admin);
+    let s = destinations_status(admin);
     assert_eq!(
         (s.version, summary(&s)),
         (pushed.version, summary(&pushed)),

@@ -71,7 +71,8 @@ fn phase(
 #[test]
 fn counters_return_to_zero_after_answered_cancelled_and_rejected_calls() {
     let env = test_env!("dialog_counters", "127.0.1.11");
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests(), ""));
+    // Each phase starts its own servers.
+    let (mut proxy, []) = Sandbox::new(&env).dests(&dests()).start();
 
     // 6 answered calls of 1 s, ended by the client's BYE.
     let answered = phase(

@@ -21,10 +21,11 @@ fn host_name_destination_is_resolved_and_takes_calls() {
          dns: {{refreshInterval: 1s}}\n\
          destinations:\n  - {{id: named, uri: \"sip:localhost:15180\", resources: pstn=10}}\n"
     );
-    let mut proxy = Proxy::start(&env, &config);
     let server_addr: SocketAddr = "127.0.0.1:15180".parse().unwrap();
-    let server = Sipp::uas(&env, "server").at(server_addr).start();
-    proxy.wait_state(&["named"], "up", Duration::from_secs(10));
+    let (mut proxy, [server]) = Sandbox::new(&env)
+        .custom_config(config)
+        .server(Some("named"), Sipp::uas(&env, "server").at(server_addr))
+        .start();
     let d = destination_json(proxy.admin, "named").expect("listed");
     assert_eq!(
         d["address"], "127.0.0.1:15180",

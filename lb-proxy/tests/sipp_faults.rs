@@ -10,7 +10,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use lb_api::admin::{DestinationStatus, DestinationsStatus};
 use mrcp_lb_test_support::*;
 use std::fs;
 use std::net::SocketAddr;
@@ -21,29 +20,6 @@ use std::time::{Duration, Instant};
 /// More client ports on the test's address (5070 and 5071 are `CLIENT_PORT`, `CLIENT2_PORT`).
 const CLIENT3_PORT: u16 = 5072;
 const CLIENT4_PORT: u16 = 5073;
-
-fn status(admin: SocketAddr) -> DestinationsStatus {
-    let v = destinations_json(admin);
-    serde_json::from_value(v.clone())
-        .unwrap_or_else(|e| panic!("/v1/destinations does not match DestinationsStatus: {e}: {v}"))
-}
-
-fn get(admin: SocketAddr, id: &str) -> DestinationStatus {
-    let s = status(admin);
-    s.destinations
-        .iter()
-        .find(|d| d.id == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("destination {id} not listed: {s:?}"))
-}
-
-fn load(d: &DestinationStatus) -> u32 {
-    d.resources
-        .iter()
-        .find(|r| r.name == "pstn")
-        .map(|r| r.load)
-        .unwrap_or_else(|| panic!("destination {} has no pstn: {d:?}", d.id))
-}
 
 /// Kills a process by PID with SIGKILL (its guard reaps it later).
 fn kill_9(pid: u32) {
@@ -118,27 +94,22 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
             "probing:\n  interval: 1s\n  timeout: 1s\n  failureThreshold: 2\n  successThreshold: 2\n"
         }
     };
-    let config = config_yaml(
-        env,
-        "absolute",
+    let (proxy, [s1, s2]) = Sandbox::new(env)
         // Server 1 has the larger capacity: every call goes there while it is up.
-        &[
-            Dest::udp(1, SERVER1_PORT, "pstn=100"),
-            Dest::udp(2, SERVER2_PORT, "pstn=50"),
-        ],
-        &format!("dialogs:\n  lifetime: 20s\n{probing}"),
-    )
-    // A BYE nobody answers gets the proxy's 408 after 4 s (default 64 × T1 = 32 s).
-    .replace(
-        "inviteFinalTimeout: 30s\n",
-        "inviteFinalTimeout: 30s\n  nonInviteTimeout: 4s\n",
-    );
-    assert!(config.contains("nonInviteTimeout"), "{config}");
-    let proxy = Proxy::start(env, &config);
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=100"), "uas.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=50"), "uas.xml")
+        .extra(&format!("dialogs:\n  lifetime: 20s\n{probing}"))
+        // A BYE nobody answers gets the proxy's 408 after 4 s (default 64 × T1 = 32 s).
+        .edit_config(|c| {
+            let c = c.replace(
+                "inviteFinalTimeout: 30s\n",
+                "inviteFinalTimeout: 30s\n  nonInviteTimeout: 4s\n",
+            );
+            assert!(c.contains("nonInviteTimeout"), "{c}");
+            c
+        })
+        .start();
     let admin = proxy.admin;
-    let s1 = Sipp::uas(env, "server1").port(SERVER1_PORT).start();
-    let s2 = Sipp::uas(env, "server2").port(SERVER2_PORT).start();
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
 
     let t0 = Instant::now();
     let hang_up_after_8s = Sipp::uac(env, "bye_after_8s")
@@ -162,7 +133,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
         Duration::from_millis(20),
         || {
             let st = dialog_stats(admin);
-            (st.active == 6 && load(&get(admin, "1")) == 6).then_some(())
+            (st.active == 6 && pstn_load(&destination_status(admin, "1")) == 6).then_some(())
         },
     );
 
@@ -192,7 +163,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
                 first.response_time()
             );
             new_calls_invites += 1;
-            let d1 = get(admin, "1");
+            let d1 = destination_status(admin, "1");
             assert_eq!(
                 (d1.state.as_str(), d1.reason.as_str()),
                 ("down", "INVITE timeout"),
@@ -202,7 +173,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
         }
         Fault::BlackHole => {
             proxy.wait_state(&["1"], "down", Duration::from_secs(6));
-            let d1 = get(admin, "1");
+            let d1 = destination_status(admin, "1");
             eprintln!(
                 "black hole: destination 1 down {:?} after the fault ({d1:?})",
                 failed_at.elapsed()
@@ -210,7 +181,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
             assert_eq!(d1.reason, "probe failures", "{d1:?}");
         }
     }
-    let calls_to_1 = get(admin, "1").calls;
+    let calls_to_1 = destination_status(admin, "1").calls;
 
     // Every new call now goes to server 2, with no attempt on server 1.
     let more = Sipp::uac(env, "new_calls")
@@ -228,7 +199,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
         more.response_time()
     );
     assert_eq!(
-        get(admin, "1").calls,
+        destination_status(admin, "1").calls,
         calls_to_1,
         "a new call was sent to the failed server"
     );
@@ -239,7 +210,7 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
         "the 4 hung-up calls to leave server 1's load",
         Duration::from_secs(15).saturating_sub(t0.elapsed()),
         Duration::from_millis(50),
-        || (load(&get(admin, "1")) == 2).then_some(()),
+        || (pstn_load(&destination_status(admin, "1")) == 2).then_some(()),
     );
     let byes_done = t0.elapsed();
     eprintln!("load of server 1 down to 2 at {byes_done:?}");
@@ -262,8 +233,8 @@ fn server_fails_with_calls_open(env: &TestEnv, fault: Fault) {
     let stats = proxy.wait_idle(Duration::from_secs(5));
     eprintln!("final stats {stats:?}");
     assert_eq!(stats.expired, 2, "{stats:?}");
-    let d1 = get(admin, "1");
-    assert_eq!((load(&d1), d1.open_calls), (0, 0), "{d1:?}");
+    let d1 = destination_status(admin, "1");
+    assert_eq!((pstn_load(&d1), d1.open_calls), (0, 0), "{d1:?}");
 
     // The callers of the 4 calls got the proxy's 408 to their BYE, not the server's 200.
     let hung_up = hang_up_after_8s.wait(Duration::from_secs(50));
@@ -319,21 +290,19 @@ fn a_black_holed_server_takes_no_new_calls_and_its_calls_end() {
 
 /// `mrcp_lb_sip_requests_received_total{method}` of a running proxy.
 fn requests_received(admin: SocketAddr, method: &str) -> f64 {
-    parse_metrics(&metrics_text(admin))
-        .iter()
-        .find(|m| {
-            m.name == "mrcp_lb_sip_requests_received_total" && m.label("method") == Some(method)
-        })
-        .map(|m| m.value)
-        .unwrap_or(0.0)
+    scraped_sum(
+        admin,
+        "mrcp_lb_sip_requests_received_total",
+        &[("method", method)],
+    )
 }
 
 fn responses_sent(admin: SocketAddr, class: &str) -> f64 {
-    parse_metrics(&metrics_text(admin))
-        .iter()
-        .find(|m| m.name == "mrcp_lb_sip_responses_sent_total" && m.label("class") == Some(class))
-        .map(|m| m.value)
-        .unwrap_or(0.0)
+    scraped_sum(
+        admin,
+        "mrcp_lb_sip_responses_sent_total",
+        &[("class", class)],
+    )
 }
 
 fn kept_log(env: &TestEnv, name: &str) -> PathBuf {
@@ -360,28 +329,22 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
     } else {
         String::new()
     };
-    let config = config_yaml(
-        &env,
-        "absolute",
-        &[
-            Dest::udp(1, SERVER1_PORT, "pstn=100"),
-            Dest::udp(2, SERVER2_PORT, "pstn=100"),
-        ],
-        &extra,
-    );
-    let mut proxy = Proxy::start(&env, &config);
-    let admin = proxy.admin;
     // Server 1 takes re-INVITEs; server 2 hangs up its calls itself after 6 s.
-    let s1 = Sipp::uas(&env, "server1_reinvite")
-        .scenario("uas_reinvite.xml")
-        .port(SERVER1_PORT)
-        .start();
-    let s2 = Sipp::uas(&env, "server2_hangs_up")
-        .scenario("uas_bye.xml")
-        .port(SERVER2_PORT)
-        .pause(ms(6000))
-        .start();
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
+    let sandbox = Sandbox::new(&env)
+        .serve_as(
+            "server1_reinvite",
+            Dest::udp(1, SERVER1_PORT, "pstn=100"),
+            "uas_reinvite.xml",
+        )
+        .dest(Dest::udp(2, SERVER2_PORT, "pstn=100"))
+        .uas_with("server2_hangs_up", SERVER2_PORT, |s| {
+            s.scenario("uas_bye.xml").pause(ms(6000))
+        })
+        .extra(&extra);
+    // The restart below uses the same config.
+    let config = sandbox.config();
+    let (mut proxy, [s1, s2]) = sandbox.start();
+    let admin = proxy.admin;
 
     // Five calls to server 1 (server 2 disabled meanwhile): re-INVITE after 5 s, BYE 1 s later.
     assert_eq!(post_state(admin, None, "2", "disable").code, 200);
@@ -413,8 +376,12 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
         Duration::from_secs(5),
         Duration::from_millis(20),
         || {
-            let (d1, d2) = (get(admin, "1"), get(admin, "2"));
-            (dialog_stats(admin).active == 8 && load(&d1) == 5 && load(&d2) == 3).then_some(())
+            let (d1, d2) = (
+                destination_status(admin, "1"),
+                destination_status(admin, "2"),
+            );
+            (dialog_stats(admin).active == 8 && pstn_load(&d1) == 5 && pstn_load(&d2) == 3)
+                .then_some(())
         },
     );
 
@@ -427,9 +394,12 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
 
     // What the restart lost: the 8 open calls are neither counted nor loaded.
     let st = proxy.stats();
-    let (d1, d2) = (get(admin, "1"), get(admin, "2"));
+    let (d1, d2) = (
+        destination_status(admin, "1"),
+        destination_status(admin, "2"),
+    );
     assert_eq!((st.active, st.processed), (0, 0), "{st:?}");
-    assert_eq!((load(&d1), load(&d2)), (0, 0), "{d1:?} {d2:?}");
+    assert_eq!((pstn_load(&d1), pstn_load(&d2)), (0, 0), "{d1:?} {d2:?}");
     assert_eq!(
         (d1.state.as_str(), d2.state.as_str()),
         ("up", "up"),
@@ -465,13 +435,9 @@ fn restarted_mid_call(env: TestEnv, key: bool) {
     );
     let st = proxy.stats();
     assert_eq!((st.active, st.processed), (0, 0), "{st:?}");
-    let ds = status(admin);
-    assert!(ds.destinations.iter().all(|d| load(d) == 0), "{ds:?}");
-    let refused: f64 = parse_metrics(&metrics_text(admin))
-        .iter()
-        .filter(|m| m.name == "mrcp_lb_relay_refused_total")
-        .map(|m| m.value)
-        .sum();
+    let ds = destinations_status(admin);
+    assert!(ds.destinations.iter().all(|d| pstn_load(d) == 0), "{ds:?}");
+    let refused = scraped_sum(admin, "mrcp_lb_relay_refused_total", &[]);
     assert_eq!(
         refused, 0.0,
         "the relay rule refused nothing of these calls"

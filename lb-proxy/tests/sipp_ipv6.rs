@@ -47,29 +47,32 @@ fn config(env: &TestEnv, listeners: &[String], dests: &[(u32, String)]) -> Strin
     y
 }
 
-/// Starts two servers running `server_scenario` at `servers`, runs `CALLS` calls of uac.xml
-/// from `client` to `target`, and checks every call succeeded on every side, the servers took
-/// every INVITE between them, and the proxy ends idle with the calls counted.
+/// The proxy with `config` and two servers running `server_scenario` at `servers` (for
+/// destinations 1 and 2), once both are up.
+fn start(
+    env: &TestEnv,
+    config: String,
+    server_scenario: &'static str,
+    [a1, a2]: [SocketAddr; 2],
+) -> (Proxy, [Sipp; 2]) {
+    let server = |name: &str, a| Sipp::uas(env, name).scenario(server_scenario).at(a);
+    Sandbox::new(env)
+        .custom_config(config)
+        .server(Some("1"), server("server1", a1))
+        .server(Some("2"), server("server2", a2))
+        .start()
+}
+
+/// Runs `CALLS` calls of uac.xml from `client` to `target`, and checks every call succeeded
+/// on every side, the servers took every INVITE between them, and the proxy ends idle with
+/// the calls counted.
 fn calls_succeed(
     env: &TestEnv,
     proxy: &mut Proxy,
-    server_scenario: &'static str,
-    servers: [SocketAddr; 2],
+    servers: [Sipp; 2],
     client: SocketAddr,
     target: SocketAddr,
 ) {
-    let servers: Vec<Sipp> = servers
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            Sipp::uas(env, &format!("server{}", i + 1))
-                .scenario(server_scenario)
-                .at(*a)
-                .start()
-        })
-        .collect();
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
-
     let calls = CALLS.to_string();
     let client = Sipp::uac(env, "client")
         .at(client)
@@ -82,26 +85,9 @@ fn calls_succeed(
     eprintln!("{}", client.summary());
     proxy.assert_running();
 
-    for s in &servers {
-        s.wait_no_calls(Duration::from_secs(10));
-    }
-    let reports: Vec<SippReport> = servers.into_iter().map(Sipp::stop).collect();
-    for r in &reports {
-        eprintln!("{}", r.summary());
-    }
-
-    client.assert_all_ok(CALLS);
-    client.assert_no_stray_messages();
-    for r in &reports {
-        // uas_double_rr.xml counts an INVITE without the double Record-Route as a failed call.
-        assert_server_clean(r);
-        r.assert_no_stray_messages();
-    }
-    let invites: u64 = reports.iter().map(SippReport::invites).sum();
-    assert_eq!(
-        invites, CALLS,
-        "servers took {invites} INVITEs for {CALLS} calls"
-    );
+    let reports = drain_all(servers.into());
+    // uas_double_rr.xml counts an INVITE without the double Record-Route as a failed call.
+    assert_calls_clean(&client, &reports, CALLS);
 
     let stats = proxy.wait_idle(Duration::from_secs(10));
     assert_eq!(stats.processed, CALLS, "proxy dialog stats: {stats:?}");
@@ -120,21 +106,19 @@ fn ipv6_client_to_ipv4_servers() {
         (1, format!("sip:{}", env.addr(SERVER1_PORT))),
         (2, format!("sip:{}", env.addr(SERVER2_PORT))),
     ];
-    let mut proxy = Proxy::start(&env, &config(&env, &listeners, &dests));
     let ip = env.ip.parse().unwrap();
     // The servers check the INVITE's Record-Route: an IPv4 entry with ;r2=on (towards them)
     // above an IPv6 one (towards the client).
-    calls_succeed(
+    let (mut proxy, servers) = start(
         &env,
-        &mut proxy,
+        config(&env, &listeners, &dests),
         "uas_double_rr.xml",
         [
             SocketAddr::new(ip, SERVER1_PORT),
             SocketAddr::new(ip, SERVER2_PORT),
         ],
-        v6(16070),
-        proxy_v6,
     );
+    calls_succeed(&env, &mut proxy, servers, v6(16070), proxy_v6);
 }
 
 #[test]
@@ -146,11 +130,11 @@ fn ipv6_end_to_end() {
     let (s1, s2) = (v6(16080), v6(16090));
     let listeners = [format!("udp:{proxy_v6}")];
     let dests = [(1, format!("sip:{s1}")), (2, format!("sip:{s2}"))];
-    let mut proxy = Proxy::start(&env, &config(&env, &listeners, &dests));
+    let (mut proxy, servers) = start(&env, config(&env, &listeners, &dests), "uas.xml", [s1, s2]);
     let ds = proxy.destinations();
     for (id, a) in [("1", s1), ("2", s2)] {
         let d = dest(&ds, id);
         assert_eq!(d.uri, format!("sip:{a}"), "destination {id}: {d:?}");
     }
-    calls_succeed(&env, &mut proxy, "uas.xml", [s1, s2], v6(16072), proxy_v6);
+    calls_succeed(&env, &mut proxy, servers, v6(16072), proxy_v6);
 }

@@ -508,19 +508,16 @@ fn pending_transaction_limit_answers_503() {
         Dest::udp(2, SERVER2_PORT, "pstn=100"),
     ];
     let extra = "limits:\n  maxPendingTransactions: 3\n";
-    let mut proxy = Proxy::start(&env, &config_yaml(&env, "absolute", &dests, extra));
     // Servers that answer 2 s after their 100: transactions stay pending that long.
-    let s1 = Sipp::uas(&env, "server1")
-        .scenario("uas_slow.xml")
-        .port(SERVER1_PORT)
-        .pause(ms(2000))
+    fn slow(s: SippBuilder<'_>) -> SippBuilder<'_> {
+        s.scenario("uas_slow.xml").pause(ms(2000))
+    }
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .dests(&dests)
+        .uas_with("server1", SERVER1_PORT, slow)
+        .uas_with("server2", SERVER2_PORT, slow)
+        .extra(extra)
         .start();
-    let s2 = Sipp::uas(&env, "server2")
-        .scenario("uas_slow.xml")
-        .port(SERVER2_PORT)
-        .pause(ms(2000))
-        .start();
-    proxy.wait_state(&["1", "2"], "up", Duration::from_secs(10));
 
     let first = Sipp::uac(&env, "first")
         .timeout(secs(60))

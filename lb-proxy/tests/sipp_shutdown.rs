@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use mrcp_lb_test_support::*;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 fn readyz(proxy: &Proxy) -> (u16, String) {
@@ -19,6 +20,25 @@ fn sigterm(proxy: &Proxy) -> Instant {
     let t = Instant::now();
     proxy.guard.signal("TERM");
     t
+}
+
+/// A proxy with destination 1 (pstn=10) and `shutdown.drainPeriod`; the test adds its server.
+fn sandbox<'e>(env: &'e TestEnv, drain_period: &str) -> Sandbox<'e> {
+    Sandbox::new(env)
+        .dest(Dest::udp(1, SERVER1_PORT, "pstn=10"))
+        .extra(&format!("shutdown:\n  drainPeriod: {drain_period}\n"))
+}
+
+/// Waits (at most `limit`) for the proxy to exit after the SIGTERM sent at `t0`; returns its
+/// status and how long after the signal it went.
+fn wait_exit(proxy: &mut Proxy, t0: Instant, limit: Duration) -> (ExitStatus, Duration) {
+    let st = proxy
+        .guard
+        .wait_timeout(limit)
+        .unwrap_or_else(|| panic!("lb-proxy did not exit within {limit:?} of SIGTERM"));
+    let after = t0.elapsed();
+    eprintln!("lb-proxy exited {after:?} after SIGTERM with {st}");
+    (st, after)
 }
 
 /// Polls /readyz until it answers 503; returns how long after `since` that was, and the body.
@@ -37,22 +57,11 @@ fn wait_not_ready(proxy: &Proxy, since: Instant) -> (Duration, String) {
 #[test]
 fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
     let env = test_env!("shutdown_drain", "127.0.1.64");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[Dest::udp(1, SERVER1_PORT, "pstn=10")],
-            "shutdown:\n  drainPeriod: 20s\n",
-        ),
-    );
     // The server answers INVITE 1.5 s after its 100 and BYE 400 ms after receiving it, so
     // transactions are in flight when the signal comes and when the last dialog ends.
-    let s1 = Sipp::uas(&env, "server1")
-        .scenario("uas_slow_bye.xml")
-        .port(SERVER1_PORT)
+    let (mut proxy, [s1]) = sandbox(&env, "20s")
+        .uas("server1", SERVER1_PORT, "uas_slow_bye.xml")
         .start();
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
     assert_eq!(readyz(&proxy).0, 200);
 
     // Three calls of 3 s: INVITE now, 200 after 1.5 s, BYE 3 s later, its 200 400 ms after.
@@ -97,12 +106,7 @@ fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
     );
 
     // The open calls: answered after the signal, hung up through the proxy.
-    let st = proxy
-        .guard
-        .wait_timeout(Duration::from_secs(25))
-        .expect("lb-proxy did not exit within 25 s of SIGTERM");
-    let exited_after = t0.elapsed();
-    eprintln!("lb-proxy exited {exited_after:?} after SIGTERM with {st}");
+    let (st, exited_after) = wait_exit(&mut proxy, t0, Duration::from_secs(25));
     let calls = calls.wait(Duration::from_secs(30));
     eprintln!("{}", calls.summary());
     let s1 = s1.drain();
@@ -137,21 +141,10 @@ fn sigterm_refuses_new_calls_finishes_open_ones_and_exits_when_they_end() {
 #[test]
 fn drain_period_over_exits_0_with_calls_still_open() {
     let env = test_env!("shutdown_period", "127.0.1.65");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[Dest::udp(1, SERVER1_PORT, "pstn=10")],
-            "shutdown:\n  drainPeriod: 3s\n",
-        ),
-    );
     // Nobody hangs up: both sides wait for a BYE.
-    let s1 = Sipp::uas(&env, "server1")
-        .scenario("uas_expect_bye.xml")
-        .port(SERVER1_PORT)
+    let (mut proxy, [s1]) = sandbox(&env, "3s")
+        .uas("server1", SERVER1_PORT, "uas_expect_bye.xml")
         .start();
-    proxy.wait_state(&["1"], "up", Duration::from_secs(10));
     let call = Sipp::uac(&env, "endless_call")
         .scenario("uac_long_expect_bye.xml")
         .timeout(secs(20))
@@ -167,12 +160,7 @@ fn drain_period_over_exits_0_with_calls_still_open() {
 
     let t0 = sigterm(&proxy);
     wait_not_ready(&proxy, t0);
-    let st = proxy
-        .guard
-        .wait_timeout(Duration::from_secs(10))
-        .expect("lb-proxy did not exit within 10 s of SIGTERM");
-    let exited_after = t0.elapsed();
-    eprintln!("lb-proxy exited {exited_after:?} after SIGTERM with {st}");
+    let (st, exited_after) = wait_exit(&mut proxy, t0, Duration::from_secs(10));
     assert_eq!(st.code(), Some(0), "exit status after the drain period");
     assert!(
         exited_after >= Duration::from_millis(2900) && exited_after < Duration::from_secs(5),
@@ -194,22 +182,9 @@ fn drain_period_over_exits_0_with_calls_still_open() {
 #[test]
 fn sigterm_with_nothing_open_exits_0_at_once() {
     let env = test_env!("shutdown_idle", "127.0.1.66");
-    let mut proxy = Proxy::start(
-        &env,
-        &config_yaml(
-            &env,
-            "absolute",
-            &[Dest::udp(1, SERVER1_PORT, "pstn=10")],
-            "shutdown:\n  drainPeriod: 30s\n",
-        ),
-    );
+    let (mut proxy, []) = sandbox(&env, "30s").start();
     let t0 = sigterm(&proxy);
-    let st = proxy
-        .guard
-        .wait_timeout(Duration::from_secs(10))
-        .expect("lb-proxy did not exit within 10 s of SIGTERM");
-    let took = t0.elapsed();
-    eprintln!("idle lb-proxy exited {took:?} after SIGTERM with {st}");
+    let (st, took) = wait_exit(&mut proxy, t0, Duration::from_secs(10));
     assert_eq!(st.code(), Some(0));
     assert!(
         took < Duration::from_secs(1),

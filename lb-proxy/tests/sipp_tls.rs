@@ -287,21 +287,10 @@ fn tls_config(env: &TestEnv, pki: &Pki, dests: &[TlsDest], verify: bool, extra: 
     y
 }
 
-/// The value of the sample `name{labels}`, 0 when the proxy has not exported it.
-fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    parse_metrics(&metrics_text(admin))
-        .into_iter()
-        .find(|s| {
-            s.name == name
-                && s.labels.len() == labels.len()
-                && labels.iter().all(|(k, v)| s.label(k) == Some(v))
-        })
-        .map_or(0.0, |s| s.value)
-}
-
+/// Failed TLS handshakes on `side` (`accept` or `connect`).
 fn handshakes_failed(admin: SocketAddr, side: &str) -> u64 {
     let name = "mrcp_lb_tls_handshakes_failed_total";
-    metric(admin, name, &[("side", side)]) as u64
+    scraped_sum(admin, name, &[("side", side)]) as u64
 }
 
 /// A sipp client (TCP) calling through the client-side socat.
@@ -359,11 +348,16 @@ impl OneServer {
             sipp_port: SERVER1_PORT,
             pstn: 100,
         }];
-        let proxy = Proxy::start(env, &tls_config(env, &pki, &dests, verify, extra));
-        let server = Sipp::uas(env, "server1")
-            .scenario(scenario)
-            .port(SERVER1_PORT)
-            .tcp()
+        // Not waited for: the proxy reaches the server through socat, started below.
+        let (proxy, [server]) = Sandbox::new(env)
+            .custom_config(tls_config(env, &pki, &dests, verify, extra))
+            .server(
+                None,
+                Sipp::uas(env, "server1")
+                    .scenario(scenario)
+                    .port(SERVER1_PORT)
+                    .tcp(),
+            )
             .start();
         OneServer {
             proxy,
@@ -408,7 +402,7 @@ fn calls_go_end_to_end_over_tls_with_probes() {
     let probes_ok = || {
         let uri = format!("sip:{}:5081;transport=tls", env.ip);
         let labels = [("destination", "1"), ("uri", &uri), ("result", "success")];
-        metric(admin, "mrcp_lb_destination_probes_total", &labels)
+        scraped_sum(admin, "mrcp_lb_destination_probes_total", &labels)
     };
     wait_for(
         "an OPTIONS probe over TLS to succeed",
@@ -433,7 +427,7 @@ fn calls_go_end_to_end_over_tls_with_probes() {
         "the client's and the server's TLS connections",
         Duration::from_secs(10),
         Duration::from_millis(100),
-        || (metric(admin, "mrcp_lb_tls_connections", &[]) >= 2.0).then_some(()),
+        || (scraped_sum(admin, "mrcp_lb_tls_connections", &[]) >= 2.0).then_some(()),
     );
     all_ok(client, CALLS);
     all_ok(tcp_client, CALLS);
@@ -607,7 +601,7 @@ fn plain_tcp_to_the_tls_port_is_dropped_while_tls_calls_go_on() {
         .unwrap_or(0);
     assert_eq!(plain_ok, 0, "{}", plain.summary());
     // Only the TLS client's INVITEs reached the core: none of the plain ones.
-    let invites = metric(
+    let invites = scraped_sum(
         admin,
         "mrcp_lb_sip_requests_received_total",
         &[("method", "INVITE")],

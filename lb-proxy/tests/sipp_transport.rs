@@ -29,26 +29,14 @@ fn calls_succeed(
     client_transport: Transport,
     client_args: &[&str],
 ) -> (SippReport, Vec<SippReport>) {
-    let mut proxy = Proxy::start(env, &config_yaml(env, "absolute", dests, ""));
-    let servers: Vec<Sipp> = dests
+    let (mut proxy, servers) = dests
         .iter()
-        .map(|d| {
-            let t = if d.tcp {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            };
-            Sipp::uas(env, &format!("server{}", d.id))
-                .scenario(server_scenario)
-                .port(d.port)
-                .transport(t)
-                .pause(ms(server_pause_ms))
-                .start()
+        .fold(Sandbox::new(env), |sandbox, d| {
+            sandbox.serve_with(d.clone(), |s| {
+                s.scenario(server_scenario).pause(ms(server_pause_ms))
+            })
         })
-        .collect();
-    let ids: Vec<String> = dests.iter().map(|d| d.id.to_string()).collect();
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    proxy.wait_state(&ids, "up", Duration::from_secs(10));
+        .start_all();
 
     let calls = CALLS.to_string();
     let mut args = vec!["-m", calls.as_str(), "-r", "5", "-l", "20"];
@@ -61,25 +49,8 @@ fn calls_succeed(
     eprintln!("{}", client.summary());
     proxy.assert_running();
 
-    for s in &servers {
-        s.wait_no_calls(Duration::from_secs(10));
-    }
-    let reports: Vec<SippReport> = servers.into_iter().map(Sipp::stop).collect();
-    for r in &reports {
-        eprintln!("{}", r.summary());
-    }
-
-    client.assert_all_ok(CALLS);
-    client.assert_no_stray_messages();
-    for r in &reports {
-        assert_server_clean(r);
-        r.assert_no_stray_messages();
-    }
-    let invites: u64 = reports.iter().map(SippReport::invites).sum();
-    assert_eq!(
-        invites, CALLS,
-        "servers took {invites} INVITEs for {CALLS} calls"
-    );
+    let reports = drain_all(servers);
+    assert_calls_clean(&client, &reports, CALLS);
 
     let stats = proxy.wait_idle(Duration::from_secs(10));
     assert_eq!(stats.processed, CALLS, "proxy dialog stats: {stats:?}");

@@ -11,7 +11,9 @@
 //! tests, and by the tests here that read the raw JSON on purpose (`get_json`,
 //! `HttpResponse::json`).
 
-use lb_api::admin::DestinationsStatus;
+use crate::env::unix_now;
+use crate::metrics::{metric_sum, parse_metrics};
+use lb_api::admin::{DestinationStatus, DestinationsStatus};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -174,6 +176,12 @@ pub fn metrics_text(admin: SocketAddr) -> String {
     }
 }
 
+/// `metric_sum` of the process's `/metrics` now: the samples named `name` whose labels
+/// include every `labels` pair, summed (0 when none).
+pub fn scraped_sum(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(&parse_metrics(&metrics_text(admin)), name, labels)
+}
+
 /// `GET /v1/destinations`, decoded.
 pub fn try_destinations_status(admin: SocketAddr) -> Result<DestinationsStatus, String> {
     try_get_typed(admin, "/v1/destinations")
@@ -181,6 +189,31 @@ pub fn try_destinations_status(admin: SocketAddr) -> Result<DestinationsStatus, 
 
 pub fn destinations_status(admin: SocketAddr) -> DestinationsStatus {
     try_destinations_status(admin).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One destination of `GET /v1/destinations`, decoded; panics when it is not listed.
+pub fn destination_status(admin: SocketAddr, id: &str) -> DestinationStatus {
+    let s = destinations_status(admin);
+    s.destinations
+        .iter()
+        .find(|d| d.id == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("destination {id} not listed: {s:?}"))
+}
+
+/// A destination's `pstn` resource: (load, capacity); panics when it has none.
+pub fn pstn(d: &DestinationStatus) -> (u32, u32) {
+    let r = d
+        .resources
+        .iter()
+        .find(|r| r.name == "pstn")
+        .unwrap_or_else(|| panic!("destination {} has no pstn: {d:?}", d.id));
+    (r.load, r.capacity)
+}
+
+/// A destination's `pstn` load.
+pub fn pstn_load(d: &DestinationStatus) -> u32 {
+    pstn(d).0
 }
 
 /// A destination as most tests look at it: its id, URI, state and the `pstn` resource.
@@ -271,6 +304,11 @@ pub struct LoadSampler {
 pub struct LoadSample {
     /// Time since the sampler started.
     pub at: Duration,
+    /// Wall-clock time (Unix seconds) in the middle of the `/v1/destinations` request, to
+    /// match the sample with sipp's statistics rows.
+    pub unix_at: f64,
+    /// How long that request took: how precisely `unix_at` places the loads.
+    pub took: Duration,
     pub loads: BTreeMap<String, u64>,
     pub stats: DialogStats,
 }
@@ -284,9 +322,14 @@ impl LoadSampler {
             let mut out = Vec::new();
             while !stop2.load(Ordering::SeqCst) {
                 // A failed poll (proxy busy) is skipped, not fatal: the samples are checked later.
-                if let (Ok(ds), Ok(stats)) = (try_destinations(admin), try_dialog_stats(admin)) {
+                let (asked, asked_unix) = (Instant::now(), unix_now());
+                let ds = try_destinations(admin);
+                let (took, answered_unix) = (asked.elapsed(), unix_now());
+                if let (Ok(ds), Ok(stats)) = (ds, try_dialog_stats(admin)) {
                     out.push(LoadSample {
                         at: t0.elapsed(),
+                        unix_at: (asked_unix + answered_unix) / 2.0,
+                        took,
                         loads: ds.into_iter().map(|d| (d.id, d.load)).collect(),
                         stats,
                     });

@@ -5,7 +5,7 @@ use crate::admin::{destinations, dialog_stats, http_get, DestState, DialogStats}
 use crate::env::{read_lossy, strip_ansi, TestEnv, ADMIN_PORT, PROXY_PORT};
 use crate::poll::wait_for;
 use crate::process::{clean_env, ChildGuard};
-use crate::sipp::{secs, Sipp, Transport};
+use crate::sipp::{secs, Sipp, SippBuilder, Transport};
 use std::fmt::Write as _;
 use std::fs;
 use std::net::SocketAddr;
@@ -184,15 +184,27 @@ pub fn proxy_log_contains(proxy: &Proxy, needle: &str) -> bool {
     proxy.log_contains(needle)
 }
 
-struct Served {
-    name: String,
-    scenario: &'static str,
-    port: u16,
+/// A change to a sipp server's builder (scenario, pause, ...).
+type Tweak<'e> = Box<dyn FnOnce(SippBuilder<'e>) -> SippBuilder<'e> + 'e>;
+
+enum Served<'e> {
+    /// On a destination's port: its transport, and whether `start` waits for it, come from
+    /// the destination(s) of the config on that port.
+    OnPort {
+        name: String,
+        port: u16,
+        tweak: Tweak<'e>,
+    },
+    /// As the test built it; `start` waits for destination `dest` when given.
+    Built {
+        builder: Box<SippBuilder<'e>>,
+        dest: Option<String>,
+    },
 }
 
 /// The set-up most proxy tests share: a proxy (`config_yaml`: routing `mode`, destinations,
-/// `extra` sections) and a sipp server behind each served destination, started in that
-/// order; `start` returns once every served destination is up.
+/// `extra` sections; or a config of the test's own) and sipp servers behind it, started in
+/// that order (or servers first); `start` returns once every served destination is up.
 ///
 /// ```ignore
 /// let (mut proxy, [s1, s2]) = Sandbox::new(&env)
@@ -205,8 +217,12 @@ pub struct Sandbox<'e> {
     env: &'e TestEnv,
     mode: String,
     dests: Vec<Dest>,
-    served: Vec<Served>,
+    served: Vec<Served<'e>>,
     extra: String,
+    custom: Option<String>,
+    no_set: bool,
+    edits: Vec<Box<dyn Fn(String) -> String + 'e>>,
+    servers_first: bool,
     wait_up: bool,
 }
 
@@ -219,6 +235,10 @@ impl<'e> Sandbox<'e> {
             dests: Vec::new(),
             served: Vec::new(),
             extra: String::new(),
+            custom: None,
+            no_set: false,
+            edits: Vec::new(),
+            servers_first: false,
             wait_up: true,
         }
     }
@@ -237,14 +257,23 @@ impl<'e> Sandbox<'e> {
 
     /// A destination and its sipp server `server<id>`, on its port and transport.
     pub fn serve(self, d: Dest, scenario: &'static str) -> Self {
-        let name = format!("server{}", d.id);
-        self.serve_as(&name, d, scenario)
+        self.serve_with(d, move |s| s.scenario(scenario))
     }
 
     /// As `serve`, naming the server.
     pub fn serve_as(self, name: &str, d: Dest, scenario: &'static str) -> Self {
         let port = d.port;
         self.dest(d).uas(name, port, scenario)
+    }
+
+    /// As `serve`, the server's builder changed by `tweak` (`|s| s.scenario(..).pause(..)`).
+    pub fn serve_with(
+        self,
+        d: Dest,
+        tweak: impl FnOnce(SippBuilder<'e>) -> SippBuilder<'e> + 'e,
+    ) -> Self {
+        let (name, port) = (format!("server{}", d.id), d.port);
+        self.dest(d).uas_with(&name, port, tweak)
     }
 
     /// Destinations in the config, in order (see `dest`).
@@ -255,11 +284,31 @@ impl<'e> Sandbox<'e> {
 
     /// A sipp server `name` for the destination on `port` (with its transport), playing
     /// `scenario`.
-    pub fn uas(mut self, name: &str, port: u16, scenario: &'static str) -> Self {
-        self.served.push(Served {
+    pub fn uas(self, name: &str, port: u16, scenario: &'static str) -> Self {
+        self.uas_with(name, port, move |s| s.scenario(scenario))
+    }
+
+    /// As `uas`, the server's builder changed by `tweak`.
+    pub fn uas_with(
+        mut self,
+        name: &str,
+        port: u16,
+        tweak: impl FnOnce(SippBuilder<'e>) -> SippBuilder<'e> + 'e,
+    ) -> Self {
+        self.served.push(Served::OnPort {
             name: name.to_string(),
-            scenario,
             port,
+            tweak: Box::new(tweak),
+        });
+        self
+    }
+
+    /// A sipp server as the test built it (another address, a config of its own); `start`
+    /// waits for destination `dest` to be up when one is given.
+    pub fn server(mut self, dest: Option<&str>, builder: SippBuilder<'e>) -> Self {
+        self.served.push(Served::Built {
+            builder: Box::new(builder),
+            dest: dest.map(str::to_string),
         });
         self
     }
@@ -267,6 +316,32 @@ impl<'e> Sandbox<'e> {
     /// Top-level YAML sections appended to the config (`dialogs:`, `limits:`...).
     pub fn extra(mut self, yaml: &str) -> Self {
         self.extra.push_str(yaml);
+        self
+    }
+
+    /// The whole config as the test wrote it (TLS, IPv6, DNS...), instead of `config_yaml`;
+    /// its servers are given with `server`.
+    pub fn custom_config(mut self, yaml: impl Into<String>) -> Self {
+        self.custom = Some(yaml.into());
+        self
+    }
+
+    /// A config without the `destinations` key: the proxy of an operator, whose set is pushed
+    /// (`PUT /v1/destinations`), not read from the file.
+    pub fn without_destinations(mut self) -> Self {
+        self.no_set = true;
+        self
+    }
+
+    /// A change to the config text (a key `config_yaml` does not write), applied in order.
+    pub fn edit_config(mut self, edit: impl Fn(String) -> String + 'e) -> Self {
+        self.edits.push(Box::new(edit));
+        self
+    }
+
+    /// Starts the servers before the proxy (so that its first probes find them).
+    pub fn servers_first(mut self) -> Self {
+        self.servers_first = true;
         self
     }
 
@@ -278,45 +353,74 @@ impl<'e> Sandbox<'e> {
 
     /// The config it starts the proxy with.
     pub fn config(&self) -> String {
-        config_yaml(self.env, &self.mode, &self.dests, &self.extra)
+        let base = match &self.custom {
+            Some(yaml) => {
+                assert!(
+                    self.dests.is_empty() && self.extra.is_empty(),
+                    "a custom config has its own destinations and sections"
+                );
+                yaml.clone()
+            }
+            None if self.no_set => {
+                assert!(
+                    self.dests.is_empty(),
+                    "destinations in a config without any"
+                );
+                let y = config_yaml(self.env, &self.mode, &[], "");
+                let y = y
+                    .strip_suffix("destinations:\n")
+                    .expect("config_yaml ends with the destinations key");
+                assert!(!y.contains("destinations"), "{y}");
+                format!("{y}{}", self.extra)
+            }
+            None => config_yaml(self.env, &self.mode, &self.dests, &self.extra),
+        };
+        self.edits.iter().fold(base, |c, edit| edit(c))
     }
 
     /// Starts the proxy, then the servers (in the order given), then waits (10 s at most)
-    /// until every served destination is up. `N` is the number of served destinations.
+    /// until every served destination is up. `N` is the number of servers.
     pub fn start<const N: usize>(self) -> (Proxy, [Sipp; N]) {
-        assert_eq!(
-            self.served.len(),
-            N,
-            "the sandbox serves {} destinations",
-            self.served.len()
-        );
-        let proxy = Proxy::start(self.env, &self.config());
-        let servers: Vec<Sipp> = self
-            .served
-            .iter()
-            .map(|s| {
-                let tcp = self.dests.iter().any(|d| d.port == s.port && d.tcp);
-                let transport = if tcp { Transport::Tcp } else { Transport::Udp };
-                Sipp::uas(self.env, &s.name)
-                    .scenario(s.scenario)
-                    .port(s.port)
-                    .transport(transport)
-                    .start()
-            })
-            .collect();
-        if self.wait_up {
-            let ids: Vec<String> = self
-                .dests
-                .iter()
-                .filter(|d| self.served.iter().any(|s| s.port == d.port))
-                .map(|d| d.id.to_string())
-                .collect();
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let (proxy, servers) = self.start_all();
+        let n = servers.len();
+        let Ok(servers) = servers.try_into() else {
+            panic!("the sandbox has {n} servers, not {N}")
+        };
+        (proxy, servers)
+    }
+
+    /// As `start`, for any number of servers.
+    pub fn start_all(mut self) -> (Proxy, Vec<Sipp>) {
+        let config = self.config();
+        let env = self.env;
+        let mut wait_ids = Vec::new();
+        let mut builders = Vec::new();
+        for served in std::mem::take(&mut self.served) {
+            match served {
+                Served::OnPort { name, port, tweak } => {
+                    let on_port: Vec<&Dest> =
+                        self.dests.iter().filter(|d| d.port == port).collect();
+                    let tcp = on_port.iter().any(|d| d.tcp);
+                    let transport = if tcp { Transport::Tcp } else { Transport::Udp };
+                    wait_ids.extend(on_port.iter().map(|d| d.id.to_string()));
+                    builders.push(tweak(Sipp::uas(env, &name).port(port).transport(transport)));
+                }
+                Served::Built { builder, dest } => {
+                    wait_ids.extend(dest);
+                    builders.push(*builder);
+                }
+            }
+        }
+        let mut proxy = None;
+        if !self.servers_first {
+            proxy = Some(Proxy::start(env, &config));
+        }
+        let servers: Vec<Sipp> = builders.into_iter().map(SippBuilder::start).collect();
+        let proxy = proxy.unwrap_or_else(|| Proxy::start(env, &config));
+        if self.wait_up && !wait_ids.is_empty() {
+            let ids: Vec<&str> = wait_ids.iter().map(String::as_str).collect();
             proxy.wait_state(&ids, "up", secs(10));
         }
-        let Ok(servers) = servers.try_into() else {
-            unreachable!("checked above")
-        };
         (proxy, servers)
     }
 }

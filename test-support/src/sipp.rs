@@ -179,6 +179,11 @@ impl<'e> SippBuilder<'e> {
         self
     }
 
+    /// `-m n -l n`: the client makes `n` calls and may hold them all open together.
+    pub fn calls_together(self, n: u64) -> Self {
+        self.calls(n).limit(n)
+    }
+
     /// `-l`: at most this many calls open at once.
     pub fn limit(mut self, n: u64) -> Self {
         self.limit = Some(n);
@@ -672,6 +677,35 @@ pub fn drain<const N: usize>(servers: [Sipp; N]) -> [SippReport; N] {
         s.wait_no_calls(secs(10));
     }
     servers.map(Sipp::stop)
+}
+
+/// Ends any number of servers as `drain` does, printing each one's summary.
+pub fn drain_all(servers: Vec<Sipp>) -> Vec<SippReport> {
+    for s in &servers {
+        s.wait_no_calls(secs(10));
+    }
+    let reports: Vec<SippReport> = servers.into_iter().map(Sipp::stop).collect();
+    for r in &reports {
+        eprintln!("{}", r.summary());
+    }
+    reports
+}
+
+/// Asserts `calls` calls went through cleanly end to end: the client made them all, every
+/// server ended clean (`assert_server_clean`), nobody received a message for an ended or
+/// unknown call, and the servers took exactly `calls` INVITEs between them.
+pub fn assert_calls_clean(client: &SippReport, servers: &[SippReport], calls: u64) {
+    client.assert_all_ok(calls);
+    client.assert_no_stray_messages();
+    for r in servers {
+        assert_server_clean(r);
+        r.assert_no_stray_messages();
+    }
+    let invites: u64 = servers.iter().map(SippReport::invites).sum();
+    assert_eq!(
+        invites, calls,
+        "servers took {invites} INVITEs for {calls} calls"
+    );
 }
 
 /// Asserts a server ended without failed calls (every call it took went through its scenario:

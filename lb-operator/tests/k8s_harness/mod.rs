@@ -30,7 +30,7 @@ use lb_operator::crd::MrcpServer;
 #[allow(unused_imports)]
 pub use mrcp_lb_test_support::{
     clean_env, eventually, keep_requested, mark_failed, metric_value, millis, ms, read_lossy, repo,
-    some_test_failed, strip_ansi, tail, AdminClient, ChildGuard, Show, Sipp,
+    some_test_failed, strip_ansi, tail, AdminClient, ChildGuard, Show, Sipp, SippBuilder,
 };
 use serde_json::{json, Value};
 use std::fs;
@@ -607,6 +607,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A sipp client calling this proxy from `port` on the test's address, 20 new calls a
+    /// second; the test adds how many, how long each is held and when it gives up.
+    pub fn uac<'e>(&self, env: &'e TestEnv, name: &str, port: u16) -> SippBuilder<'e> {
+        Sipp::uac(env, name).port(port).to(self.sip).rate(20)
+    }
+
     /// Starts lb-proxy with UDP+TCP listeners on `sip_port` and the admin API on `admin_port`
     /// (both on the test's IP) and no `destinations` key: it waits for a push. Returns once
     /// its admin API answers.
