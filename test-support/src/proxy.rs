@@ -206,7 +206,7 @@ enum Served<'e> {
 /// `extra` sections; or a config of the test's own) and sipp servers behind it, started in
 /// that order (or servers first); `start` returns once every served destination is up.
 ///
-/// ```ignore
+/// ```text
 /// let (mut proxy, [s1, s2]) = Sandbox::new(&env)
 ///     .serve(Dest::udp(1, SERVER1_PORT, "pstn=50"), "uas.xml")
 ///     .serve_as("server2_503", Dest::udp(2, SERVER2_PORT, "pstn=100"), "uas_503.xml")

@@ -1,6 +1,6 @@
 //! sipp (`sip-tester`) processes, started with a builder instead of positional arguments:
 //!
-//! ```ignore
+//! ```text
 //! let server = Sipp::uas(&env, "server1").port(SERVER1_PORT).start();
 //! let client = Sipp::uac(&env, "client").calls(3).rate(10).hold(secs(3)).run();
 //! ```
