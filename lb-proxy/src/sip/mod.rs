@@ -5,13 +5,15 @@
 //! of raw headers and an untouched body, and parses the few headers it reads (Via, Route,
 //! Record-Route, From/To tags, CSeq, Max-Forwards, Session-Expires) on demand.
 
+mod header;
 mod message;
 mod uri;
 
-pub use message::check_name_addr;
+pub use header::{
+    check_name_addr, check_request_uri, header_param, name_addr_uri, split_list, Via,
+};
 pub use message::{
-    bad_request, check_request_uri, header_end, header_param, name_addr_uri, split_list,
-    HeaderName, Message, Method, ParseError, StartLine, StatusCode, Via,
+    bad_request, header_end, HeaderName, Message, Method, ParseError, StartLine, StatusCode,
 };
 pub use uri::{split_host_port, write_host, SipUri, Transport, UriError};
 
