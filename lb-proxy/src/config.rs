@@ -415,20 +415,26 @@ impl RawCluster {
                     FieldError::new("cluster.keyFile", format!("cannot read {path:?}: {e}"))
                 })?;
                 let k = k.trim().to_string();
-                if k.len() < 16 {
+                if k.len() < MIN_KEY_LEN {
                     return Err(FieldError::new(
                         "cluster.keyFile",
-                        format!("{path:?} holds {} characters; at least 16", k.len()),
+                        format!(
+                            "{path:?} holds {} characters; at least {MIN_KEY_LEN}",
+                            k.len()
+                        ),
                     ));
                 }
                 Some(Key(k.into_bytes()))
             }
             None => match std::env::var(CLUSTER_KEY_ENV) {
-                Ok(k) if k.trim().len() >= 16 => Some(Key(k.trim().as_bytes().to_vec())),
+                Ok(k) if k.trim().len() >= MIN_KEY_LEN => Some(Key(k.trim().as_bytes().to_vec())),
                 Ok(k) if !k.trim().is_empty() => {
                     return Err(FieldError::new(
                         CLUSTER_KEY_ENV,
-                        format!("holds {} characters; at least 16", k.trim().len()),
+                        format!(
+                            "holds {} characters; at least {MIN_KEY_LEN}",
+                            k.trim().len()
+                        ),
                     ))
                 }
                 _ => None,

@@ -23,10 +23,6 @@ impl Proxy {
         // The relay rule (relay.rs): where it may go, if anywhere.
         let hop = match self.next_hop(now, &mut msg, flow) {
             Ok(hop) => hop,
-            Err(Refusal::NoTarget) if !is_ack => {
-                self.metrics.relay_refused(Refusal::NoTarget.label());
-                return self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
-            }
             Err(why) => return self.refuse_relay(&msg, flow, why),
         };
         let mut target = hop.target;

@@ -241,7 +241,10 @@ impl Proxy {
             uri.push_str(";r2=on");
         }
         if let Some(t) = token {
-            uri.push_str(&format!(";{}={t}", relay::TOKEN_PARAM));
+            uri.push(';');
+            uri.push_str(relay::TOKEN_PARAM);
+            uri.push('=');
+            uri.push_str(t);
         }
         uri.push('>');
         uri

@@ -246,11 +246,12 @@ impl Proxy {
         msg: &mut Message,
         flow: Flow,
     ) -> Result<Hop, Refusal> {
-        let tokens = self.strip_own_routes(msg);
         let held = self.find_dialog(msg).and_then(|k| {
             let from_caller = msg.from_tag()? == k.caller_tag;
             Some((k, from_caller))
         });
+        // Tokens are only read for a dialog we do not hold.
+        let tokens = self.strip_own_routes(msg, held.is_none());
         if let Some((key, from_caller)) = held {
             let target = self.held_hop(msg, &key, from_caller)?;
             return Ok(Hop {
@@ -285,14 +286,15 @@ impl Proxy {
     }
 
     /// Removes the Route entries that name this proxy (one, or two after a double
-    /// Record-Route) and returns the tokens they carried; None when there was none.
-    fn strip_own_routes(&self, msg: &mut Message) -> Option<Vec<String>> {
+    /// Record-Route) and returns the tokens they carried (when `keep_tokens`); None when there
+    /// was none.
+    fn strip_own_routes(&self, msg: &mut Message, keep_tokens: bool) -> Option<Vec<String>> {
         let mut tokens = None::<Vec<String>>;
         while let Some(first) = msg.get(&HeaderName::Route) {
             match SipUri::parse(name_addr_uri(first)) {
                 Ok(u) if self.is_self_uri(&u) => {
                     let found = tokens.get_or_insert_with(Vec::new);
-                    if let Some(t) = u.param(TOKEN_PARAM).flatten() {
+                    if let Some(t) = u.param(TOKEN_PARAM).flatten().filter(|_| keep_tokens) {
                         if !found.iter().any(|f| f == t) {
                             found.push(t.to_string());
                         }
@@ -437,8 +439,10 @@ impl Proxy {
             .any(|d| d.addr.is_some_and(|a| a.ip() == ip))
     }
 
-    /// Refuses a request the relay rule does not allow: 404 statelessly (an ACK is absorbed),
-    /// counted by reason, logged with its source.
+    /// Refuses a request the relay rule does not allow, counted by reason and logged with its
+    /// source: 404 statelessly; 481 for one addressed to us whose dialog we do not know; no
+    /// answer to an ACK, nor while no destination set is loaded (the retransmission passes
+    /// later).
     pub(super) fn refuse_relay(&mut self, msg: &Message, flow: Flow, why: Refusal) {
         self.metrics.relay_refused(why.label());
         debug!(
@@ -448,8 +452,13 @@ impl Proxy {
             reason = why.label(),
             "in-dialog request refused by the relay rule"
         );
-        if msg.method() != Some(&Method::Ack) && why != Refusal::NoSet {
-            self.reply(msg, flow, 404, "Not Found");
+        if msg.method() == Some(&Method::Ack) {
+            return;
+        }
+        match why {
+            Refusal::NoSet => {}
+            Refusal::NoTarget => self.reply(msg, flow, 481, "Call/Transaction Does Not Exist"),
+            _ => self.reply(msg, flow, 404, "Not Found"),
         }
     }
 }

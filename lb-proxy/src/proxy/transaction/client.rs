@@ -98,13 +98,8 @@ impl Proxy {
                     self.send_response(up, code, msg.to_bytes());
                 }
             } else if is_invite && ctx.state == ClientState::Completed {
-                let ack = make_ack(&ctx.request, &msg);
-                let out = Outbound {
-                    data: ack.to_bytes(),
-                    on_error: None,
-                    ..ctx.out.clone()
-                };
-                self.out.push(out);
+                let ack = ctx.ack_for(&msg);
+                self.out.push(ack);
             }
             return;
         }
@@ -171,13 +166,8 @@ impl Proxy {
             self.cfg.timers.t4
         };
         if is_invite && !status.is_success() {
-            let ack = make_ack(&ctx.request, &msg);
-            let out = Outbound {
-                data: ack.to_bytes(),
-                on_error: None,
-                ..ctx.out.clone()
-            };
-            self.out.push(out);
+            let ack = ctx.ack_for(&msg);
+            self.out.push(ack);
         }
         self.arm(now + cleanup, Timer::ClientCleanup(id));
         if abandoned {

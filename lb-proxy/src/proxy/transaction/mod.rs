@@ -92,6 +92,16 @@ pub(in crate::proxy) enum Role {
 }
 
 impl ClientTx {
+    /// The ACK of a non-2xx final response to this INVITE (RFC 3261 17.1.1.3), sent where the
+    /// INVITE went.
+    pub(in crate::proxy) fn ack_for(&self, resp: &Message) -> Outbound {
+        Outbound {
+            data: make_ack(&self.request, resp).to_bytes(),
+            on_error: None,
+            ..self.out.clone()
+        }
+    }
+
     /// Timer A / E (RFC 3261 17.1.1.2, 17.1.2.2): whether to retransmit now, and the wait
     /// until the next time. INVITE: while Calling, the interval doubles. Non-INVITE: while
     /// Trying it doubles up to T2; once Proceeding it is T2. Nothing once a final arrived, or
