@@ -154,21 +154,22 @@ pub async fn start_prepared(
     let metrics = Arc::new(Metrics::new());
     let (events, rx) = mpsc::channel::<Event>(EVENT_QUEUE);
 
-    let mut udp_sockets: Vec<Option<Arc<UdpSocket>>> = Vec::new();
+    let mut udp_sockets: Vec<Option<std::net::UdpSocket>> = Vec::new();
     let mut tcp_listeners = Vec::new();
     let mut bound = Vec::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
         match l.transport {
             Transport::Udp => {
-                let s = UdpSocket::bind(l.bind)
-                    .await
+                // Bound here, registered with the core's own runtime on its thread.
+                let s = std::net::UdpSocket::bind(l.bind)
                     .with_context(|| format!("listeners[{i}]: cannot bind udp:{}", l.bind))?;
+                s.set_nonblocking(true)?;
                 // A larger receive buffer rides out bursts (capped by net.core.rmem_max).
                 let sock = socket2::SockRef::from(&s);
                 let _ = sock.set_recv_buffer_size(UDP_BUFFER);
                 let _ = sock.set_send_buffer_size(UDP_BUFFER);
                 bound.push((Transport::Udp, s.local_addr()?));
-                udp_sockets.push(Some(Arc::new(s)));
+                udp_sockets.push(Some(s));
             }
             Transport::Tcp | Transport::Tls => {
                 let t = l.transport;
@@ -209,29 +210,6 @@ pub async fn start_prepared(
         None => None,
     };
 
-    // Several receivers per UDP socket: parsing happens on the receiving task, so one task
-    // per core keeps the socket drained at high rates (a single one let the kernel buffer
-    // overflow at 2000 calls/s in the benchmark).
-    let receivers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    for (i, s) in udp_sockets.iter().enumerate() {
-        if let Some(s) = s {
-            for _ in 0..receivers {
-                tokio::spawn(udp::receive(
-                    s.clone(),
-                    i,
-                    udp::Limits {
-                        max_message_size: cfg.udp.max_message_size,
-                        max_headers: cfg.limits.max_headers,
-                    },
-                    events.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                ));
-            }
-        }
-    }
     if cfg.tls.as_ref().is_some_and(|t| !t.verify_destinations) {
         warn!(
             "tls.verifyDestinations is false: certificates of the servers the proxy \
@@ -295,20 +273,25 @@ pub async fn start_prepared(
             shutdown.clone(),
         ));
     }
-    let io = Io {
-        cluster: cluster_sock,
-        udp: udp_sockets,
-        tcp: tcp_shared,
-        tls: tls_shared,
-        events: events.clone(),
-    };
     let core = Core {
         proxy,
         metrics,
         names: names_tx,
         queued: 0,
+        udp_limits: udp::Limits {
+            max_message_size: cfg.udp.max_message_size,
+            max_headers: cfg.limits.max_headers,
+        },
     };
-    let done = tokio::spawn(core.run(rx, io, shutdown.clone()));
+    let parts = IoParts {
+        cluster: cluster_sock,
+        udp: udp_sockets,
+        tcp: tcp_shared,
+        tls: tls_shared,
+        events: events.clone(),
+        main: tokio::runtime::Handle::current(),
+    };
+    let done = spawn_core(core, rx, parts, shutdown.clone())?;
     for (t, a) in &bound {
         info!("listening on {t}:{a}");
     }
@@ -321,6 +304,64 @@ pub async fn start_prepared(
     })
 }
 
+/// What the core's thread needs to build its [`Io`]: the UDP sockets are registered with its
+/// own runtime there.
+struct IoParts {
+    cluster: Option<Arc<UdpSocket>>,
+    udp: Vec<Option<std::net::UdpSocket>>,
+    tcp: tcp::Shared<Event>,
+    tls: Option<tcp::Shared<Event>>,
+    events: mpsc::Sender<Event>,
+    main: tokio::runtime::Handle,
+}
+
+/// Runs the core on a thread of its own with a single-threaded runtime: the UDP path (read,
+/// handle, write) never leaves that thread, and no other task competes with it there. TCP,
+/// TLS, the admin API and the resolver stay on the main runtime. The core stops when
+/// `shutdown` is cancelled or when the main runtime goes away (a test that ends without
+/// cancelling). The returned task completes when the core has stopped.
+fn spawn_core(
+    core: Core,
+    rx: mpsc::Receiver<Event>,
+    parts: IoParts,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the core's runtime")?;
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let core_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("lb-core".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let io = match Io::new(parts) {
+                    Ok(io) => io,
+                    Err(e) => {
+                        tracing::error!("udp sockets: {e}");
+                        return;
+                    }
+                };
+                core.run(rx, io, core_stop).await;
+            });
+            let _ = done_tx.send(());
+        })
+        .context("cannot start the core's thread")?;
+    Ok(tokio::spawn(async move {
+        let mut done_rx = done_rx;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = &mut done_rx => return,
+        }
+        // Dropping the guard stops the core, here or when this task is dropped with its runtime.
+        drop(guard);
+        let _ = done_rx.await;
+    }))
+}
+
 struct Io {
     /// The peer exchange socket, when the proxy shares load.
     cluster: Option<Arc<UdpSocket>>,
@@ -329,14 +370,32 @@ struct Io {
     /// Present when a tls listener is configured.
     tls: Option<tcp::Shared<Event>>,
     events: mpsc::Sender<Event>,
+    /// The main runtime: TCP and TLS connections and name lookups run there.
+    main: tokio::runtime::Handle,
 }
 
 impl Io {
+    fn new(p: IoParts) -> std::io::Result<Io> {
+        let udp = p
+            .udp
+            .into_iter()
+            .map(|s| s.map(|s| UdpSocket::from_std(s).map(Arc::new)).transpose())
+            .collect::<std::io::Result<_>>()?;
+        Ok(Io {
+            cluster: p.cluster,
+            udp,
+            tcp: p.tcp,
+            tls: p.tls,
+            events: p.events,
+            main: p.main,
+        })
+    }
+
     fn send(&self, out: Outbound) {
         let addr = match &out.target {
             Target::Addr(a) => *a,
             Target::Host(host, port) => {
-                // Resolve off the core task, then send.
+                // Resolve off the core, then send.
                 let (host, port) = (host.clone(), *port);
                 let io = Io {
                     cluster: None,
@@ -344,8 +403,9 @@ impl Io {
                     tcp: self.tcp.clone(),
                     tls: self.tls.clone(),
                     events: self.events.clone(),
+                    main: self.main.clone(),
                 };
-                tokio::spawn(async move {
+                self.main.spawn(async move {
                     match tokio::net::lookup_host((host.as_str(), port))
                         .await
                         .ok()
@@ -365,6 +425,8 @@ impl Io {
                 return;
             }
         };
+        // Connections are opened and served on the main runtime.
+        let _main = self.main.enter();
         match out.transport {
             Transport::Udp => {
                 let Some(Some(sock)) = self.udp.get(out.listener) else {
@@ -422,10 +484,19 @@ struct Core {
     names: watch::Sender<Names>,
     /// Events waiting in the queue when the current batch began (exported at scrape time).
     queued: usize,
+    udp_limits: udp::Limits,
 }
 
 impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>, io: Io, shutdown: CancellationToken) {
+        let mut receivers: Vec<Option<udp::Receiver>> = io
+            .udp
+            .iter()
+            .map(|s| s.as_ref().map(|_| udp::Receiver::default()))
+            .collect();
+        let mut senders: Vec<udp::Sender> = io.udp.iter().map(|_| udp::Sender::default()).collect();
+        let mut queues: Vec<Vec<udp::Datagram>> = io.udp.iter().map(|_| Vec::new()).collect();
+        let mut outbound = Vec::new();
         loop {
             let next = self.proxy.next_timer();
             let sleep = async {
@@ -435,6 +506,12 @@ impl Core {
                 }
             };
             tokio::select! {
+                i = std::future::poll_fn(|cx| udp::poll_readable(&io.udp, cx)) => {
+                    let now = Instant::now();
+                    if let (Some(Some(sock)), Some(Some(r))) = (io.udp.get(i), receivers.get_mut(i)) {
+                        self.read_udp(now, i, sock, r);
+                    }
+                }
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
                     self.queued = rx.len();
@@ -451,8 +528,33 @@ impl Core {
                 _ = sleep => self.proxy.on_timer(Instant::now()),
                 _ = shutdown.cancelled() => return,
             }
-            for out in self.proxy.take_outbound() {
-                io.send(out);
+            self.proxy.drain_outbound(&mut outbound);
+            for out in outbound.drain(..) {
+                match (out.transport, &out.target, queues.get_mut(out.listener)) {
+                    (Transport::Udp, Target::Addr(to), Some(q)) => q.push(udp::Datagram {
+                        to: *to,
+                        data: out.data,
+                        token: out.on_error,
+                    }),
+                    _ => io.send(out),
+                }
+            }
+            for ((q, sock), sender) in queues.iter_mut().zip(&io.udp).zip(&mut senders) {
+                if q.is_empty() {
+                    continue;
+                }
+                match sock {
+                    Some(sock) => {
+                        let _main = io.main.enter();
+                        sender.send_all(sock, q, |d, e| {
+                            debug!(to = %d.to, "udp send failed: {e}");
+                            if let Some(t) = d.token {
+                                let _ = io.events.try_send(Event::TransportError(t));
+                            }
+                        });
+                    }
+                    None => q.clear(),
+                }
             }
             if let Some(sock) = &io.cluster {
                 if let Some((data, targets)) = self.proxy.take_cluster_outbound(Instant::now()) {
@@ -462,6 +564,28 @@ impl Core {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads one batch of what waits on UDP listener `listener` and handles it.
+    fn read_udp(&mut self, now: Instant, listener: usize, sock: &UdpSocket, r: &mut udp::Receiver) {
+        let limits = self.udp_limits;
+        let metrics = &self.metrics;
+        let proxy = &mut self.proxy;
+        // One batch per turn: what it produced is written before more is read.
+        let r = r.read_batch(sock, |data, from| {
+            if let udp::Received::Message(m) =
+                udp::datagram(sock, data, from, listener, limits, metrics)
+            {
+                proxy.on_message(now, m);
+            }
+        });
+        match r {
+            Ok(_) => {}
+            Err(e) => {
+                // ICMP errors surface here on some systems; they concern one peer only.
+                debug!("udp receive: {e}");
             }
         }
     }

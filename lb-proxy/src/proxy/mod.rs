@@ -210,6 +210,11 @@ impl Proxy {
         std::mem::take(&mut self.out)
     }
 
+    /// Moves the messages to send into `into`, keeping both buffers' capacity.
+    pub fn drain_outbound(&mut self, into: &mut Vec<Outbound>) {
+        into.append(&mut self.out);
+    }
+
     /// When the next timer is due.
     pub fn next_timer(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((t, _, _))| *t)
