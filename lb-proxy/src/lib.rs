@@ -7,6 +7,7 @@
 //! - [`routing`]: the least-loaded choice, a pure function;
 //! - [`destinations`]: the live set with health and load;
 //! - [`limits`]: per-source keys and the per-source rate limiter;
+//! - [`logging`]: the binary's buffered log output;
 //! - [`config`]: the YAML file; [`admin`]: the HTTP API; [`runtime`]: the wiring.
 
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod config;
 pub mod destinations;
 pub mod dialog;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

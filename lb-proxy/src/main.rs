@@ -26,6 +26,12 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    let code = run();
+    lb_proxy::logging::flush();
+    code
+}
+
+fn run() -> ExitCode {
     let cli = Cli::parse();
     let filter = match &cli.log_level {
         Some(l) => EnvFilter::new(l),
@@ -36,7 +42,7 @@ fn main() -> ExitCode {
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(lb_proxy::logging::Buffered::install());
     if cli.log_format == "json" {
         sub.json().init();
     } else {
