@@ -302,10 +302,32 @@ impl<E: Upward> NewConn<E> {
     }
 }
 
+/// Bytes gathered from the queue into one write at most.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Writes what the core queues for one connection: everything already queued goes out in one
+/// write (one system call, one TLS record) instead of one per message.
 async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = bytes::BytesMut::new();
     while let Some(data) = rx.recv().await {
+        let ok = match rx.try_recv() {
+            // The common case, one message waiting: written from its own buffer.
+            Err(_) => write.write_all(&data).await.is_ok(),
+            Ok(next) => {
+                batch.clear();
+                batch.extend_from_slice(&data);
+                batch.extend_from_slice(&next);
+                while batch.len() < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                write.write_all(&batch).await.is_ok()
+            }
+        };
         // flush: a no-op on TCP; over TLS it pushes out a record still buffered.
-        if write.write_all(&data).await.is_err() || write.flush().await.is_err() {
+        if !ok || write.flush().await.is_err() {
             return;
         }
     }
