@@ -1165,7 +1165,8 @@ def report(res, procs):
       f"the two largest counts, where both hold a steady number of transactions, is the "
       f"closest to the cost of a dialog alone.")
     w("5. **Routing microbenchmark**: criterion, `lb-proxy/benches/routing.rs`: "
-      "`lb_proxy::routing::choose` over 2, 100, 1000 real `Destination`s.")
+      "`Destinations::choose` (the routing index, as the proxy chooses) over 2, 100, 1000 "
+      "real `Destination`s.")
     w("")
 
     for transport, tr in res["transports"].items():
@@ -1315,8 +1316,10 @@ def report(res, procs):
     elif mi.get("skipped"):
         w(f"Skipped: {mi['skipped']}.")
     else:
-        w(f"`{mi['command']}`. Time of one `choose()` call; `varied` = loads differ "
-          "(one best destination), `idle` = every destination tied (random tie-break over all).")
+        w(f"`{mi['command']}`. Time of one `Destinations::choose()` call (group `choose`; "
+          "the bench's groups `call` and `scan` add the index update of acquire and release, "
+          "and the reference scan); `varied` = loads differ (one best destination), `idle` = "
+          "every destination tied (random tie-break over all).")
         if mi.get("elsewhere"):
             w("")
             w("(Run in a copy of this workspace whose `lb-proxy/Cargo.toml` declares the bench: "

@@ -7,11 +7,12 @@
 
 use lb_api::admin::{DestinationStatus, ProbeStatus, ResourceStatus, State};
 use lb_api::{DesiredState, DestinationSet, DestinationSpec, ProbeMode};
+use rand::Rng;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
-use crate::routing::{Candidate, Capacity};
+use crate::routing::{Candidate, Capacity, Index, Policy, Want};
 use crate::sip::{SipUri, Transport, UriError};
 
 /// Health as seen by the proxy: INVITE timeouts and OPTIONS probes.
@@ -326,9 +327,18 @@ pub struct DestRef {
 }
 
 /// All destinations, by slot.
+///
+/// The slots are reached through [`Destinations::get`], [`Destinations::iter`] and the
+/// `&mut` hand-outs ([`Destinations::get_mut`], [`Destinations::live_mut`]), never directly:
+/// the routing index (`index`) must learn of every change that can move a destination in the
+/// routing order (load, remote load, health, manual state, hold, address, removal, spec). A
+/// `&mut Destination` handed out marks its slot, and the next [`Destinations::choose`] brings
+/// the marked slots in step; `acquire` and `release` move their slot at once.
 #[derive(Debug, Default)]
 pub struct Destinations {
-    pub slots: Vec<Destination>,
+    slots: Vec<Destination>,
+    /// The candidates ordered by availability, per (group, resources, mode) asked for.
+    index: Index,
     pub version: u64,
     /// When a set was last loaded; None while the proxy waits for its first set.
     pub updated: Option<SystemTime>,
@@ -356,8 +366,43 @@ impl Destinations {
         self.slots.get(slot)
     }
 
+    /// The destination in `slot`, for change: the routing index looks at it again before the
+    /// next choice.
     pub fn get_mut(&mut self, slot: usize) -> Option<&mut Destination> {
-        self.slots.get_mut(slot)
+        let d = self.slots.get_mut(slot)?;
+        self.index.mark(slot);
+        Some(d)
+    }
+
+    /// Every slot, free ones included, in slot order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Destination> {
+        self.slots.iter()
+    }
+
+    /// Every slot, free ones included, as a slice (for the reference scan `routing::choose`).
+    pub fn as_slice(&self) -> &[Destination] {
+        &self.slots
+    }
+
+    /// The number of slots, free ones included.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The destination for a new call: the choice of [`crate::routing::choose`] (least loaded, ties
+    /// at random), made through the routing index so that it does not scan every slot.
+    pub fn choose(
+        &mut self,
+        want: Want<'_>,
+        tried: &[usize],
+        policy: Policy,
+        rng: &mut impl Rng,
+    ) -> Option<usize> {
+        self.index.choose(&self.slots, want, tried, policy, rng)
     }
 
     /// The reference a transaction or a timer keeps to the destination in `slot`.
@@ -367,8 +412,11 @@ impl Destinations {
 
     /// The destination in `slot`, if the slot still holds the one with `uid` (slots are
     /// reused once a removed destination has no call left).
+    /// The routing index looks at it again before the next choice, as with `get_mut`.
     pub fn live_mut(&mut self, DestRef { slot, uid }: DestRef) -> Option<&mut Destination> {
-        self.slots.get_mut(slot).filter(|d| d.uid == uid)
+        let d = self.slots.get_mut(slot).filter(|d| d.uid == uid)?;
+        self.index.mark(slot);
+        Some(d)
     }
 
     pub fn find(&self, id: &str) -> Option<usize> {
@@ -392,7 +440,10 @@ impl Destinations {
         let mut fresh = Vec::new();
         for (slot, spec) in staged {
             match slot {
-                Some(i) => self.slots[i].update(spec)?,
+                Some(i) => {
+                    self.index.mark(i);
+                    self.slots[i].update(spec)?;
+                }
                 None => {
                     self.next_uid += 1;
                     let mut d = Destination::new(self.next_uid, spec)?;
@@ -407,13 +458,15 @@ impl Destinations {
                             self.slots.len() - 1
                         }
                     };
+                    self.index.mark(i);
                     fresh.push(i);
                 }
             }
         }
-        for d in self.slots.iter_mut() {
+        for (i, d) in self.slots.iter_mut().enumerate() {
             if !d.is_free() && !ids.contains_key(d.spec.id.as_str()) {
                 d.change(|d| d.removed = true);
+                self.index.mark(i);
             }
         }
         self.version = set.version;
@@ -431,13 +484,19 @@ impl Destinations {
                 d.unsynced.clear();
             }
         }
+        // The overselling bound of every destination moved.
+        self.index.mark_all(self.slots.len());
     }
 
     /// Every live peer has acknowledged the updates up to `seq`.
     pub fn acknowledged(&mut self, seq: u64) {
-        for d in &mut self.slots {
+        for (slot, d) in self.slots.iter_mut().enumerate() {
+            let before = d.unsynced.len();
             while d.unsynced.front().is_some_and(|s| *s <= seq) {
                 d.unsynced.pop_front();
+            }
+            if d.unsynced.len() != before {
+                self.index.mark(slot);
             }
         }
     }
@@ -445,12 +504,18 @@ impl Destinations {
     /// Sets every destination's remote load from the peers' reports, by destination id and
     /// resource name.
     pub fn set_remote(&mut self, remote: &HashMap<String, Vec<(String, u32)>>) {
-        for d in &mut self.slots {
+        for (slot, d) in self.slots.iter_mut().enumerate() {
             let reported = remote.get(d.spec.id.as_str());
+            let mut changed = false;
             for r in &mut d.resources {
-                r.remote = reported
+                let now = reported
                     .and_then(|l| l.iter().find(|(name, _)| *name == r.name))
                     .map_or(0, |(_, n)| *n);
+                changed |= r.remote != now;
+                r.remote = now;
+            }
+            if changed {
+                self.index.mark(slot);
             }
         }
     }
@@ -469,6 +534,7 @@ impl Destinations {
                     r.load += 1;
                 }
             }
+            self.index.refresh(&self.slots, slot);
         }
     }
 
@@ -486,6 +552,7 @@ impl Destinations {
             d.resources.retain(|r| {
                 r.capacity > 0 || r.load > 0 || d.spec.resources.get(&r.name).is_some()
             });
+            self.index.refresh(&self.slots, slot);
         }
     }
 
@@ -618,5 +685,281 @@ mod tests {
         assert_eq!(a.state(), State::Draining);
         a.manual = Manual::Disabled;
         assert_eq!(a.state(), State::Disabled);
+    }
+
+    mod index {
+        //! The routing index against the scan it replaces: random sequences of every kind of
+        //! change, and after each a handful of random choices made both ways.
+
+        use super::*;
+        use crate::routing::{availability, choose, Mode};
+        use lb_api::Resources;
+        use rand::rngs::SmallRng;
+        use rand::SeedableRng;
+
+        const NAMES: [&str; 3] = ["pstn", "tts", "asr"];
+
+        fn random_set(rng: &mut SmallRng, version: u64) -> DestinationSet {
+            let ids: Vec<usize> = (0..12).filter(|_| rng.gen_bool(0.7)).collect();
+            let destinations = ids
+                .into_iter()
+                .map(|k| {
+                    let mut resources = Vec::new();
+                    for n in NAMES {
+                        if rng.gen_bool(0.6) {
+                            resources.push((n.to_string(), rng.gen_range(0..6)));
+                        }
+                    }
+                    let uri = if rng.gen_bool(0.15) {
+                        format!("sip:host{k}.example:5060")
+                    } else {
+                        format!("sip:127.0.0.{}:5060", k + 1)
+                    };
+                    DestinationSpec {
+                        id: format!("d{k}"),
+                        group: rng.gen_range(1..=2),
+                        uri,
+                        resources: Resources::new(resources),
+                        probe_mode: ProbeMode::Always,
+                        state: match rng.gen_range(0..8) {
+                            0 => DesiredState::Draining,
+                            1 => DesiredState::Down,
+                            _ => DesiredState::Active,
+                        },
+                    }
+                })
+                .collect();
+            DestinationSet {
+                version,
+                destinations,
+                peers: None,
+            }
+        }
+
+        fn random_resources(rng: &mut SmallRng) -> Vec<String> {
+            let lists: [&[&str]; 8] = [
+                &[],
+                &["pstn"],
+                &["tts"],
+                &["asr"],
+                &["pstn", "tts"],
+                &["tts", "pstn"],
+                &["pstn", "pstn"],
+                &["pstn", "tts", "asr"],
+            ];
+            lists[rng.gen_range(0..lists.len())]
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        }
+
+        /// What the scan ranks `d` by, None when it is no candidate.
+        fn worth(d: &Destination, group: u32, resources: &[String], mode: Mode) -> Option<i64> {
+            if resources.is_empty() || d.spec.group != group || !d.usable() {
+                return None;
+            }
+            resources
+                .iter()
+                .map(|r| d.resource(r).map(|c| availability(c, mode)))
+                .min()
+                .flatten()
+        }
+
+        fn random_change(d: &mut Destinations, rng: &mut SmallRng, version: &mut u64) {
+            let slot = rng.gen_range(0..=d.len());
+            match rng.gen_range(0..13) {
+                0 | 1 => d.acquire(slot, &random_resources(rng)),
+                2 | 3 => d.release(slot, &random_resources(rng)),
+                4 => {
+                    let h =
+                        [Health::Up, Health::DownTimeout, Health::DownProbes][rng.gen_range(0..3)];
+                    if let Some(x) = d.get_mut(slot) {
+                        x.set_health(h);
+                    }
+                }
+                5 => {
+                    let m = [Manual::None, Manual::Disabled, Manual::Draining][rng.gen_range(0..3)];
+                    if let Some(x) = d.get_mut(slot) {
+                        x.change(|x| x.manual = m);
+                    }
+                }
+                6 => {
+                    let hold = rng.gen_bool(0.5).then(Instant::now);
+                    if let Some(x) = d.dest_ref(slot).and_then(|r| d.live_mut(r)) {
+                        x.held_until = hold;
+                    }
+                }
+                7 => {
+                    let addr = rng
+                        .gen_bool(0.5)
+                        .then(|| SocketAddr::from(([127, 0, 0, 99], 5060)));
+                    if let Some(x) = d.get_mut(slot) {
+                        x.addr = addr;
+                    }
+                }
+                8 => {
+                    let mut remote = HashMap::new();
+                    for k in 0..12 {
+                        if rng.gen_bool(0.3) {
+                            let mut loads = Vec::new();
+                            for n in NAMES {
+                                if rng.gen_bool(0.5) {
+                                    loads.push((n.to_string(), rng.gen_range(0..5)));
+                                }
+                            }
+                            remote.insert(format!("d{k}"), loads);
+                        }
+                    }
+                    d.set_remote(&remote);
+                }
+                9 => d.set_cluster_size(rng.gen_range(1..=3)),
+                10 => {
+                    let seq = rng.gen_range(0..=d.seq);
+                    d.acknowledged(seq);
+                }
+                11 => {
+                    *version += 1;
+                    let set = random_set(rng, *version);
+                    if let Err(e) = d.replace(&set) {
+                        panic!("random set: {e}");
+                    }
+                }
+                _ => {
+                    let load = rng.gen_range(0..8);
+                    if let Some(r) = d.get_mut(slot).and_then(|x| x.resources.first_mut()) {
+                        r.load = load;
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn the_index_chooses_as_the_scan_does() {
+            let mut chosen = 0;
+            for seed in 0..300 {
+                let mut rng = SmallRng::seed_from_u64(seed);
+                let mut version = 1;
+                let mut d = match Destinations::from_set(&random_set(&mut rng, version)) {
+                    Ok(d) => d,
+                    Err(e) => panic!("random set: {e}"),
+                };
+                for _ in 0..200 {
+                    random_change(&mut d, &mut rng, &mut version);
+                    for _ in 0..3 {
+                        let resources = random_resources(&mut rng);
+                        let want = Want {
+                            group: rng.gen_range(1..=3),
+                            resources: &resources,
+                        };
+                        let policy = Policy {
+                            mode: if rng.gen_bool(0.5) {
+                                Mode::Absolute
+                            } else {
+                                Mode::Relative
+                            },
+                            allow_over_capacity: rng.gen_bool(0.3),
+                        };
+                        let tried: Vec<usize> = (0..rng.gen_range(0..4))
+                            .map(|_| rng.gen_range(0..=d.len()))
+                            .collect();
+                        let fast = d.choose(want, &tried, policy, &mut rng);
+                        let slow = choose(d.as_slice(), want, &tried, policy, &mut rng);
+                        let rank = |s: usize| {
+                            d.get(s)
+                                .and_then(|x| worth(x, want.group, &resources, policy.mode))
+                        };
+                        if let Some(s) = fast {
+                            assert!(!tried.contains(&s), "seed {seed}: chose tried slot {s}");
+                            assert!(rank(s).is_some(), "seed {seed}: chose no candidate {s}");
+                            chosen += 1;
+                        }
+                        assert_eq!(
+                            fast.map(rank),
+                            slow.map(rank),
+                            "seed {seed}: index chose {fast:?}, scan {slow:?} for \
+                             {resources:?} tried {tried:?} {policy:?}"
+                        );
+                    }
+                }
+            }
+            assert!(chosen > 10_000, "too few choices exercised: {chosen}");
+        }
+
+        fn four_equal() -> Destinations {
+            let set = DestinationSet {
+                version: 1,
+                destinations: (0..4)
+                    .map(|k| DestinationSpec {
+                        id: format!("d{k}"),
+                        group: 1,
+                        uri: format!("sip:127.0.0.{}:5060", k + 1),
+                        resources: Resources::new(vec![("pstn".to_string(), 10)]),
+                        probe_mode: ProbeMode::Always,
+                        state: DesiredState::Active,
+                    })
+                    .collect(),
+                peers: None,
+            };
+            match Destinations::from_set(&set) {
+                Ok(d) => d,
+                Err(e) => panic!("set: {e}"),
+            }
+        }
+
+        #[test]
+        fn the_index_spreads_ties_at_random() {
+            let mut d = four_equal();
+            let res = pstn();
+            let mut rng = SmallRng::seed_from_u64(7);
+            let want = Want {
+                group: 1,
+                resources: &res,
+            };
+            let mut hits = [0u32; 4];
+            for _ in 0..4000 {
+                if let Some(s) = d.choose(want, &[], Policy::default(), &mut rng) {
+                    hits[s] += 1;
+                }
+            }
+            for h in hits {
+                assert!((800..1200).contains(&h), "uneven spread {hits:?}");
+            }
+            // With slot 1 tried, the three others share.
+            let mut hits = [0u32; 4];
+            for _ in 0..3000 {
+                if let Some(s) = d.choose(want, &[1], Policy::default(), &mut rng) {
+                    hits[s] += 1;
+                }
+            }
+            assert_eq!(hits[1], 0);
+            for s in [0, 2, 3] {
+                assert!((800..1200).contains(&hits[s]), "uneven spread {hits:?}");
+            }
+        }
+
+        #[test]
+        fn the_index_follows_load_and_state() {
+            let mut d = four_equal();
+            let res = pstn();
+            let mut rng = SmallRng::seed_from_u64(7);
+            let want = Want {
+                group: 1,
+                resources: &res,
+            };
+            let mut pick = |d: &mut Destinations| d.choose(want, &[], Policy::default(), &mut rng);
+            // Every call goes to the least loaded: 40 calls fill the four evenly.
+            for _ in 0..40 {
+                let s = pick(&mut d).unwrap();
+                d.acquire(s, &res);
+            }
+            assert!(d.iter().all(|x| x.resources[0].load == 10));
+            assert_eq!(pick(&mut d), None, "all full");
+            d.release(2, &res);
+            assert_eq!(pick(&mut d), Some(2));
+            d.get_mut(2).unwrap().set_health(Health::DownProbes);
+            assert_eq!(pick(&mut d), None, "the only free one is down");
+            d.get_mut(2).unwrap().set_health(Health::Up);
+            assert_eq!(pick(&mut d), Some(2));
+        }
     }
 }

@@ -6,8 +6,16 @@
 //! or the free share of the capacity (relative mode); the candidate's availability is the
 //! minimum over the requested resources. The highest availability wins; ties are broken at
 //! random so that equal servers share calls instead of the first one taking them all.
+//!
+//! [`choose`] is the scan over every destination, and the reference; the proxy chooses through
+//! [`Index`] (`Destinations::choose`), which keeps the candidates ordered by availability and
+//! gives the same answer without the scan.
 
 use rand::Rng;
+
+mod index;
+
+pub use index::{Index, MAX_ORDERS};
 
 /// Capacity and current load of one resource on one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +59,7 @@ pub struct Want<'a> {
 
 /// Availability in a unit comparable across destinations: channels (absolute) or parts per
 /// million of capacity (relative).
-fn availability(c: Capacity, mode: Mode) -> i64 {
+pub(crate) fn availability(c: Capacity, mode: Mode) -> i64 {
     let free = i64::from(c.capacity) - i64::from(c.load);
     match mode {
         Mode::Absolute => free,
@@ -61,7 +69,8 @@ fn availability(c: Capacity, mode: Mode) -> i64 {
 }
 
 /// Picks the index of the destination for a new call, or `None` when no candidate is left.
-/// `tried` holds the indices already tried for this call.
+/// `tried` holds the indices already tried for this call. A scan over `dests`: the reference
+/// for [`Index::choose`].
 pub fn choose<C: Candidate>(
     dests: &[C],
     want: Want<'_>,

@@ -69,7 +69,7 @@ pub enum Applied {
 impl Proxy {
     /// Starts what runs on its own: probing of the initial set.
     pub fn start(&mut self, now: Instant) {
-        for slot in 0..self.dests.slots.len() {
+        for slot in 0..self.dests.len() {
             self.schedule_first_probe(now, slot);
         }
         self.start_cluster(now);
@@ -149,7 +149,6 @@ impl Proxy {
     fn same_as_current(&self, set: &DestinationSet) -> bool {
         let current: Vec<_> = self
             .dests
-            .slots
             .iter()
             .filter(|d| !d.removed)
             .map(|d| &d.spec)

@@ -74,13 +74,9 @@ impl Proxy {
             group: want_group,
             resources: &resources,
         };
-        let first = routing::choose(
-            &self.dests.slots,
-            want,
-            &[],
-            self.cfg.routing.policy,
-            &mut self.rng,
-        );
+        let first = self
+            .dests
+            .choose(want, &[], self.cfg.routing.policy, &mut self.rng);
         let Some(first) = first else {
             self.metrics.rejected_no_capacity.inc();
             self.metrics.dialogs_processed.inc();
@@ -167,13 +163,8 @@ impl Proxy {
                 group: call.want_group,
                 resources: &resources,
             };
-            routing::choose(
-                &self.dests.slots,
-                want,
-                &call.tried,
-                self.cfg.routing.policy,
-                &mut self.rng,
-            )
+            self.dests
+                .choose(want, &call.tried, self.cfg.routing.policy, &mut self.rng)
         };
         let Some(slot) = choice else {
             return self.call_failed(now, key);

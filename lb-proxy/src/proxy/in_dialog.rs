@@ -109,7 +109,6 @@ impl Proxy {
         let transport = uri.transport();
         let remote = uri.socket_addr().or_else(|| {
             self.dests
-                .slots
                 .iter()
                 .find(|d| d.uri.host.eq_ignore_ascii_case(&uri.host) && d.uri.port == uri.port)
                 .and_then(|d| d.addr)

@@ -114,7 +114,6 @@ impl Proxy {
     /// any other peer (a client's address, say): the transport then uses the IP.
     pub(in crate::proxy) fn tls_server_name(&self, remote: SocketAddr) -> Option<Arc<str>> {
         self.dests
-            .slots
             .iter()
             .find(|d| d.addr == Some(remote) && d.transport == Transport::Tls)
             .map(|d| Arc::from(d.uri.host.as_str()))

@@ -44,7 +44,7 @@ use crate::destinations::{DestRef, Destinations, Health};
 use crate::dialog::{Dialog, DialogKey, DialogStats, End, Party, Phase};
 use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
-use crate::routing::{self, Want};
+use crate::routing::Want;
 use crate::sip::{
     check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport,
     Via, BRANCH_COOKIE,

@@ -369,11 +369,7 @@ impl Proxy {
     /// No key: towards one of our destinations, or from one of them.
     fn unproven_hop(&self, msg: &Message, flow: Flow) -> Result<Flow, Refusal> {
         let target = self.named_hop(msg)?;
-        let to_destination = self
-            .dests
-            .slots
-            .iter()
-            .any(|d| d.addr == Some(target.remote));
+        let to_destination = self.dests.iter().any(|d| d.addr == Some(target.remote));
         let from_destination = self.is_destination_ip(flow.remote.ip());
         if to_destination || from_destination {
             Ok(target)
@@ -396,12 +392,7 @@ impl Proxy {
         let call_id = msg.call_id().unwrap_or_default();
         let (from_tag, to_tag) = (msg.from_tag(), msg.to_tag());
         for token in tokens.iter().filter_map(|t| Token::decode(t)) {
-            for d in self
-                .dests
-                .slots
-                .iter()
-                .filter(|d| d.addr == Some(token.addr))
-            {
+            for d in self.dests.iter().filter(|d| d.addr == Some(token.addr)) {
                 let signed_for = |tag: Option<&str>| {
                     tag.is_some_and(|tag| {
                         self.route_keys
@@ -434,7 +425,6 @@ impl Proxy {
 
     fn is_destination_ip(&self, ip: IpAddr) -> bool {
         self.dests
-            .slots
             .iter()
             .any(|d| d.addr.is_some_and(|a| a.ip() == ip))
     }
