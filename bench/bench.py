@@ -1104,6 +1104,7 @@ def report(res, procs):
     w(f"- **Versions**: lb-proxy at git `{v['git']}` ({v['rustc']}, release build); "
       f"`{v['kamailio']}` (Debian package); {v['sipp']} (Debian `sip-tester`); {v['tcpdump']}")
     w("")
+    targets(res, w)
     w("## Set-up")
     w("")
     w("All on loopback, 127.0.8.x only: sipp client 127.0.8.1, lb-proxy 127.0.8.2:5060 "
@@ -1361,6 +1362,98 @@ def report(res, procs):
             w(f"- {n}")
     w("")
     OUT.write_text("\n".join(L))
+
+
+# The performance targets of issue 13 and where this run stands. "Before" is the run that
+# opened the issue (BENCHMARKS.md of 2026-11-25, git 9b665de7c65c).
+BEFORE = {"cpu_udp": 0.61, "cpu_tcp": 0.54, "p99_udp": 1.44, "mem_udp": 263.1, "rate_udp": 8000}
+
+
+def targets(res, w):
+    trs = res["transports"]
+
+    def cpu(t):
+        f = trs.get(t, {}).get("fixed")
+        if not f:
+            return None, None
+        return ratio_num(f["lb-proxy"]["cpu_per_1000"], f["kamailio"]["cpu_per_1000"]), \
+            trs[t]["fixed_rate"]
+
+    def p99(t):
+        f = trs.get(t, {}).get("fixed")
+        if not f or f["lb-proxy"]["p99"] is None or f["direct"]["p99"] is None:
+            return None
+        return f["lb-proxy"]["p99"] - f["direct"]["p99"]
+
+    def mem(t):
+        m = trs.get(t, {}).get("memory", {}).get("lb-proxy")
+        if not m:
+            return None
+        top = max(m["points"], key=lambda p: p["dialogs"])
+        return top["rss_kib"] / 1024, top["dialogs"]
+
+    def rate(t):
+        r = trs.get(t, {}).get("rate")
+        if not r:
+            return None
+        best = r["best"].get("lb-proxy")
+        capped = "lb-proxy" in r.get("capped", [])
+        return best, capped
+
+    def routing():
+        mi = res.get("micro") or {}
+        by = {(r["case"], r["destinations"]): r["median_ns"] for r in mi.get("results", [])}
+        out = []
+        for case in ("varied", "idle"):
+            if (case, 2) in by and (case, 1000) in by:
+                out.append((case, by[(case, 1000)] / by[(case, 2)]))
+        return out
+
+    def mark(ok):
+        return "met" if ok else "**not met**"
+
+    rows = []
+    for t, key in (("udp", "cpu_udp"), ("tcp", "cpu_tcp")):
+        r, at = cpu(t)
+        if r is not None:
+            rows.append((f"CPU per call vs Kamailio, {t.upper()}, {at} calls/s",
+                         f"{BEFORE[key]:.2f}×", f"{r:.2f}×", "≤ 0.33×", mark(r <= 0.33)))
+    v = p99("udp")
+    if v is not None:
+        at = trs["udp"]["fixed_rate"]
+        rows.append((f"p99 INVITE→200 over the no-proxy floor, UDP, {at} calls/s",
+                     f"{BEFORE['p99_udp']:.2f} ms", f"{v:.2f} ms", "≤ 1.0 ms", mark(v <= 1.0)))
+    m = mem("udp")
+    if m is not None:
+        rows.append((f"{m[1]:,} concurrent dialogs, RSS (UDP)", f"{BEFORE['mem_udp']:.0f} MiB",
+                     f"{m[0]:.0f} MiB", "≤ 200 MiB", mark(m[0] <= 200)))
+    mt = mem("tcp")
+    if mt is not None:
+        rows.append((f"{mt[1]:,} concurrent dialogs, RSS (TCP)", "198 MiB",
+                     f"{mt[0]:.0f} MiB", "≤ 200 MiB", mark(mt[0] <= 200)))
+    r = rate("udp")
+    if r is not None and r[0]:
+        gen = trs["udp"]["rate"]["best"].get("direct")
+        ok = r[0] >= 1.5 * BEFORE["rate_udp"] or r[1]
+        rows.append(("highest sustained UDP rate", f"{BEFORE['rate_udp']}/s",
+                     ("≥ " if r[1] else "") + f"{r[0]}/s", "≥ 12000/s or the generator's limit",
+                     mark(ok)))
+    for case, q in routing():
+        rows.append((f"routing choice at 1000 vs 2 destinations ({case})", "linear",
+                     f"{q:.2f}×", "≤ 2×", mark(q <= 2)))
+    if not rows:
+        return
+    w("## Targets (issue 13)")
+    w("")
+    w("| figure | before (2026-11-25) | this run | target | |")
+    w("|---|---:|---:|---:|---|")
+    for row in rows:
+        w("| " + " | ".join(row) + " |")
+    w("")
+
+
+def ratio_num(a, b):
+    return a / b if a is not None and b else None
 
 
 def sub(a, b):

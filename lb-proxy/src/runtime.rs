@@ -240,12 +240,14 @@ pub async fn start_prepared(
         registry: Arc::new(tcp::Registry::default()),
         ..tcp_shared.clone()
     });
+    // The listeners move to the core's runtime (accepted connections are served there).
+    let mut streams = Vec::new();
     for (i, t, l) in tcp_listeners {
         let shared = match (t, &tls_shared) {
             (Transport::Tls, Some(s)) => s.clone(),
             _ => tcp_shared.clone(),
         };
-        tokio::spawn(tcp::accept(l, i, shared));
+        streams.push((i, l.into_std()?, shared));
     }
 
     let mut proxy = Proxy::with_metrics(cfg.clone(), dests, metrics.clone());
@@ -286,6 +288,7 @@ pub async fn start_prepared(
     let parts = IoParts {
         cluster: cluster_sock,
         udp: udp_sockets,
+        streams,
         tcp: tcp_shared,
         tls: tls_shared,
         events: events.clone(),
@@ -309,15 +312,19 @@ pub async fn start_prepared(
 struct IoParts {
     cluster: Option<Arc<UdpSocket>>,
     udp: Vec<Option<std::net::UdpSocket>>,
+    /// TCP and TLS listeners: (listener index, socket, what its connections share).
+    streams: Vec<(usize, std::net::TcpListener, tcp::Shared<Event>)>,
     tcp: tcp::Shared<Event>,
     tls: Option<tcp::Shared<Event>>,
     events: mpsc::Sender<Event>,
     main: tokio::runtime::Handle,
 }
 
-/// Runs the core on a thread of its own with a single-threaded runtime: the UDP path (read,
-/// handle, write) never leaves that thread, and no other task competes with it there. TCP,
-/// TLS, the admin API and the resolver stay on the main runtime. The core stops when
+/// Runs the core on a thread of its own with a single-threaded runtime: the SIP path (read,
+/// handle, write) never leaves that thread. UDP sockets are polled by the core itself; the
+/// TCP and TLS connection tasks run on the same runtime, so a message they frame reaches the
+/// core without waking another thread. The admin API, the resolver, the peer exchange and
+/// signals stay on the main runtime. The core stops when
 /// `shutdown` is cancelled or when the main runtime goes away (a test that ends without
 /// cancelling). The returned task completes when the core has stopped.
 fn spawn_core(
@@ -370,12 +377,15 @@ struct Io {
     /// Present when a tls listener is configured.
     tls: Option<tcp::Shared<Event>>,
     events: mpsc::Sender<Event>,
-    /// The main runtime: TCP and TLS connections and name lookups run there.
+    /// The main runtime: name lookups run there.
     main: tokio::runtime::Handle,
 }
 
 impl Io {
     fn new(p: IoParts) -> std::io::Result<Io> {
+        for (i, l, shared) in p.streams {
+            tokio::spawn(tcp::accept(TcpListener::from_std(l)?, i, shared));
+        }
         let udp = p
             .udp
             .into_iter()
@@ -425,8 +435,6 @@ impl Io {
                 return;
             }
         };
-        // Connections are opened and served on the main runtime.
-        let _main = self.main.enter();
         match out.transport {
             Transport::Udp => {
                 let Some(Some(sock)) = self.udp.get(out.listener) else {
@@ -545,7 +553,6 @@ impl Core {
                 }
                 match sock {
                     Some(sock) => {
-                        let _main = io.main.enter();
                         sender.send_all(sock, q, |d, e| {
                             debug!(to = %d.to, "udp send failed: {e}");
                             if let Some(t) = d.token {
