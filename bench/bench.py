@@ -1450,6 +1450,12 @@ def targets(res, w):
     for row in rows:
         w("| " + " | ".join(row) + " |")
     w("")
+    w("lb-proxy handles SIP on one thread (`lb-core`: the core, its UDP sockets, the TCP and "
+      "TLS connections; docs/architecture.md, \"Threads\"), so the highest rate is what one "
+      "core of this machine does while the load generator (one sipp client, two sipp servers) "
+      "runs on the same two CPUs. Past one core, run more replicas behind the SIP Service: "
+      "they share load (README, replica model).")
+    w("")
 
 
 def ratio_num(a, b):
