@@ -372,7 +372,7 @@ fn spawn_core(
 struct Io {
     /// The peer exchange socket, when the proxy shares load.
     cluster: Option<Arc<UdpSocket>>,
-    udp: Vec<Option<Arc<UdpSocket>>>,
+    udp: Vec<Option<udp::Socket>>,
     tcp: tcp::Shared<Event>,
     /// Present when a tls listener is configured.
     tls: Option<tcp::Shared<Event>>,
@@ -389,7 +389,7 @@ impl Io {
         let udp = p
             .udp
             .into_iter()
-            .map(|s| s.map(|s| UdpSocket::from_std(s).map(Arc::new)).transpose())
+            .map(|s| s.map(udp::register).transpose())
             .collect::<std::io::Result<_>>()?;
         Ok(Io {
             cluster: p.cluster,
@@ -445,7 +445,7 @@ impl Io {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         let sock = sock.clone();
                         tokio::spawn(async move {
-                            let _ = sock.send_to(&out.data, addr).await;
+                            let _ = udp::send_when_writable(&sock, &out.data, addr).await;
                         });
                     }
                     Err(e) => {
@@ -514,10 +514,13 @@ impl Core {
                 }
             };
             tokio::select! {
-                i = std::future::poll_fn(|cx| udp::poll_readable(&io.udp, cx)) => {
-                    let now = Instant::now();
-                    if let (Some(Some(sock)), Some(Some(r))) = (io.udp.get(i), receivers.get_mut(i)) {
-                        self.read_udp(now, i, sock, r);
+                (i, read) = std::future::poll_fn(|cx| udp::poll_read(&io.udp, &mut receivers, cx)) => {
+                    match (read, io.udp.get(i), receivers.get(i)) {
+                        (Ok(n), Some(Some(sock)), Some(Some(r))) => {
+                            self.on_datagrams(Instant::now(), i, sock, r, n);
+                        }
+                        (Err(e), _, _) => debug!("udp receive: {e}"),
+                        _ => {}
                     }
                 }
                 ev = rx.recv() => {
@@ -575,26 +578,25 @@ impl Core {
         }
     }
 
-    /// Reads one batch of what waits on UDP listener `listener` and handles it.
-    fn read_udp(&mut self, now: Instant, listener: usize, sock: &UdpSocket, r: &mut udp::Receiver) {
+    /// Handles the `n` datagrams UDP listener `listener` just read.
+    fn on_datagrams(
+        &mut self,
+        now: Instant,
+        listener: usize,
+        sock: &UdpSocket,
+        r: &udp::Receiver,
+        n: usize,
+    ) {
         let limits = self.udp_limits;
         let metrics = &self.metrics;
         let proxy = &mut self.proxy;
-        // One batch per turn: what it produced is written before more is read.
-        let r = r.read_batch(sock, |data, from| {
+        r.each(n, |data, from| {
             if let udp::Received::Message(m) =
                 udp::datagram(sock, data, from, listener, limits, metrics)
             {
                 proxy.on_message(now, m);
             }
         });
-        match r {
-            Ok(_) => {}
-            Err(e) => {
-                // ICMP errors surface here on some systems; they concern one peer only.
-                debug!("udp receive: {e}");
-            }
-        }
     }
 
     fn handle(&mut self, now: Instant, ev: Event) {

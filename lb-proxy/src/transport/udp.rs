@@ -1,10 +1,14 @@
 //! UDP: one socket per listener; each datagram is one message.
 //!
 //! The core owns the UDP sockets (no task and no channel between a datagram and the core):
-//! when a socket turns readable it reads every waiting datagram with `recvmmsg`, up to
-//! [`BATCH`] per system call, and at the end of each turn it writes everything the turn
-//! produced for a socket with `sendmmsg`. Other systems than Linux read and write one
-//! datagram per call.
+//! when a socket turns readable it reads what waits with one `recvmmsg`, up to [`BATCH`]
+//! datagrams, and at the end of each turn it writes everything the turn produced for a socket
+//! with one `sendmmsg`. A read that returns fewer than [`BATCH`] datagrams emptied the socket:
+//! its readiness is cleared then and there (the read reports `WouldBlock` to tokio after
+//! keeping what it got), so a datagram costs one read, not a second one that only learns
+//! `EAGAIN` (the epoll registration is edge-triggered: a datagram arriving after the read wakes
+//! the core again). Other systems than Linux read and write one datagram
+//! per call.
 
 use bytes::Bytes;
 use std::io;
@@ -34,12 +38,43 @@ pub struct Limits {
     pub max_headers: usize,
 }
 
-/// Waits until one of `sockets` has a datagram to read; returns its index.
-pub fn poll_readable(sockets: &[Option<Arc<UdpSocket>>], cx: &mut Context<'_>) -> Poll<usize> {
-    for (i, s) in sockets.iter().enumerate() {
-        if let Some(s) = s {
-            if s.poll_recv_ready(cx).is_ready() {
-                return Poll::Ready(i);
+/// A UDP listener socket, registered with the core's runtime.
+pub type Socket = Arc<UdpSocket>;
+
+/// Registers a bound, non-blocking socket with the current runtime.
+pub fn register(s: std::net::UdpSocket) -> io::Result<Socket> {
+    UdpSocket::from_std(s).map(Arc::new)
+}
+
+/// Reads one batch from the first of `sockets` that has datagrams waiting, into its
+/// receiver; returns the socket's index and what the read gave (`Ok(n)`, n ≥ 1, datagrams).
+/// Pending (wake-ups registered on every socket) when none has anything.
+pub fn poll_read(
+    sockets: &[Option<Socket>],
+    receivers: &mut [Option<Receiver>],
+    cx: &mut Context<'_>,
+) -> Poll<(usize, io::Result<usize>)> {
+    for (i, (s, r)) in sockets.iter().zip(receivers.iter_mut()).enumerate() {
+        let (Some(s), Some(r)) = (s, r) else { continue };
+        while s.poll_recv_ready(cx).is_ready() {
+            r.got = 0;
+            // A short batch emptied the socket: the closure keeps it and says WouldBlock, so
+            // that tokio clears the readiness now instead of after one more read.
+            let res = s.try_io(Interest::READABLE, || {
+                let n = r.recv(s)?;
+                r.got = n;
+                if n < BATCH {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            });
+            match res {
+                Ok(n) => return Poll::Ready((i, Ok(n))),
+                Err(_) if r.got > 0 => return Poll::Ready((i, Ok(r.got))),
+                // Nothing was waiting: readiness is cleared; poll again to register the wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready((i, Err(e))),
             }
         }
     }
@@ -96,6 +131,8 @@ pub fn datagram(
 pub struct Receiver {
     bufs: Vec<u8>,
     meta: [(usize, Option<SocketAddr>); BATCH],
+    /// Datagrams the last read got.
+    got: usize,
     #[cfg(target_os = "linux")]
     headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
 }
@@ -105,6 +142,7 @@ impl Default for Receiver {
         Receiver {
             bufs: vec![0u8; BATCH * SLOT],
             meta: [(0, None); BATCH],
+            got: 0,
             #[cfg(target_os = "linux")]
             headers: nix::sys::socket::MultiHeaders::preallocate(BATCH, None),
         }
@@ -112,20 +150,9 @@ impl Default for Receiver {
 }
 
 impl Receiver {
-    /// Reads the datagrams waiting on `sock`, one batch (one system call on Linux): calls
-    /// `each` with every datagram and its source, and returns how many were read. `Ok(0)`
-    /// means nothing was waiting (readiness is cleared, so the next poll waits for more).
-    pub fn read_batch(
-        &mut self,
-        sock: &UdpSocket,
-        mut each: impl FnMut(&[u8], SocketAddr),
-    ) -> io::Result<usize> {
-        let n = match sock.try_io(Interest::READABLE, || self.recv(sock)) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        for (i, (len, from)) in self.meta[..n].iter().enumerate() {
+    /// Calls `each` with every datagram of the last read (`n` of them) and its source.
+    pub fn each(&self, n: usize, mut each: impl FnMut(&[u8], SocketAddr)) {
+        for (i, (len, from)) in self.meta[..n.min(BATCH)].iter().enumerate() {
             // A datagram without a source address (not for an unconnected IP socket) has
             // nowhere to answer: skip it.
             if let Some(from) = from {
@@ -133,7 +160,6 @@ impl Receiver {
                 each(&self.bufs[start..start + (*len).min(SLOT)], *from);
             }
         }
-        Ok(n)
     }
 
     #[cfg(target_os = "linux")]
@@ -212,7 +238,7 @@ impl Sender {
     /// full, what is left is written asynchronously, in order, by a task.
     pub fn send_all(
         &mut self,
-        sock: &Arc<UdpSocket>,
+        sock: &Socket,
         queue: &mut Vec<Datagram>,
         mut failed: impl FnMut(&Datagram, io::Error),
     ) {
@@ -236,7 +262,7 @@ impl Sender {
             let sock = sock.clone();
             tokio::spawn(async move {
                 for d in rest {
-                    if let Err(e) = sock.send_to(&d.data, d.to).await {
+                    if let Err(e) = send_when_writable(&sock, &d.data, d.to).await {
                         debug!(to = %d.to, "udp send failed: {e}");
                     }
                 }
@@ -275,4 +301,9 @@ impl Sender {
             None => Ok(0),
         }
     }
+}
+
+/// Sends one datagram, waiting for room in the socket's send buffer.
+pub async fn send_when_writable(sock: &Socket, data: &[u8], to: SocketAddr) -> io::Result<()> {
+    sock.send_to(data, to).await.map(|_| ())
 }
