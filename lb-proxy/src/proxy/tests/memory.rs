@@ -111,7 +111,8 @@ fn inbound(text: &str, from: SocketAddr) -> Inbound {
 /// Places, answers and ACKs call `i`.
 fn bench_call(h: &mut Harness, i: usize) {
     let now = h.now;
-    h.proxy.on_message(now, inbound(&bench_invite(i), addr(CLIENT)));
+    h.proxy
+        .on_message(now, inbound(&bench_invite(i), addr(CLIENT)));
     let out = h.proxy.take_outbound();
     let fwd = out
         .iter()
@@ -121,16 +122,21 @@ fn bench_call(h: &mut Harness, i: usize) {
         panic!("unresolved target")
     };
     let inv = Message::parse(&fwd.data).unwrap();
-    h.proxy.on_message(now, inbound(&bench_ok(&inv, server, i), server));
+    h.proxy
+        .on_message(now, inbound(&bench_ok(&inv, server, i), server));
     let out = h.proxy.take_outbound();
     let ok = out
         .iter()
         .find(|o| o.data.starts_with(b"SIP/2.0 200"))
         .expect("200 to the caller");
     let ok = Message::parse(&ok.data).unwrap();
-    h.proxy.on_message(now, inbound(&bench_ack(&ok, i), addr(CLIENT)));
+    h.proxy
+        .on_message(now, inbound(&bench_ack(&ok, i), addr(CLIENT)));
     let out = h.proxy.take_outbound();
-    assert!(out.iter().any(|o| o.data.starts_with(b"ACK")), "ACK relayed");
+    assert!(
+        out.iter().any(|o| o.data.starts_with(b"ACK")),
+        "ACK relayed"
+    );
 }
 
 #[test]
