@@ -47,7 +47,6 @@ pub struct Dialog {
     pub dest: Option<usize>,
     /// The resources of the listener the call came in on (shared by its calls).
     pub resources: Arc<Vec<String>>,
-    pub created: Instant,
     /// Hard lifetime limit.
     pub lifetime_deadline: Instant,
     /// Session-Expires deadline, refreshed by re-INVITE/UPDATE.

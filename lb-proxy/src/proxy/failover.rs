@@ -112,7 +112,6 @@ impl Proxy {
             phase: Phase::Trying,
             dest: None,
             resources,
-            created: now,
             lifetime_deadline: now + self.cfg.dialogs.lifetime,
             session_deadline: None,
             to_tag: None,
