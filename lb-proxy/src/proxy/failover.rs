@@ -134,7 +134,7 @@ impl Proxy {
             },
         };
         self.metrics.dialogs_processed.inc();
-        self.dialogs.insert(dkey.clone(), dialog);
+        self.dialogs.insert(dkey.clone(), Box::new(dialog));
         self.dialog_ids.insert(id, dkey.clone());
         if let Some(live) = self.server_txs.get_mut(&key).and_then(|t| t.live.as_mut()) {
             live.call = Some(Call {

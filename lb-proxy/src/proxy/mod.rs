@@ -77,7 +77,9 @@ pub struct Proxy {
     dests: Destinations,
     server_txs: HashMap<ServerKey, ServerTx>,
     client_txs: HashMap<ClientKey, ClientTx>,
-    dialogs: HashMap<DialogKey, Dialog>,
+    /// Boxed: the map's spare capacity (up to half of it) then costs a pointer per slot, not
+    /// a whole dialog.
+    dialogs: HashMap<DialogKey, Box<Dialog>>,
     server_ids: HashMap<u64, ServerKey>,
     client_ids: HashMap<u64, ClientKey>,
     dialog_ids: HashMap<u64, DialogKey>,
