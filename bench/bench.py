@@ -12,6 +12,8 @@ rate).
 Knobs (environment):
   BENCH_TRANSPORTS   udp,tcp
   BENCH_PHASES       verify,rate,fixed,memory,micro   (verify always runs)
+  BENCH_TARGETS      lb-proxy,kamailio   (the proxies measured; "lb-proxy" alone is quicker)
+  BENCH_LB_BIN       the lb-proxy binary (default: CARGO_TARGET_DIR or target/, release/lb-proxy)
   BENCH_RATES        calls/s steps of the rate search (default below)
   BENCH_STEP_SECS    seconds per step (5)
   BENCH_RATE_BUDGET  seconds the rate search may take per transport (300)
@@ -58,9 +60,15 @@ SERVERS = {
 }
 SERVER_PORT = {"udp": 5080, "tcp": 5081}
 SIPP_T = {"udp": "u1", "tcp": "t1"}
-PROXIES = ["lb-proxy", "kamailio"]
+# BENCH_TARGETS: the proxies measured (e.g. "lb-proxy" alone for a quicker memory run).
+PROXIES = [p.strip() for p in (os.environ.get("BENCH_TARGETS", "").strip()
+                               or "lb-proxy,kamailio").split(",") if p.strip()]
 
-LB_BIN = ROOT / "target" / "release" / "lb-proxy"
+# The binary cargo built: under CARGO_TARGET_DIR when that is set (as run.sh's build did);
+# BENCH_LB_BIN names another one (e.g. a copy of the build before a change, for an A/B).
+LB_BIN = Path(os.environ.get("BENCH_LB_BIN", "").strip() or (
+    Path(os.environ.get("CARGO_TARGET_DIR", "").strip() or str(ROOT / "target"))
+    / "release" / "lb-proxy"))
 LB_CFG = BENCH / "lb-proxy.yaml"
 KAM_CFG = BENCH / "kamailio" / "kamailio.cfg"
 KAM_LIST = BENCH / "kamailio" / "dispatcher.list"

@@ -49,8 +49,12 @@ fi
 export LB_PROXY_ROUTE_KEY="${LB_PROXY_ROUTE_KEY:-bench-route-key-0123456789abcdef}"
 
 # --- build -------------------------------------------------------------------------------------
-say "cargo build --release -p lb-proxy"
-cargo build --release -p lb-proxy
+# (the binary lands in $CARGO_TARGET_DIR/release when that is set: bench.py looks there;
+# with BENCH_LB_BIN, a binary built before, nothing is built)
+if [ -z "${BENCH_LB_BIN:-}" ]; then
+  say "cargo build --release -p lb-proxy"
+  cargo build --release -p lb-proxy
+fi
 
 # --- run -----------------------------------------------------------------------------------------
 # Many sockets and 100k dialogs: as many open files as allowed.

@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use crate::transport::Flow;
 
-/// Call-ID and the caller's From tag.
+/// Call-ID and the caller's From tag. Shared strings: the key is held by the dialog map, the
+/// map from timer id to dialog and the call of the INVITE, and a clone costs no copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DialogKey {
-    pub call_id: String,
-    pub caller_tag: String,
+    pub call_id: Arc<str>,
+    pub caller_tag: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,16 +24,17 @@ pub enum Phase {
     Confirmed,
 }
 
-/// One side of the call, as needed to reach it with an in-dialog request.
+/// One side of the call, as needed to reach it with an in-dialog request. Boxed strings and
+/// slices (no spare capacity): a dialog lives as long as its call, and there are many.
 #[derive(Debug, Clone)]
 pub struct Party {
     /// The party's Contact URI (remote target).
-    pub contact: Option<String>,
+    pub contact: Option<Box<str>>,
     /// Where its messages came from (or where we sent them): reused for in-dialog requests,
     /// which keeps TCP connections and NAT bindings working.
     pub flow: Option<Flow>,
     /// Route set towards the party (Record-Route entries on its side of us).
-    pub routes: Vec<String>,
+    pub routes: Box<[Box<str>]>,
     /// Highest CSeq this party has sent.
     pub cseq: u32,
 }
@@ -43,16 +45,17 @@ pub struct Dialog {
     pub phase: Phase,
     /// Destination slot currently carrying the call's load.
     pub dest: Option<usize>,
+    /// The resources of the listener the call came in on (shared by its calls).
     pub resources: Arc<Vec<String>>,
-    pub created: Instant,
     /// Hard lifetime limit.
     pub lifetime_deadline: Instant,
     /// Session-Expires deadline, refreshed by re-INVITE/UPDATE.
     pub session_deadline: Option<Instant>,
-    pub to_tag: Option<String>,
-    /// From and To of the initial INVITE, as written (To without tag).
-    pub from_hdr: String,
-    pub to_hdr: String,
+    pub to_tag: Option<Box<str>>,
+    /// From and To of the initial INVITE, as written (To without tag): the BYEs the proxy
+    /// sends when the dialog expires use them.
+    pub from_hdr: Box<str>,
+    pub to_hdr: Box<str>,
     pub caller: Party,
     pub callee: Party,
 }

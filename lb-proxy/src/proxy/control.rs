@@ -199,7 +199,7 @@ impl Proxy {
         let serving = self
             .server_txs
             .values()
-            .filter(|t| t.state == ServerState::Proceeding && t.call.is_none())
+            .filter(|t| t.state == ServerState::Proceeding && t.call().is_none())
             .count();
         let own = self
             .client_txs

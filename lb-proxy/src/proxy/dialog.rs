@@ -17,8 +17,8 @@ impl Proxy {
         let ours = rrs
             .iter()
             .position(|r| SipUri::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
-        let callee_routes: Option<Vec<String>> =
-            ours.map(|i| rrs[..i].iter().rev().map(|s| s.to_string()).collect());
+        let callee_routes: Option<Box<[Box<str>]>> =
+            ours.map(|i| rrs[..i].iter().rev().map(|&s| s.into()).collect());
         let Some(d) = self.dialogs.get_mut(dkey) else {
             return;
         };
@@ -30,8 +30,8 @@ impl Proxy {
         }
         d.phase = Phase::Confirmed;
         self.stats.active += 1;
-        d.to_tag = msg.to_tag().map(str::to_string);
-        d.callee.contact = contact_target(msg);
+        d.to_tag = msg.to_tag().map(Box::from);
+        d.callee.contact = contact_target(msg).map(String::into_boxed_str);
         if let Some(routes) = callee_routes {
             d.callee.routes = routes;
         }
@@ -72,8 +72,11 @@ impl Proxy {
         let Some(ctx) = self.client_txs.get(key) else {
             return;
         };
-        let ack = make_ack(&ctx.request, resp);
-        let out = ctx.out.clone();
+        let Some(sent) = ctx.sent.as_deref() else {
+            return;
+        };
+        let ack = make_ack(&sent.request, resp);
+        let out = sent.out.clone();
         let mut target_flow = Flow {
             transport: out.transport,
             listener: out.listener,
@@ -109,7 +112,7 @@ impl Proxy {
         self.start_client(
             now,
             ClientKey {
-                branch,
+                branch: branch.into(),
                 method: Method::Bye,
             },
             bye,
@@ -148,7 +151,7 @@ impl Proxy {
         if d.phase == Phase::Confirmed {
             let to_tagged = match &d.to_tag {
                 Some(t) => format!("{};tag={t}", d.to_hdr),
-                None => d.to_hdr.clone(),
+                None => d.to_hdr.to_string(),
             };
             // Towards the callee: as the caller.
             if let (Some(contact), Some(flow)) = (&d.callee.contact, d.callee.flow) {
@@ -181,15 +184,15 @@ impl Proxy {
         from: &str,
         to: &str,
         cseq: u32,
-        routes: &[String],
+        routes: &[Box<str>],
     ) -> Message {
         let mut bye = Message::request(Method::Bye, ruri);
         for r in routes {
-            bye.push(HeaderName::Route, r.clone());
+            bye.push(HeaderName::Route, r.to_string());
         }
         bye.push(HeaderName::From, from.to_string());
         bye.push(HeaderName::To, to.to_string());
-        bye.push(HeaderName::CallId, key.call_id.clone());
+        bye.push(HeaderName::CallId, key.call_id.to_string());
         bye.push(HeaderName::CSeq, format!("{cseq} BYE"));
         bye.push(
             HeaderName::Reason,
@@ -211,7 +214,10 @@ impl Proxy {
         };
         self.start_client(
             now,
-            ClientKey { branch, method },
+            ClientKey {
+                branch: branch.into(),
+                method,
+            },
             req,
             flow,
             None,

@@ -46,8 +46,8 @@ impl Proxy {
             return self.reply(&msg, flow, 400, "Missing From tag");
         };
         let dkey = DialogKey {
-            call_id: call_id.to_string(),
-            caller_tag: from_tag.to_string(),
+            call_id: call_id.into(),
+            caller_tag: from_tag.into(),
         };
         if self.dialogs.contains_key(&dkey) {
             // Same Call-ID and From tag with a new branch: a merged request (RFC 3261 8.2.2.2).
@@ -55,7 +55,11 @@ impl Proxy {
         }
         let listener = self.listener(flow.listener);
         let want_group = listener.group;
-        let resources = Arc::new(listener.resources.clone());
+        let resources = self
+            .listener_resources
+            .get(flow.listener)
+            .cloned()
+            .unwrap_or_default();
         // Calls that cannot be taken are refused before any state is kept: under overload
         // each costs one response and nothing more.
         if self.draining {
@@ -104,33 +108,32 @@ impl Proxy {
             phase: Phase::Trying,
             dest: None,
             resources,
-            created: now,
             lifetime_deadline: now + self.cfg.dialogs.lifetime,
             session_deadline: None,
             to_tag: None,
-            from_hdr: msg.get(&HeaderName::From).unwrap_or_default().to_string(),
-            to_hdr: msg.get(&HeaderName::To).unwrap_or_default().to_string(),
+            from_hdr: msg.get(&HeaderName::From).unwrap_or_default().into(),
+            to_hdr: msg.get(&HeaderName::To).unwrap_or_default().into(),
             caller: Party {
-                contact: contact_target(&msg),
+                contact: contact_target(&msg).map(String::into_boxed_str),
                 flow: Some(flow),
                 routes: msg
                     .get_all(&HeaderName::RecordRoute)
-                    .map(str::to_string)
+                    .map(Box::from)
                     .collect(),
                 cseq: msg.cseq().map(|c| c.0).unwrap_or(0),
             },
             callee: Party {
                 contact: callee_contact,
                 flow: None,
-                routes: Vec::new(),
+                routes: Box::default(),
                 cseq: 0,
             },
         };
         self.metrics.dialogs_processed.inc();
-        self.dialogs.insert(dkey.clone(), dialog);
+        self.dialogs.insert(dkey.clone(), Box::new(dialog));
         self.dialog_ids.insert(id, dkey.clone());
-        if let Some(tx) = self.server_txs.get_mut(&key) {
-            tx.call = Some(Call {
+        if let Some(live) = self.server_txs.get_mut(&key).and_then(|t| t.live.as_mut()) {
+            live.call = Some(Call {
                 dialog: dkey,
                 want_group,
                 tried: Vec::new(),
@@ -149,7 +152,7 @@ impl Proxy {
         let Some(tx) = self.server_txs.get(key) else {
             return;
         };
-        let Some(call) = tx.call.as_ref() else { return };
+        let Some(call) = tx.call() else { return };
         let Some(dialog) = self.dialogs.get(&call.dialog) else {
             // A BYE ended the early dialog (RFC 3261 15): no other branch, and the INVITE
             // still needs its final response.
@@ -177,7 +180,7 @@ impl Proxy {
         let Some(resources) = self
             .server_txs
             .get(key)
-            .and_then(|tx| tx.call.as_ref())
+            .and_then(|tx| tx.call())
             .and_then(|call| self.dialogs.get(&call.dialog))
             .map(|d| d.resources.clone())
         else {
@@ -200,8 +203,10 @@ impl Proxy {
             None => return,
         };
         let in_flow = tx.reply;
-        let mut fwd = tx.request.clone();
-        let Some(call) = tx.call.as_mut() else { return };
+        let Some(mut fwd) = tx.live.as_ref().map(|l| l.request.clone()) else {
+            return;
+        };
+        let Some(call) = tx.call_mut() else { return };
         call.tried.push(slot);
         call.attempts += 1;
         if call.attempts > 1 {
@@ -251,10 +256,10 @@ impl Proxy {
             conn: None,
         };
         let ckey = ClientKey {
-            branch,
+            branch: branch.into(),
             method: Method::Invite,
         };
-        if let Some(call) = self.server_txs.get_mut(key).and_then(|t| t.call.as_mut()) {
+        if let Some(call) = self.server_txs.get_mut(key).and_then(|t| t.call_mut()) {
             call.branch = Some(ckey.clone());
         }
         self.metrics.routed.inc();
@@ -278,7 +283,7 @@ impl Proxy {
         let Some(tx) = self.server_txs.get_mut(key) else {
             return;
         };
-        let Some(call) = tx.call.as_mut() else { return };
+        let Some(call) = tx.call_mut() else { return };
         let best = call.best.take();
         let tried = call.tried.len();
         match best {
@@ -297,7 +302,7 @@ impl Proxy {
         let Some(dkey) = self
             .server_txs
             .get(skey)
-            .and_then(|t| t.call.as_ref())
+            .and_then(|t| t.call())
             .map(|c| c.dialog.clone())
         else {
             return;
@@ -330,7 +335,7 @@ impl Proxy {
                 self.hold(now, d, secs);
             }
         }
-        let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
+        let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call_mut()) else {
             return;
         };
         call.branch = None;
@@ -351,7 +356,7 @@ impl Proxy {
         if cancelled || !failover {
             return self.final_upstream(now, skey, msg);
         }
-        if let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) {
+        if let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call_mut()) {
             let better = match &call.best {
                 None => true,
                 Some(b) => rank(code) < rank(b.code().unwrap_or(500)),
@@ -391,7 +396,7 @@ impl Proxy {
 
     /// The live branch of a call timed out: release its load and try the next destination.
     pub(in crate::proxy) fn branch_gave_up(&mut self, now: Instant, skey: &ServerKey) {
-        let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call.as_mut()) else {
+        let Some(call) = self.server_txs.get_mut(skey).and_then(|t| t.call_mut()) else {
             return;
         };
         call.branch = None;

@@ -53,7 +53,10 @@ use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
 use failover::Call;
 use messages::{contact_target, fxhash, make_ack, retry_after, same_transaction, session_expires};
 use timers::Timer;
-use transaction::{ClientKey, ClientState, ClientTx, Role, ServerKey, ServerState, ServerTx};
+use transaction::{
+    ClientKey, ClientState, ClientTx, LiveServer, Role, SentRequest, ServerKey, ServerState,
+    ServerTx,
+};
 
 /// The longest a 503 with Retry-After keeps a destination from new calls.
 const MAX_HOLD: Duration = Duration::from_secs(300);
@@ -74,7 +77,9 @@ pub struct Proxy {
     dests: Destinations,
     server_txs: HashMap<ServerKey, ServerTx>,
     client_txs: HashMap<ClientKey, ClientTx>,
-    dialogs: HashMap<DialogKey, Dialog>,
+    /// Boxed: the map's spare capacity (up to half of it) then costs a pointer per slot, not
+    /// a whole dialog.
+    dialogs: HashMap<DialogKey, Box<Dialog>>,
     server_ids: HashMap<u64, ServerKey>,
     client_ids: HashMap<u64, ClientKey>,
     dialog_ids: HashMap<u64, DialogKey>,
@@ -101,6 +106,8 @@ pub struct Proxy {
     cluster: Option<Cluster>,
     /// Signs our Record-Route and checks the Route of requests in dialogs we do not hold.
     route_keys: RouteKeys,
+    /// Each listener's resources, shared by the dialogs of the calls it takes.
+    listener_resources: Vec<Arc<Vec<String>>>,
 }
 
 impl Proxy {
@@ -147,6 +154,11 @@ impl Proxy {
             self_addrs.push((l.advertise.host.to_ascii_lowercase(), l.advertise.port));
             self_addrs.push((l.bind.ip().to_string(), l.bind.port()));
         }
+        let listener_resources = cfg
+            .listeners
+            .iter()
+            .map(|l| Arc::new(l.resources.clone()))
+            .collect();
         Proxy {
             cfg,
             dests,
@@ -170,6 +182,7 @@ impl Proxy {
             metrics,
             cluster,
             route_keys,
+            listener_resources,
         }
     }
 
@@ -336,10 +349,9 @@ impl Proxy {
                 h.1 = v.to_string();
             }
         }
-        let branch = via.branch().unwrap_or_default().to_string();
         let key = ServerKey {
-            branch,
-            sent_by: via.sent_by(),
+            branch: via.branch().unwrap_or_default().into(),
+            sent_by: via.sent_by().into(),
             method: if method == Method::Ack {
                 Method::Invite
             } else {

@@ -85,7 +85,7 @@ impl Proxy {
             conn: None,
         };
         let key = ClientKey {
-            branch,
+            branch: branch.into(),
             method: Method::Options,
         };
         self.start_client(now, key, req, flow, None, Role::Probe(dest, now), None);

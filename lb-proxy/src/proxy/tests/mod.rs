@@ -1129,6 +1129,7 @@ mod admission;
 mod control;
 mod dialog;
 mod failover;
+mod memory;
 mod probe;
 mod relay;
 mod share;

@@ -20,6 +20,7 @@ impl Proxy {
         let data = request.to_bytes();
         let out = self.outbound(flow, data, Some(id));
         self.out.push(out.clone());
+        let transport = out.transport;
         let t = &self.cfg.timers;
         let (t1, invite_timeout, non_invite_timeout) =
             (t.t1, t.invite_timeout, t.non_invite_timeout);
@@ -37,8 +38,8 @@ impl Proxy {
             key,
             ClientTx {
                 id,
-                request,
-                out,
+                sent: Some(Box::new(SentRequest { request, out })),
+                transport,
                 state: ClientState::Calling,
                 retransmit: t1,
                 server,
@@ -59,9 +60,8 @@ impl Proxy {
         let Some((_, method)) = msg.cseq() else {
             return;
         };
-        let branch = via.branch().unwrap_or_default().to_string();
         let key = ClientKey {
-            branch,
+            branch: via.branch().unwrap_or_default().into(),
             method: method.clone(),
         };
         let Some(ctx) = self.client_txs.get_mut(&key) else {
@@ -86,7 +86,7 @@ impl Proxy {
             return;
         }
         let id = ctx.id;
-        let reliable = ctx.out.transport.is_stream();
+        let reliable = ctx.transport.is_stream();
         let is_invite = method == Method::Invite;
         // Retransmitted final on a completed transaction.
         if matches!(ctx.state, ClientState::Completed | ClientState::Accepted) {
@@ -98,8 +98,9 @@ impl Proxy {
                     self.send_response(up, code, msg.to_bytes());
                 }
             } else if is_invite && ctx.state == ClientState::Completed {
-                let ack = ctx.ack_for(&msg);
-                self.out.push(ack);
+                if let Some(ack) = ctx.ack_for(&msg) {
+                    self.out.push(ack);
+                }
             }
             return;
         }
@@ -152,8 +153,7 @@ impl Proxy {
         };
         if ctx.state == ClientState::Accepted && !ctx.abandoned {
             // Only the upstream flow is needed from now on (to relay 2xx retransmissions).
-            ctx.request = Message::request(Method::Invite, "");
-            ctx.out.data = Bytes::new();
+            ctx.sent = None;
         }
         let abandoned = ctx.abandoned;
         let server = ctx.server.clone();
@@ -166,8 +166,9 @@ impl Proxy {
             self.cfg.timers.t4
         };
         if is_invite && !status.is_success() {
-            let ack = ctx.ack_for(&msg);
-            self.out.push(ack);
+            if let Some(ack) = ctx.ack_for(&msg) {
+                self.out.push(ack);
+            }
         }
         self.arm(now + cleanup, Timer::ClientCleanup(id));
         if abandoned {
@@ -187,7 +188,10 @@ impl Proxy {
         let Some(skey) = server else {
             return; // Our own request (CANCEL, expiry BYE): nothing to relay.
         };
-        let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
+        let is_call = self
+            .server_txs
+            .get(&skey)
+            .is_some_and(|t| t.call().is_some());
         if is_invite && is_call {
             let dest = match role {
                 Role::Branch(d) => Some(d),
@@ -246,13 +250,16 @@ impl Proxy {
             _ => {}
         }
         let Some(skey) = server else { return };
-        let is_call = self.server_txs.get(&skey).is_some_and(|t| t.call.is_some());
+        let is_call = self
+            .server_txs
+            .get(&skey)
+            .is_some_and(|t| t.call().is_some());
         if is_invite && is_call {
             if cancel_pending {
                 let dkey = self
                     .server_txs
                     .get_mut(&skey)
-                    .and_then(|t| t.call.as_mut())
+                    .and_then(|t| t.call_mut())
                     .map(|c| {
                         c.branch = None;
                         c.dialog.clone()
@@ -287,7 +294,10 @@ impl Proxy {
             ClientState::Completed | ClientState::Accepted => return,
             ClientState::Proceeding => {}
         }
-        let req = &ctx.request;
+        let Some(sent) = ctx.sent.as_deref() else {
+            return;
+        };
+        let req = &sent.request;
         // RFC 3261 9.1: same Request-URI, top Via, From, To, Call-ID, CSeq number and Route.
         let to = req.get(&HeaderName::To).unwrap_or_default().to_string();
         let mut cancel = same_transaction(req, Method::Cancel, &to);
@@ -295,13 +305,13 @@ impl Proxy {
             cancel.push(HeaderName::Reason, reason.to_string());
         }
         let flow = Flow {
-            transport: ctx.out.transport,
-            listener: ctx.out.listener,
-            remote: match ctx.out.target {
+            transport: sent.out.transport,
+            listener: sent.out.listener,
+            remote: match sent.out.target {
                 Target::Addr(a) => a,
                 Target::Host(..) => return,
             },
-            conn: ctx.out.conn,
+            conn: sent.out.conn,
         };
         let key = ClientKey {
             branch: ckey.branch.clone(),
@@ -326,7 +336,9 @@ impl Proxy {
         let Some(wait) = ctx.next_retransmit(is_invite, t2) else {
             return;
         };
-        self.out.push(ctx.out.clone());
+        if let Some(sent) = ctx.sent.as_deref() {
+            self.out.push(sent.out.clone());
+        }
         self.arm(now + wait, Timer::ClientRetransmit(id));
     }
 
@@ -354,7 +366,11 @@ impl Proxy {
             Some("SIP;cause=408;text=\"final response timeout\""),
         );
         let Some(skey) = server else { return };
-        if self.server_txs.get(&skey).is_some_and(|t| t.call.is_some()) {
+        if self
+            .server_txs
+            .get(&skey)
+            .is_some_and(|t| t.call().is_some())
+        {
             self.branch_gave_up(now, &skey);
         } else {
             // A relayed re-INVITE: no other server to try, so the caller gets the

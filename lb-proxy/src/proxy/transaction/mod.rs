@@ -8,18 +8,20 @@ mod client;
 mod server;
 
 /// Server transaction key (RFC 3261 17.2.3): branch, sent-by and method, with ACK matching
-/// INVITE.
+/// INVITE. Shared strings: a key is held by the transaction map, the map from timer id to
+/// transaction and the client transactions relaying the request, and a clone costs no copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(in crate::proxy) struct ServerKey {
-    pub(in crate::proxy) branch: String,
-    pub(in crate::proxy) sent_by: String,
+    pub(in crate::proxy) branch: Arc<str>,
+    pub(in crate::proxy) sent_by: Arc<str>,
     pub(in crate::proxy) method: Method,
 }
 
-/// Client transaction key (RFC 3261 17.1.3): our branch and the CSeq method.
+/// Client transaction key (RFC 3261 17.1.3): our branch and the CSeq method (shared branch,
+/// as for [`ServerKey`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(in crate::proxy) struct ClientKey {
-    pub(in crate::proxy) branch: String,
+    pub(in crate::proxy) branch: Arc<str>,
     pub(in crate::proxy) method: Method,
 }
 
@@ -35,15 +37,27 @@ pub(in crate::proxy) enum ServerState {
     Accepted,
 }
 
+/// A server transaction. Once its final response is sent it keeps only what absorbing
+/// retransmissions needs (the key, where responses go, the last response's bytes): at high
+/// call rates the transactions held for 64×T1 after their final response (Timer I / J / L)
+/// outnumber the live ones, and were most of the memory.
 #[derive(Debug)]
 pub(in crate::proxy) struct ServerTx {
     pub(in crate::proxy) id: u64,
-    pub(in crate::proxy) request: Message,
     /// Where responses go.
     pub(in crate::proxy) reply: Flow,
     pub(in crate::proxy) state: ServerState,
     pub(in crate::proxy) last_response: Option<Bytes>,
     pub(in crate::proxy) retransmit: Duration,
+    /// Until the final response is sent (`Proceeding`): the request and the call. Boxed, so
+    /// that the transactions in the maps are small; dropped with the final response.
+    pub(in crate::proxy) live: Option<Box<LiveServer>>,
+}
+
+/// What a server transaction needs until its final response.
+#[derive(Debug)]
+pub(in crate::proxy) struct LiveServer {
+    pub(in crate::proxy) request: Message,
     /// To tag for responses the proxy itself generates.
     pub(in crate::proxy) local_tag: String,
     pub(in crate::proxy) call: Option<Call>,
@@ -61,12 +75,15 @@ pub(in crate::proxy) enum ClientState {
     Accepted,
 }
 
+/// A client transaction. The request it sent is boxed and dropped once an INVITE is accepted
+/// (2xx): from then on only the upstream flow is needed, to relay 2xx retransmissions.
 #[derive(Debug)]
 pub(in crate::proxy) struct ClientTx {
     pub(in crate::proxy) id: u64,
-    /// The request as sent (for retransmission, ACK and CANCEL).
-    pub(in crate::proxy) request: Message,
-    pub(in crate::proxy) out: Outbound,
+    /// The request as sent (for retransmission, ACK and CANCEL), while it may be needed.
+    pub(in crate::proxy) sent: Option<Box<SentRequest>>,
+    /// The transport it went over.
+    pub(in crate::proxy) transport: Transport,
     pub(in crate::proxy) state: ClientState,
     pub(in crate::proxy) retransmit: Duration,
     /// Upstream transaction; None when the proxy itself sent the request.
@@ -78,6 +95,13 @@ pub(in crate::proxy) struct ClientTx {
     pub(in crate::proxy) abandoned: bool,
     /// Upstream flow for stateless forwarding of 2xx retransmissions.
     pub(in crate::proxy) upstream: Option<Flow>,
+}
+
+/// The request a client transaction sent: parsed (for ACK and CANCEL) and as sent.
+#[derive(Debug)]
+pub(in crate::proxy) struct SentRequest {
+    pub(in crate::proxy) request: Message,
+    pub(in crate::proxy) out: Outbound,
 }
 
 /// What a client transaction is for, beyond relaying a request.
@@ -93,13 +117,14 @@ pub(in crate::proxy) enum Role {
 
 impl ClientTx {
     /// The ACK of a non-2xx final response to this INVITE (RFC 3261 17.1.1.3), sent where the
-    /// INVITE went.
-    pub(in crate::proxy) fn ack_for(&self, resp: &Message) -> Outbound {
-        Outbound {
-            data: make_ack(&self.request, resp).to_bytes(),
+    /// INVITE went (none once the request is no longer kept).
+    pub(in crate::proxy) fn ack_for(&self, resp: &Message) -> Option<Outbound> {
+        let sent = self.sent.as_deref()?;
+        Some(Outbound {
+            data: make_ack(&sent.request, resp).to_bytes(),
             on_error: None,
-            ..self.out.clone()
-        }
+            ..sent.out.clone()
+        })
     }
 
     /// Timer A / E (RFC 3261 17.1.1.2, 17.1.2.2): whether to retransmit now, and the wait
@@ -132,6 +157,15 @@ impl ClientTx {
 }
 
 impl ServerTx {
+    /// The call of an initial INVITE, until its final response.
+    pub(in crate::proxy) fn call(&self) -> Option<&Call> {
+        self.live.as_ref().and_then(|l| l.call.as_ref())
+    }
+
+    pub(in crate::proxy) fn call_mut(&mut self) -> Option<&mut Call> {
+        self.live.as_mut().and_then(|l| l.call.as_mut())
+    }
+
     /// Timer G (RFC 3261 17.2.1): while the non-2xx final waits for its ACK (Completed), it
     /// is retransmitted at an interval that doubles up to T2.
     pub(in crate::proxy) fn next_retransmit(&mut self, t2: Duration) -> Option<Duration> {
@@ -153,16 +187,19 @@ mod tests {
     fn client(state: ClientState) -> ClientTx {
         ClientTx {
             id: 1,
-            request: Message::request(Method::Invite, "sip:x"),
-            out: Outbound {
-                transport: Transport::Udp,
-                listener: 0,
-                target: Target::Addr(([127, 0, 0, 1], 5060).into()),
-                conn: None,
-                data: Bytes::new(),
-                on_error: None,
-                server_name: None,
-            },
+            sent: Some(Box::new(SentRequest {
+                request: Message::request(Method::Invite, "sip:x"),
+                out: Outbound {
+                    transport: Transport::Udp,
+                    listener: 0,
+                    target: Target::Addr(([127, 0, 0, 1], 5060).into()),
+                    conn: None,
+                    data: Bytes::new(),
+                    on_error: None,
+                    server_name: None,
+                },
+            })),
+            transport: Transport::Udp,
             state,
             retransmit: T1,
             server: None,
@@ -212,7 +249,6 @@ mod tests {
     fn timer_g_doubles_up_to_t2_while_completed_only() {
         let mut tx = ServerTx {
             id: 1,
-            request: Message::request(Method::Invite, "sip:x"),
             reply: Flow {
                 transport: Transport::Udp,
                 listener: 0,
@@ -222,8 +258,7 @@ mod tests {
             state: ServerState::Completed,
             last_response: None,
             retransmit: T1,
-            local_tag: String::new(),
-            call: None,
+            live: None,
         };
         let got: Vec<u64> = (0..5)
             .filter_map(|_| tx.next_retransmit(T2))

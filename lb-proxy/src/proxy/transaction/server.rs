@@ -18,13 +18,15 @@ impl Proxy {
             key.clone(),
             ServerTx {
                 id,
-                request: msg,
                 reply,
                 state: ServerState::Proceeding,
                 last_response: None,
                 retransmit: self.cfg.timers.t1,
-                local_tag,
-                call: None,
+                live: Some(Box::new(LiveServer {
+                    request: msg,
+                    local_tag,
+                    call: None,
+                })),
             },
         );
         self.server_ids.insert(id, key.clone());
@@ -80,7 +82,7 @@ impl Proxy {
             return self.reply(&msg, flow, 481, "Call/Transaction Does Not Exist");
         };
         let proceeding = tx.state == ServerState::Proceeding;
-        let branch = match tx.call.as_mut() {
+        let branch = match tx.call_mut() {
             Some(call) if proceeding => {
                 call.cancelled = true;
                 call.branch.clone()
@@ -106,11 +108,12 @@ impl Proxy {
         code: u16,
         reason: &str,
     ) {
-        let Some(tx) = self.server_txs.get(key) else {
+        // Only until the final response: no second final is made after it.
+        let Some(live) = self.server_txs.get(key).and_then(|t| t.live.as_deref()) else {
             return;
         };
-        let req = tx.request.clone();
-        let tag = tx.local_tag.clone();
+        let req = live.request.clone();
+        let tag = live.local_tag.clone();
         let mut resp = self.make_response(&req, code, reason, Some(&tag));
         // The request's Via as received (with received/rport) is what the response carries.
         resp.remove_all(&HeaderName::Via);
@@ -142,7 +145,8 @@ impl Proxy {
         let reply = tx.reply;
         let id = tx.id;
         let is_invite = key.method == Method::Invite;
-        let call = tx.call.take();
+        // The request and the call are no longer needed once the final response is sent.
+        let call = tx.live.take().and_then(|l| l.call);
         let reliable = reply.transport.is_stream();
         if tx.state == ServerState::Proceeding {
             self.pending = self.pending.saturating_sub(1);
@@ -153,7 +157,6 @@ impl Proxy {
             // call rates these lingering transactions are most of the memory.
             tx.state = ServerState::Accepted;
             tx.last_response = None;
-            tx.request = Message::request(Method::Invite, "");
         } else {
             tx.last_response = Some(data.clone());
             tx.state = ServerState::Completed;
