@@ -1382,14 +1382,14 @@ def targets(res, w):
 
     def cpu(t):
         f = trs.get(t, {}).get("fixed")
-        if not f:
+        if not f or "kamailio" not in f or "lb-proxy" not in f:
             return None, None
         return ratio_num(f["lb-proxy"]["cpu_per_1000"], f["kamailio"]["cpu_per_1000"]), \
             trs[t]["fixed_rate"]
 
     def p99(t):
         f = trs.get(t, {}).get("fixed")
-        if not f or f["lb-proxy"]["p99"] is None or f["direct"]["p99"] is None:
+        if not f or "lb-proxy" not in f or "direct" not in f or f["lb-proxy"]["p99"] is None or f["direct"]["p99"] is None:
             return None
         return f["lb-proxy"]["p99"] - f["direct"]["p99"]
 
