@@ -94,7 +94,10 @@ impl Proxy {
         let mut bye = ack.clone();
         bye.start = StartLine::Request {
             method: Method::Bye,
-            uri: bye.request_uri().unwrap_or_default().to_string(),
+            uri: match &bye.start {
+                StartLine::Request { uri, .. } => uri.clone(),
+                StartLine::Response { .. } => Text::new(),
+            },
         };
         let seq = resp.cseq().map_or(1, |c| c.0).saturating_add(1);
         bye.set(HeaderName::CSeq, format!("{seq} BYE"));

@@ -21,7 +21,7 @@ pub(in crate::proxy) fn same_transaction(invite: &Message, method: Method, to: &
     if let Some(v) = invite.get(&HeaderName::Via) {
         m.push(HeaderName::Via, v.to_string());
     }
-    m.push(HeaderName::MaxForwards, "70".into());
+    m.push(HeaderName::MaxForwards, Text::from_static("70"));
     if let Some(v) = invite.get(&HeaderName::From) {
         m.push(HeaderName::From, v.to_string());
     }
@@ -144,8 +144,7 @@ impl Proxy {
                 None => self.new_tag(),
             };
             if let Some(to) = resp.headers.iter_mut().find(|(n, _)| *n == HeaderName::To) {
-                to.1.push_str(";tag=");
-                to.1.push_str(&tag);
+                to.1 = format!("{};tag={tag}", to.1).into();
             }
         }
         match code {

@@ -46,8 +46,8 @@ use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
 use crate::routing::{self, Want};
 use crate::sip::{
-    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport,
-    Via, BRANCH_COOKIE,
+    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Text,
+    Transport, Via, BRANCH_COOKIE,
 };
 use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
 use failover::Call;
@@ -328,7 +328,7 @@ impl Proxy {
                 v.set_param("rport", Some(flow.remote.port().to_string()));
             }
             if let Some(h) = msg.headers.iter_mut().find(|(n, _)| *n == HeaderName::Via) {
-                h.1 = v.to_string();
+                h.1 = v.to_string().into();
             }
         }
         let branch = via.branch().unwrap_or_default().to_string();

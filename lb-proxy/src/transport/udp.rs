@@ -57,7 +57,7 @@ pub async fn receive<E: Upward>(
             remote,
             conn: None,
         };
-        match Message::parse_limited(data, limits.max_headers) {
+        match Message::parse_limited(bytes::Bytes::copy_from_slice(data), limits.max_headers) {
             Ok(msg) => {
                 if events.send(E::from(Inbound { msg, flow })).await.is_err() {
                     return;
