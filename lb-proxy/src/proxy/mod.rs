@@ -55,6 +55,20 @@ use messages::{contact_target, fxhash, make_ack, retry_after, same_transaction, 
 use timers::Timer;
 use transaction::{ClientKey, ClientState, ClientTx, Role, ServerKey, ServerState, ServerTx};
 
+/// Whether `text` is `ip` as `Display` writes it (the comparison a `to_string` would make),
+/// without a `String`.
+fn ip_is_written(ip: std::net::IpAddr, text: &str) -> bool {
+    use std::io::Write as _;
+    // The longest IPv6 text (IPv4-mapped, all groups) is 45 bytes.
+    let mut buf = [0u8; 64];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    if write!(cur, "{ip}").is_err() {
+        return ip.to_string() == text;
+    }
+    let n = usize::try_from(cur.position()).unwrap_or(0);
+    buf.get(..n) == Some(text.as_bytes())
+}
+
 /// The longest a 503 with Retry-After keeps a destination from new calls.
 const MAX_HOLD: Duration = Duration::from_secs(300);
 
@@ -320,9 +334,11 @@ impl Proxy {
             return;
         };
         self.metrics.request(&method);
+        let branch = via.branch().unwrap_or_default().to_string();
+        let sent_by = via.sent_by();
         // RFC 3581: note where the request really came from.
-        if flow.remote.ip().to_string() != via.host || via.param("rport").is_some() {
-            let mut v = via.clone();
+        if !ip_is_written(flow.remote.ip(), &via.host) || via.param("rport").is_some() {
+            let mut v = via;
             v.set_param("received", Some(flow.remote.ip().to_string()));
             if v.param("rport").is_some() {
                 v.set_param("rport", Some(flow.remote.port().to_string()));
@@ -331,10 +347,9 @@ impl Proxy {
                 h.1 = v.to_string().into();
             }
         }
-        let branch = via.branch().unwrap_or_default().to_string();
         let key = ServerKey {
             branch,
-            sent_by: via.sent_by(),
+            sent_by,
             method: if method == Method::Ack {
                 Method::Invite
             } else {

@@ -451,7 +451,7 @@ impl Message {
                 return Err(self.invalid(reason));
             }
         }
-        if self.top_via().is_none() {
+        if !self.get(&HeaderName::Via).is_some_and(Via::is_valid) {
             let value = self.get(&HeaderName::Via).unwrap_or_default();
             let reason = format!("bad Via {value:?}");
             return Err(self.invalid(reason));
@@ -606,7 +606,7 @@ impl Message {
     }
 
     pub fn top_via(&self) -> Option<Via> {
-        Via::parse(self.get(&HeaderName::Via)?)
+        Via::parse_text(self.get_text(&HeaderName::Via)?)
     }
 
     pub fn max_forwards(&self) -> Option<u32> {
@@ -991,10 +991,7 @@ Content-Length: 4\r\n\r\nv=0\nTRAILING";
     fn rfc4475_shapes() {
         // wsinv: white space around the slashes of the Via's protocol.
         let v = Via::parse("SIP  /   2.0 /UDP 192.0.2.2;branch=390skdjuw").unwrap();
-        assert_eq!(
-            (v.transport.as_str(), v.host.as_str()),
-            ("UDP", "192.0.2.2")
-        );
+        assert_eq!((&*v.transport, &*v.host), ("UDP", "192.0.2.2"));
         assert_eq!(v.to_string(), "SIP/2.0/UDP 192.0.2.2;branch=390skdjuw");
         // badinv01: empty parameters.
         assert!(Via::parse("SIP/2.0/UDP 192.0.2.15;;").is_none());

@@ -192,14 +192,14 @@ impl fmt::Display for SipUri {
 }
 
 /// A `;name=value` parameter by case-insensitive name: Some(None) for a flag like `lr`.
-pub fn find_param<'a>(
-    params: &'a [(String, Option<String>)],
+pub fn find_param<'a, K: AsRef<str>, V: AsRef<str>>(
+    params: &'a [(K, Option<V>)],
     name: &str,
 ) -> Option<Option<&'a str>> {
     params
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_deref())
+        .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_ref().map(AsRef::as_ref))
 }
 
 /// Writes a host, bracketing IPv6 literals.
