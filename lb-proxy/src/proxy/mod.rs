@@ -276,11 +276,10 @@ impl Proxy {
     }
 
     fn is_self(&self, host: &str, port: Option<u16>) -> bool {
-        let host = host.to_ascii_lowercase();
         let port = port.unwrap_or(5060);
         self.self_addrs
             .iter()
-            .any(|(h, p)| *h == host && *p == port)
+            .any(|(h, p)| h.eq_ignore_ascii_case(host) && *p == port)
     }
 
     fn is_self_uri(&self, uri: &SipUri) -> bool {

@@ -32,7 +32,7 @@ pub fn check_request_uri(uri: &str) -> Result<(), String> {
         return Err(format!("{c:?} in {uri:?}"));
     }
     if scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips") {
-        SipUri::parse(uri).map_err(|e| e.to_string())?;
+        SipUri::check(uri).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

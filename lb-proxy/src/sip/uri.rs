@@ -85,50 +85,23 @@ pub enum UriError {
 
 impl SipUri {
     pub fn parse(s: &str) -> Result<SipUri, UriError> {
-        let s = s.trim();
-        let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
-            (false, r)
-        } else if let Some(r) = strip_prefix_ci(s, "sips:") {
-            (true, r)
-        } else {
-            return Err(UriError::Scheme(s.to_string()));
-        };
-        // The user part may hold `?`, `/` and `;` (RFC 3261 25.1 user-unreserved; RFC 4475
-        // 3.1.1.2, 3.1.1.9) but never an unescaped `@`: it ends at the last `@`, and the
-        // headers (`?...`) can only follow the host.
-        let (userinfo, rest) = match rest.rfind('@') {
-            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
-            None => (None, rest),
-        };
-        let (hostpart, headers) = match rest.split_once('?') {
-            Some((a, b)) => (a, Some(b.to_string())),
-            None => (rest, None),
-        };
-        let mut parts = hostpart.split(';');
-        let hostport = parts.next().unwrap_or_default();
-        // Trimmed: white space at the end of the last one would not survive being written
-        // back (the whole URI is trimmed when read).
-        let params = parts
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|p| match p.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (p.to_string(), None),
-            })
-            .collect();
-        let (host, port) =
-            split_host_port(hostport).ok_or_else(|| UriError::Host(s.to_string()))?;
-        if host.is_empty() {
-            return Err(UriError::NoHost(s.to_string()));
-        }
+        let p = UriParts::scan(s)?;
         Ok(SipUri {
-            secure,
-            user: userinfo.map(|u| u.to_string()),
-            host: host.to_string(),
-            port,
-            params,
-            headers,
+            secure: p.secure,
+            user: p.user.map(str::to_string),
+            host: p.host.to_string(),
+            port: p.port,
+            params: p
+                .params()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect(),
+            headers: p.headers.map(str::to_string),
         })
+    }
+
+    /// Whether `s` parses as a SIP URI ([`SipUri::parse`]), without building one.
+    pub fn check(s: &str) -> Result<(), UriError> {
+        UriParts::scan(s).map(|_| ())
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
@@ -165,6 +138,68 @@ impl SipUri {
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         self.ip()
             .map(|ip| SocketAddr::new(ip, self.port_or_default()))
+    }
+}
+
+/// The parts of a SIP URI as written: the grammar of [`SipUri::parse`], nothing copied.
+struct UriParts<'a> {
+    secure: bool,
+    user: Option<&'a str>,
+    host: &'a str,
+    port: Option<u16>,
+    /// After the host and port: `;a=b;c`, not yet split.
+    params: &'a str,
+    headers: Option<&'a str>,
+}
+
+impl<'a> UriParts<'a> {
+    fn scan(s: &'a str) -> Result<UriParts<'a>, UriError> {
+        let s = s.trim();
+        let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
+            (false, r)
+        } else if let Some(r) = strip_prefix_ci(s, "sips:") {
+            (true, r)
+        } else {
+            return Err(UriError::Scheme(s.to_string()));
+        };
+        // The user part may hold `?`, `/` and `;` (RFC 3261 25.1 user-unreserved; RFC 4475
+        // 3.1.1.2, 3.1.1.9) but never an unescaped `@`: it ends at the last `@`, and the
+        // headers (`?...`) can only follow the host.
+        let (user, rest) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
+        let (hostpart, headers) = match rest.split_once('?') {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        let (hostport, params) = hostpart.split_at(hostpart.find(';').unwrap_or(hostpart.len()));
+        let (host, port) =
+            split_host_port(hostport).ok_or_else(|| UriError::Host(s.to_string()))?;
+        if host.is_empty() {
+            return Err(UriError::NoHost(s.to_string()));
+        }
+        Ok(UriParts {
+            secure,
+            user,
+            host,
+            port,
+            params,
+            headers,
+        })
+    }
+
+    /// The parameters in order; empty ones skipped. Trimmed: white space at the end of the
+    /// last one would not survive being written back (the whole URI is trimmed when read).
+    fn params(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+        self.params
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (p, None),
+            })
     }
 }
 
