@@ -3,6 +3,7 @@
 //! requests the proxy builds from others (ACK, CANCEL).
 
 use super::*;
+use std::fmt::Write as _;
 
 /// The ACK for a non-2xx final response (RFC 3261 17.1.1.3): same branch and Request-URI as
 /// the INVITE, To from the response.
@@ -149,7 +150,7 @@ impl Proxy {
         }
         match code {
             405 | 200 if req.method() != Some(&Method::Invite) => {
-                resp.push(HeaderName::Allow, ALLOW.to_string())
+                resp.push(HeaderName::Allow, Text::from_static(ALLOW))
             }
             503 => resp.push(
                 HeaderName::RetryAfter,
@@ -159,7 +160,7 @@ impl Proxy {
         }
         resp.push(
             HeaderName::Server,
-            concat!("mrcp-lb/", env!("CARGO_PKG_VERSION")).to_string(),
+            Text::from_static(concat!("mrcp-lb/", env!("CARGO_PKG_VERSION"))),
         );
         resp
     }
@@ -212,11 +213,14 @@ impl Proxy {
         branch: &str,
     ) {
         match msg.max_forwards() {
-            Some(n) => msg.set(HeaderName::MaxForwards, n.saturating_sub(1).to_string()),
-            None => msg.set(HeaderName::MaxForwards, "70".to_string()),
+            Some(n) => msg.set(HeaderName::MaxForwards, number(n.saturating_sub(1))),
+            None => msg.set(HeaderName::MaxForwards, Text::from_static("70")),
         }
         let l = self.listener(out_listener);
-        let mut via = format!(
+        // One String of the right size, written in place.
+        let mut via = String::with_capacity(40 + l.advertise.host.len() + branch.len());
+        let _ = write!(
+            via,
             "SIP/2.0/{} {};branch={branch}",
             l.transport.as_str(),
             l.advertise
@@ -247,5 +251,34 @@ impl Proxy {
         }
         uri.push('>');
         uri
+    }
+}
+
+/// A Max-Forwards value: below 100 (all that a request relayed normally carries) a static
+/// string, no allocation.
+fn number(n: u32) -> Text {
+    const ONE: &str = "0123456789";
+    const TWO: &str = "10111213141516171819202122232425262728293031323334353637383940414243444546\
+                       47484950515253545556575859606162636465666768697071727374757677787980818283\
+                       84858687888990919293949596979899";
+    let i = n as usize;
+    let s = match n {
+        0..=9 => ONE.get(i..i + 1),
+        10..=99 => TWO.get(2 * (i - 10)..2 * (i - 10) + 2),
+        _ => None,
+    };
+    match s {
+        Some(s) => Text::from_static(s),
+        None => Text::from(n.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod number_tests {
+    #[test]
+    fn numbers() {
+        for n in [0u32, 1, 9, 10, 11, 42, 69, 70, 99, 100, 12345, u32::MAX] {
+            assert_eq!(&*super::number(n), n.to_string(), "{n}");
+        }
     }
 }
