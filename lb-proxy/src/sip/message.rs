@@ -111,37 +111,40 @@ pub enum HeaderName {
 
 impl HeaderName {
     pub fn parse(s: &str) -> HeaderName {
+        HeaderName::known(s).unwrap_or_else(|| HeaderName::Other(Text::from(s.to_string())))
+    }
+
+    /// The name when the proxy knows it, None for any other.
+    fn known(s: &str) -> Option<HeaderName> {
         // Lower-case into a small buffer and match: this runs for every header of every
         // message. Compact forms (RFC 3261 7.3.3, RFC 4028) are expanded.
         let mut buf = [0u8; 16];
-        let Some(lower) = buf.get_mut(..s.len()) else {
-            return HeaderName::Other(Text::from(s.to_string()));
-        };
+        let lower = buf.get_mut(..s.len())?;
         for (d, c) in lower.iter_mut().zip(s.bytes()) {
             *d = c.to_ascii_lowercase();
         }
         match &*lower {
-            b"via" | b"v" => HeaderName::Via,
-            b"from" | b"f" => HeaderName::From,
-            b"to" | b"t" => HeaderName::To,
-            b"call-id" | b"i" => HeaderName::CallId,
-            b"cseq" => HeaderName::CSeq,
-            b"max-forwards" => HeaderName::MaxForwards,
-            b"route" => HeaderName::Route,
-            b"record-route" => HeaderName::RecordRoute,
-            b"contact" | b"m" => HeaderName::Contact,
-            b"content-length" | b"l" => HeaderName::ContentLength,
-            b"content-type" | b"c" => HeaderName::ContentType,
-            b"session-expires" | b"x" => HeaderName::SessionExpires,
-            b"min-se" => HeaderName::MinSe,
-            b"supported" | b"k" => HeaderName::Supported,
-            b"require" => HeaderName::Require,
-            b"allow" => HeaderName::Allow,
-            b"retry-after" => HeaderName::RetryAfter,
-            b"server" => HeaderName::Server,
-            b"user-agent" => HeaderName::UserAgent,
-            b"reason" => HeaderName::Reason,
-            _ => HeaderName::Other(Text::from(s.to_string())),
+            b"via" | b"v" => Some(HeaderName::Via),
+            b"from" | b"f" => Some(HeaderName::From),
+            b"to" | b"t" => Some(HeaderName::To),
+            b"call-id" | b"i" => Some(HeaderName::CallId),
+            b"cseq" => Some(HeaderName::CSeq),
+            b"max-forwards" => Some(HeaderName::MaxForwards),
+            b"route" => Some(HeaderName::Route),
+            b"record-route" => Some(HeaderName::RecordRoute),
+            b"contact" | b"m" => Some(HeaderName::Contact),
+            b"content-length" | b"l" => Some(HeaderName::ContentLength),
+            b"content-type" | b"c" => Some(HeaderName::ContentType),
+            b"session-expires" | b"x" => Some(HeaderName::SessionExpires),
+            b"min-se" => Some(HeaderName::MinSe),
+            b"supported" | b"k" => Some(HeaderName::Supported),
+            b"require" => Some(HeaderName::Require),
+            b"allow" => Some(HeaderName::Allow),
+            b"retry-after" => Some(HeaderName::RetryAfter),
+            b"server" => Some(HeaderName::Server),
+            b"user-agent" => Some(HeaderName::UserAgent),
+            b"reason" => Some(HeaderName::Reason),
+            _ => None,
         }
     }
 
@@ -327,7 +330,8 @@ impl Message {
                 None => return Err(perr(reason)),
             },
         };
-        let mut headers = Vec::with_capacity(lines.len() + 2);
+        // Room for what a relay adds (Via, Record-Route twice) without growing.
+        let mut headers = Vec::with_capacity(lines.len() + 4);
         for line in &lines {
             let (name, value) = line
                 .split_once(':')
@@ -336,10 +340,16 @@ impl Message {
             if name.is_empty() || name.contains(char::is_whitespace) {
                 return Err(perr(format!("bad header name {name:?}")));
             }
-            let name = HeaderName::parse(name);
+            let name =
+                HeaderName::known(name).unwrap_or_else(|| HeaderName::Other(view(line, name)));
             let value = value.trim();
             if name.is_list() {
-                let (entries, empty) = list_entries(value);
+                // One entry, the usual case: no list to build.
+                let (entries, empty) = if value.contains(',') {
+                    list_entries(value)
+                } else {
+                    (Vec::new(), value.is_empty())
+                };
                 if empty {
                     // `Via: a,,b` or an empty value (RFC 3261 7.3.1: no empty elements;
                     // RFC 4475 3.1.2.1).
@@ -350,6 +360,9 @@ impl Message {
                     };
                     let reason = format!("empty entry in {} {value:?}", name.as_str());
                     return Err(msg.invalid(reason));
+                }
+                if entries.is_empty() {
+                    headers.push((name.clone(), view(line, value)));
                 }
                 for v in entries {
                     headers.push((name.clone(), view(line, v)));
