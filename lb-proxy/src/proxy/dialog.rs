@@ -16,7 +16,7 @@ impl Proxy {
         let rrs: Vec<&str> = msg.get_all(&HeaderName::RecordRoute).collect();
         let ours = rrs
             .iter()
-            .position(|r| SipUri::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
+            .position(|r| SipUriRef::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
         let callee_routes: Option<Vec<String>> =
             ours.map(|i| rrs[..i].iter().rev().map(|s| s.to_string()).collect());
         let Some(d) = self.dialogs.get_mut(dkey) else {

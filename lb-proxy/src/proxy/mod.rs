@@ -46,8 +46,8 @@ use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
 use crate::routing::{self, Want};
 use crate::sip::{
-    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Text,
-    Transport, Via, BRANCH_COOKIE,
+    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, SipUriRef, StartLine,
+    Text, Transport, Via, BRANCH_COOKIE,
 };
 use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
 use failover::Call;
@@ -282,8 +282,8 @@ impl Proxy {
             .any(|(h, p)| h.eq_ignore_ascii_case(host) && *p == port)
     }
 
-    fn is_self_uri(&self, uri: &SipUri) -> bool {
-        self.is_self(&uri.host, Some(uri.port_or_default()))
+    fn is_self_uri(&self, uri: &SipUriRef<'_>) -> bool {
+        self.is_self(uri.host, Some(uri.port_or_default()))
     }
 
     /// Handles one message from the network.

@@ -15,7 +15,7 @@ pub use header::{
 pub use message::{
     bad_request, header_end, HeaderName, Message, Method, ParseError, StartLine, StatusCode,
 };
-pub use uri::{split_host_port, write_host, SipUri, Transport, UriError};
+pub use uri::{split_host_port, write_host, SipUri, SipUriRef, Transport, UriError};
 
 /// A header value, a Request-URI or a reason phrase: UTF-8 checked once, when the message was
 /// parsed, and then a view of the received bytes (a clone shares them). The values the proxy

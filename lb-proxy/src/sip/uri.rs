@@ -85,7 +85,7 @@ pub enum UriError {
 
 impl SipUri {
     pub fn parse(s: &str) -> Result<SipUri, UriError> {
-        let p = UriParts::scan(s)?;
+        let p = SipUriRef::parse(s)?;
         Ok(SipUri {
             secure: p.secure,
             user: p.user.map(str::to_string),
@@ -101,7 +101,7 @@ impl SipUri {
 
     /// Whether `s` parses as a SIP URI ([`SipUri::parse`]), without building one.
     pub fn check(s: &str) -> Result<(), UriError> {
-        UriParts::scan(s).map(|_| ())
+        SipUriRef::parse(s).map(|_| ())
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
@@ -141,19 +141,22 @@ impl SipUri {
     }
 }
 
-/// The parts of a SIP URI as written: the grammar of [`SipUri::parse`], nothing copied.
-struct UriParts<'a> {
-    secure: bool,
-    user: Option<&'a str>,
-    host: &'a str,
-    port: Option<u16>,
+/// A SIP URI read in place: the grammar of [`SipUri::parse`], each part a view of the text,
+/// for the URIs the proxy only reads (Route entries, a Request-URI to match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SipUriRef<'a> {
+    pub secure: bool,
+    pub user: Option<&'a str>,
+    /// Host without IPv6 brackets.
+    pub host: &'a str,
+    pub port: Option<u16>,
     /// After the host and port: `;a=b;c`, not yet split.
     params: &'a str,
-    headers: Option<&'a str>,
+    pub headers: Option<&'a str>,
 }
 
-impl<'a> UriParts<'a> {
-    fn scan(s: &'a str) -> Result<UriParts<'a>, UriError> {
+impl<'a> SipUriRef<'a> {
+    pub fn parse(s: &'a str) -> Result<SipUriRef<'a>, UriError> {
         let s = s.trim();
         let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
             (false, r)
@@ -179,7 +182,7 @@ impl<'a> UriParts<'a> {
         if host.is_empty() {
             return Err(UriError::NoHost(s.to_string()));
         }
-        Ok(UriParts {
+        Ok(SipUriRef {
             secure,
             user,
             host,
@@ -191,7 +194,7 @@ impl<'a> UriParts<'a> {
 
     /// The parameters in order; empty ones skipped. Trimmed: white space at the end of the
     /// last one would not survive being written back (the whole URI is trimmed when read).
-    fn params(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+    pub fn params(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
         self.params
             .split(';')
             .map(str::trim)
@@ -201,12 +204,63 @@ impl<'a> UriParts<'a> {
                 None => (p, None),
             })
     }
+
+    /// As [`SipUri::param`].
+    pub fn param(&self, name: &str) -> Option<Option<&'a str>> {
+        self.params()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// As [`SipUri::transport`].
+    pub fn transport(&self) -> Transport {
+        if self.secure {
+            return Transport::Tls;
+        }
+        match self.param("transport").flatten().and_then(Transport::parse) {
+            Some(t) => t,
+            None => Transport::Udp,
+        }
+    }
+
+    /// As [`SipUri::port_or_default`].
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or_else(|| self.transport().default_port())
+    }
+
+    /// As [`SipUri::socket_addr`].
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip: IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port_or_default()))
+    }
 }
 
-impl fmt::Display for SipUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl SipUri {
+    /// The user part of the SIP URI `s`, without building one: `Err` when `s` is no SIP URI.
+    pub fn user_of(s: &str) -> Result<Option<&str>, UriError> {
+        SipUriRef::parse(s).map(|p| p.user)
+    }
+
+    /// This URI written with `user` as its user part, into one String.
+    pub fn to_string_with_user(&self, user: Option<&str>) -> String {
+        let params: usize = self
+            .params
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len) + 2)
+            .sum();
+        let mut s = String::with_capacity(
+            16 + self.host.len()
+                + user.map_or(0, str::len)
+                + params
+                + self.headers.as_ref().map_or(0, String::len),
+        );
+        let _ = self.write(&mut s, user);
+        s
+    }
+
+    fn write(&self, f: &mut impl fmt::Write, user: Option<&str>) -> fmt::Result {
         f.write_str(if self.secure { "sips:" } else { "sip:" })?;
-        if let Some(u) = &self.user {
+        if let Some(u) = user {
             write!(f, "{u}@")?;
         }
         write_host(f, &self.host)?;
@@ -223,6 +277,12 @@ impl fmt::Display for SipUri {
             write!(f, "?{h}")?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for SipUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, self.user.as_deref())
     }
 }
 
@@ -391,6 +451,52 @@ mod tests {
         ] {
             let u = SipUri::parse(ok).unwrap();
             assert_eq!(SipUri::parse(&u.to_string()).unwrap(), u, "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_view_reads_as_the_owned_uri() {
+        for s in [
+            "sip:127.0.0.1:5080",
+            "sips:a@b.example.com;transport=tcp;lr",
+            " SIP:user;x=1@[::1]:5070;TRANSPORT=tls;lb-t=abc?h=1 ",
+            "sip:a@b;;lr;",
+            "sip:h:99999",
+            "sip:[::1",
+            "sip:@",
+            "tel:+1234",
+            "sip:mrcp@10.0.0.1;transport=udp",
+        ] {
+            let (owned, view) = (SipUri::parse(s), SipUriRef::parse(s));
+            assert_eq!(owned.as_ref().err(), view.as_ref().err(), "{s}");
+            let (Ok(o), Ok(v)) = (owned, view) else {
+                continue;
+            };
+            assert_eq!(
+                (
+                    o.secure,
+                    o.user.as_deref(),
+                    o.host.as_str(),
+                    o.port,
+                    o.headers.as_deref()
+                ),
+                (v.secure, v.user, v.host, v.port, v.headers),
+                "{s}"
+            );
+            let params: Vec<(String, Option<String>)> = v
+                .params()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect();
+            assert_eq!(o.params, params, "{s}");
+            assert_eq!(o.transport(), v.transport(), "{s}");
+            assert_eq!(o.socket_addr(), v.socket_addr(), "{s}");
+            assert_eq!(o.param("lr"), v.param("LR"), "{s}");
+            assert_eq!(SipUri::user_of(s), Ok(o.user.as_deref()), "{s}");
+            for user in [None, Some("caller")] {
+                let mut with = o.clone();
+                with.user = user.map(str::to_string);
+                assert_eq!(o.to_string_with_user(user), with.to_string(), "{s}");
+            }
         }
     }
 }
