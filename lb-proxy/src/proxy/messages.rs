@@ -43,7 +43,7 @@ pub(in crate::proxy) fn same_transaction(invite: &Message, method: Method, to: &
 /// request with it as Request-URI (the BYE the proxy sends on expiry) would not even parse.
 pub(in crate::proxy) fn contact_target(msg: &Message) -> Option<String> {
     let uri = name_addr_uri(msg.get(&HeaderName::Contact)?);
-    (SipUri::parse(uri).is_ok() && check_request_uri(uri).is_ok()).then(|| uri.to_string())
+    (SipUri::check(uri).is_ok() && check_request_uri(uri).is_ok()).then(|| uri.to_string())
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.
@@ -172,9 +172,9 @@ impl Proxy {
         if flow.transport.is_stream() {
             return flow;
         }
-        match req.top_via() {
-            Some(v) if v.param("rport").is_none() => Flow {
-                remote: SocketAddr::new(flow.remote.ip(), v.port.unwrap_or(5060)),
+        match req.get(&HeaderName::Via).and_then(Via::port_and_rport) {
+            Some((port, false)) => Flow {
+                remote: SocketAddr::new(flow.remote.ip(), port.unwrap_or(5060)),
                 ..flow
             },
             _ => flow,

@@ -232,6 +232,14 @@ impl Via {
         })
     }
 
+    /// The sent-by port of the Via `value` and whether it has `rport`, without building a
+    /// Via; None when it does not parse.
+    pub fn port_and_rport(value: &str) -> Option<(Option<u16>, bool)> {
+        let mut rport = false;
+        let (_, _, port) = Via::scan(value, |k, _| rport |= k.eq_ignore_ascii_case("rport"))?;
+        Some((port, rport))
+    }
+
     /// Whether `value` parses as a Via, without building one.
     pub fn is_valid(value: &str) -> bool {
         Via::scan(value, |_, _| {}).is_some()
