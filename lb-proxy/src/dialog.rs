@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use crate::transport::Flow;
 
-/// Call-ID and the caller's From tag.
+/// Call-ID and the caller's From tag. Shared strings: the key is cloned into the
+/// transactions and timers of its call, and a clone allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DialogKey {
-    pub call_id: String,
-    pub caller_tag: String,
+    pub call_id: Arc<str>,
+    pub caller_tag: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

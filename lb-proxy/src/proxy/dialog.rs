@@ -192,7 +192,7 @@ impl Proxy {
         }
         bye.push(HeaderName::From, from.to_string());
         bye.push(HeaderName::To, to.to_string());
-        bye.push(HeaderName::CallId, key.call_id.clone());
+        bye.push(HeaderName::CallId, key.call_id.to_string());
         bye.push(HeaderName::CSeq, format!("{cseq} BYE"));
         bye.push(
             HeaderName::Reason,

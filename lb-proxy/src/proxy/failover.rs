@@ -46,8 +46,8 @@ impl Proxy {
             return self.reply(&msg, flow, 400, "Missing From tag");
         };
         let dkey = DialogKey {
-            call_id: call_id.to_string(),
-            caller_tag: from_tag.to_string(),
+            call_id: call_id.into(),
+            caller_tag: from_tag.into(),
         };
         if self.dialogs.contains_key(&dkey) {
             // Same Call-ID and From tag with a new branch: a merged request (RFC 3261 8.2.2.2).

@@ -90,11 +90,11 @@ impl Proxy {
     }
 
     pub(in crate::proxy) fn find_dialog(&self, msg: &Message) -> Option<DialogKey> {
-        let call_id = msg.call_id()?.to_string();
+        let call_id: Arc<str> = msg.call_id()?.into();
         for tag in [msg.from_tag(), msg.to_tag()].into_iter().flatten() {
             let k = DialogKey {
                 call_id: call_id.clone(),
-                caller_tag: tag.to_string(),
+                caller_tag: tag.into(),
             };
             if self.dialogs.contains_key(&k) {
                 return Some(k);

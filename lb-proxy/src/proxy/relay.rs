@@ -247,7 +247,7 @@ impl Proxy {
         flow: Flow,
     ) -> Result<Hop, Refusal> {
         let held = self.find_dialog(msg).and_then(|k| {
-            let from_caller = msg.from_tag()? == k.caller_tag;
+            let from_caller = msg.from_tag()? == &*k.caller_tag;
             Some((k, from_caller))
         });
         // Tokens are only read for a dialog we do not hold.

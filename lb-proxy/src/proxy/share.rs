@@ -51,8 +51,8 @@ impl Proxy {
     fn end_foreign(&mut self, e: &EndNotice) {
         for tag in &e.tags {
             let key = DialogKey {
-                call_id: e.call_id.clone(),
-                caller_tag: tag.clone(),
+                call_id: e.call_id.as_str().into(),
+                caller_tag: tag.as_str().into(),
             };
             if self.dialogs.contains_key(&key) {
                 debug!(call_id = %e.call_id, "dialog ended through another replica");
