@@ -132,36 +132,36 @@ fn proxy(cfg: &Arc<Config>) -> Proxy {
 /// What happens to `data` arriving as one UDP datagram from the client.
 fn outcome(cfg: &Arc<Config>, data: &[u8]) -> Result<Outcome, String> {
     let client: SocketAddr = CLIENT.parse().unwrap();
-    let msg =
-        match Message::parse_limited(bytes::Bytes::copy_from_slice(data), cfg.limits.max_headers) {
-            Ok(msg) => msg,
-            Err(e) => {
-                let Some(resp) = bad_request(&e) else {
-                    return Ok(Dropped);
-                };
-                // The 400 may copy the defect that made the request malformed (an out-of-range
-                // CSeq, an unreadable To), so it is read as text here.
-                let text = String::from_utf8_lossy(&resp);
-                if !text.starts_with("SIP/2.0 400 Bad Request\r\n") {
-                    return Err(format!("the transport answered {text}"));
-                }
-                let partial = e.partial.as_deref().ok_or("a 400 without a partial")?;
-                let to = text
-                    .lines()
-                    .find(|l| l.starts_with("To: "))
-                    .ok_or("400 without To")?;
-                let tagged = match partial.to_tag() {
-                    Some(tag) => to.contains(&format!("tag={tag}")),
-                    None => to
-                        .rsplit_once(";tag=")
-                        .is_some_and(|(_, t)| is_stateless_tag(t)),
-                };
-                if !tagged {
-                    return Err(format!("400 without the stateless To tag: {to}"));
-                }
-                return Ok(Refused400);
+    let datagram = bytes::Bytes::copy_from_slice(data);
+    let msg = match Message::parse_limited(datagram, cfg.limits.max_headers) {
+        Ok(msg) => msg,
+        Err(e) => {
+            let Some(resp) = bad_request(&e) else {
+                return Ok(Dropped);
+            };
+            // The 400 may copy the defect that made the request malformed (an out-of-range
+            // CSeq, an unreadable To), so it is read as text here.
+            let text = String::from_utf8_lossy(&resp);
+            if !text.starts_with("SIP/2.0 400 Bad Request\r\n") {
+                return Err(format!("the transport answered {text}"));
             }
-        };
+            let partial = e.partial.as_deref().ok_or("a 400 without a partial")?;
+            let to = text
+                .lines()
+                .find(|l| l.starts_with("To: "))
+                .ok_or("400 without To")?;
+            let tagged = match partial.to_tag() {
+                Some(tag) => to.contains(&format!("tag={tag}")),
+                None => to
+                    .rsplit_once(";tag=")
+                    .is_some_and(|(_, t)| is_stateless_tag(t)),
+            };
+            if !tagged {
+                return Err(format!("400 without the stateless To tag: {to}"));
+            }
+            return Ok(Refused400);
+        }
+    };
     let mut p = proxy(cfg);
     let flow = Flow {
         transport: Transport::Udp,
