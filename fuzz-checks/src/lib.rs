@@ -33,7 +33,7 @@ use lb_proxy::metrics::Metrics;
 use lb_proxy::proxy::Proxy;
 use lb_proxy::sip::{
     bad_request, check_name_addr, header_param, is_stateless_tag, name_addr_uri, HeaderName,
-    Message, Method, ParseError, SipUri, Transport, Via,
+    Message, Method, ParseError, SipUri, Text, Transport, Via,
 };
 use lb_proxy::transport::tcp::{frame, no_length_answer, Frame};
 use lb_proxy::transport::{Flow, Inbound, Outbound, Target};
@@ -189,7 +189,7 @@ fn via_round_trip(via: &Via) {
 
 /// Same start line, headers (but Content-Length) and body.
 fn assert_same(a: &Message, b: &Message) {
-    let headers = |m: &Message| -> Vec<(HeaderName, String)> {
+    let headers = |m: &Message| -> Vec<(HeaderName, Text)> {
         m.headers
             .iter()
             .filter(|(n, _)| *n != HeaderName::ContentLength)
@@ -209,7 +209,7 @@ fn note_received(msg: &mut Message) {
         via.set_param("rport", Some("40000".into()));
     }
     if let Some(h) = msg.headers.iter_mut().find(|(n, _)| *n == HeaderName::Via) {
-        h.1 = via.to_string();
+        h.1 = via.to_string().into();
     }
 }
 
@@ -219,11 +219,11 @@ fn answer_locally(req: &Message) {
         let mut resp = req.response(code, reason);
         if code > 100 && req.to_tag().is_none() {
             if let Some(to) = resp.headers.iter_mut().find(|(n, _)| *n == HeaderName::To) {
-                to.1.push_str(";tag=lb0123456789abcdef");
+                to.1 = format!("{};tag=lb0123456789abcdef", to.1).into();
             }
         }
-        resp.push(HeaderName::Allow, "INVITE, ACK".into());
-        resp.push(HeaderName::Server, "mrcp-lb".into());
+        resp.push(HeaderName::Allow, "INVITE, ACK");
+        resp.push(HeaderName::Server, "mrcp-lb");
         let r = reparse(&resp.to_bytes(), "a response the proxy generates");
         assert_eq!(r.code(), Some(code));
         assert_eq!(r.call_id(), req.call_id());
@@ -248,11 +248,11 @@ fn forward(mut msg: Message) {
     msg.set_request_uri(ruri.clone());
     msg.push_front(
         HeaderName::RecordRoute,
-        "<sip:127.0.0.1:5060;transport=udp;lr>".into(),
+        "<sip:127.0.0.1:5060;transport=udp;lr>",
     );
     match msg.max_forwards() {
         Some(n) => msg.set(HeaderName::MaxForwards, n.saturating_sub(1).to_string()),
-        None => msg.set(HeaderName::MaxForwards, "70".into()),
+        None => msg.set(HeaderName::MaxForwards, "70"),
     }
     let branch = "z9hG4bK-lb00000000-1";
     msg.push_front(
@@ -645,7 +645,7 @@ fn answer(req: &Message, code: u16, to: SocketAddr) -> Message {
     }
     if code > 100 && req.to_tag().is_none() {
         if let Some(t) = resp.headers.iter_mut().find(|(n, _)| *n == HeaderName::To) {
-            t.1.push_str(";tag=srv1");
+            t.1 = format!("{};tag=srv1", t.1).into();
         }
     }
     let mut host = String::new();
@@ -667,7 +667,7 @@ fn in_dialog(resp: &Message, method: Method) -> Message {
     let mut req = Message::request(method.clone(), &target);
     req.push(
         HeaderName::Via,
-        "SIP/2.0/UDP 192.168.0.5:5061;branch=z9hG4bK-client-1;rport".into(),
+        "SIP/2.0/UDP 192.168.0.5:5061;branch=z9hG4bK-client-1;rport",
     );
     let routes: Vec<String> = resp
         .get_all(&HeaderName::RecordRoute)
@@ -687,7 +687,7 @@ fn in_dialog(resp: &Message, method: Method) -> Message {
         _ => seq.saturating_add(1),
     };
     req.push(HeaderName::CSeq, format!("{seq} {method}"));
-    req.push(HeaderName::MaxForwards, "70".into());
+    req.push(HeaderName::MaxForwards, "70");
     req
 }
 

@@ -132,7 +132,8 @@ fn proxy(cfg: &Arc<Config>) -> Proxy {
 /// What happens to `data` arriving as one UDP datagram from the client.
 fn outcome(cfg: &Arc<Config>, data: &[u8]) -> Result<Outcome, String> {
     let client: SocketAddr = CLIENT.parse().unwrap();
-    let msg = match Message::parse_limited(data, cfg.limits.max_headers) {
+    let datagram = bytes::Bytes::copy_from_slice(data);
+    let msg = match Message::parse_limited(datagram, cfg.limits.max_headers) {
         Ok(msg) => msg,
         Err(e) => {
             let Some(resp) = bad_request(&e) else {

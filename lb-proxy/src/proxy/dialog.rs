@@ -16,7 +16,7 @@ impl Proxy {
         let rrs: Vec<&str> = msg.get_all(&HeaderName::RecordRoute).collect();
         let ours = rrs
             .iter()
-            .position(|r| SipUri::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
+            .position(|r| SipUriRef::parse(name_addr_uri(r)).is_ok_and(|u| self.is_self_uri(&u)));
         let callee_routes: Option<Box<[Box<str>]>> =
             ours.map(|i| rrs[..i].iter().rev().map(|&s| s.into()).collect());
         let Some(d) = self.dialogs.get_mut(dkey) else {
@@ -97,7 +97,10 @@ impl Proxy {
         let mut bye = ack.clone();
         bye.start = StartLine::Request {
             method: Method::Bye,
-            uri: bye.request_uri().unwrap_or_default().to_string(),
+            uri: match &bye.start {
+                StartLine::Request { uri, .. } => uri.clone(),
+                StartLine::Response { .. } => Text::new(),
+            },
         };
         let seq = resp.cseq().map_or(1, |c| c.0).saturating_add(1);
         bye.set(HeaderName::CSeq, format!("{seq} BYE"));

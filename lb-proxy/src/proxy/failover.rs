@@ -224,11 +224,12 @@ impl Proxy {
             });
         }
         // Request-URI: the server's own address, keeping the caller's user part.
-        let mut ruri = dest_uri.clone();
-        if let Some(orig) = fwd.request_uri().and_then(|u| SipUri::parse(u).ok()) {
-            ruri.user = orig.user;
-        }
-        fwd.set_request_uri(ruri.to_string());
+        let user = match fwd.request_uri().map(SipUri::user_of) {
+            Some(Ok(user)) => user,
+            _ => dest_uri.user.as_deref(),
+        };
+        let ruri = dest_uri.to_string_with_user(user);
+        fwd.set_request_uri(ruri);
         // Record-Route: one entry, or two when the two sides differ (transport or family),
         // signed for this call and destination (the relay rule, relay.rs).
         let token = self

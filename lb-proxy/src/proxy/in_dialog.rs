@@ -108,12 +108,12 @@ impl Proxy {
 
     /// Where a URI points: its transport and address, when the host is an IP literal or a
     /// known destination's host name.
-    pub(in crate::proxy) fn uri_flow(&self, uri: &SipUri) -> Option<Flow> {
+    pub(in crate::proxy) fn uri_flow(&self, uri: &SipUriRef<'_>) -> Option<Flow> {
         let transport = uri.transport();
         let remote = uri.socket_addr().or_else(|| {
             self.dests
                 .iter()
-                .find(|d| d.uri.host.eq_ignore_ascii_case(&uri.host) && d.uri.port == uri.port)
+                .find(|d| d.uri.host.eq_ignore_ascii_case(uri.host) && d.uri.port == uri.port)
                 .and_then(|d| d.addr)
         })?;
         Some(Flow {

@@ -3,6 +3,7 @@
 //! requests the proxy builds from others (ACK, CANCEL).
 
 use super::*;
+use std::fmt::Write as _;
 
 /// The ACK for a non-2xx final response (RFC 3261 17.1.1.3): same branch and Request-URI as
 /// the INVITE, To from the response.
@@ -21,7 +22,7 @@ pub(in crate::proxy) fn same_transaction(invite: &Message, method: Method, to: &
     if let Some(v) = invite.get(&HeaderName::Via) {
         m.push(HeaderName::Via, v.to_string());
     }
-    m.push(HeaderName::MaxForwards, "70".into());
+    m.push(HeaderName::MaxForwards, Text::from_static("70"));
     if let Some(v) = invite.get(&HeaderName::From) {
         m.push(HeaderName::From, v.to_string());
     }
@@ -42,7 +43,7 @@ pub(in crate::proxy) fn same_transaction(invite: &Message, method: Method, to: &
 /// request with it as Request-URI (the BYE the proxy sends on expiry) would not even parse.
 pub(in crate::proxy) fn contact_target(msg: &Message) -> Option<String> {
     let uri = name_addr_uri(msg.get(&HeaderName::Contact)?);
-    (SipUri::parse(uri).is_ok() && check_request_uri(uri).is_ok()).then(|| uri.to_string())
+    (SipUri::check(uri).is_ok() && check_request_uri(uri).is_ok()).then(|| uri.to_string())
 }
 
 /// `Retry-After: 30;duration=60 (comment)` → 30 s.
@@ -143,13 +144,12 @@ impl Proxy {
                 None => self.new_tag(),
             };
             if let Some(to) = resp.headers.iter_mut().find(|(n, _)| *n == HeaderName::To) {
-                to.1.push_str(";tag=");
-                to.1.push_str(&tag);
+                to.1 = format!("{};tag={tag}", to.1).into();
             }
         }
         match code {
             405 | 200 if req.method() != Some(&Method::Invite) => {
-                resp.push(HeaderName::Allow, ALLOW.to_string())
+                resp.push(HeaderName::Allow, Text::from_static(ALLOW))
             }
             503 => resp.push(
                 HeaderName::RetryAfter,
@@ -159,7 +159,7 @@ impl Proxy {
         }
         resp.push(
             HeaderName::Server,
-            concat!("mrcp-lb/", env!("CARGO_PKG_VERSION")).to_string(),
+            Text::from_static(concat!("mrcp-lb/", env!("CARGO_PKG_VERSION"))),
         );
         resp
     }
@@ -171,9 +171,9 @@ impl Proxy {
         if flow.transport.is_stream() {
             return flow;
         }
-        match req.top_via() {
-            Some(v) if v.param("rport").is_none() => Flow {
-                remote: SocketAddr::new(flow.remote.ip(), v.port.unwrap_or(5060)),
+        match req.get(&HeaderName::Via).and_then(Via::port_and_rport) {
+            Some((port, false)) => Flow {
+                remote: SocketAddr::new(flow.remote.ip(), port.unwrap_or(5060)),
                 ..flow
             },
             _ => flow,
@@ -212,11 +212,14 @@ impl Proxy {
         branch: &str,
     ) {
         match msg.max_forwards() {
-            Some(n) => msg.set(HeaderName::MaxForwards, n.saturating_sub(1).to_string()),
-            None => msg.set(HeaderName::MaxForwards, "70".to_string()),
+            Some(n) => msg.set(HeaderName::MaxForwards, number(n.saturating_sub(1))),
+            None => msg.set(HeaderName::MaxForwards, Text::from_static("70")),
         }
         let l = self.listener(out_listener);
-        let mut via = format!(
+        // One String of the right size, written in place.
+        let mut via = String::with_capacity(40 + l.advertise.host.len() + branch.len());
+        let _ = write!(
+            via,
             "SIP/2.0/{} {};branch={branch}",
             l.transport.as_str(),
             l.advertise
@@ -247,5 +250,34 @@ impl Proxy {
         }
         uri.push('>');
         uri
+    }
+}
+
+/// A Max-Forwards value: below 100 (all that a request relayed normally carries) a static
+/// string, no allocation.
+fn number(n: u32) -> Text {
+    const ONE: &str = "0123456789";
+    const TWO: &str = "10111213141516171819202122232425262728293031323334353637383940414243444546\
+                       47484950515253545556575859606162636465666768697071727374757677787980818283\
+                       84858687888990919293949596979899";
+    let i = n as usize;
+    let s = match n {
+        0..=9 => ONE.get(i..i + 1),
+        10..=99 => TWO.get(2 * (i - 10)..2 * (i - 10) + 2),
+        _ => None,
+    };
+    match s {
+        Some(s) => Text::from_static(s),
+        None => Text::from(n.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod number_tests {
+    #[test]
+    fn numbers() {
+        for n in [0u32, 1, 9, 10, 11, 42, 69, 70, 99, 100, 12345, u32::MAX] {
+            assert_eq!(&*super::number(n), n.to_string(), "{n}");
+        }
     }
 }

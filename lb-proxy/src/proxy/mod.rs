@@ -46,8 +46,8 @@ use crate::limits::{SourceLimiter, Verdict};
 use crate::metrics::Metrics;
 use crate::routing::Want;
 use crate::sip::{
-    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, StartLine, Transport,
-    Via, BRANCH_COOKIE,
+    check_request_uri, name_addr_uri, HeaderName, Message, Method, SipUri, SipUriRef, StartLine,
+    Text, Transport, Via, BRANCH_COOKIE,
 };
 use crate::transport::{ErrorToken, Flow, Inbound, Outbound, Target};
 use failover::Call;
@@ -57,6 +57,20 @@ use transaction::{
     ClientKey, ClientState, ClientTx, LiveServer, Role, SentRequest, ServerKey, ServerState,
     ServerTx,
 };
+
+/// Whether `text` is `ip` as `Display` writes it (the comparison a `to_string` would make),
+/// without a `String`.
+fn ip_is_written(ip: std::net::IpAddr, text: &str) -> bool {
+    use std::io::Write as _;
+    // The longest IPv6 text (IPv4-mapped, all groups) is 45 bytes.
+    let mut buf = [0u8; 64];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    if write!(cur, "{ip}").is_err() {
+        return ip.to_string() == text;
+    }
+    let n = usize::try_from(cur.position()).unwrap_or(0);
+    buf.get(..n) == Some(text.as_bytes())
+}
 
 /// The longest a 503 with Retry-After keeps a destination from new calls.
 const MAX_HOLD: Duration = Duration::from_secs(300);
@@ -280,15 +294,14 @@ impl Proxy {
     }
 
     fn is_self(&self, host: &str, port: Option<u16>) -> bool {
-        let host = host.to_ascii_lowercase();
         let port = port.unwrap_or(5060);
         self.self_addrs
             .iter()
-            .any(|(h, p)| *h == host && *p == port)
+            .any(|(h, p)| h.eq_ignore_ascii_case(host) && *p == port)
     }
 
-    fn is_self_uri(&self, uri: &SipUri) -> bool {
-        self.is_self(&uri.host, Some(uri.port_or_default()))
+    fn is_self_uri(&self, uri: &SipUriRef<'_>) -> bool {
+        self.is_self(uri.host, Some(uri.port_or_default()))
     }
 
     /// Handles one message from the network.
@@ -338,20 +351,22 @@ impl Proxy {
             return;
         };
         self.metrics.request(&method);
+        let branch = via.branch().unwrap_or_default().to_string();
+        let sent_by = via.sent_by();
         // RFC 3581: note where the request really came from.
-        if flow.remote.ip().to_string() != via.host || via.param("rport").is_some() {
-            let mut v = via.clone();
+        if !ip_is_written(flow.remote.ip(), &via.host) || via.param("rport").is_some() {
+            let mut v = via;
             v.set_param("received", Some(flow.remote.ip().to_string()));
             if v.param("rport").is_some() {
                 v.set_param("rport", Some(flow.remote.port().to_string()));
             }
             if let Some(h) = msg.headers.iter_mut().find(|(n, _)| *n == HeaderName::Via) {
-                h.1 = v.to_string();
+                h.1 = v.to_string().into();
             }
         }
         let key = ServerKey {
-            branch: via.branch().unwrap_or_default().into(),
-            sent_by: via.sent_by().into(),
+            branch: branch.into(),
+            sent_by: sent_by.into(),
             method: if method == Method::Ack {
                 Method::Invite
             } else {

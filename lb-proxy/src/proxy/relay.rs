@@ -24,7 +24,7 @@ use tracing::debug;
 use super::Proxy;
 use crate::config::Key;
 use crate::dialog::DialogKey;
-use crate::sip::{name_addr_uri, HeaderName, Message, Method, SipUri};
+use crate::sip::{name_addr_uri, HeaderName, Message, Method, SipUriRef};
 use crate::transport::Flow;
 
 /// The Record-Route URI parameter that carries the token.
@@ -263,7 +263,7 @@ impl Proxy {
             // Addressed to us: a dialog we do not know (481). Addressed elsewhere: a relay.
             let to_us = msg
                 .request_uri()
-                .and_then(|u| SipUri::parse(u).ok())
+                .and_then(|u| SipUriRef::parse(u).ok())
                 .is_some_and(|u| self.is_self_uri(&u));
             return Err(if to_us {
                 Refusal::NoTarget
@@ -291,7 +291,7 @@ impl Proxy {
     fn strip_own_routes(&self, msg: &mut Message, keep_tokens: bool) -> Option<Vec<String>> {
         let mut tokens = None::<Vec<String>>;
         while let Some(first) = msg.get(&HeaderName::Route) {
-            match SipUri::parse(name_addr_uri(first)) {
+            match SipUriRef::parse(name_addr_uri(first)) {
                 Ok(u) if self.is_self_uri(&u) => {
                     let found = tokens.get_or_insert_with(Vec::new);
                     if let Some(t) = u.param(TOKEN_PARAM).flatten().filter(|_| keep_tokens) {
@@ -311,10 +311,10 @@ impl Proxy {
     /// Request-URI unless it names us. None when neither points anywhere we can reach.
     fn named_hop(&self, msg: &Message) -> Result<Flow, Refusal> {
         let next = match msg.get(&HeaderName::Route) {
-            Some(r) => SipUri::parse(name_addr_uri(r)).ok(),
+            Some(r) => SipUriRef::parse(name_addr_uri(r)).ok(),
             None => msg
                 .request_uri()
-                .and_then(|u| SipUri::parse(u).ok())
+                .and_then(|u| SipUriRef::parse(u).ok())
                 .filter(|u| !self.is_self_uri(u)),
         };
         next.and_then(|u| self.uri_flow(&u))
@@ -333,10 +333,10 @@ impl Proxy {
         };
         let party = if from_caller { &d.callee } else { &d.caller };
         let target = match msg.get(&HeaderName::Route) {
-            Some(r) => SipUri::parse(name_addr_uri(r))
+            Some(r) => SipUriRef::parse(name_addr_uri(r))
                 .ok()
                 .and_then(|u| self.uri_flow(&u)),
-            None => match msg.request_uri().and_then(|u| SipUri::parse(u).ok()) {
+            None => match msg.request_uri().and_then(|u| SipUriRef::parse(u).ok()) {
                 // The remote target itself: the party's own flow (keeps TCP connections and
                 // NAT bindings), else its URI.
                 Some(ruri) if !self.is_self_uri(&ruri) => {
@@ -352,7 +352,7 @@ impl Proxy {
             },
         };
         let target = target.ok_or(Refusal::NoTarget)?;
-        let uri_addr = |u: &str| SipUri::parse(name_addr_uri(u)).ok()?.socket_addr();
+        let uri_addr = |u: &str| SipUriRef::parse(name_addr_uri(u)).ok()?.socket_addr();
         let is_party = party.flow.is_some_and(|f| f.remote == target.remote)
             || party.contact.as_deref().and_then(uri_addr) == Some(target.remote)
             || party

@@ -5,6 +5,7 @@
 use std::fmt;
 
 use super::uri::{split_host_port, write_host, SipUri};
+use super::Text;
 
 /// The scheme of an absolute URI (`ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) ":"`, RFC 3261
 /// 25.1), or None.
@@ -31,7 +32,7 @@ pub fn check_request_uri(uri: &str) -> Result<(), String> {
         return Err(format!("{c:?} in {uri:?}"));
     }
     if scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips") {
-        SipUri::parse(uri).map_err(|e| e.to_string())?;
+        SipUri::check(uri).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -194,18 +195,62 @@ pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// One Via entry.
+/// One Via entry. Parsed from a received header ([`Via::parse_text`]), its parts are views of
+/// the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Via {
-    /// UDP, TCP, TLS, ... as written.
-    pub transport: String,
-    pub host: String,
+    /// UDP, TCP, TLS, ... upper-cased.
+    pub transport: Text,
+    pub host: Text,
     pub port: Option<u16>,
-    pub params: Vec<(String, Option<String>)>,
+    pub params: Vec<(Text, Option<Text>)>,
 }
 
 impl Via {
+    /// Parses a Via value held as a `&str` (it is copied once).
     pub fn parse(value: &str) -> Option<Via> {
+        Via::parse_text(&Text::from(value))
+    }
+
+    /// Parses a Via value; transport (when written in upper case), host and parameters are
+    /// views of `value`.
+    pub fn parse_text(value: &Text) -> Option<Via> {
+        let mut params = Vec::with_capacity(4);
+        let (transport, host, port) = Via::scan(value, |k, v| {
+            params.push((value.slice_ref(k), v.map(|v| value.slice_ref(v))))
+        })?;
+        let transport = if transport.bytes().any(|b| b.is_ascii_lowercase()) {
+            Text::from(transport.to_ascii_uppercase())
+        } else {
+            value.slice_ref(transport)
+        };
+        Some(Via {
+            transport,
+            host: value.slice_ref(host),
+            port,
+            params,
+        })
+    }
+
+    /// The sent-by port of the Via `value` and whether it has `rport`, without building a
+    /// Via; None when it does not parse.
+    pub fn port_and_rport(value: &str) -> Option<(Option<u16>, bool)> {
+        let mut rport = false;
+        let (_, _, port) = Via::scan(value, |k, _| rport |= k.eq_ignore_ascii_case("rport"))?;
+        Some((port, rport))
+    }
+
+    /// Whether `value` parses as a Via, without building one.
+    pub fn is_valid(value: &str) -> bool {
+        Via::scan(value, |_, _| {}).is_some()
+    }
+
+    /// The grammar: transport, host and port, each parameter handed to `param`; all parts of
+    /// `value`.
+    fn scan<'a>(
+        value: &'a str,
+        mut param: impl FnMut(&'a str, Option<&'a str>),
+    ) -> Option<(&'a str, &'a str, Option<u16>)> {
         let mut parts = value.split(';');
         let proto_host = parts.next()?.trim();
         // sent-protocol: `SIP / 2.0 / UDP`, white space allowed around each slash (SLASH is
@@ -224,24 +269,18 @@ impl Via {
             return None;
         }
         // No empty parameter (`;;`, a trailing `;`: RFC 4475 3.1.2.1 badinv01).
-        let mut params = Vec::new();
         for p in parts {
             let p = p.trim();
             let (k, v) = match p.split_once('=') {
-                Some((k, v)) => (k.trim(), Some(v.trim().to_string())),
+                Some((k, v)) => (k.trim(), Some(v.trim())),
                 None => (p, None),
             };
             if k.is_empty() {
                 return None;
             }
-            params.push((k.to_string(), v));
+            param(k, v);
         }
-        Some(Via {
-            transport: transport.trim().to_ascii_uppercase(),
-            host: host.to_string(),
-            port,
-            params,
-        })
+        Some((transport.trim(), host, port))
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
@@ -258,8 +297,10 @@ impl Via {
             .iter_mut()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
         {
-            Some((_, v)) => *v = value,
-            None => self.params.push((name.to_string(), value)),
+            Some((_, v)) => *v = value.map(Text::from),
+            None => self
+                .params
+                .push((Text::from(name.to_string()), value.map(Text::from))),
         }
     }
 

@@ -15,7 +15,12 @@ pub use header::{
 pub use message::{
     bad_request, header_end, HeaderName, Message, Method, ParseError, StartLine, StatusCode,
 };
-pub use uri::{split_host_port, write_host, SipUri, Transport, UriError};
+pub use uri::{split_host_port, write_host, SipUri, SipUriRef, Transport, UriError};
+
+/// A header value, a Request-URI or a reason phrase: UTF-8 checked once, when the message was
+/// parsed, and then a view of the received bytes (a clone shares them). The values the proxy
+/// writes itself are made from owned strings (`Text::from(String)`, no copy).
+pub type Text = bytestring::ByteString;
 
 /// The To tag of every response lb-proxy sends statelessly (the transport's `400` to a malformed
 /// request, the core's `503` under overload) starts with this. No dialog ever has such a tag,

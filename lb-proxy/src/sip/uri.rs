@@ -85,50 +85,23 @@ pub enum UriError {
 
 impl SipUri {
     pub fn parse(s: &str) -> Result<SipUri, UriError> {
-        let s = s.trim();
-        let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
-            (false, r)
-        } else if let Some(r) = strip_prefix_ci(s, "sips:") {
-            (true, r)
-        } else {
-            return Err(UriError::Scheme(s.to_string()));
-        };
-        // The user part may hold `?`, `/` and `;` (RFC 3261 25.1 user-unreserved; RFC 4475
-        // 3.1.1.2, 3.1.1.9) but never an unescaped `@`: it ends at the last `@`, and the
-        // headers (`?...`) can only follow the host.
-        let (userinfo, rest) = match rest.rfind('@') {
-            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
-            None => (None, rest),
-        };
-        let (hostpart, headers) = match rest.split_once('?') {
-            Some((a, b)) => (a, Some(b.to_string())),
-            None => (rest, None),
-        };
-        let mut parts = hostpart.split(';');
-        let hostport = parts.next().unwrap_or_default();
-        // Trimmed: white space at the end of the last one would not survive being written
-        // back (the whole URI is trimmed when read).
-        let params = parts
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(|p| match p.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (p.to_string(), None),
-            })
-            .collect();
-        let (host, port) =
-            split_host_port(hostport).ok_or_else(|| UriError::Host(s.to_string()))?;
-        if host.is_empty() {
-            return Err(UriError::NoHost(s.to_string()));
-        }
+        let p = SipUriRef::parse(s)?;
         Ok(SipUri {
-            secure,
-            user: userinfo.map(|u| u.to_string()),
-            host: host.to_string(),
-            port,
-            params,
-            headers,
+            secure: p.secure,
+            user: p.user.map(str::to_string),
+            host: p.host.to_string(),
+            port: p.port,
+            params: p
+                .params()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect(),
+            headers: p.headers.map(str::to_string),
         })
+    }
+
+    /// Whether `s` parses as a SIP URI ([`SipUri::parse`]), without building one.
+    pub fn check(s: &str) -> Result<(), UriError> {
+        SipUriRef::parse(s).map(|_| ())
     }
 
     pub fn param(&self, name: &str) -> Option<Option<&str>> {
@@ -168,10 +141,126 @@ impl SipUri {
     }
 }
 
-impl fmt::Display for SipUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// A SIP URI read in place: the grammar of [`SipUri::parse`], each part a view of the text,
+/// for the URIs the proxy only reads (Route entries, a Request-URI to match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SipUriRef<'a> {
+    pub secure: bool,
+    pub user: Option<&'a str>,
+    /// Host without IPv6 brackets.
+    pub host: &'a str,
+    pub port: Option<u16>,
+    /// After the host and port: `;a=b;c`, not yet split.
+    params: &'a str,
+    pub headers: Option<&'a str>,
+}
+
+impl<'a> SipUriRef<'a> {
+    pub fn parse(s: &'a str) -> Result<SipUriRef<'a>, UriError> {
+        let s = s.trim();
+        let (secure, rest) = if let Some(r) = strip_prefix_ci(s, "sip:") {
+            (false, r)
+        } else if let Some(r) = strip_prefix_ci(s, "sips:") {
+            (true, r)
+        } else {
+            return Err(UriError::Scheme(s.to_string()));
+        };
+        // The user part may hold `?`, `/` and `;` (RFC 3261 25.1 user-unreserved; RFC 4475
+        // 3.1.1.2, 3.1.1.9) but never an unescaped `@`: it ends at the last `@`, and the
+        // headers (`?...`) can only follow the host.
+        let (user, rest) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
+        let (hostpart, headers) = match rest.split_once('?') {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        let (hostport, params) = hostpart.split_at(hostpart.find(';').unwrap_or(hostpart.len()));
+        let (host, port) =
+            split_host_port(hostport).ok_or_else(|| UriError::Host(s.to_string()))?;
+        if host.is_empty() {
+            return Err(UriError::NoHost(s.to_string()));
+        }
+        Ok(SipUriRef {
+            secure,
+            user,
+            host,
+            port,
+            params,
+            headers,
+        })
+    }
+
+    /// The parameters in order; empty ones skipped. Trimmed: white space at the end of the
+    /// last one would not survive being written back (the whole URI is trimmed when read).
+    pub fn params(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+        self.params
+            .split(';')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (p, None),
+            })
+    }
+
+    /// As [`SipUri::param`].
+    pub fn param(&self, name: &str) -> Option<Option<&'a str>> {
+        self.params()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// As [`SipUri::transport`].
+    pub fn transport(&self) -> Transport {
+        if self.secure {
+            return Transport::Tls;
+        }
+        match self.param("transport").flatten().and_then(Transport::parse) {
+            Some(t) => t,
+            None => Transport::Udp,
+        }
+    }
+
+    /// As [`SipUri::port_or_default`].
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or_else(|| self.transport().default_port())
+    }
+
+    /// As [`SipUri::socket_addr`].
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip: IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port_or_default()))
+    }
+}
+
+impl SipUri {
+    /// The user part of the SIP URI `s`, without building one: `Err` when `s` is no SIP URI.
+    pub fn user_of(s: &str) -> Result<Option<&str>, UriError> {
+        SipUriRef::parse(s).map(|p| p.user)
+    }
+
+    /// This URI written with `user` as its user part, into one String.
+    pub fn to_string_with_user(&self, user: Option<&str>) -> String {
+        let params: usize = self
+            .params
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len) + 2)
+            .sum();
+        let mut s = String::with_capacity(
+            16 + self.host.len()
+                + user.map_or(0, str::len)
+                + params
+                + self.headers.as_ref().map_or(0, String::len),
+        );
+        let _ = self.write(&mut s, user);
+        s
+    }
+
+    fn write(&self, f: &mut impl fmt::Write, user: Option<&str>) -> fmt::Result {
         f.write_str(if self.secure { "sips:" } else { "sip:" })?;
-        if let Some(u) = &self.user {
+        if let Some(u) = user {
             write!(f, "{u}@")?;
         }
         write_host(f, &self.host)?;
@@ -191,15 +280,21 @@ impl fmt::Display for SipUri {
     }
 }
 
+impl fmt::Display for SipUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, self.user.as_deref())
+    }
+}
+
 /// A `;name=value` parameter by case-insensitive name: Some(None) for a flag like `lr`.
-pub fn find_param<'a>(
-    params: &'a [(String, Option<String>)],
+pub fn find_param<'a, K: AsRef<str>, V: AsRef<str>>(
+    params: &'a [(K, Option<V>)],
     name: &str,
 ) -> Option<Option<&'a str>> {
     params
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_deref())
+        .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_ref().map(AsRef::as_ref))
 }
 
 /// Writes a host, bracketing IPv6 literals.
@@ -356,6 +451,52 @@ mod tests {
         ] {
             let u = SipUri::parse(ok).unwrap();
             assert_eq!(SipUri::parse(&u.to_string()).unwrap(), u, "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_view_reads_as_the_owned_uri() {
+        for s in [
+            "sip:127.0.0.1:5080",
+            "sips:a@b.example.com;transport=tcp;lr",
+            " SIP:user;x=1@[::1]:5070;TRANSPORT=tls;lb-t=abc?h=1 ",
+            "sip:a@b;;lr;",
+            "sip:h:99999",
+            "sip:[::1",
+            "sip:@",
+            "tel:+1234",
+            "sip:mrcp@10.0.0.1;transport=udp",
+        ] {
+            let (owned, view) = (SipUri::parse(s), SipUriRef::parse(s));
+            assert_eq!(owned.as_ref().err(), view.as_ref().err(), "{s}");
+            let (Ok(o), Ok(v)) = (owned, view) else {
+                continue;
+            };
+            assert_eq!(
+                (
+                    o.secure,
+                    o.user.as_deref(),
+                    o.host.as_str(),
+                    o.port,
+                    o.headers.as_deref()
+                ),
+                (v.secure, v.user, v.host, v.port, v.headers),
+                "{s}"
+            );
+            let params: Vec<(String, Option<String>)> = v
+                .params()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect();
+            assert_eq!(o.params, params, "{s}");
+            assert_eq!(o.transport(), v.transport(), "{s}");
+            assert_eq!(o.socket_addr(), v.socket_addr(), "{s}");
+            assert_eq!(o.param("lr"), v.param("LR"), "{s}");
+            assert_eq!(SipUri::user_of(s), Ok(o.user.as_deref()), "{s}");
+            for user in [None, Some("caller")] {
+                let mut with = o.clone();
+                with.user = user.map(str::to_string);
+                assert_eq!(o.to_string_with_user(user), with.to_string(), "{s}");
+            }
         }
     }
 }

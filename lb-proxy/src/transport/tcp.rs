@@ -426,7 +426,7 @@ fn content_length(head: &[u8]) -> Result<Option<usize>, String> {
 /// The `400` for a message head framed without Content-Length ([`Frame::NoLength`]), when it is
 /// a request to which one can be addressed; None for a response (nobody to answer).
 pub fn no_length_answer(head: &[u8], max_headers: usize) -> Option<Bytes> {
-    let e = match Message::parse_limited(head, max_headers) {
+    let e = match Message::parse_limited(Bytes::copy_from_slice(head), max_headers) {
         Ok(msg) => ParseError {
             reason: "no Content-Length on a stream (RFC 3261 18.3)".to_string(),
             partial: Some(Box::new(msg)),
@@ -476,7 +476,7 @@ async fn read_loop<R: AsyncRead + Unpin, E: Upward>(
                 Frame::Message(n) => {
                     let data = buf.split_to(n).freeze();
                     begun = None;
-                    match Message::parse_limited(&data, limits.max_headers) {
+                    match Message::parse_limited(data, limits.max_headers) {
                         Ok(msg) => {
                             let ev = E::from(Inbound { msg, flow });
                             if shared.events.send(ev).await.is_err() {

@@ -113,7 +113,8 @@ pub fn datagram(
         remote,
         conn: None,
     };
-    match Message::parse_limited(data, limits.max_headers) {
+    // The one copy of the datagram: header values are views of it from here on.
+    match Message::parse_limited(Bytes::copy_from_slice(data), limits.max_headers) {
         Ok(msg) => Received::Message(Inbound { msg, flow }),
         Err(e) => {
             counters.malformed(&e);

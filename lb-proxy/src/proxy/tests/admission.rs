@@ -11,7 +11,7 @@ fn advertised_address_goes_in_via_and_record_route_and_routes_back() {
     inv.assert_to(&srv.peer);
     let v = &inv.vias()[0];
     assert_eq!(
-        (v.transport.as_str(), v.host.as_str(), v.port),
+        (&*v.transport, &*v.host, v.port),
         ("UDP", "lb.example.com", Some(5070))
     );
     assert_eq!(
@@ -32,7 +32,7 @@ fn advertised_address_goes_in_via_and_record_route_and_routes_back() {
     assert_eq!(fwd.get(HeaderName::Route), None, "our Route popped");
     assert_eq!(fwd.ruri(), "sip:mrcp@127.0.0.1:5080;transport=udp");
     let v = &fwd.vias()[0];
-    assert_eq!((v.host.as_str(), v.port), ("lb.example.com", Some(5070)));
+    assert_eq!((&*v.host, v.port), ("lb.example.com", Some(5070)));
     assert_eq!(h.load(0), 0);
     assert_eq!(h.proxy.dialog_stats().active, 0);
 
@@ -40,7 +40,7 @@ fn advertised_address_goes_in_via_and_record_route_and_routes_back() {
     let mut h = Harness::started(ONE_PROBED, &format!("{ADVERTISE}{PROBING}"));
     let (_, probe) = Prober::default().next(&mut h, secs(10));
     let v = &probe.vias()[0];
-    assert_eq!((v.host.as_str(), v.port), ("lb.example.com", Some(5070)));
+    assert_eq!((&*v.host, v.port), ("lb.example.com", Some(5070)));
     assert_eq!(
         name_addr_uri(probe.get(HeaderName::From).unwrap()),
         "sip:mrcp-lb@lb.example.com:5070"

@@ -118,10 +118,7 @@ fn callee_bye_reaches_the_caller_on_its_tcp_connection() {
     assert_eq!(bye.get(HeaderName::Route), None, "both our Routes consumed");
     let vias = bye.vias();
     assert_eq!(vias.len(), 2);
-    assert_eq!(
-        (vias[0].transport.as_str(), vias[0].port),
-        ("TCP", Some(5060))
-    );
+    assert_eq!((&*vias[0].transport, vias[0].port), ("TCP", Some(5060)));
     assert_eq!(bye.msg.from_tag(), Some("srv4"));
     assert_eq!(bye.msg.to_tag(), Some(call.tag()));
     let st = h.proxy.dialog_stats();

@@ -930,11 +930,7 @@ fn check_probe(p: &Sent, to: &Peer, ruri: &str, from_uri: &str) {
         Transport::Tls => ("TLS", None),
     };
     assert_eq!(
-        (
-            vias[0].transport.as_str(),
-            vias[0].host.as_str(),
-            vias[0].port
-        ),
+        (&*vias[0].transport, &*vias[0].host, vias[0].port),
         (transport, "127.0.0.1", Some(5060)),
         "our Via, from the advertised address of the {transport} listener"
     );

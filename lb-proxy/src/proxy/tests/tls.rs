@@ -25,7 +25,7 @@ fn tls_call_stays_on_tls_both_sides() {
     );
     let via = &inv.vias()[0];
     assert_eq!(
-        (via.transport.as_str(), via.host.as_str(), via.port),
+        (&*via.transport, &*via.host, via.port),
         ("TLS", "127.0.0.1", Some(5061))
     );
     assert_eq!(via.param("rport"), None, "no rport over a stream");
