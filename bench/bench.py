@@ -1020,7 +1020,23 @@ def micro():
     out["results"].sort(key=lambda r: (r["case"], r["destinations"]))
     for r in out["results"]:
         log(f"micro {r['case']}/{r['destinations']}: median {fmt_ns(r['median_ns'])}")
+    out["alloc"] = alloc_counts(root)
     return out
+
+
+def alloc_counts(root):
+    """Heap allocations per call and per parse (lb-proxy/benches/alloc.rs: exact counts)."""
+    if not (root / "lb-proxy" / "benches" / "alloc.rs").exists():
+        return None
+    argv = ["cargo", "bench", "-p", "lb-proxy", "--bench", "alloc"]
+    log("alloc: " + " ".join(argv))
+    r = subprocess.run(argv, cwd=root, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Broken(f"cargo bench --bench alloc failed (status {r.returncode}): {r.stderr[-500:]}")
+    lines = [l.strip() for l in r.stdout.splitlines() if l.startswith("per ")]
+    for l in lines:
+        log("alloc " + l)
+    return {"command": " ".join(argv), "lines": lines}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1340,6 +1356,22 @@ def report(res, procs):
             w(f"| {r['case']} | {r['destinations']} | {fmt_ns(r['median_ns'])} | "
               f"{fmt_ns(r['mean_ns'])} ({fmt_ns(r['mean_lo_ns'])}–{fmt_ns(r['mean_hi_ns'])}) | "
               f"{fmt_ns(r['median_ns'] / r['destinations'])} |")
+    w("")
+    al = (mi or {}).get("alloc")
+    if al:
+        w("## 6. Heap allocations per call")
+        w("")
+        w(f"`{al['command']}`: the core driven in-process (no sockets) through calls shaped like "
+          "the UDP benchmark's (INVITE with an MRCP offer, 100, 200 with Record-Route, ACK and "
+          "BYE through it, 200), counted by a counting global allocator around what the runtime "
+          "does per datagram (the parse with its one copy of the datagram, `on_message`, the "
+          "timers due, the outbound queue). Exact counts, not samples:")
+        w("")
+        for l in al["lines"]:
+            w(f"- {l}")
+        w("")
+    w("Measurements taken between full runs (one phase, one change against the build before "
+      "it) are in `bench/HISTORY.md`.")
     w("")
     w("## Exact commands")
     w("")
