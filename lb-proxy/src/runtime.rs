@@ -505,14 +505,19 @@ impl Core {
         let mut senders: Vec<udp::Sender> = io.udp.iter().map(|_| udp::Sender::default()).collect();
         let mut queues: Vec<Vec<udp::Datagram>> = io.udp.iter().map(|_| Vec::new()).collect();
         let mut outbound = Vec::new();
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
         loop {
+            // One timer entry, moved only when the next deadline changes: a new entry per turn
+            // made tokio wake its own (running) driver through the eventfd every time.
             let next = self.proxy.next_timer();
-            let sleep = async {
-                match next {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
+            if next != armed {
+                if let Some(t) = next {
+                    sleep.as_mut().reset(t.into());
                 }
-            };
+                armed = next;
+            }
             tokio::select! {
                 (i, read) = std::future::poll_fn(|cx| udp::poll_read(&io.udp, &mut receivers, cx)) => {
                     match (read, io.udp.get(i), receivers.get(i)) {
@@ -536,7 +541,7 @@ impl Core {
                         }
                     }
                 }
-                _ = sleep => self.proxy.on_timer(Instant::now()),
+                _ = &mut sleep, if armed.is_some() => self.proxy.on_timer(Instant::now()),
                 _ = shutdown.cancelled() => return,
             }
             self.proxy.drain_outbound(&mut outbound);
