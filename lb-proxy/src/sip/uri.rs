@@ -115,13 +115,7 @@ impl SipUri {
     /// Transport named by the `transport` parameter, defaulting to UDP; a `sips:` URI is
     /// always reached over TLS (RFC 3261 26.2.2: `transport=tcp` there still means TLS).
     pub fn transport(&self) -> Transport {
-        if self.secure {
-            return Transport::Tls;
-        }
-        match self.param("transport").flatten().and_then(Transport::parse) {
-            Some(t) => t,
-            None => Transport::Udp,
-        }
+        transport_of(self.secure, self.param("transport").flatten())
     }
 
     /// Port, or the default of the URI's transport (5061 for TLS, else 5060).
@@ -214,13 +208,7 @@ impl<'a> SipUriRef<'a> {
 
     /// As [`SipUri::transport`].
     pub fn transport(&self) -> Transport {
-        if self.secure {
-            return Transport::Tls;
-        }
-        match self.param("transport").flatten().and_then(Transport::parse) {
-            Some(t) => t,
-            None => Transport::Udp,
-        }
+        transport_of(self.secure, self.param("transport").flatten())
     }
 
     /// As [`SipUri::port_or_default`].
@@ -344,6 +332,15 @@ pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
         return None;
     }
     Some((host, port))
+}
+
+/// The transport a URI names: TLS for `sips:` whatever its `transport` parameter (RFC 3261
+/// 26.2.2), else the parameter's, else UDP.
+fn transport_of(secure: bool, param: Option<&str>) -> Transport {
+    if secure {
+        return Transport::Tls;
+    }
+    param.and_then(Transport::parse).unwrap_or(Transport::Udp)
 }
 
 #[cfg(test)]
