@@ -75,7 +75,7 @@ KAM_LIST = BENCH / "kamailio" / "dispatcher.list"
 UAC = BENCH / "sipp" / "uac.xml"
 UAS = BENCH / "sipp" / "uas.xml"
 
-DEFAULT_RATES = "250,500,750,1000,1250,1500,2000,2500,3000,4000,5000,6000,8000,10000"
+DEFAULT_RATES = "250,500,750,1000,1250,1500,2000,2500,3000,4000,5000,6000,8000,10000,12000"
 
 
 def env_str(name, default):
@@ -1474,10 +1474,12 @@ def targets(res, w):
     r = rate("udp")
     if r is not None and r[0]:
         gen = trs["udp"]["rate"]["best"].get("direct")
-        ok = r[0] >= 1.5 * BEFORE["rate_udp"] or r[1]
+        ok = r[0] >= 1.5 * BEFORE["rate_udp"]
+        verdict = mark(ok) if ok or not r[1] else \
+            f"not shown: the steps end at {RATES[-1]}/s (BENCH_RATES)"
         rows.append(("highest sustained UDP rate", f"{BEFORE['rate_udp']}/s",
                      ("≥ " if r[1] else "") + f"{r[0]}/s", "≥ 12000/s or the generator's limit",
-                     mark(ok)))
+                     verdict))
     for case, q in routing():
         rows.append((f"routing choice at 1000 vs 2 destinations ({case})", "linear",
                      f"{q:.2f}×", "≤ 2×", mark(q <= 2)))
