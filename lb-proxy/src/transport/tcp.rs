@@ -393,18 +393,33 @@ pub fn frame(buf: &[u8], max: usize) -> Frame {
     }
 }
 
-/// Content-Length from raw header bytes (None when absent), as the parser finds it: a header
-/// line of that name, not the start line, and not a folded continuation line (the parser joins
-/// that to the header above it), or the framer and the parser would disagree on where the body
-/// ends, and so on where the next message starts. Two of them are an error, even when equal
-/// (RFC 4475 3.3.9 mcl01: over a stream the framing is lost).
+/// Content-Length from raw header bytes (None when absent), as the parser finds it: on the
+/// logical header lines, folded continuation lines joined to the line above them as the parser
+/// joins them (so `Content-Length` with its `: 0` on a continuation line is one, and a
+/// continuation of the start line is none), or the framer and the parser would disagree on
+/// where the body ends, and so on where the next message starts. Two of them are an error,
+/// even when equal (RFC 4475 3.3.9 mcl01: over a stream the framing is lost).
 fn content_length(head: &[u8]) -> Result<Option<usize>, String> {
     let text = String::from_utf8_lossy(head);
+    let folded = |l: &&str| l.starts_with([' ', '\t']);
+    let mut raw = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .filter(|l| !l.is_empty())
+        .peekable();
+    // The start line, with what is folded into it.
+    raw.next();
+    while raw.next_if(folded).is_some() {}
     let mut found = None;
-    for line in text.split('\n').skip(1) {
-        if line.starts_with([' ', '\t']) {
-            continue;
+    while let Some(first) = raw.next() {
+        // Only a folded header costs a copy.
+        let mut joined: Option<String> = None;
+        while let Some(more) = raw.next_if(folded) {
+            let j = joined.get_or_insert_with(|| first.to_string());
+            j.push(' ');
+            j.push_str(more.trim());
         }
+        let line = joined.as_deref().unwrap_or(first);
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
@@ -633,6 +648,21 @@ mod tests {
         assert_eq!(frame(&stream, 1000), Frame::Message(head.len()));
         let no_cl = b"OPTIONS sip:x SIP/2.0\r\nSubject: a\r\n\tContent-Length: 3\r\n\r\nabc";
         assert_eq!(frame(no_cl, 1000), Frame::NoLength(no_cl.len() - 3));
+        // The other way round (found by the fuzzer): the name on one line, `: 3` folded onto
+        // the next is Content-Length 3 for the parser, so for the framer too.
+        let split = "OPTIONS sip:x SIP/2.0\r\nContent-Length\r\n : 3\r\n\r\n";
+        let mut stream = split.as_bytes().to_vec();
+        stream.extend_from_slice(b"abcdef");
+        assert_eq!(frame(&stream, 1000), Frame::Message(split.len() + 3));
+        // (The parser refuses it for want of Via and the rest, but reads its body so.)
+        let body = match Message::parse(&stream[..split.len() + 3]) {
+            Ok(m) => Some(m.body.len()),
+            Err(e) => e.partial.map(|m| m.body.len()),
+        };
+        assert_eq!(body, Some(3));
+        // A line folded into the start line is no header.
+        let start = b"OPTIONS sip:x SIP/2.0\r\n Content-Length: 3\r\n\r\nabc";
+        assert_eq!(frame(start, 1000), Frame::NoLength(start.len() - 3));
     }
 
     const NO_LENGTH: &str = "INVITE sip:a@127.0.0.1 SIP/2.0\r\n\
