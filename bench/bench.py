@@ -1121,10 +1121,10 @@ def report(res, procs):
     w(f"- **Load average** (1/5/15 min): {' / '.join(la0)} just before the run, "
       f"{' / '.join(la1)} at its end (the bench's own load included)")
     if busy:
-        w(f"- **Measured while other work ran on the machine**: builds and test suites of other "
-          f"engineers (load average {la0[0]} on {h['nproc']} CPUs before the bench started). "
-          f"Absolute figures are noisy; the two proxies were measured alternately in the same "
-          f"run, so the ratios are the more reliable part.")
+        w(f"- **The machine was not idle when the bench started** (load average {la0[0]} on "
+          f"{h['nproc']} CPUs: other work had just run, or was running). Absolute figures may be "
+          f"noisy; the two proxies were measured alternately in the same run, so the ratios are "
+          f"the more reliable part.")
     w(f"- **Versions**: lb-proxy at git `{v['git']}` ({v['rustc']}, release build); "
       f"`{v['kamailio']}` (Debian package); {v['sipp']} (Debian `sip-tester`); {v['tcpdump']}")
     w("")
