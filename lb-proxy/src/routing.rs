@@ -68,6 +68,25 @@ pub(crate) fn availability(c: Capacity, mode: Mode) -> i64 {
     }
 }
 
+/// The availability of `d` for a call of `group` asking for `resources` (the minimum over
+/// them), or None when `d` is no candidate at all: another group, not usable, lacking a
+/// resource, or nothing asked for. The scan and the index both rank by it.
+pub(crate) fn standing<C: Candidate>(
+    d: &C,
+    group: u32,
+    resources: &[String],
+    mode: Mode,
+) -> Option<i64> {
+    if resources.is_empty() || d.group() != group || !d.usable() {
+        return None;
+    }
+    let mut avail = i64::MAX;
+    for r in resources {
+        avail = avail.min(availability(d.resource(r)?, mode));
+    }
+    Some(avail)
+}
+
 /// Picks the index of the destination for a new call, or `None` when no candidate is left.
 /// `tried` holds the indices already tried for this call. A scan over `dests`: the reference
 /// for [`Index::choose`].
@@ -80,18 +99,11 @@ pub fn choose<C: Candidate>(
 ) -> Option<usize> {
     let mut best: Option<(i64, usize)> = None;
     let mut ties = 0u32;
-    'dests: for (i, d) in dests.iter().enumerate() {
-        if d.group() != want.group || !d.usable() || tried.contains(&i) {
+    for (i, d) in dests.iter().enumerate() {
+        let Some(avail) = standing(d, want.group, want.resources, policy.mode) else {
             continue;
-        }
-        let mut avail = i64::MAX;
-        for r in want.resources {
-            let Some(c) = d.resource(r) else {
-                continue 'dests;
-            };
-            avail = avail.min(availability(c, policy.mode));
-        }
-        if want.resources.is_empty() || (avail <= 0 && !policy.allow_over_capacity) {
+        };
+        if tried.contains(&i) || (avail <= 0 && !policy.allow_over_capacity) {
             continue;
         }
         match best {

@@ -351,8 +351,8 @@ impl Proxy {
             return;
         };
         self.metrics.request(&method);
-        let branch = via.branch().unwrap_or_default().to_string();
-        let sent_by = via.sent_by();
+        let branch: Arc<str> = via.branch().unwrap_or_default().into();
+        let sent_by: Arc<str> = via.sent_by().into();
         // RFC 3581: note where the request really came from.
         if !ip_is_written(flow.remote.ip(), &via.host) || via.param("rport").is_some() {
             let mut v = via;
@@ -365,8 +365,8 @@ impl Proxy {
             }
         }
         let key = ServerKey {
-            branch: branch.into(),
-            sent_by: sent_by.into(),
+            branch,
+            sent_by,
             method: if method == Method::Ack {
                 Method::Invite
             } else {

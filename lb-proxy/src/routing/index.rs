@@ -20,24 +20,11 @@
 use rand::Rng;
 use std::collections::BTreeMap;
 
-use super::{availability, Candidate, Mode, Policy, Want};
+use super::{standing, Candidate, Mode, Policy, Want};
 
 /// How many (group, resources, mode) combinations get an order. The proxy asks for one per
 /// listener (its group and resources), so a handful in practice.
 pub const MAX_ORDERS: usize = 16;
-
-/// The availability `choose` computes for `d`, or None when `d` is no candidate for `group` and
-/// `resources` at all (whatever `tried` and the over-capacity rule say).
-fn standing<C: Candidate>(d: &C, group: u32, resources: &[String], mode: Mode) -> Option<i64> {
-    if resources.is_empty() || d.group() != group || !d.usable() {
-        return None;
-    }
-    let mut avail = i64::MAX;
-    for r in resources {
-        avail = avail.min(availability(d.resource(r)?, mode));
-    }
-    Some(avail)
-}
 
 /// The candidates for one (group, resources, mode), by availability.
 #[derive(Debug)]

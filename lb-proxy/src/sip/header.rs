@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::uri::{split_host_port, write_host, SipUri};
+use super::uri::{split_host_port, write_host_port_params, SipUri};
 use super::Text;
 
 /// The scheme of an absolute URI (`ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) ":"`, RFC 3261
@@ -306,12 +306,8 @@ impl Via {
 
     /// `host:port` as written, the transaction-matching sent-by.
     pub fn sent_by(&self) -> String {
-        let mut s = String::new();
-        let _ = write_host(&mut s, &self.host);
-        if let Some(p) = self.port {
-            s.push(':');
-            s.push_str(&p.to_string());
-        }
+        let mut s = String::with_capacity(self.host.len() + 8);
+        let _ = write_host_port_params::<&str, &str>(&mut s, &self.host, self.port, &[]);
         s
     }
 }
@@ -319,17 +315,7 @@ impl Via {
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SIP/2.0/{} ", self.transport)?;
-        write_host(f, &self.host)?;
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
-        }
-        for (k, v) in &self.params {
-            match v {
-                Some(v) => write!(f, ";{k}={v}")?,
-                None => write!(f, ";{k}")?,
-            }
-        }
-        Ok(())
+        write_host_port_params(f, &self.host, self.port, &self.params)
     }
 }
 

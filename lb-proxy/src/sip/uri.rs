@@ -251,16 +251,7 @@ impl SipUri {
         if let Some(u) = user {
             write!(f, "{u}@")?;
         }
-        write_host(f, &self.host)?;
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
-        }
-        for (k, v) in &self.params {
-            match v {
-                Some(v) => write!(f, ";{k}={v}")?,
-                None => write!(f, ";{k}")?,
-            }
-        }
+        write_host_port_params(f, &self.host, self.port, &self.params)?;
         if let Some(h) = &self.headers {
             write!(f, "?{h}")?;
         }
@@ -283,6 +274,28 @@ pub fn find_param<'a, K: AsRef<str>, V: AsRef<str>>(
         .iter()
         .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_ref().map(AsRef::as_ref))
+}
+
+/// Writes `host[:port][;k[=v]]...`, as a SIP URI and a Via both end.
+pub fn write_host_port_params<K: AsRef<str>, V: AsRef<str>>(
+    f: &mut impl fmt::Write,
+    host: &str,
+    port: Option<u16>,
+    params: &[(K, Option<V>)],
+) -> fmt::Result {
+    write_host(f, host)?;
+    if let Some(p) = port {
+        write!(f, ":{p}")?;
+    }
+    for (k, v) in params {
+        f.write_char(';')?;
+        f.write_str(k.as_ref())?;
+        if let Some(v) = v {
+            f.write_char('=')?;
+            f.write_str(v.as_ref())?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes a host, bracketing IPv6 literals.
