@@ -62,6 +62,10 @@ pub struct ResourceStatus {
     /// cluster).
     #[serde(default)]
     pub cluster_load: u32,
+    /// The destination answered 406 to a session asking for this resource (SDP routing):
+    /// sessions asking for it go elsewhere for a probe interval.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_acceptable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

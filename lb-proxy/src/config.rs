@@ -11,6 +11,10 @@ use std::time::Duration;
 use crate::routing::{Mode, Policy};
 use crate::sip::{SipUri, Transport};
 
+mod routing;
+pub use routing::{pool_group, Pool, Resources, SdpRouting};
+use routing::{RawPool, RawResources, RawSdp};
+
 /// A host and port peers use to reach the proxy (Via, Record-Route).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {
@@ -70,15 +74,19 @@ pub struct Listener {
     pub advertise: HostPort,
     /// Group asked for by INVITEs arriving here.
     pub group: u32,
-    /// Resources asked for by INVITEs arriving here.
-    pub resources: Vec<String>,
+    /// What the sessions arriving here are counted against.
+    pub resources: Resources,
 }
 
 #[derive(Debug, Clone)]
 pub struct Routing {
     pub policy: Policy,
     pub group: u32,
-    pub resources: Vec<String>,
+    /// The default for listeners without their own `resources`.
+    pub resources: Resources,
+    pub sdp: SdpRouting,
+    /// First match wins; no match: the listener's group.
+    pub pools: Vec<Pool>,
     pub max_attempts: u32,
     pub failover_codes: Vec<CodeSet>,
     pub retry_after: Duration,
@@ -672,7 +680,7 @@ struct RawListenerFull {
     #[serde(default)]
     group: Option<u32>,
     #[serde(default)]
-    resources: Option<Vec<String>>,
+    resources: Option<RawResources>,
 }
 
 #[derive(Deserialize)]
@@ -688,7 +696,9 @@ struct RawAdmin {
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct RawRouting {
     group: u32,
-    resources: Vec<String>,
+    resources: RawResources,
+    sdp: RawSdp,
+    pools: Vec<RawPool>,
     mode: Mode,
     allow_over_capacity: bool,
     max_attempts: u32,
@@ -701,7 +711,9 @@ impl Default for RawRouting {
     fn default() -> Self {
         RawRouting {
             group: lb_api::DEFAULT_GROUP,
-            resources: vec!["pstn".to_string()],
+            resources: RawResources::List(vec!["pstn".to_string()]),
+            sdp: RawSdp::default(),
+            pools: Vec::new(),
             mode: Mode::Absolute,
             allow_over_capacity: false,
             max_attempts: 3,
@@ -1071,13 +1083,13 @@ impl RawConfig {
     fn into_config(self) -> Result<Config, ConfigError> {
         let routing = {
             let r = &self.routing;
-            if r.resources.is_empty() {
-                return Err(FieldError::new(
-                    "routing.resources",
-                    "must name at least one resource",
-                )
-                .into());
-            }
+            let resources = r.resources.build("routing.resources")?;
+            let pools = r
+                .pools
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.build(i))
+                .collect::<Result<Vec<_>, _>>()?;
             if r.max_attempts == 0 {
                 return Err(FieldError::new("routing.maxAttempts", "must be at least 1").into());
             }
@@ -1087,7 +1099,9 @@ impl RawConfig {
                     allow_over_capacity: r.allow_over_capacity,
                 },
                 group: r.group,
-                resources: r.resources.clone(),
+                resources,
+                sdp: r.sdp.build()?,
+                pools,
                 max_attempts: r.max_attempts,
                 failover_codes: parse_codes(&r.failover_codes, "routing.failoverCodes")?,
                 retry_after: r.retry_after,
@@ -1142,15 +1156,10 @@ impl RawConfig {
                     }
                 },
             };
-            if let Some(r) = &resources {
-                if r.is_empty() {
-                    return Err(FieldError::new(
-                        format!("{field}.resources"),
-                        "must name at least one resource",
-                    )
-                    .into());
-                }
-            }
+            let resources = match &resources {
+                Some(r) => r.build(&format!("{field}.resources"))?,
+                None => routing.resources.clone(),
+            };
             if listeners
                 .iter()
                 .any(|x: &Listener| x.transport == transport && x.bind == bind)
@@ -1162,7 +1171,7 @@ impl RawConfig {
                 bind,
                 advertise,
                 group: group.unwrap_or(routing.group),
-                resources: resources.unwrap_or_else(|| routing.resources.clone()),
+                resources,
             });
         }
         let admin = match &self.admin {
@@ -1538,7 +1547,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.listeners[0].advertise.to_string(), "lb.example.com:5070");
         assert_eq!(c.listeners[0].group, 2);
-        assert_eq!(c.listeners[0].resources, vec!["tts".to_string()]);
+        assert_eq!(
+            c.listeners[0].resources,
+            Resources::Fixed(vec!["tts".to_string()])
+        );
         assert_eq!(c.listeners[1].advertise.to_string(), "10.1.2.3:5060");
         // A host alone: each listener keeps its own port.
         let c = Config::from_yaml_with(

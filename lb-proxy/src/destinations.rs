@@ -41,6 +41,25 @@ pub struct ResourceLoad {
     pub load: u32,
     /// Calls the other replicas report (zero without a cluster).
     pub remote: u32,
+    /// Answered 406 to a session asking for this resource (SDP routing): no session asking
+    /// for it goes here until then, or until its capacity changes.
+    pub refused_until: Option<Instant>,
+    /// A 2xx accepted a channel of this resource since its capacity was last set: a 406 is
+    /// not blamed on it while a resource of the session that is not proven is there to blame.
+    pub proven: bool,
+}
+
+impl ResourceLoad {
+    fn new(name: &str, capacity: u32) -> ResourceLoad {
+        ResourceLoad {
+            name: name.to_string(),
+            capacity,
+            load: 0,
+            remote: 0,
+            refused_until: None,
+            proven: false,
+        }
+    }
 }
 
 impl ResourceLoad {
@@ -99,12 +118,7 @@ impl Destination {
         let resources = spec
             .resources
             .iter()
-            .map(|(name, capacity)| ResourceLoad {
-                name: name.to_string(),
-                capacity,
-                load: 0,
-                remote: 0,
-            })
+            .map(|(name, capacity)| ResourceLoad::new(name, capacity))
             .collect();
         Ok(Destination {
             uid,
@@ -218,15 +232,17 @@ impl Destination {
         let mut resources: Vec<ResourceLoad> = spec
             .resources
             .iter()
-            .map(|(name, capacity)| ResourceLoad {
-                name: name.to_string(),
-                capacity,
-                load: self.load_of(name),
-                remote: self
-                    .resources
-                    .iter()
-                    .find(|r| r.name == name)
-                    .map_or(0, |r| r.remote),
+            .map(|(name, capacity)| {
+                let old = self.resources.iter().find(|r| r.name == name);
+                // What a 406 or a 2xx taught about the resource holds while its capacity does.
+                let same = old.filter(|o| o.capacity == capacity);
+                ResourceLoad {
+                    load: old.map_or(0, |o| o.load),
+                    remote: old.map_or(0, |o| o.remote),
+                    refused_until: same.and_then(|o| o.refused_until),
+                    proven: same.is_some_and(|o| o.proven),
+                    ..ResourceLoad::new(name, capacity)
+                }
             })
             .collect();
         // A resource dropped from the spec keeps counting down its open calls, at capacity 0.
@@ -246,12 +262,32 @@ impl Destination {
         Ok(())
     }
 
-    fn load_of(&self, name: &str) -> u32 {
-        self.resources
-            .iter()
-            .find(|r| r.name == name)
-            .map(|r| r.load)
-            .unwrap_or(0)
+    /// Keeps sessions asking for `resources` away until `until` (a 406). The resources
+    /// blamed: those not proven by an accepted channel, or all of them when every one is.
+    /// Returns their names.
+    pub fn refuse(&mut self, resources: &[String], until: Instant) -> Vec<String> {
+        let asked = |r: &ResourceLoad| resources.contains(&r.name);
+        let unproven = self.resources.iter().any(|r| asked(r) && !r.proven);
+        let mut blamed = Vec::new();
+        for r in self.resources.iter_mut() {
+            if asked(r) && (!unproven || !r.proven) {
+                r.refused_until = Some(until);
+                blamed.push(r.name.clone());
+            }
+        }
+        blamed
+    }
+
+    /// Ends the refusals (406) due by `now`; whether one ended.
+    pub fn end_refusals(&mut self, now: Instant) -> bool {
+        let mut ended = false;
+        for r in self.resources.iter_mut() {
+            if r.refused_until.is_some_and(|u| u <= now) {
+                r.refused_until = None;
+                ended = true;
+            }
+        }
+        ended
     }
 
     pub fn status(&self) -> DestinationStatus {
@@ -271,6 +307,7 @@ impl Destination {
                     capacity: r.capacity,
                     load: r.load,
                     cluster_load: r.cluster_load(),
+                    not_acceptable: r.refused_until.is_some(),
                 })
                 .collect(),
             open_calls: self.open,
@@ -310,7 +347,7 @@ impl Candidate for Destination {
     fn resource(&self, name: &str) -> Option<Capacity> {
         self.resources
             .iter()
-            .find(|r| r.name == name)
+            .find(|r| r.name == name && r.refused_until.is_none())
             .map(|r| Capacity {
                 capacity: r.capacity,
                 load: r.cluster_load(),
@@ -529,12 +566,39 @@ impl Destinations {
             }
             d.calls += 1;
             d.open += 1;
+            d.add_units(resources);
+            self.index.refresh(&self.slots, slot);
+        }
+    }
+
+    /// Counts one more unit of each of `resources` (a name twice: two units) for a call the
+    /// destination already carries: a channel added by a re-INVITE.
+    pub fn add_units<S: AsRef<str>>(&mut self, slot: usize, resources: &[S]) {
+        if let Some(d) = self.slots.get_mut(slot) {
+            self.seq += 1;
+            d.add_units(resources);
+            self.index.refresh(&self.slots, slot);
+        }
+    }
+
+    /// Frees one unit of each of `resources` for a call the destination keeps carrying: a
+    /// channel the server rejected or a re-INVITE removed.
+    pub fn remove_units<S: AsRef<str>>(&mut self, slot: usize, resources: &[S]) {
+        if let Some(d) = self.slots.get_mut(slot) {
+            self.seq += 1;
+            d.remove_units(resources);
+            self.index.refresh(&self.slots, slot);
+        }
+    }
+
+    /// A 2xx accepted channels of `resources` here (see [`ResourceLoad::proven`]).
+    pub fn proven<S: AsRef<str>>(&mut self, slot: usize, resources: &[S]) {
+        if let Some(d) = self.slots.get_mut(slot) {
             for r in d.resources.iter_mut() {
-                if resources.contains(&r.name) {
-                    r.load += 1;
+                if resources.iter().any(|n| n.as_ref() == r.name) {
+                    r.proven = true;
                 }
             }
-            self.index.refresh(&self.slots, slot);
         }
     }
 
@@ -543,15 +607,7 @@ impl Destinations {
         if let Some(d) = self.slots.get_mut(slot) {
             self.seq += 1;
             d.open = d.open.saturating_sub(1);
-            for r in d.resources.iter_mut() {
-                if resources.contains(&r.name) {
-                    r.load = r.load.saturating_sub(1);
-                }
-            }
-            // A resource dropped from the spec disappears with its last call.
-            d.resources.retain(|r| {
-                r.capacity > 0 || r.load > 0 || d.spec.resources.get(&r.name).is_some()
-            });
+            d.remove_units(resources);
             self.index.refresh(&self.slots, slot);
         }
     }
@@ -563,6 +619,33 @@ impl Destinations {
 }
 
 impl Destination {
+    fn add_units<S: AsRef<str>>(&mut self, resources: &[S]) {
+        for name in resources {
+            let name = name.as_ref();
+            match self.resources.iter_mut().find(|r| r.name == name) {
+                Some(r) => r.load += 1,
+                // Not offered here (a re-INVITE added a channel the destination does not
+                // list): counted at capacity 0, so that it shows and is given back.
+                None => self.resources.push(ResourceLoad {
+                    load: 1,
+                    ..ResourceLoad::new(name, 0)
+                }),
+            }
+        }
+    }
+
+    fn remove_units<S: AsRef<str>>(&mut self, resources: &[S]) {
+        for name in resources {
+            if let Some(r) = self.resources.iter_mut().find(|r| r.name == name.as_ref()) {
+                r.load = r.load.saturating_sub(1);
+            }
+        }
+        // A resource dropped from the spec disappears with its last call.
+        let spec = &self.spec;
+        self.resources
+            .retain(|r| r.capacity > 0 || r.load > 0 || spec.resources.get(&r.name).is_some());
+    }
+
     /// Removed and carrying no call: the slot can be reused.
     pub fn is_free(&self) -> bool {
         self.removed && self.open == 0

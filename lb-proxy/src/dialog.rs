@@ -45,8 +45,11 @@ pub struct Dialog {
     pub phase: Phase,
     /// Destination slot currently carrying the call's load.
     pub dest: Option<usize>,
-    /// The resources of the listener the call came in on (shared by its calls).
+    /// What the call is counted against on `dest`: the listener's fixed resources, or the
+    /// MRCPv2 channels its offer asked for and the server accepted (shared lists).
     pub resources: Arc<Vec<String>>,
+    /// `resources` came from the SDP offer: the answer and re-INVITEs settle them.
+    pub sdp: bool,
     /// Hard lifetime limit.
     pub lifetime_deadline: Instant,
     /// Session-Expires deadline, refreshed by re-INVITE/UPDATE.

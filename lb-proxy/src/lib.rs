@@ -5,6 +5,7 @@
 //! - [`transport`]: UDP and TCP sockets, framing, connection reuse;
 //! - [`proxy`]: transactions, failover and dialogs (no I/O);
 //! - [`routing`]: the least-loaded choice, a pure function;
+//! - [`sdp`]: the MRCPv2 channels of an SDP offer or answer;
 //! - [`destinations`]: the live set with health and load;
 //! - [`limits`]: per-source keys and the per-source rate limiter;
 //! - [`logging`]: the binary's buffered log output;
@@ -23,5 +24,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod runtime;
+pub mod sdp;
 pub mod sip;
 pub mod transport;

@@ -31,6 +31,12 @@ pub struct Metrics {
     pub routed: IntCounter,
     pub failovers: IntCounter,
     pub rejected_no_capacity: IntCounter,
+    /// SDP routing: new INVITEs by what their offer gave (channels, fallback, refused, bad).
+    pub sdp_offers: IntCounterVec,
+    /// SDP routing: MRCPv2 channels settled by an answer, accepted or rejected.
+    pub sdp_channels: IntCounterVec,
+    /// SDP routing: 406 answers that took a destination out for the session's resources.
+    pub not_acceptable: IntCounter,
     /// Requests refused by an overload limit, by reason.
     pub limited_source_rate: IntCounter,
     pub limited_transactions: IntCounter,
@@ -57,6 +63,7 @@ pub struct Metrics {
     pub invite_setup: Histogram,
     pub dest_capacity: IntGaugeVec,
     pub dest_load: IntGaugeVec,
+    pub dest_not_acceptable: IntGaugeVec,
     pub dest_state: IntGaugeVec,
     pub dest_calls: IntGaugeVec,
     pub probes: IntCounterVec,
@@ -354,6 +361,39 @@ impl Metrics {
                 "mrcp_lb_rejected_no_capacity_total",
                 "INVITEs answered 503 because no destination had capacity.",
             ),
+            sdp_offers: {
+                let v = counter_vec(
+                    &r,
+                    "mrcp_lb_sdp_offers_total",
+                    "New INVITEs under SDP routing by what their offer gave: channels (counted \
+                     by its MRCPv2 channels), fallback (no channel: routing.sdp.fallback), \
+                     refused (no channel, no fallback: 488), bad (unreadable SDP: 400).",
+                    &["outcome"],
+                );
+                for o in ["channels", "fallback", "refused", "bad"] {
+                    v.with_label_values(&[o]);
+                }
+                v
+            },
+            sdp_channels: {
+                let v = counter_vec(
+                    &r,
+                    "mrcp_lb_sdp_channels_total",
+                    "MRCPv2 channels settled by a server's answer: accepted, or rejected (and \
+                     released at once).",
+                    &["outcome"],
+                );
+                for o in ["accepted", "rejected"] {
+                    v.with_label_values(&[o]);
+                }
+                v
+            },
+            not_acceptable: counter(
+                &r,
+                "mrcp_lb_not_acceptable_total",
+                "406 answers that failed a session over and kept the destination from its \
+                 resources for a probe interval (SDP routing).",
+            ),
             invite_setup,
             dest_capacity: gauge_vec(
                 &r,
@@ -365,6 +405,13 @@ impl Metrics {
                 &r,
                 "mrcp_lb_destination_load",
                 "Live dialogs on a destination's resource.",
+                &["destination", "uri", "resource"],
+            ),
+            dest_not_acceptable: gauge_vec(
+                &r,
+                "mrcp_lb_destination_not_acceptable",
+                "1 while a destination is kept from a resource after answering 406 to a \
+                 session asking for it (SDP routing).",
                 &["destination", "uri", "resource"],
             ),
             dest_state: gauge_vec(

@@ -69,7 +69,7 @@ pub(crate) fn availability(c: Capacity, mode: Mode) -> i64 {
 }
 
 /// The availability of `d` for a call of `group` asking for `resources` (the minimum over
-/// them), or None when `d` is no candidate at all: another group, not usable, lacking a
+/// them; a resource listed k times needs k units), or None when `d` is no candidate at all: another group, not usable, lacking a
 /// resource, or nothing asked for. The scan and the index both rank by it.
 pub(crate) fn standing<C: Candidate>(
     d: &C,
@@ -82,7 +82,18 @@ pub(crate) fn standing<C: Candidate>(
     }
     let mut avail = i64::MAX;
     for r in resources {
-        avail = avail.min(availability(d.resource(r)?, mode));
+        let mut c = d.resource(r)?;
+        // A resource asked for k times (two recognizer channels in one session) needs k
+        // free units: what is free after the other k - 1 are taken.
+        let others = resources
+            .iter()
+            .filter(|x| *x == r)
+            .count()
+            .saturating_sub(1);
+        c.load = c
+            .load
+            .saturating_add(u32::try_from(others).unwrap_or(u32::MAX));
+        avail = avail.min(availability(c, mode));
     }
     Some(avail)
 }
@@ -232,6 +243,18 @@ mod tests {
         assert_eq!(pick(&dests, &both, &[], Policy::default()), Some(1));
         // Asking for pstn alone, A wins.
         assert_eq!(pick(&dests, &pstn(), &[], Policy::default()), Some(0));
+    }
+
+    #[test]
+    fn a_resource_asked_twice_needs_two_free_units() {
+        // Two recognizer channels in one session: A has one free unit, B two.
+        let dests = [d(&[("asr", 100, 99)]), d(&[("asr", 10, 8)])];
+        let twice = vec!["asr".to_string(), "asr".to_string()];
+        assert_eq!(pick(&dests, &twice, &[], Policy::default()), Some(1));
+        let once = vec!["asr".to_string()];
+        let full = [d(&[("asr", 100, 99)])];
+        assert_eq!(pick(&full, &once, &[], Policy::default()), Some(0));
+        assert_eq!(pick(&full, &twice, &[], Policy::default()), None);
     }
 
     #[test]

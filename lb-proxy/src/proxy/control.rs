@@ -238,6 +238,7 @@ impl Proxy {
         m.rate_limit_sources.set(self.rate_limit_sources() as i64);
         m.dest_capacity.reset();
         m.dest_load.reset();
+        m.dest_not_acceptable.reset();
         m.dest_state.reset();
         m.dest_calls.reset();
         m.probes.reset();
@@ -251,6 +252,11 @@ impl Proxy {
                 m.dest_load
                     .with_label_values(&[id, uri, &r.name])
                     .set(i64::from(r.load));
+                if r.refused_until.is_some() {
+                    m.dest_not_acceptable
+                        .with_label_values(&[id, uri, &r.name])
+                        .set(1);
+                }
             }
             let state = d.state();
             for st in State::ALL {

@@ -53,13 +53,13 @@ impl Proxy {
             // Same Call-ID and From tag with a new branch: a merged request (RFC 3261 8.2.2.2).
             return self.reply(&msg, flow, 482, "Loop Detected");
         }
-        let listener = self.listener(flow.listener);
-        let want_group = listener.group;
-        let resources = self
-            .listener_resources
-            .get(flow.listener)
-            .cloned()
-            .unwrap_or_default();
+        // The group: the first pool the request matches, else the listener's.
+        let want_group = crate::config::pool_group(&self.cfg.routing.pools, &msg)
+            .unwrap_or_else(|| self.listener(flow.listener).group);
+        let (resources, sdp) = match self.session_resources(flow.listener, &msg) {
+            Ok(r) => r,
+            Err(refused) => return self.reply(&msg, flow, refused.code, &refused.reason),
+        };
         // Calls that cannot be taken are refused before any state is kept: under overload
         // each costs one response and nothing more.
         if self.draining {
@@ -108,6 +108,7 @@ impl Proxy {
             phase: Phase::Trying,
             dest: None,
             resources,
+            sdp,
             lifetime_deadline: now + self.cfg.dialogs.lifetime,
             session_deadline: None,
             to_tag: None,
@@ -344,16 +345,20 @@ impl Proxy {
         let cancelled = call.cancelled;
         msg.remove_first(&HeaderName::Via);
         if status.is_success() {
+            self.settle_channels(skey, &dkey, &msg);
             self.confirm_dialog(now, &dkey, &msg);
             return self.final_upstream(now, skey, msg);
         }
+        // Before the branch's load goes: the 406 rule reads what the session asked for.
+        let not_offered = code == 406 && !cancelled && self.not_acceptable(now, dest, &dkey);
         self.release_branch(&dkey);
-        let failover = self
-            .cfg
-            .routing
-            .failover_codes
-            .iter()
-            .any(|c| c.matches(code));
+        let failover = not_offered
+            || self
+                .cfg
+                .routing
+                .failover_codes
+                .iter()
+                .any(|c| c.matches(code));
         if cancelled || !failover {
             return self.final_upstream(now, skey, msg);
         }

@@ -17,6 +17,7 @@
 //! | `mod.rs` | [`Proxy`], its entry points and the dispatch of a request or response |
 //! | `admission.rs` | 483/482, the pending-transaction limit, the per-source rate, stateless 503 |
 //! | `failover.rs` | an initial INVITE: candidates, branch, next destination, 503 hold |
+//! | `resources.rs` | what a session is counted against: fixed list or SDP channels, settling, 406 |
 //! | `in_dialog.rs` | requests with a To tag: dialog lookup and relay |
 //! | `relay.rs` | the relay rule: where an in-dialog request may go (`next_hop`), the signed Record-Route |
 //! | `dialog.rs` | dialog lifecycle: 2xx, session timers, BYE on expiry |
@@ -120,8 +121,11 @@ pub struct Proxy {
     cluster: Option<Cluster>,
     /// Signs our Record-Route and checks the Route of requests in dialogs we do not hold.
     route_keys: RouteKeys,
-    /// Each listener's resources, shared by the dialogs of the calls it takes.
-    listener_resources: Vec<Arc<Vec<String>>>,
+    /// Each listener's fixed resources, shared by the dialogs of the calls it takes; None
+    /// where the SDP offer says (`routing.resources: sdp`).
+    listener_resources: Vec<Option<Arc<Vec<String>>>>,
+    /// The resource lists of SDP-routed sessions, each kept once.
+    resource_sets: resources::ResourceSets,
 }
 
 impl Proxy {
@@ -171,7 +175,7 @@ impl Proxy {
         let listener_resources = cfg
             .listeners
             .iter()
-            .map(|l| Arc::new(l.resources.clone()))
+            .map(|l| resources::listener_rule(&l.resources))
             .collect();
         Proxy {
             cfg,
@@ -197,6 +201,7 @@ impl Proxy {
             cluster,
             route_keys,
             listener_resources,
+            resource_sets: resources::ResourceSets::default(),
         }
     }
 
@@ -411,6 +416,7 @@ mod in_dialog;
 mod messages;
 mod probe;
 mod relay;
+mod resources;
 mod share;
 mod timers;
 mod transaction;

@@ -27,7 +27,7 @@ pub(in crate::proxy) enum Timer {
     ServerCleanup(u64),
     /// A dialog's lifetime or Session-Expires deadline (RFC 4028).
     Dialog(u64),
-    /// End of a Retry-After hold on a destination slot.
+    /// End of a Retry-After hold, or of a 406 refusal, on a destination slot.
     Hold(usize),
     /// Time to probe the destination.
     Probe(DestRef),
@@ -93,6 +93,7 @@ impl Proxy {
                     if d.held_until.is_some_and(|h| h <= now) {
                         d.held_until = None;
                     }
+                    d.end_refusals(now);
                 }
             }
             Timer::Dialog(id) => self.dialog_due(now, id),

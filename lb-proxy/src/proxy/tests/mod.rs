@@ -994,6 +994,7 @@ fn pstn(capacity: u32, load: u32) -> Vec<lb_api::admin::ResourceStatus> {
         capacity,
         load,
         cluster_load: load,
+        not_acceptable: false,
     }]
 }
 
@@ -1128,6 +1129,7 @@ mod failover;
 mod memory;
 mod probe;
 mod relay;
+mod sdp;
 mod share;
 mod shutdown;
 mod tls;

@@ -201,6 +201,7 @@ impl Proxy {
         } else {
             if is_invite && status.is_success() {
                 self.refresh_session(now, &msg);
+                self.settle_reinvite(&skey, &msg);
             }
             msg.remove_first(&HeaderName::Via);
             self.final_upstream(now, &skey, msg);
