@@ -96,3 +96,10 @@ write("proxy_core", "torture-mid-call", script(
     b"M0" + INVITE, b"M0" + sip("rfc4475-badinv01.sip"), b"R0200",
     b"M1" + sip("rfc4475-wsinv.sip"), b"S0" + sip("rfc4475-scalarlg.sip"),
     b"M0" + sip("rfc4475-zeromf.sip"), b"C0A"))
+# SDP routing (UDP listeners): two channels offered, the server's 202 rejects the second
+# (bit 1 of 202 - 200), ACK; a re-INVITE offering two channels, 200; one removing them, 200;
+# BYE.
+TWO = sip("unimrcp-invite-two-channels.sip")
+write("proxy_core", "sdp-reject-then-reinvites", script(
+    b"M0" + TWO, b"R0202", b"C0A", b"T500", b"C0I", b"R0200", b"C0A", b"C0R", b"R0200",
+    b"C0A", b"C0B", b"R0200", b"T40000"))

@@ -11,14 +11,19 @@
 //!   rewrites the proxy makes before forwarding (received/rport, Route removal, Request-URI,
 //!   Record-Route, Max-Forwards, our Via) and the responses it builds itself produce messages
 //!   that parse; a rejected request gets a `400` that parses (unless it had to copy an
-//!   unreadable CSeq), or nothing.
+//!   unreadable CSeq), or nothing. The datagram, and the body of a message that parses, also
+//!   go through [`sdp`].
+//! - [`sdp`]: an SDP body as SDP routing reads it (offer and answer). Reading never panics;
+//!   an offer that reads names at most `MAX_CHANNELS` resources, each a token; an answer
+//!   accepts only what was offered.
 //! - [`stream`]: a TCP byte stream, cut into reads at points the input chooses. Framing gives
 //!   the same messages whatever the cuts, each framed message is checked as a datagram, and the
 //!   parser sees the body the framer cut.
 //! - [`core`]: the sans-IO proxy core driven by a script of messages from clients and servers,
 //!   generated answers, transport errors and clock steps. It never panics, everything it sends
 //!   parses, and once the clock has run past every timer nothing is left: no transaction, no
-//!   dialog, no load on a destination.
+//!   dialog, no load on a destination. Its UDP listeners route by SDP (the servers' 2xx carry
+//!   an answer to the offer, re-INVITEs add and remove channels), the TCP one by a fixed list.
 
 #![forbid(unsafe_code)]
 
@@ -46,7 +51,51 @@ pub fn datagram(data: &[u8]) {
     if data.iter().all(|b| *b == b'\r' || *b == b'\n') {
         return;
     }
+    sdp(data);
     message(data);
+}
+
+/// An SDP body, as SDP routing reads an offer and an answer (`lb_proxy::sdp`).
+pub fn sdp(data: &[u8]) {
+    use lb_proxy::sdp::{read, MAX_CHANNELS, MAX_RESOURCE_LEN};
+    let offer = read(data, true);
+    let answer = read(data, false);
+    if let Err(e) = &offer {
+        assert!(!e.to_string().is_empty(), "an SDP error without a reason");
+    }
+    let Ok(offer) = offer else { return };
+    let Ok(answer) = answer else {
+        panic!("an offer that reads is no answer: {answer:?}");
+    };
+    assert_eq!(
+        offer.list.len(),
+        answer.list.len(),
+        "offer and answer see other sections"
+    );
+    let offered: Vec<&str> = offer.offered().collect();
+    assert!(offered.len() <= MAX_CHANNELS, "{} channels", offered.len());
+    for r in &offered {
+        assert!(
+            !r.is_empty()
+                && r.len() <= MAX_RESOURCE_LEN
+                && r.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+            "resource {r:?} is no token"
+        );
+    }
+    assert!(
+        offer.list.windows(2).all(|w| w[0].mline < w[1].mline),
+        "sections out of order"
+    );
+    // The body read as its own answer accepts a subset of what it offers.
+    let accepted = answer.accepted_of(&offer);
+    let mut left = offered.clone();
+    for a in &accepted {
+        let Some(i) = left.iter().position(|o| o == a) else {
+            panic!("{a:?} accepted but not offered ({offered:?})");
+        };
+        left.swap_remove(i);
+    }
 }
 
 /// One whole message (a datagram, or a message cut by TCP framing).
@@ -124,6 +173,9 @@ fn rejected(e: &ParseError) {
 
 fn parsed(msg: &Message) {
     read_everything(msg);
+    if !msg.body.is_empty() {
+        sdp(&msg.body);
+    }
     // Serialising and parsing again gives the same message (Content-Length is rewritten).
     let again = reparse(&msg.to_bytes(), "a parsed message, serialised");
     assert_same(msg, &again);
@@ -460,8 +512,14 @@ fn unframed(head: &[u8]) {
 
 const CORE_CONFIG: &str = "listeners:
   - udp:127.0.0.1:5060
-  - tcp:127.0.0.1:5060
+  - address: tcp:127.0.0.1:5060
+    resources: [pstn]
   - udp:[::1]:5060
+routing:
+  resources: sdp
+  sdp:
+    perSession: [pstn]
+    fallback: [pstn]
 timers:
   t1: 500ms
   t2: 4s
@@ -472,9 +530,9 @@ dialogs:
   lifetime: 120s
   max: 8
 destinations:
-  - {id: 1, group: 1, uri: \"sip:127.0.0.1:5080\", resources: pstn=2}
-  - {id: 2, group: 1, uri: \"sip:127.0.0.1:5090;transport=tcp\", resources: pstn=2}
-  - {id: 3, group: 1, uri: \"sip:[::1]:5070\", resources: pstn=2}
+  - {id: 1, group: 1, uri: \"sip:127.0.0.1:5080\", resources: pstn=2;speechrecog=2;speechsynth=1}
+  - {id: 2, group: 1, uri: \"sip:127.0.0.1:5090;transport=tcp\", resources: pstn=2;speechrecog=1}
+  - {id: 3, group: 1, uri: \"sip:[::1]:5070\", resources: pstn=2;speechrecog=2;speechsynth=2}
 ";
 
 fn core_config() -> Arc<Config> {
@@ -634,8 +692,55 @@ fn with_extra(msg: &Message, extra: &[u8]) -> Vec<u8> {
 
 /// A server's answer to a request the proxy sent (as the sipp servers write it: Via, Record-Route,
 /// From, To with a tag, Call-ID, CSeq, Contact).
+/// A re-INVITE's offer: a synthesizer and a recognizer, as UniMRCP's client writes them.
+const REOFFER_TWO: &str = "v=0\r\no=UniMRCPClient 1 2 IN IP4 192.168.0.5\r\ns=-\r\n\
+    c=IN IP4 192.168.0.5\r\nt=0 0\r\n\
+    m=application 9 TCP/MRCPv2 1\r\na=setup:active\r\na=connection:existing\r\n\
+    a=resource:speechsynth\r\na=cmid:1\r\n\
+    m=application 9 TCP/MRCPv2 1\r\na=setup:active\r\na=connection:existing\r\n\
+    a=resource:speechrecog\r\na=cmid:1\r\n\
+    m=audio 4000 RTP/AVP 0\r\na=mid:1\r\n";
+
+/// A re-INVITE's offer that removes its channels (port 0).
+const REOFFER_REMOVE: &str = "v=0\r\no=UniMRCPClient 1 3 IN IP4 192.168.0.5\r\ns=-\r\n\
+    c=IN IP4 192.168.0.5\r\nt=0 0\r\n\
+    m=application 0 TCP/MRCPv2 1\r\na=resource:speechsynth\r\n\
+    m=application 0 TCP/MRCPv2 1\r\na=resource:speechrecog\r\n\
+    m=audio 4000 RTP/AVP 0\r\na=mid:1\r\n";
+
+/// A UniMRCP server's answer to the offer in `req`: every MRCPv2 channel accepted for a 200;
+/// for another 2xx, the channels whose bit is set in `code - 200` are rejected (port 0).
+fn answer_sdp(req: &Message, code: u16) -> Option<String> {
+    use std::fmt::Write as _;
+    let offer = lb_proxy::sdp::read(&req.body, true).ok()?;
+    let reject = code.saturating_sub(200);
+    let mut s = String::from("v=0\r\no=UniMRCPServer 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n");
+    let sections = offer.list.last().map_or(0, |c| c.mline + 1);
+    for m in 0..sections {
+        match offer.list.iter().position(|c| c.mline == m) {
+            Some(i) if i < 16 && reject & (1 << i) == 0 => {
+                let r = offer.list[i].resource.unwrap_or("speechrecog");
+                let _ = write!(
+                    s,
+                    "m=application 1544 TCP/MRCPv2 1\r\na=setup:passive\r\n\
+                     a=channel:fuzz{i}@{r}\r\na=cmid:1\r\n"
+                );
+            }
+            Some(_) => s.push_str("m=application 0 TCP/MRCPv2 1\r\n"),
+            None => s.push_str("m=audio 5000 RTP/AVP 0\r\n"),
+        }
+    }
+    Some(s)
+}
+
 fn answer(req: &Message, code: u16, to: SocketAddr) -> Message {
     let mut resp = req.response(code, "Fuzz");
+    if (200..300).contains(&code) && req.method() == Some(&Method::Invite) {
+        if let Some(body) = answer_sdp(req, code) {
+            resp.push(HeaderName::ContentType, "application/sdp");
+            resp.body = bytes::Bytes::from(body);
+        }
+    }
     let rrs: Vec<String> = req
         .get_all(&HeaderName::RecordRoute)
         .map(str::to_string)
@@ -755,13 +860,19 @@ pub fn core(data: &[u8]) {
                 let Some(flow) = server_flow(&o) else {
                     continue;
                 };
-                let method = match m {
-                    b'A' => Method::Ack,
-                    b'B' => Method::Bye,
-                    b'C' => Method::Cancel,
-                    _ => Method::Invite,
+                let (method, offer) = match m {
+                    b'A' => (Method::Ack, None),
+                    b'B' => (Method::Bye, None),
+                    b'C' => (Method::Cancel, None),
+                    // A re-INVITE that removes every channel; one that offers two.
+                    b'R' => (Method::Invite, Some(REOFFER_REMOVE)),
+                    _ => (Method::Invite, Some(REOFFER_TWO)),
                 };
-                let req = in_dialog(&resp, method);
+                let mut req = in_dialog(&resp, method);
+                if let Some(body) = offer {
+                    req.push(HeaderName::ContentType, "application/sdp");
+                    req.body = bytes::Bytes::from_static(body.as_bytes());
+                }
                 c.deliver_bytes(&with_extra(&req, extra), flow);
             }
             (b'T', ms) => {
@@ -802,5 +913,29 @@ pub fn core(data: &[u8]) {
         if let Some(d) = c.proxy.destinations().get(slot) {
             assert_eq!(d.total_load(), 0, "load left on destination {}", d.spec.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// The SDP seed of the core target reaches what it is there for: a channel rejected by
+    /// the answer, channels added and removed by re-INVITEs, all settled (and, as `core`
+    /// asserts, every unit given back in the end).
+    #[test]
+    fn sdp_seed_settles_channels() {
+        let seed = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/proxy_core/sdp-reject-then-reinvites"
+        ))
+        .unwrap();
+        let m = super::core_metrics();
+        let count = |o: &str| m.sdp_channels.with_label_values(&[o]).get();
+        let (accepted, rejected) = (count("accepted"), count("rejected"));
+        super::core(&seed);
+        // 202 accepts 1 of 2; the re-INVITE's 200 accepts 2; the removal accepts none.
+        assert_eq!(count("accepted") - accepted, 3);
+        assert_eq!(count("rejected") - rejected, 1);
     }
 }
