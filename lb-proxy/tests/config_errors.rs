@@ -249,32 +249,29 @@ fn bad_file_is_refused_before_any_bind() {
     );
 }
 
-/// The documented example passes `--check` (and `--check` binds nothing, so this does not
+/// The documented examples pass `--check` (and `--check` binds nothing, so this does not
 /// clash with anything on 127.0.0.1).
 #[test]
-fn standalone_example_passes_check() {
+fn examples_pass_check() {
     let env = test_env!("config_check_example", IP);
     let root = repo_root();
-    let run = run_proxy(
-        &env,
-        "standalone-check",
-        &["--config", "examples/standalone.yaml", "--check"],
-        &root,
-    );
-    assert_eq!(
-        run.code,
-        Some(0),
-        "--check on examples/standalone.yaml: exit {:?}\nstdout: {}\nstderr: {}",
-        run.code,
-        run.stdout,
-        run.stderr
-    );
-    assert!(run.elapsed < QUICK, "--check took {:?}", run.elapsed);
-    assert!(
-        run.stdout.contains("valid"),
-        "--check printed no verdict: {:?}",
-        run.stdout
-    );
+    for example in ["examples/standalone.yaml", "examples/sdp-routing.yaml"] {
+        let run = run_proxy(&env, "example-check", &["--config", example, "--check"], &root);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "--check on {example}: exit {:?}\nstdout: {}\nstderr: {}",
+            run.code,
+            run.stdout,
+            run.stderr
+        );
+        assert!(run.elapsed < QUICK, "--check took {:?}", run.elapsed);
+        assert!(
+            run.stdout.contains("valid"),
+            "--check printed no verdict: {:?}",
+            run.stdout
+        );
+    }
 }
 
 /// Unknown keys are errors that name the key (docs/configuration.md), in the object form of a
