@@ -841,9 +841,21 @@ mod tests {
             if resources.is_empty() || d.spec.group != group || !d.usable() {
                 return None;
             }
+            // A resource listed k times needs k units: its availability after k - 1.
             resources
                 .iter()
-                .map(|r| d.resource(r).map(|c| availability(c, mode)))
+                .map(|r| {
+                    let k = resources.iter().filter(|x| *x == r).count() as u32;
+                    d.resource(r).map(|c| {
+                        availability(
+                            Capacity {
+                                load: c.load + k - 1,
+                                ..c
+                            },
+                            mode,
+                        )
+                    })
+                })
                 .min()
                 .flatten()
         }

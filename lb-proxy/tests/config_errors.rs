@@ -256,7 +256,12 @@ fn examples_pass_check() {
     let env = test_env!("config_check_example", IP);
     let root = repo_root();
     for example in ["examples/standalone.yaml", "examples/sdp-routing.yaml"] {
-        let run = run_proxy(&env, "example-check", &["--config", example, "--check"], &root);
+        let run = run_proxy(
+            &env,
+            "example-check",
+            &["--config", example, "--check"],
+            &root,
+        );
         assert_eq!(
             run.code,
             Some(0),

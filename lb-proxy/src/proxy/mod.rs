@@ -126,6 +126,8 @@ pub struct Proxy {
     listener_resources: Vec<Option<Arc<Vec<String>>>>,
     /// The resource lists of SDP-routed sessions, each kept once.
     resource_sets: resources::ResourceSets,
+    /// Some listener routes by SDP: answers and re-INVITEs may have channels to settle.
+    sdp_listeners: bool,
 }
 
 impl Proxy {
@@ -176,7 +178,8 @@ impl Proxy {
             .listeners
             .iter()
             .map(|l| resources::listener_rule(&l.resources))
-            .collect();
+            .collect::<Vec<_>>();
+        let sdp_listeners = listener_resources.iter().any(Option::is_none);
         Proxy {
             cfg,
             dests,
@@ -202,6 +205,7 @@ impl Proxy {
             route_keys,
             listener_resources,
             resource_sets: resources::ResourceSets::default(),
+            sdp_listeners,
         }
     }
 

@@ -154,6 +154,9 @@ impl Proxy {
         dkey: &DialogKey,
         answer: &Message,
     ) {
+        if !self.sdp_listeners {
+            return;
+        }
         let Some(d) = self.dialogs.get(dkey) else {
             return;
         };
@@ -225,6 +228,9 @@ impl Proxy {
 
     /// The 2xx of a request inside a dialog (a re-INVITE): its channels settle.
     pub(in crate::proxy) fn settle_reinvite(&mut self, skey: &ServerKey, answer: &Message) {
+        if !self.sdp_listeners {
+            return;
+        }
         if let Some(dkey) = self.find_dialog(answer) {
             self.settle_channels(skey, &dkey, answer);
         }
