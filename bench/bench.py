@@ -14,6 +14,8 @@ Knobs (environment):
   BENCH_PHASES       verify,rate,fixed,memory,micro   (verify always runs)
   BENCH_TARGETS      lb-proxy,kamailio   (the proxies measured; "lb-proxy" alone is quicker)
   BENCH_LB_BIN       the lb-proxy binary (default: CARGO_TARGET_DIR or target/, release/lb-proxy)
+  BENCH_LB_CFG       lb-proxy's configuration (default bench/lb-proxy.yaml; bench/lb-proxy-sdp.yaml
+                     routes by the SDP offer's MRCP channels instead of a fixed list)
   BENCH_RATES        calls/s steps of the rate search (default below)
   BENCH_STEP_SECS    seconds per step (5)
   BENCH_RATE_BUDGET  seconds the rate search may take per transport (300)
@@ -69,7 +71,7 @@ PROXIES = [p.strip() for p in (os.environ.get("BENCH_TARGETS", "").strip()
 LB_BIN = Path(os.environ.get("BENCH_LB_BIN", "").strip() or (
     Path(os.environ.get("CARGO_TARGET_DIR", "").strip() or str(ROOT / "target"))
     / "release" / "lb-proxy"))
-LB_CFG = BENCH / "lb-proxy.yaml"
+LB_CFG = Path(os.environ.get("BENCH_LB_CFG", "").strip() or (BENCH / "lb-proxy.yaml"))
 KAM_CFG = BENCH / "kamailio" / "kamailio.cfg"
 KAM_LIST = BENCH / "kamailio" / "dispatcher.list"
 UAC = BENCH / "sipp" / "uac.xml"
@@ -1139,10 +1141,10 @@ def report(res, procs):
       "(`bench/sipp/uac.xml`, `bench/sipp/uas.xml`); the servers answer the proxies' OPTIONS "
       "probes (every 10 s) throughout.")
     w("")
-    w("- **lb-proxy** (`bench/lb-proxy.yaml`): defaults (absolute least-loaded routing, "
+    w(f"- **lb-proxy** (`{LB_CFG.relative_to(ROOT) if LB_CFG.is_relative_to(ROOT) else LB_CFG}`): defaults (absolute least-loaded routing, "
       "probing 10 s, log level "
       f"{LB_LOG_LEVEL or 'info: one log line per call, to a file'}); UDP listener → group 1, "
-      "TCP listener → group 2; capacity `pstn=100000` per server.")
+      "TCP listener → group 2; capacity 100000 per server.")
     w("- **Kamailio** (`bench/kamailio/kamailio.cfg`, `dispatcher.list`): `dispatcher` "
       "algorithm 10 (call load, `duid`, `maxload=100000`) with `ds_load_update`/`ds_load_unset`, "
       "`dialog` (`dlg_manage`), `rr`, `tm` (fr_timer 3 s, fr_inv_timer 30 s), failover to "
