@@ -216,6 +216,14 @@ pub fn pstn_load(d: &DestinationStatus) -> u32 {
     pstn(d).0
 }
 
+/// A destination's load on each of its resources, by name (SDP routing counts several).
+pub fn resource_loads(d: &DestinationStatus) -> BTreeMap<String, u32> {
+    d.resources
+        .iter()
+        .map(|r| (r.name.clone(), r.load))
+        .collect()
+}
+
 /// A destination as most tests look at it: its id, URI, state and the `pstn` resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DestState {

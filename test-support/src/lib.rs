@@ -2,8 +2,8 @@
 //!
 //! - `process`: child processes held by a guard that kills them by PID and reaps them on drop,
 //!   panics included.
-//! - `poll`: waiting with a deadline (`wait_for` for thread-based tests, `eventually` for
-//!   tokio tests).
+//! - `poll`: waiting with a deadline (`wait_for` and `wait_ok` for thread-based tests,
+//!   `eventually` for tokio tests).
 //! - `env`: one test's address and folder (`TestEnv`, made with `test_env!`).
 //! - `admin`: the proxy's admin API over HTTP (reqwest), decoded with the `lb-api` types.
 //! - `metrics`: a Prometheus text reader.

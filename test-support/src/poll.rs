@@ -22,6 +22,28 @@ pub fn wait_for<T>(
     }
 }
 
+/// Polls `f` every `every` until it returns `Ok`, or panics after `timeout` with `what` and
+/// what `f` last returned: `wait_for` for conditions whose near misses say what went wrong.
+pub fn wait_ok<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {e}");
+                }
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// Calls `f` every `every` until it returns `Ok`; panics after `timeout` with what it last
 /// returned.
 pub async fn eventually<T>(

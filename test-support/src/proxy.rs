@@ -1,7 +1,9 @@
 //! The `lb-proxy` process of a test, its config, and `Sandbox`: a proxy with sipp servers
 //! behind it, started in one expression.
 
-use crate::admin::{destinations, dialog_stats, http_get, DestState, DialogStats};
+use crate::admin::{
+    destinations, destinations_status, dialog_stats, http_get, DestState, DialogStats,
+};
 use crate::env::{read_lossy, strip_ansi, TestEnv, ADMIN_PORT, PROXY_PORT};
 use crate::poll::wait_for;
 use crate::process::{clean_env, ChildGuard};
@@ -21,6 +23,8 @@ pub struct Dest {
     pub port: u16,
     pub resources: String,
     pub tcp: bool,
+    /// Its `group` (1, the listeners' group, unless `in_group` says otherwise).
+    pub group: u32,
 }
 
 impl Dest {
@@ -30,6 +34,7 @@ impl Dest {
             port,
             resources: resources.to_string(),
             tcp: false,
+            group: 1,
         }
     }
     pub fn tcp(id: u32, port: u16, resources: &str) -> Dest {
@@ -37,6 +42,12 @@ impl Dest {
             tcp: true,
             ..Dest::udp(id, port, resources)
         }
+    }
+
+    /// In another group than the listeners' (1): only sessions a `routing.pools` rule sends
+    /// there reach it.
+    pub fn in_group(self, group: u32) -> Dest {
+        Dest { group, ..self }
     }
 }
 
@@ -57,8 +68,8 @@ pub fn config_yaml(env: &TestEnv, mode: &str, dests: &[Dest], extra: &str) -> St
         let transport = if d.tcp { ";transport=tcp" } else { "" };
         writeln!(
             y,
-            "  - id: {}\n    group: 1\n    uri: sip:{ip}:{}{transport}\n    resources: {}",
-            d.id, d.port, d.resources
+            "  - id: {}\n    group: {}\n    uri: sip:{ip}:{}{transport}\n    resources: {}",
+            d.id, d.group, d.port, d.resources
         )
         .expect("write to a String");
     }
@@ -134,7 +145,7 @@ impl Proxy {
         }
     }
 
-    /// Waits until every listed destination id reports `state`.
+    /// Waits until every listed destination id reports `state` (whatever its resources).
     pub fn wait_state(&self, ids: &[&str], state: &str, timeout: Duration) {
         let admin = self.admin;
         wait_for(
@@ -142,23 +153,24 @@ impl Proxy {
             timeout,
             Duration::from_millis(100),
             || {
-                let ds = destinations(admin);
+                let ds = destinations_status(admin).destinations;
                 ids.iter()
-                    .all(|id| ds.iter().any(|d| d.id == *id && d.state == state))
+                    .all(|id| ds.iter().any(|d| d.id == *id && d.state.as_str() == state))
                     .then_some(())
             },
         );
     }
 
-    /// Waits until the proxy holds no dialog and no destination carries load; returns the
-    /// stats seen then.
+    /// Waits until the proxy holds no dialog and no destination carries load on any
+    /// resource; returns the stats seen then.
     pub fn wait_idle(&self, timeout: Duration) -> DialogStats {
         let admin = self.admin;
         let deadline = Instant::now() + timeout;
         loop {
             let s = dialog_stats(admin);
-            let ds = destinations(admin);
-            if s.active == 0 && s.early == 0 && ds.iter().all(|d| d.load == 0) {
+            let ds = destinations_status(admin).destinations;
+            let unloaded = ds.iter().all(|d| d.resources.iter().all(|r| r.load == 0));
+            if s.active == 0 && s.early == 0 && unloaded {
                 return s;
             }
             if Instant::now() >= deadline {
@@ -224,6 +236,8 @@ pub struct Sandbox<'e> {
     edits: Vec<Box<dyn Fn(String) -> String + 'e>>,
     servers_first: bool,
     wait_up: bool,
+    resources: Option<String>,
+    routing: String,
 }
 
 impl<'e> Sandbox<'e> {
@@ -240,12 +254,28 @@ impl<'e> Sandbox<'e> {
             edits: Vec::new(),
             servers_first: false,
             wait_up: true,
+            resources: None,
+            routing: String::new(),
         }
     }
 
     /// `routing.mode` (`absolute` or `relative`).
     pub fn mode(mut self, mode: &str) -> Self {
         self.mode = mode.to_string();
+        self
+    }
+
+    /// `routing.resources`: what each session is counted against (`[pstn]` by default; `sdp`
+    /// counts the MRCPv2 channels of its offer).
+    pub fn resources(mut self, resources: &str) -> Self {
+        self.resources = Some(resources.to_string());
+        self
+    }
+
+    /// More keys of the `routing:` section (`sdp:`, `pools:`), indented as its keys are (two
+    /// spaces): `"  pools:\n    - user: \"^de-\"\n      group: 2\n"`.
+    pub fn routing(mut self, yaml: &str) -> Self {
+        self.routing.push_str(yaml);
         self
     }
 
@@ -374,6 +404,22 @@ impl<'e> Sandbox<'e> {
                 format!("{y}{}", self.extra)
             }
             None => config_yaml(self.env, &self.mode, &self.dests, &self.extra),
+        };
+        let base = if self.resources.is_some() || !self.routing.is_empty() {
+            assert!(
+                self.custom.is_none(),
+                "a custom config has its own routing section"
+            );
+            let resources = self.resources.as_deref().unwrap_or("[pstn]");
+            let line = "  resources: [pstn]\n";
+            assert!(base.contains(line), "{base}");
+            base.replacen(
+                line,
+                &format!("  resources: {resources}\n{}", self.routing),
+                1,
+            )
+        } else {
+            base
         };
         self.edits.iter().fold(base, |c, edit| edit(c))
     }

@@ -81,8 +81,14 @@ run_pair uac-uas_slow_bye   uas_slow_bye.xml   u1 uac.xml                 -m 4 -
 run_pair 200or503-uas       uas.xml            u1 uac_200_or_503.xml      -m 4 -r 10 -d 200
 run_pair 200or503-uas_503   uas_503.xml        u1 uac_200_or_503.xml      -m 4 -r 10
 run_pair reinvite           uas_reinvite.xml   u1 uac_reinvite.xml        -m 4 -r 10 -d 300
+run_pair synth              uas_synth.xml      u1 uac_synth.xml           -m 4 -r 10 -d 200
+run_pair recog              uas.xml            u1 uac_recog.xml           -m 4 -r 10 -d 200
+run_pair synth_recog        uas_synth_recog.xml u1 uac_synth_recog.xml    -m 4 -r 10 -d 200
+run_pair reject_recog       uas_reject_recog.xml u1 uac_synth_recog.xml   -m 4 -r 10 -d 200
+run_pair reinvite_channels  uas_reinvite_channels.xml u1 uac_reinvite_channels.xml -m 2 -r 10 -d 200
 for s in uas.xml uas_bye.xml uas_expect_bye.xml uas_503.xml uas_486.xml uas_ringing.xml \
-  uas_reinvite.xml uas_slow.xml uas_slow_bye.xml; do
+  uas_reinvite.xml uas_slow.xml uas_slow_bye.xml uas_synth.xml uas_synth_recog.xml \
+  uas_reject_recog.xml uas_reinvite_channels.xml uas_406.xml; do
   run_pair "options-$s" "$s" u1 "$WORK/options.xml" -m 2 -r 10
 done
 
