@@ -11,10 +11,26 @@ pub const MANAGER: &str = "mrcp-lb-operator";
 
 /// Pod annotation: PSTN channels of one server, e.g. `"100"`.
 pub const PSTN_CAPACITY: &str = "mrcp-lb.io/pstn-capacity";
-/// Pod annotation: several resources, e.g. `"pstn=100;tts=20"`.
+/// Pod annotation: several resources, e.g. `"pstn=100;tts=20"`, or the MRCPv2 resources of
+/// [`MRCP_RESOURCES`]: `"speechrecog=50;speechsynth=200"`.
 pub const RESOURCES: &str = "mrcp-lb.io/resources";
 
+/// The MRCPv2 resource types (RFC 6787, section 3.1): the names the proxy counts one unit of
+/// per MRCP channel an INVITE's SDP offer asks for (`a=resource:` of each `m=application`
+/// line), when it routes by SDP. A pod takes sessions only for the resources it lists; any
+/// other name (`pstn`, `tts`) is a plain counter the proxy's `routing.resources` asks for.
+pub const MRCP_RESOURCES: [&str; 6] = [
+    "speechrecog",
+    "dtmfrecog",
+    "speechsynth",
+    "basicsynth",
+    "speakverify",
+    "recorder",
+];
+
 /// A set of UniMRCP server pods that lb-proxy balances SIP sessions over.
+// Two printer columns of type "string" read to clippy as one `type_` given twice.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "mrcp-lb.io",
@@ -35,6 +51,12 @@ pub const RESOURCES: &str = "mrcp-lb.io/resources";
         type_ = "string",
         json_path = ".status.capacitySummary",
         description = "Capacity of the ready destinations"
+    ),
+    printcolumn(
+        name = "Load",
+        type_ = "string",
+        json_path = ".status.loadSummary",
+        description = "Live sessions/capacity per resource, summed over the proxy replicas"
     ),
     printcolumn(
         name = "Age",
@@ -104,10 +126,51 @@ pub struct MrcpServerStatus {
     pub capacity: BTreeMap<String, u64>,
     /// `capacity` as one string, for `kubectl get mrcp`.
     pub capacity_summary: String,
+    /// Per resource, sorted by name: the capacity of the ready destinations and the live
+    /// sessions on all of this server's destinations, as the proxy replicas count them. Lists
+    /// every resource a destination of this server offers or carries sessions of.
+    #[serde(default)]
+    pub resources: Vec<ResourceUsage>,
+    /// `resources` as `name=load/capacity` joined by `;` (`speechrecog=3/50;speechsynth=1/200`),
+    /// for `kubectl get mrcp`; `?` for a load no proxy replica reported.
+    #[serde(default)]
+    pub load_summary: String,
+    /// Which proxy replicas the loads come from; absent until the operator has tried to read
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_from: Option<LoadFrom>,
     /// Every matching pod with an IP.
     pub destinations: Vec<DestinationEntry>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// One resource of an MrcpServer: what it offers and what is in use.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceUsage {
+    /// The resource name, e.g. `speechrecog`, `speechsynth` (MRCPv2) or `pstn`.
+    pub name: String,
+    /// Sum over the ready destinations.
+    pub capacity: u64,
+    /// Live sessions using this resource on any of this server's destinations (ready,
+    /// not ready or draining), each replica's own count (`load`, never `clusterLoad`) summed
+    /// over the proxy replicas that answered. Absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<u64>,
+}
+
+/// The proxy replicas behind the loads of a status.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadFrom {
+    /// Proxy replicas the operator knows (discovered pods with an IP, terminating ones
+    /// included, and `--proxy-url` proxies).
+    pub proxies: u32,
+    /// Of those, the replicas whose counts are in `load`: each answered
+    /// `GET /v1/destinations` recently (a replica that stops answering keeps its last answer
+    /// for three read intervals, then drops out).
+    pub answered: u32,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -5,6 +5,7 @@
 //! - [`pods`]: one pod → one destination (capacity annotations, readiness, draining);
 //! - [`model`]: all servers and pods → the destination set and each server's status (pure);
 //! - [`push`]: delivering the set to every proxy replica;
+//! - [`loads`]: reading every proxy replica's live load, for the statuses;
 //! - [`lease`]: leader election for writes;
 //! - [`run`]: start-up and the loop, over
 //!   - [`settings`]: what the command line says;
@@ -23,6 +24,7 @@ pub mod crd;
 pub mod error;
 pub mod http;
 pub mod lease;
+pub mod loads;
 pub mod metrics;
 pub mod model;
 pub mod pods;

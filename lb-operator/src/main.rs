@@ -48,6 +48,11 @@ struct Cli {
     /// catches up.
     #[arg(long, default_value_t = 10, env = "LB_OPERATOR_RESYNC_SECONDS")]
     resync_seconds: u64,
+    /// Read every proxy's live load (GET /v1/destinations) this often (seconds) for the
+    /// MrcpServer statuses' per-resource load; a status changes for load at most this often.
+    /// 0: never read (the statuses show capacity only).
+    #[arg(long, default_value_t = 5, env = "LB_OPERATOR_LOAD_INTERVAL_SECONDS")]
+    load_interval_seconds: u64,
     /// Elect a leader with this Lease (for several operator replicas).
     #[arg(long, env = "LB_OPERATOR_LEASE_NAME")]
     lease_name: Option<String>,
@@ -137,6 +142,8 @@ fn main() -> ExitCode {
         listen: cli.listen,
         resync: Duration::from_secs(cli.resync_seconds.max(1)),
         lease,
+        load_interval: (cli.load_interval_seconds != 0)
+            .then(|| Duration::from_secs(cli.load_interval_seconds)),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub cluster_peers: IntGauge,
     pub set_version: IntGauge,
     pub leader: IntGauge,
+    /// Reads of a proxy's live load (`GET /v1/destinations`) by result (ok, error).
+    pub load_reads: IntCounterVec,
+    /// Proxy replicas whose load is in the statuses' `resources[].load`.
+    pub load_proxies_answered: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -90,6 +94,17 @@ impl Metrics {
             "mrcp_lb_operator_leader",
             "1 while this replica holds the leader lease.",
         ));
+        let load_reads = must(IntCounterVec::new(
+            Opts::new(
+                "mrcp_lb_operator_load_reads_total",
+                "Reads of a proxy's live load for the MrcpServer statuses, by result (ok, error).",
+            ),
+            &["result"],
+        ));
+        let load_proxies_answered = must(IntGauge::new(
+            "mrcp_lb_operator_load_proxies_answered",
+            "Proxy replicas whose live load is in the MrcpServer statuses.",
+        ));
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -101,6 +116,8 @@ impl Metrics {
             Box::new(cluster_peers.clone()),
             Box::new(set_version.clone()),
             Box::new(leader.clone()),
+            Box::new(load_reads.clone()),
+            Box::new(load_proxies_answered.clone()),
         ] {
             must(registry.register(c));
         }
@@ -116,6 +133,8 @@ impl Metrics {
             cluster_peers,
             set_version,
             leader,
+            load_reads,
+            load_proxies_answered,
         }
     }
 

@@ -6,7 +6,8 @@ use lb_api::{DesiredState, DestinationSpec, Resources};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
-use crate::crd::{DestinationEntry, MrcpServer, MrcpServerStatus};
+use crate::crd::{DestinationEntry, LoadFrom, MrcpServer, MrcpServerStatus, ResourceUsage};
+use crate::loads::ProxyLoads;
 use crate::pods::{self, BadAnnotation};
 
 /// A server's status without the condition timestamps (the writer keeps those stable).
@@ -70,6 +71,8 @@ pub fn compute<'a>(
         };
         let mut matched = 0;
         let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
+        // Every resource a destination offers, ready or not: listed in `resources`.
+        let mut offered: BTreeSet<String> = BTreeSet::new();
         for pod in pods
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
@@ -99,6 +102,7 @@ pub fn compute<'a>(
                 DesiredState::Draining => "draining",
                 DesiredState::Down => "down",
             };
+            offered.extend(dest.resources.iter().map(|(r, _)| r.to_string()));
             if dest.state == DesiredState::Active {
                 status.ready_destinations += 1;
                 for (r, c) in dest.resources.iter() {
@@ -119,6 +123,15 @@ pub fn compute<'a>(
             .map(|(r, c)| format!("{r}={c}"))
             .collect::<Vec<_>>()
             .join(";");
+        status.resources = offered
+            .into_iter()
+            .map(|name| ResourceUsage {
+                capacity: capacity.get(&name).copied().unwrap_or(0),
+                name,
+                load: None,
+            })
+            .collect();
+        status.load_summary = load_summary(&status.resources);
         status.capacity = capacity;
         status.destinations.sort_by(|a, b| a.pod.cmp(&b.pod));
         let ready = match (matched, status.ready_destinations) {
@@ -147,6 +160,74 @@ pub fn compute<'a>(
     }
     out.destinations.sort_by(|a, b| a.id.cmp(&b.id));
     out
+}
+
+/// Puts the proxies' live load into a status computed by [`compute`]: each resource's
+/// sessions summed over the server's destinations (`status.destinations`, whatever their
+/// state); a resource that only carries sessions (no destination offers it any more) is added
+/// with capacity 0. With no replica in the sum the loads stay unknown.
+pub fn apply_loads(status: &mut MrcpServerStatus, loads: &ProxyLoads) {
+    status.load_from = Some(LoadFrom {
+        proxies: loads.proxies,
+        answered: loads.answered,
+    });
+    if loads.answered > 0 {
+        let mut sums: BTreeMap<String, u64> = status
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), 0))
+            .collect();
+        for d in &status.destinations {
+            for (name, load) in loads.by_destination.get(&d.id).into_iter().flatten() {
+                let s = sums.entry(name.clone()).or_default();
+                *s = s.saturating_add(*load);
+            }
+        }
+        let capacity: BTreeMap<&str, u64> = status
+            .resources
+            .iter()
+            .map(|r| (r.name.as_str(), r.capacity))
+            .collect();
+        status.resources = sums
+            .into_iter()
+            .map(|(name, load)| ResourceUsage {
+                capacity: capacity.get(name.as_str()).copied().unwrap_or(0),
+                name,
+                load: Some(load),
+            })
+            .collect();
+    }
+    status.load_summary = load_summary(&status.resources);
+}
+
+/// Until the first loads are read (an operator that just started or took the lead), a status
+/// keeps the loads it shows (`previous`), so that a restart does not blank them for an
+/// interval.
+pub fn keep_loads(status: &mut MrcpServerStatus, previous: Option<&MrcpServerStatus>) {
+    let Some(prev) = previous.filter(|p| p.load_from.is_some()) else {
+        return;
+    };
+    status.load_from = prev.load_from;
+    for r in &mut status.resources {
+        r.load = prev
+            .resources
+            .iter()
+            .find(|p| p.name == r.name)
+            .and_then(|p| p.load);
+    }
+    status.load_summary = load_summary(&status.resources);
+}
+
+/// `name=load/capacity` joined by `;`, `?` for an unknown load: the `kubectl get mrcp` column.
+pub fn load_summary(resources: &[ResourceUsage]) -> String {
+    resources
+        .iter()
+        .map(|r| match r.load {
+            Some(l) => format!("{}={l}/{}", r.name, r.capacity),
+            None => format!("{}=?/{}", r.name, r.capacity),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// The proxy replicas' cluster addresses (`ip:port`), the `peers` of the pushed set: every
@@ -301,6 +382,180 @@ mod tests {
         let c = compute([&bad], &refs);
         assert_eq!(c.servers[0].ready.1, "InvalidSpec");
         assert!(c.destinations.is_empty());
+    }
+
+    fn annotated(name: &str, app: &str, ip: &str, ready: bool, resources: &str) -> Pod {
+        let mut p = pod(name, app, ip, ready, None);
+        p.metadata.annotations =
+            Some([(crate::crd::RESOURCES.to_string(), resources.to_string())].into());
+        p
+    }
+
+    fn loads(proxies: u32, answered: u32, per: &[(&str, &str, u64)]) -> ProxyLoads {
+        let mut l = ProxyLoads {
+            proxies,
+            answered,
+            ..Default::default()
+        };
+        for (id, r, n) in per {
+            l.by_destination
+                .entry(id.to_string())
+                .or_default()
+                .insert(r.to_string(), *n);
+        }
+        l
+    }
+
+    fn usage(name: &str, capacity: u64, load: Option<u64>) -> ResourceUsage {
+        ResourceUsage {
+            name: name.into(),
+            capacity,
+            load,
+        }
+    }
+
+    #[test]
+    fn resources_list_ready_capacity_and_every_offered_resource() {
+        let asr = server("asr", "asr", serde_json::json!({}));
+        let pods = [
+            annotated("asr-0", "asr", "127.0.2.1", true, "speechrecog=50"),
+            annotated("asr-1", "asr", "127.0.2.2", true, "speechrecog=50"),
+            // Not ready: its resources are listed, its capacity is not counted.
+            annotated(
+                "asr-2",
+                "asr",
+                "127.0.2.3",
+                false,
+                "speechrecog=50;recorder=10",
+            ),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let c = compute([&asr], &refs);
+        let st = &c.servers[0].status;
+        assert_eq!(
+            st.resources,
+            [usage("recorder", 0, None), usage("speechrecog", 100, None)]
+        );
+        assert_eq!(st.load_summary, "recorder=?/0;speechrecog=?/100");
+        assert_eq!(st.capacity_summary, "speechrecog=100");
+        assert_eq!(st.load_from, None);
+    }
+
+    #[test]
+    fn loads_are_summed_over_the_servers_destinations_whatever_their_state() {
+        let asr = server("asr", "asr", serde_json::json!({}));
+        let tts = server("tts", "tts", serde_json::json!({}));
+        let pods = [
+            annotated("asr-0", "asr", "127.0.2.1", true, "speechrecog=50"),
+            annotated("asr-1", "asr", "127.0.2.2", false, "speechrecog=50"),
+            annotated("tts-0", "tts", "127.0.2.3", true, "speechsynth=200"),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let mut c = compute([&asr, &tts], &refs);
+        let id: Vec<String> = pods.iter().map(pods::destination_id).collect();
+        let l = loads(
+            2,
+            2,
+            &[
+                (&id[0], "speechrecog", 3),
+                // Sessions still open on a pod that is no longer Ready count too.
+                (&id[1], "speechrecog", 1),
+                // A resource the pod no longer offers (its annotation changed): listed.
+                (&id[1], "speechsynth", 2),
+                (&id[2], "speechsynth", 1),
+                // Another server's or a deleted pod's destination: not this server's.
+                ("speech/gone@12345678", "speechrecog", 7),
+            ],
+        );
+        for v in &mut c.servers {
+            apply_loads(&mut v.status, &l);
+        }
+        let asr = &c.servers[0].status;
+        assert_eq!(
+            asr.resources,
+            [
+                usage("speechrecog", 50, Some(4)),
+                usage("speechsynth", 0, Some(2))
+            ]
+        );
+        assert_eq!(asr.load_summary, "speechrecog=4/50;speechsynth=2/0");
+        assert_eq!(
+            asr.load_from,
+            Some(LoadFrom {
+                proxies: 2,
+                answered: 2
+            })
+        );
+        let tts = &c.servers[1].status;
+        assert_eq!(tts.resources, [usage("speechsynth", 200, Some(1))]);
+        assert_eq!(tts.load_summary, "speechsynth=1/200");
+    }
+
+    #[test]
+    fn no_replica_answering_leaves_the_load_unknown() {
+        let asr = server("asr", "asr", serde_json::json!({}));
+        let pods = [annotated(
+            "asr-0",
+            "asr",
+            "127.0.2.1",
+            true,
+            "speechrecog=50",
+        )];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let mut c = compute([&asr], &refs);
+        apply_loads(&mut c.servers[0].status, &loads(2, 0, &[]));
+        let st = &c.servers[0].status;
+        assert_eq!(st.resources, [usage("speechrecog", 50, None)]);
+        assert_eq!(st.load_summary, "speechrecog=?/50");
+        assert_eq!(
+            st.load_from,
+            Some(LoadFrom {
+                proxies: 2,
+                answered: 0
+            })
+        );
+        // One answering replica with nothing open: load 0, known.
+        apply_loads(&mut c.servers[0].status, &loads(2, 1, &[]));
+        assert_eq!(c.servers[0].status.load_summary, "speechrecog=0/50");
+    }
+
+    #[test]
+    fn before_the_first_read_a_status_keeps_the_loads_it_shows() {
+        let asr = server("asr", "asr", serde_json::json!({}));
+        let pods = [annotated(
+            "asr-0",
+            "asr",
+            "127.0.2.1",
+            true,
+            "speechrecog=60;speechsynth=10",
+        )];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let previous = MrcpServerStatus {
+            resources: vec![usage("speechrecog", 50, Some(3))],
+            load_from: Some(LoadFrom {
+                proxies: 1,
+                answered: 1,
+            }),
+            ..Default::default()
+        };
+        let mut st = compute([&asr], &refs).servers[0].status.clone();
+        keep_loads(&mut st, Some(&previous));
+        // The capacity is today's; the load the last one shown.
+        assert_eq!(
+            st.resources,
+            [
+                usage("speechrecog", 60, Some(3)),
+                usage("speechsynth", 10, None)
+            ]
+        );
+        assert_eq!(st.load_summary, "speechrecog=3/60;speechsynth=?/10");
+        assert_eq!(st.load_from, previous.load_from);
+        // A status that never had loads stays without.
+        let mut fresh = compute([&asr], &refs).servers[0].status.clone();
+        keep_loads(&mut fresh, Some(&MrcpServerStatus::default()));
+        keep_loads(&mut fresh, None);
+        assert_eq!(fresh.load_from, None);
+        assert_eq!(fresh.load_summary, "speechrecog=?/60;speechsynth=?/10");
     }
 
     fn proxy_pod(name: &str, ip: Option<&str>, ready: bool, phase: &str) -> Pod {

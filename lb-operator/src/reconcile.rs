@@ -1,6 +1,7 @@
 //! One round of the loop, [`Reconciler::reconcile_once`]: compute the destination set from the
-//! caches, hand it (and the proxy list) to the pushers when it changed, and, as leader, write
-//! the statuses and Events.
+//! caches, hand it (and the proxy list) to the pushers when it changed, add the proxies' latest
+//! live load (read in the background by [`crate::loads`], never waited for) and, as leader,
+//! write the statuses and Events.
 
 use k8s_openapi::api::core::v1::Pod;
 use lb_api::{DestinationSet, DestinationSpec};
@@ -12,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use tracing::info;
 
 use crate::context::Context;
+use crate::loads::LoadHandle;
 use crate::model::{self, compute};
 use crate::push::{Desired, PushHandle};
 use crate::status::StatusWriter;
@@ -25,15 +27,26 @@ pub struct Reconciler {
     /// Whether this replica led in the last round.
     was_leading: bool,
     status: StatusWriter,
+    /// Where the proxy list for the load reads goes and the loads come from.
+    loads: LoadHandle,
 }
 
 impl Reconciler {
-    pub fn new(push: PushHandle) -> Reconciler {
+    pub fn new(push: PushHandle, loads: LoadHandle) -> Reconciler {
         Reconciler {
             push,
             current: None,
             was_leading: false,
             status: StatusWriter::default(),
+            loads,
+        }
+    }
+
+    /// Resolves when the proxies' loads changed since the last round took them (never when
+    /// they are not read).
+    pub async fn loads_changed(&mut self) {
+        if self.loads.loads.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -45,7 +58,7 @@ impl Reconciler {
         let server_objs = ctx.stores.servers.state();
         let pod_objs = ctx.stores.pods.state();
         let pod_refs: Vec<&Pod> = pod_objs.iter().map(|p| p.as_ref()).collect();
-        let computed = compute(server_objs.iter().map(|s| s.as_ref()), &pod_refs);
+        let mut computed = compute(server_objs.iter().map(|s| s.as_ref()), &pod_refs);
         let proxy_objs = ctx
             .stores
             .proxy_pods
@@ -84,9 +97,26 @@ impl Reconciler {
                 c
             });
         }
+        let load_urls = Some(load_urls(ctx, &proxy_refs));
+        self.loads.proxies.send_if_modified(|old| {
+            let c = *old != load_urls;
+            if c {
+                *old = load_urls;
+            }
+            c
+        });
+        let loads = self.loads.loads.borrow_and_update().clone();
+        if let Some(l) = &loads {
+            for view in &mut computed.servers {
+                model::apply_loads(&mut view.status, l);
+            }
+        }
         if leading {
             ctx.metrics.leader.set(1);
-            self.status.write(ctx, &server_objs, &computed).await;
+            let keep_loads = loads.is_none() && ctx.settings.load_interval.is_some();
+            self.status
+                .write(ctx, &server_objs, &computed, keep_loads)
+                .await;
         } else {
             ctx.metrics.leader.set(0);
             self.status.forget(); // Rewrite everything when leadership comes (back).
@@ -155,6 +185,19 @@ fn proxy_urls(ctx: &Context, proxy_pods: &[&Pod]) -> BTreeSet<String> {
     proxy_pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| crate::pods::pod_ip(p).map(|ip| proxy_url(ip, port)))
+        .chain(ctx.settings.proxy_urls.iter().cloned())
+        .collect()
+}
+
+/// The admin URLs to read the live load from: every proxy pod with an IP that has not
+/// finished, terminating ones included (a draining replica still holds sessions), and the
+/// `--proxy-url` proxies.
+fn load_urls(ctx: &Context, proxy_pods: &[&Pod]) -> BTreeSet<String> {
+    let port = ctx.settings.proxy_admin_port;
+    proxy_pods
+        .iter()
+        .filter(|p| !crate::pods::finished(p))
         .filter_map(|p| crate::pods::pod_ip(p).map(|ip| proxy_url(ip, port)))
         .chain(ctx.settings.proxy_urls.iter().cloned())
         .collect()

@@ -12,6 +12,7 @@ use tracing::info;
 use crate::context::Context;
 use crate::error::Error;
 use crate::lease::Leadership;
+use crate::loads::LoadReader;
 use crate::metrics::Metrics;
 use crate::push::Pusher;
 use crate::reconcile::Reconciler;
@@ -41,6 +42,8 @@ pub async fn run(
         shutdown.clone(),
     )?;
 
+    let loads = LoadReader::spawn(&ctx.settings, metrics.clone(), shutdown.clone())?;
+
     // Health and metrics.
     let ready = Arc::new(AtomicBool::new(false));
     let listener = crate::http::bind(ctx.settings.listen).await?;
@@ -59,7 +62,7 @@ pub async fn run(
     ready.store(true, Ordering::Relaxed);
     info!("caches synced");
 
-    let mut reconciler = Reconciler::new(push);
+    let mut reconciler = Reconciler::new(push, loads);
     let mut leading = leadership.leading.clone();
     loop {
         // Batch bursts of events (a StatefulSet scaling touches many pods at once).
@@ -69,6 +72,8 @@ pub async fn run(
         tokio::select! {
             _ = ctx.stores.changed.notified() => {}
             _ = leading.changed() => {}
+            // New loads from the proxies: at most one per load interval.
+            _ = reconciler.loads_changed() => {}
             // Resync: conflicts raise the floor, statuses are re-checked.
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = shutdown.cancelled() => break,

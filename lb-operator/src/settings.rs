@@ -24,6 +24,9 @@ pub struct Settings {
     pub resync: Duration,
     /// Lease for leader election; None runs as the only writer.
     pub lease: Option<LeaseSettings>,
+    /// How often the proxies' live load is read for the MrcpServer statuses; None: never
+    /// (the statuses carry no load).
+    pub load_interval: Option<Duration>,
 }
 
 /// Every field but the admin token, which shows only whether it is set: a `{:?}` of the
@@ -41,6 +44,7 @@ impl std::fmt::Debug for Settings {
             .field("listen", &self.listen)
             .field("resync", &self.resync)
             .field("lease", &self.lease)
+            .field("load_interval", &self.load_interval)
             .finish()
     }
 }
@@ -69,6 +73,7 @@ mod tests {
             listen: "127.0.0.1:8080".parse().unwrap(),
             resync: Duration::from_secs(10),
             lease: None,
+            load_interval: Some(Duration::from_secs(5)),
         };
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");

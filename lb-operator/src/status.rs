@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use crate::context::Context;
 use crate::crd::{MrcpServer, MrcpServerStatus, MANAGER};
 use crate::error::Error;
-use crate::model::{Computed, ServerView, Warning};
+use crate::model::{self, Computed, ServerView, Warning};
 
 /// Writes statuses (server-side apply, only when they change) and Warning events for bad
 /// annotations (once per pod and value). Remembers what it wrote, so a round that changes
@@ -29,7 +29,15 @@ pub struct StatusWriter {
 impl StatusWriter {
     /// Writes every status that differs from what the server holds, and the Events not yet
     /// published. Failures are logged and counted; the next round tries again.
-    pub async fn write(&mut self, ctx: &Context, servers: &[Arc<MrcpServer>], computed: &Computed) {
+    /// `keep_loads`: the proxies' loads are not read yet; each status keeps the loads it
+    /// shows ([`model::keep_loads`]).
+    pub async fn write(
+        &mut self,
+        ctx: &Context,
+        servers: &[Arc<MrcpServer>],
+        computed: &Computed,
+        keep_loads: bool,
+    ) {
         for view in &computed.servers {
             let Some(obj) = servers.iter().find(|s| {
                 s.metadata.namespace.as_deref() == Some(&view.namespace)
@@ -37,7 +45,7 @@ impl StatusWriter {
             }) else {
                 continue;
             };
-            if let Err(e) = self.write_status(ctx, obj, view).await {
+            if let Err(e) = self.write_status(ctx, obj, view, keep_loads).await {
                 ctx.metrics.error(&e);
                 warn!(server = %view.name, "{e}");
             }
@@ -60,8 +68,12 @@ impl StatusWriter {
         ctx: &Context,
         obj: &MrcpServer,
         view: &ServerView,
+        keep_loads: bool,
     ) -> Result<(), Error> {
-        let status = with_condition(obj, view);
+        let mut status = with_condition(obj, view);
+        if keep_loads {
+            model::keep_loads(&mut status, obj.status.as_ref());
+        }
         let key = (view.namespace.clone(), view.name.clone());
         let Ok(value) = serde_json::to_value(&status) else {
             return Ok(());
