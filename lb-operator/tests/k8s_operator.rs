@@ -1,7 +1,8 @@
 //! lb-operator against a real control plane (etcd + kube-apiserver built by `make k8s`), real
 //! lb-proxy processes and sipp: registration, capacity changes under load, readiness and
 //! termination, deletion, restarts, bad annotations, status, leader election (crash and
-//! graceful handover), health, proxy discovery by label, early shutdown.
+//! graceful handover), health, proxy discovery by label, early shutdown, cluster peers, and
+//! the per-resource load in the status, read from two proxy replicas.
 //!
 //! Run: `cargo test -p lb-operator --test k8s_operator -- --nocapture` (the latency figures and
 //! takeover times are printed). See `k8s_harness/mod.rs` for addresses and process handling.
@@ -723,7 +724,11 @@ async fn status_and_printer_columns() {
     let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
     eprintln!("[status] kubectl get mrcp:\n{table}");
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "CAPACITY", "AGE"], "{table}");
+    assert_eq!(
+        header,
+        ["NAME", "READY", "CAPACITY", "LOAD", "AGE"],
+        "{table}"
+    );
     let row: Vec<&str> = table
         .lines()
         .find(|l| l.starts_with("asr "))
@@ -1354,4 +1359,246 @@ async fn proxy_pods_are_the_cluster_peers_of_every_proxy() {
         },
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. Per-resource capacity and load in the status, summed over two proxy replicas
+
+/// The `(name, capacity, load)` of each resource in an MrcpServer's status, the load summary
+/// and `loadFrom` (proxies, answered).
+async fn resource_status(
+    env: &TestEnv,
+    name: &str,
+) -> Result<(Vec<(String, u64, Option<u64>)>, String, Option<(u32, u32)>), String> {
+    let s = env.servers().get(name).await.map_err(|e| e.to_string())?;
+    let st = s.status.ok_or("no status yet")?;
+    Ok((
+        st.resources
+            .iter()
+            .map(|r| (r.name.clone(), r.capacity, r.load))
+            .collect(),
+        st.load_summary,
+        st.load_from.map(|f| (f.proxies, f.answered)),
+    ))
+}
+
+/// Waits until the MrcpServer's `loadSummary` and `loadFrom` are as wanted; returns the
+/// resources.
+async fn wait_load(
+    env: &TestEnv,
+    name: &str,
+    summary: &str,
+    from: (u32, u32),
+    timeout: Duration,
+) -> Vec<(String, u64, Option<u64>)> {
+    eventually(
+        &format!("{name}: loadSummary {summary}, loadFrom {from:?}"),
+        timeout,
+        POLL,
+        async || {
+            let (res, got, got_from) = resource_status(env, name).await?;
+            (got == summary && got_from == Some(from))
+                .then_some(res.clone())
+                .ok_or(format!("{got} from {got_from:?}: {res:?}"))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
+    let env = TestEnv::new("resource-load", 14).await;
+    let second_ip = format!("127.0.4.{}", 100 + env.index);
+    // Two replicas sharing load (their clusterLoad counts both), each with a listener per
+    // MRCP resource: INVITEs to :5060 take speechrecog, to :5062 speechsynth.
+    let proxy = async |name: &str, ip: &str| {
+        let listeners = format!(
+            "  - {{address: \"udp:{ip}:5060\", resources: [speechrecog]}}\n  \
+               - {{address: \"udp:{ip}:5062\", resources: [speechsynth]}}\n"
+        );
+        let cluster =
+            format!("cluster:\n  listen: {ip}:7070\n  heartbeat: 200ms\n  peerTimeout: 1s\n");
+        Proxy::start_with_listeners(&env, name, ip, 5060, 8081, &listeners, &cluster).await
+    };
+    let pa = proxy("proxy-a", &env.ip).await;
+    let pb = proxy("proxy-b", &second_ip).await;
+    let component = ("app.kubernetes.io/component", "proxy");
+    for (name, ip) in [("lb-proxy-0", &env.ip), ("lb-proxy-1", &second_ip)] {
+        env.create_pod(name, &[component], &[], false).await;
+        env.set_pod_status(name, ip, true).await;
+    }
+    // An ASR-only pool and a TTS-only pool, as in examples/two-pools.yaml; asr-1 is not Ready.
+    let (asr_ip, tts_ip) = (env.pod_ip(1), env.pod_ip(3));
+    let uas = async |name: &str, ip: &str| {
+        Sipp::uas(&env, name)
+            .at(format!("{ip}:8060").parse().unwrap())
+            .start_async()
+            .await
+    };
+    let asr_server = uas("uas-asr", &asr_ip).await;
+    let tts_server = uas("uas-tts", &tts_ip).await;
+    env.create_server("asr", server_spec("asr", "speechrecog=10", 0))
+        .await;
+    env.create_server("tts", server_spec("tts", "speechsynth=10", 0))
+        .await;
+    for (pod, app, resources, ip, ready) in [
+        ("asr-0", "asr", "speechrecog=50", asr_ip.clone(), true),
+        ("asr-1", "asr", "speechrecog=50", env.pod_ip(2), false),
+        ("tts-0", "tts", "speechsynth=200", tts_ip.clone(), true),
+    ] {
+        env.create_pod(pod, &[("app", app)], &[(RESOURCES, resources)], false)
+            .await;
+        env.set_pod_status(pod, &ip, ready).await;
+    }
+    let ns = env.ns.clone();
+    let op = Operator::start(
+        &env,
+        "operator",
+        8090,
+        &[],
+        &[
+            "--proxy-selector",
+            "app.kubernetes.io/component=proxy",
+            "--proxy-namespace",
+            &ns,
+            "--proxy-admin-port",
+            "8081",
+            "--proxy-cluster-port",
+            "7070",
+            "--load-interval-seconds",
+            "2",
+        ],
+    )
+    .await;
+    for p in [&pa, &pb] {
+        wait_state(p, &uri(&asr_ip), State::Up, 10 * SEC).await;
+        wait_state(p, &uri(&tts_ip), State::Up, 10 * SEC).await;
+    }
+    // No session yet: loads known and zero; capacity of the Ready pods only.
+    let res = wait_load(&env, "asr", "speechrecog=0/50", (2, 2), 10 * SEC).await;
+    assert_eq!(res, [("speechrecog".to_string(), 50, Some(0))]);
+    wait_load(&env, "tts", "speechsynth=0/200", (2, 2), 10 * SEC).await;
+
+    // Two ASR sessions and one TTS session through proxy-a, one ASR session through proxy-b.
+    let hold = ms(30_000);
+    let uac = |name: &str, port: u16, to: std::net::SocketAddr, n: u64| {
+        Sipp::uac(&env, name)
+            .port(port)
+            .to(to)
+            .rate(20)
+            .calls_together(n)
+            .hold(hold)
+            .timeout(60 * SEC)
+            .start()
+    };
+    let t_calls = Instant::now();
+    let tts_addr: std::net::SocketAddr = format!("{}:5062", env.ip).parse().unwrap();
+    let asr_a = uac("asr-a", 5070, pa.sip, 2);
+    let tts_a = uac("tts-a", 5072, tts_addr, 1);
+    let asr_b = uac("asr-b", 5074, pb.sip, 1);
+    // Each replica's own load and the cluster load it routes on.
+    let own_and_cluster = async |p: &Proxy, ip: &str, r: &str| -> Result<(u32, u32), String> {
+        let set = p.try_destinations().await?;
+        let d = by_uri(&set, &uri(ip)).ok_or(describe(&set))?;
+        let x = d
+            .resources
+            .iter()
+            .find(|x| x.name == r)
+            .ok_or(describe(&set))?;
+        Ok((x.load, x.cluster_load))
+    };
+    eventually(
+        "the replicas share their loads",
+        15 * SEC,
+        POLL,
+        async || {
+            let a = own_and_cluster(&pa, &asr_ip, "speechrecog").await?;
+            let b = own_and_cluster(&pb, &asr_ip, "speechrecog").await?;
+            let t = own_and_cluster(&pa, &tts_ip, "speechsynth").await?;
+            (a == (2, 3) && b == (1, 3) && t == (1, 1))
+                .then_some(())
+                .ok_or(format!("asr a {a:?} b {b:?}, tts a {t:?}"))
+        },
+    )
+    .await;
+    // 3, not 6: each replica's own load is summed, not the cluster load both report.
+    let res = wait_load(&env, "asr", "speechrecog=3/50", (2, 2), 10 * SEC).await;
+    assert_eq!(res, [("speechrecog".to_string(), 50, Some(3))]);
+    wait_load(&env, "tts", "speechsynth=1/200", (2, 2), 10 * SEC).await;
+    eprintln!(
+        "[resource-load] status shows the sessions {:.1} s after the calls started",
+        t_calls.elapsed().as_secs_f64()
+    );
+    let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
+    eprintln!("[resource-load] kubectl get mrcp:\n{table}");
+    for want in [
+        ["asr", "1", "speechrecog=50", "speechrecog=3/50"],
+        ["tts", "1", "speechsynth=200", "speechsynth=1/200"],
+    ] {
+        assert!(
+            table.lines().any(|l| l.split_whitespace().take(4).eq(want)),
+            "no row {want:?}: {table}"
+        );
+    }
+
+    // proxy-b stops answering (SIGSTOP: its admin API accepts connections and never
+    // answers). Reconciliation goes on meanwhile: asr-1 turning Ready shows at once.
+    pb.guard.signal("STOP");
+    let t_stop = Instant::now();
+    env.set_pod_status("asr-1", &env.pod_ip(2), true).await;
+    eventually("asr-1 Ready in the status", 10 * SEC, POLL, async || {
+        let s = env.servers().get("asr").await.map_err(|e| e.to_string())?;
+        let st = s.status.ok_or("no status")?;
+        (st.ready_destinations == 2)
+            .then_some(())
+            .ok_or(format!("{st:?}"))
+    })
+    .await;
+    let took = t_stop.elapsed();
+    eprintln!(
+        "[resource-load] a pod turning Ready showed in the status after {:.0} ms with a \
+         replica not answering",
+        took.as_secs_f64() * 1000.0
+    );
+    assert!(
+        took < lb_operator::loads::READ_TIMEOUT,
+        "the status waited on the silent replica: {took:?}"
+    );
+    // Its last answer still counts after a read failed (for three intervals: 6 s here)...
+    eventually("a failed load read", 10 * SEC, POLL, async || {
+        let n = op
+            .metric("mrcp_lb_operator_load_reads_total{result=\"error\"}")
+            .await?;
+        (n >= Some(1.0)).then_some(()).ok_or(format!("{n:?}"))
+    })
+    .await;
+    let failed = t_stop.elapsed();
+    let (res, summary, from) = resource_status(&env, "asr").await.unwrap();
+    assert_eq!(
+        (summary.as_str(), from),
+        ("speechrecog=3/100", Some((2, 2))),
+        "{failed:?} after the stop, a read failed and the last answer no longer counts: {res:?}"
+    );
+    // ... then it drops out of the sum.
+    let res = wait_load(&env, "asr", "speechrecog=2/100", (2, 1), 15 * SEC).await;
+    assert_eq!(res, [("speechrecog".to_string(), 100, Some(2))]);
+    eprintln!(
+        "[resource-load] first failed read {:.1} s after the stop, the silent replica left \
+         the sum after {:.1} s",
+        failed.as_secs_f64(),
+        t_stop.elapsed().as_secs_f64()
+    );
+    pb.guard.signal("CONT");
+    wait_load(&env, "asr", "speechrecog=3/100", (2, 2), 15 * SEC).await;
+
+    // Calls end: loads back to 0.
+    for (c, n) in [(asr_a, 2), (tts_a, 1), (asr_b, 1)] {
+        c.wait_async(60 * SEC).await.assert_all_ok(n);
+    }
+    wait_load(&env, "asr", "speechrecog=0/100", (2, 2), 15 * SEC).await;
+    wait_load(&env, "tts", "speechsynth=0/200", (2, 2), 15 * SEC).await;
+    for srv in [asr_server, tts_server] {
+        let r = srv.stop_async().await;
+        assert_eq!(r.stat("FailedCall(C)"), 0, "{}", r.summary());
+    }
 }

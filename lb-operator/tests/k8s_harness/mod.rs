@@ -8,7 +8,7 @@
 //!   that takes the control plane down (`ControlPlane::outage`) lives in a binary of its own.
 //! - Each test has its own namespace (`it-<name>`), runs its operators with `--namespace`, and
 //!   takes its own loopback addresses: proxies, operators and sipp clients on `127.0.4.T`
-//!   (T = 1..=13: 1 to 11 and 13 in `k8s_operator.rs`, 12 in `k8s_outage.rs`; a second
+//!   (T = 1..=14: 1 to 11, 13 and 14 in `k8s_operator.rs`, 12 in `k8s_outage.rs`; a second
 //!   address `127.0.4.(100 + T)` when a test needs two), pod IPs in `127.0.3.0/24` (see
 //!   `TestEnv::pod_ip`); tests in other files use `TestEnv::new_at` with addresses of their
 //!   own (`rbac.rs`: `127.0.5.0/24`). Nothing is sent outside loopback: the pod IPs the
@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 /// Environment variables the operator reads its flags from: removed so that only the test's
 /// flags count.
-pub const OPERATOR_VARS: [&str; 13] = [
+pub const OPERATOR_VARS: [&str; 14] = [
     "LB_OPERATOR_NAMESPACE",
     "LB_OPERATOR_PROXY_SELECTOR",
     "LB_OPERATOR_PROXY_NAMESPACE",
@@ -54,6 +54,7 @@ pub const OPERATOR_VARS: [&str; 13] = [
     "LB_OPERATOR_LISTEN",
     "LB_OPERATOR_RESYNC_SECONDS",
     "LB_OPERATOR_LEASE_NAME",
+    "LB_OPERATOR_LOAD_INTERVAL_SECONDS",
     "POD_NAMESPACE",
     "POD_NAME",
     "LB_OPERATOR_LOG_LEVEL",
@@ -386,7 +387,7 @@ impl TestEnv {
     /// Creates the namespace `it-<name>` (with its default ServiceAccount: no controller
     /// manager makes it) on the shared control plane.
     pub async fn new(name: &str, index: u8) -> TestEnv {
-        assert!((1..=13).contains(&index), "test index 1..=13");
+        assert!((1..=14).contains(&index), "test index 1..=14");
         TestEnv::create(name, index, format!("127.0.4.{index}")).await
     }
 
@@ -640,12 +641,28 @@ impl Proxy {
         admin_port: u16,
         extra: &str,
     ) -> Proxy {
+        let listeners = format!("  - udp:{ip}:{sip_port}\n  - tcp:{ip}:{sip_port}\n");
+        Proxy::start_with_listeners(env, name, ip, sip_port, admin_port, &listeners, extra).await
+    }
+
+    /// As `start_with`, with the `listeners` list written out (YAML items, e.g. one UDP
+    /// listener per resource: `"  - {address: udp:IP:5062, resources: [speechsynth]}\n"`);
+    /// `sip_port` is the port of the first, which `uac` calls.
+    pub async fn start_with_listeners(
+        env: &TestEnv,
+        name: &str,
+        ip: &str,
+        sip_port: u16,
+        admin_port: u16,
+        listeners: &str,
+        extra: &str,
+    ) -> Proxy {
         let bin = lb_proxy_bin();
         let dir = env.subdir(name);
         let sip: SocketAddr = format!("{ip}:{sip_port}").parse().unwrap();
         let admin: SocketAddr = format!("{ip}:{admin_port}").parse().unwrap();
         let config = format!(
-            "listeners:\n  - udp:{sip}\n  - tcp:{sip}\n\
+            "listeners:\n{listeners}\
              admin:\n  listen: {admin}\n\
              routing:\n  group: 1\n  resources: [pstn]\n  mode: absolute\n\
              timers:\n  inviteTimeout: 3s\n{extra}"
