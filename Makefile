@@ -49,7 +49,10 @@ chart-lint: k8s
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls,proxy.advertise=sip.example.com:5060 > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.routeKey.existingSecret=my-route-key | grep -q 'secretName: my-route-key' \
-	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.routeKey.create=false | grep -q 'recordRoute:'
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.routeKey.create=false | grep -q 'recordRoute:' \
+	  && "$$HELM" lint charts/mrcp-lb -f examples/two-pools-values.yaml > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb -f examples/two-pools-values.yaml | grep -q '^      resources: sdp$$' \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.config.routing.sdp.perSesion=x > /dev/null 2>&1
 
 e2e: deps k8s
 	./tests/e2e/run.sh
