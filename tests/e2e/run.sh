@@ -901,6 +901,8 @@ for q in "${QUERIES[@]}"; do
 	e=${expr//'$__rate_interval'/1m}
 	e=${e//'$__interval'/1s}
 	e=${e//'$__range'/5m}
+	# The dashboard's template variables (a repeated panel's $resource): every value.
+	e=${e//'$resource'/.+}
 	res=$(promq "$e") || fail "Prometheus rejected the query of panel \"$title\": $expr"
 	[ "$(jq -r .status <<<"$res")" = success ] || fail "query of panel \"$title\" failed: $(jq -c . <<<"$res")"
 	n=$(jq '.data.result | length' <<<"$res")
