@@ -1408,6 +1408,18 @@ async fn wait_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
     let env = TestEnv::new("resource-load", 14).await;
+    // What this test builds is examples/two-pools.yaml: the API server takes the example as
+    // written (StatefulSets, Services and MrcpServers, against the CRD's schema).
+    let example = repo().join("examples/two-pools.yaml");
+    let applied = env.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        &env.ns,
+        "-f",
+        example.to_str().unwrap(),
+    ]);
+    assert_eq!(applied.matches("(server dry run)").count(), 6, "{applied}");
     let second_ip = format!("127.0.4.{}", 100 + env.index);
     // Two replicas sharing load (their clusterLoad counts both), each with a listener per
     // MRCP resource: INVITEs to :5060 take speechrecog, to :5062 speechsynth.
