@@ -1492,7 +1492,7 @@ async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
     wait_load(&env, "tts", "speechsynth=0/200", (2, 2), 10 * SEC).await;
 
     // Two ASR sessions and one TTS session through proxy-a, one ASR session through proxy-b.
-    let hold = ms(30_000);
+    let hold = ms(40_000);
     let uac = |name: &str, port: u16, to: std::net::SocketAddr, n: u64| {
         Sipp::uac(&env, name)
             .port(port)
@@ -1540,6 +1540,18 @@ async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
     eprintln!(
         "[resource-load] status shows the sessions {:.1} s after the calls started",
         t_calls.elapsed().as_secs_f64()
+    );
+    // Loads read every 2 s that do not change write nothing.
+    let version = async || {
+        let s = env.servers().get("asr").await.unwrap();
+        s.metadata.resource_version.unwrap_or_default()
+    };
+    let before = version().await;
+    tokio::time::sleep(6 * SEC).await;
+    assert_eq!(
+        version().await,
+        before,
+        "the status was rewritten with nothing changed"
     );
     let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
     eprintln!("[resource-load] kubectl get mrcp:\n{table}");
