@@ -15,7 +15,7 @@ pub const PSTN_CAPACITY: &str = "mrcp-lb.io/pstn-capacity";
 /// [`MRCP_RESOURCES`]: `"speechrecog=50;speechsynth=200"`.
 pub const RESOURCES: &str = "mrcp-lb.io/resources";
 
-/// The MRCPv2 resource types (RFC 6787, section 3.1): the names the proxy counts one unit of
+/// The MRCPv2 resource types (RFC 6787): the names the proxy counts one unit of
 /// per MRCP channel an INVITE's SDP offer asks for (`a=resource:` of each `m=application`
 /// line), when it routes by SDP. A pod takes sessions only for the resources it lists; any
 /// other name (`pstn`, `tts`) is a plain counter the proxy's `routing.resources` asks for.
