@@ -843,6 +843,8 @@ class Bench:
         runs["direct"].append(self.fixed_run("direct", transport, rate, n, 0))
         out = {}
         for t, rs in runs.items():
+            if not rs:  # a target left out by BENCH_TARGETS
+                continue
             lat = sorted(x for r in rs for x in r["latencies"])
             calls = sum(r["ok"] for r in rs)
             cpu = sum(r["cpu"] for r in rs)
