@@ -843,7 +843,11 @@ class Bench:
         runs["direct"].append(self.fixed_run("direct", transport, rate, n, 0))
         out = {}
         for t, rs in runs.items():
-            if not rs:  # a target left out by BENCH_TARGETS
+            if not rs:  # a target left out by BENCH_TARGETS: no figures
+                out[t] = {"runs": [], "calls": 0, "failed": 0, "cpu_s": None, "cpu_per_1000": None,
+                          "cpu_per_1000_runs": [], "rss_kib": None, "pss_kib": None, "p50": None,
+                          "p90": None, "p99": None, "mean": None, "samples": 0, "unanswered": 0,
+                          "pcap_dropped": 0}
                 continue
             lat = sorted(x for r in rs for x in r["latencies"])
             calls = sum(r["ok"] for r in rs)
