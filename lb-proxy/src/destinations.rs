@@ -595,7 +595,11 @@ impl Destinations {
     pub fn proven<S: AsRef<str>>(&mut self, slot: usize, resources: &[S]) {
         if let Some(d) = self.slots.get_mut(slot) {
             for r in d.resources.iter_mut() {
-                if resources.iter().any(|n| n.as_ref() == r.name) {
+                // As the offer wrote them: resource names compare in any case.
+                if resources
+                    .iter()
+                    .any(|n| n.as_ref().eq_ignore_ascii_case(&r.name))
+                {
                     r.proven = true;
                 }
             }
