@@ -1373,7 +1373,10 @@ def report(res, procs):
           "the UDP benchmark's (INVITE with an MRCP offer, 100, 200 with Record-Route, ACK and "
           "BYE through it, 200), counted by a counting global allocator around what the runtime "
           "does per datagram (the parse with its one copy of the datagram, `on_message`, the "
-          "timers due, the outbound queue). Exact counts, not samples:")
+          "timers due, the outbound queue). Exact counts, not samples; the time is the fastest of "
+          "three alternating rounds of each configuration, on one core, counting allocator "
+          "included (the fixed list of `bench/lb-proxy.yaml`, and SDP routing as "
+          "`bench/lb-proxy-sdp.yaml`):")
         w("")
         for l in al["lines"]:
             w(f"- {l}")

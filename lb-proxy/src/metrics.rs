@@ -35,6 +35,8 @@ pub struct Metrics {
     pub sdp_offers: IntCounterVec,
     /// SDP routing: MRCPv2 channels settled by an answer, accepted or rejected.
     pub sdp_channels: IntCounterVec,
+    /// Pre-resolved children of `sdp_offers` and `sdp_channels`, for the call path.
+    pub sdp: SdpCounters,
     /// SDP routing: 406 answers that took a destination out for the session's resources.
     pub not_acceptable: IntCounter,
     /// Requests refused by an overload limit, by reason.
@@ -71,6 +73,16 @@ pub struct Metrics {
     pub set_version: IntGauge,
     pub set_updated: prometheus::Gauge,
     pub cluster: ClusterMetrics,
+}
+
+/// The children of the SDP routing counters, resolved once (a label lookup takes a lock).
+pub struct SdpCounters {
+    pub offers_channels: IntCounter,
+    pub offers_fallback: IntCounter,
+    pub offers_refused: IntCounter,
+    pub offers_bad: IntCounter,
+    pub channels_accepted: IntCounter,
+    pub channels_rejected: IntCounter,
 }
 
 /// Load sharing between replicas.
@@ -267,6 +279,33 @@ impl Metrics {
              dropped unanswered, a retransmission passes later).",
             &["reason"],
         );
+        let sdp_offers = {
+            let v = counter_vec(
+                &r,
+                "mrcp_lb_sdp_offers_total",
+                "New INVITEs under SDP routing by what their offer gave: channels (counted \
+                 by its MRCPv2 channels), fallback (no channel: routing.sdp.fallback), \
+                 refused (no channel, no fallback: 488), bad (unreadable SDP: 400).",
+                &["outcome"],
+            );
+            for o in ["channels", "fallback", "refused", "bad"] {
+                v.with_label_values(&[o]);
+            }
+            v
+        };
+        let sdp_channels = {
+            let v = counter_vec(
+                &r,
+                "mrcp_lb_sdp_channels_total",
+                "MRCPv2 channels settled by a server's answer: accepted, or rejected (and \
+                 released at once).",
+                &["outcome"],
+            );
+            for o in ["accepted", "rejected"] {
+                v.with_label_values(&[o]);
+            }
+            v
+        };
         Metrics {
             relay_refused,
             limited_source_rate: limited.with_label_values(&["source_rate"]),
@@ -361,33 +400,16 @@ impl Metrics {
                 "mrcp_lb_rejected_no_capacity_total",
                 "INVITEs answered 503 because no destination had capacity.",
             ),
-            sdp_offers: {
-                let v = counter_vec(
-                    &r,
-                    "mrcp_lb_sdp_offers_total",
-                    "New INVITEs under SDP routing by what their offer gave: channels (counted \
-                     by its MRCPv2 channels), fallback (no channel: routing.sdp.fallback), \
-                     refused (no channel, no fallback: 488), bad (unreadable SDP: 400).",
-                    &["outcome"],
-                );
-                for o in ["channels", "fallback", "refused", "bad"] {
-                    v.with_label_values(&[o]);
-                }
-                v
+            sdp: SdpCounters {
+                offers_channels: sdp_offers.with_label_values(&["channels"]),
+                offers_fallback: sdp_offers.with_label_values(&["fallback"]),
+                offers_refused: sdp_offers.with_label_values(&["refused"]),
+                offers_bad: sdp_offers.with_label_values(&["bad"]),
+                channels_accepted: sdp_channels.with_label_values(&["accepted"]),
+                channels_rejected: sdp_channels.with_label_values(&["rejected"]),
             },
-            sdp_channels: {
-                let v = counter_vec(
-                    &r,
-                    "mrcp_lb_sdp_channels_total",
-                    "MRCPv2 channels settled by a server's answer: accepted, or rejected (and \
-                     released at once).",
-                    &["outcome"],
-                );
-                for o in ["accepted", "rejected"] {
-                    v.with_label_values(&[o]);
-                }
-                v
-            },
+            sdp_offers,
+            sdp_channels,
             not_acceptable: counter(
                 &r,
                 "mrcp_lb_not_acceptable_total",

@@ -340,6 +340,18 @@ mod tests {
     }
 
     #[test]
+    fn folded_lines_are_not_joined() {
+        // SDP has no line folding (RFC 4566 5): a continuation line is a line of its own,
+        // which the reader skips; a resource folded onto the next line is an empty resource.
+        let folded_other = SYNTH_OFFER.replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:0\r\n PCMU/8000");
+        assert_eq!(offered(&folded_other), vec!["speechsynth"]);
+        let folded_resource =
+            SYNTH_OFFER.replace("a=resource:speechsynth", "a=resource:\r\n speechsynth");
+        let e = read(folded_resource.as_bytes(), true).unwrap_err();
+        assert_eq!(e, SdpError::BadResource(String::new()));
+    }
+
+    #[test]
     fn resource_before_or_after_setup() {
         let after = SYNTH_OFFER;
         let before = SYNTH_OFFER.replace(

@@ -107,7 +107,7 @@ impl Proxy {
         let offer = match sdp_body(msg).map(|b| sdp::read(b, true)) {
             Some(Ok(channels)) => channels,
             Some(Err(e)) => {
-                self.metrics.sdp_offers.with_label_values(&["bad"]).inc();
+                self.metrics.sdp.offers_bad.inc();
                 debug!("bad SDP offer: {e}");
                 return Err(Refused {
                     code: 400,
@@ -122,25 +122,16 @@ impl Proxy {
         let from_sdp = !names.is_empty();
         if from_sdp {
             names.extend(sdp_cfg.per_session.iter().map(String::as_str));
-            self.metrics
-                .sdp_offers
-                .with_label_values(&["channels"])
-                .inc();
+            self.metrics.sdp.offers_channels.inc();
         } else if sdp_cfg.fallback.is_empty() {
-            self.metrics
-                .sdp_offers
-                .with_label_values(&["refused"])
-                .inc();
+            self.metrics.sdp.offers_refused.inc();
             return Err(Refused {
                 code: 488,
                 reason: "No MRCP channel in the offer".to_string(),
             });
         } else {
             names.extend(sdp_cfg.fallback.iter().map(String::as_str));
-            self.metrics
-                .sdp_offers
-                .with_label_values(&["fallback"])
-                .inc();
+            self.metrics.sdp.offers_fallback.inc();
         }
         Ok((self.resource_sets.get(&mut names), from_sdp))
     }
@@ -187,23 +178,25 @@ impl Proxy {
             }
             None => return,
         };
-        let accepted = answered.accepted_of(&offer);
-        let rejected = offer.offered().count() - accepted.len();
+        let mut names = answered.accepted_of(&offer);
+        let accepted = names.len();
+        let rejected = offer.offered().count() - accepted;
+        let m = &self.metrics.sdp;
+        m.channels_accepted.inc_by(accepted as u64);
         if rejected > 0 {
-            self.metrics
-                .sdp_channels
-                .with_label_values(&["rejected"])
-                .inc_by(rejected as u64);
+            m.channels_rejected.inc_by(rejected as u64);
         }
-        self.metrics
-            .sdp_channels
-            .with_label_values(&["accepted"])
-            .inc_by(accepted.len() as u64);
         let cfg = Arc::clone(&self.cfg);
-        let mut names: Vec<&str> = accepted.clone();
         names.extend(cfg.routing.sdp.per_session.iter().map(String::as_str));
         let now_holds = self.resource_sets.get(&mut names);
+        // Proven: the accepted channels' resources (and the per-session ones, which a 406
+        // never blames).
+        self.dests.proven(slot, &names);
         let held = d.resources.clone();
+        if Arc::ptr_eq(&held, &now_holds) {
+            // Everything offered was accepted (the common answer): nothing moves.
+            return;
+        }
         let gone = minus(&held, &now_holds);
         let added = minus(&now_holds, &held);
         if !gone.is_empty() {
@@ -212,7 +205,6 @@ impl Proxy {
         if !added.is_empty() {
             self.dests.add_units(slot, &added);
         }
-        self.dests.proven(slot, &accepted);
         if !gone.is_empty() || !added.is_empty() {
             debug!(
                 call_id = %dkey.call_id,
