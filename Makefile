@@ -3,13 +3,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint e2e bench soak fuzz audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e bench soak fuzz audit audit-advisories cargo-deny
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
 	@echo "make demo   run the proxy with two sipp MRCP-like servers and a sipp client"
 	@echo "make test   install what the tests need, then lint and run every test (unit, sipp, operator, e2e)"
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
+	@echo "make alerts unit-test the chart's alerts (PrometheusRule) with promtool"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
 	@echo "make audit  cargo deny: licences, duplicate versions (warnings), sources (crates.io only)"
@@ -52,7 +53,17 @@ chart-lint: k8s
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.routeKey.create=false | grep -q 'recordRoute:' \
 	  && "$$HELM" lint charts/mrcp-lb -f examples/two-pools-values.yaml > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb -f examples/two-pools-values.yaml | grep -q '^      resources: sdp$$' \
-	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.config.routing.sdp.perSesion=x > /dev/null 2>&1
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.config.routing.sdp.perSesion=x > /dev/null 2>&1 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb | grep -q '^kind: PrometheusRule$$' \
+	  && "$$HELM" lint charts/mrcp-lb --set prometheusRule.enabled=true > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.enabled=true,prometheusRule.labels.release=prom,prometheusRule.runbookUrl=https://example.com/README.md,prometheusRule.alerts.utilizationHigh.threshold=0.9 \
+	     | grep -c 'runbook_url: "https://example.com/README.md"$$\|^    release: prom$$\|^              > 0.9$$' | grep -qx 9 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.alerts.noDestinationUp.for=soon > /dev/null 2>&1
+
+# The chart's alerts: tests/alerts/run.sh renders the PrometheusRule with helm, runs
+# `promtool check rules` on its spec and `promtool test rules` on tests/alerts/*.test.yaml.
+alerts: deps k8s
+	./tests/alerts/run.sh
 
 e2e: deps k8s
 	./tests/e2e/run.sh
@@ -94,7 +105,7 @@ audit-advisories: cargo-deny
 unit:
 	$(CARGO) test --workspace --lib
 
-test: deps k8s lint chart-lint
+test: deps k8s lint chart-lint alerts
 	$(CARGO) test --workspace
 	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e

@@ -11,7 +11,7 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # control-plane cert
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)   # e2e: proves no packet left loopback
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)       # SIP over TLS tests: TLS in front of sipp
-# promtool (checks the /metrics output) comes with Debian's prometheus package.
+# promtool (checks the /metrics output, unit-tests the chart's alerts) comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -79,3 +79,14 @@ loadBalancerIP when set, else its cluster DNS name); for a DaemonSet the pod's o
 {{- printf "$(POD_IP):%v" $p.sipPort -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+An alert's runbook annotations: where README.md describes it, and runbook_url when
+prometheusRule.runbookUrl is set. Called with (list runbookUrl alertName).
+*/}}
+{{- define "mrcp-lb.alertRunbook" -}}
+runbook: {{ printf "mrcp-lb README.md, Operations, Alerts: %s" (index . 1) | quote }}
+{{- with index . 0 }}
+runbook_url: {{ . | quote }}
+{{- end }}
+{{- end -}}
