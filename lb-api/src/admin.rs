@@ -174,3 +174,33 @@ pub struct PeerStatus {
     /// Calls it reports, summed over destinations and resources.
     pub load: u64,
 }
+
+/// `GET /v1/destinations/wait-drained`: whether a destination (a pod, or an id) carries no
+/// session anywhere in the cluster and takes no new ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainStatus {
+    /// What was asked, as given: `pod=NS/NAME` or `id=ID`.
+    pub asked: String,
+    /// No session open through any live replica, and no match takes new calls here.
+    pub drained: bool,
+    /// The ids that matched (a pod restarted in place keeps its id; one recreated under the
+    /// same name has a new one, and both match while the old one carries calls).
+    pub destinations: Vec<String>,
+    /// False when neither this replica nor a live peer knows a matching destination: nothing
+    /// can be open there through mrcp-lb.
+    pub known: bool,
+    /// Sessions open through this replica.
+    pub local_sessions: u64,
+    /// Sessions the live peers report (per destination, the highest load over its resources).
+    pub peer_sessions: u64,
+    /// `localSessions + peerSessions`.
+    pub open_sessions: u64,
+    /// A match is still `up` here (the operator has not pushed it `draining` yet, or it is not
+    /// terminating): a new call may still arrive, so it is not drained even at zero sessions.
+    pub taking_calls: bool,
+    /// Whether the answer covers the peers (`cluster` configured); false: this replica only.
+    pub cluster: bool,
+    /// Seconds this request waited.
+    pub waited_seconds: f64,
+}

@@ -8,6 +8,7 @@
 //! | `GET /v1/destinations` | every destination with load, state, probe statistics |
 //! | `PUT /v1/destinations` | replace the whole set (JSON `DestinationSet`, versioned) |
 //! | `POST /v1/destinations/{id}/state` | `{"action": "enable" \| "disable" \| "drain"}` |
+//! | `GET /v1/destinations/wait-drained?pod=NS/NAME&timeout=600s` | waits until the pod's destination carries no session cluster-wide (also `?id=ID`) |
 //! | `GET /v1/dialogs/stats` | active, early, processed, expired, failed |
 //!
 //! Write endpoints require `Authorization: Bearer <token>` when a token is configured
@@ -19,7 +20,8 @@
 #![allow(clippy::result_large_err)]
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,11 +29,12 @@ use axum::{Json, Router};
 use lb_api::admin::{ErrorBody, StateChange};
 use lb_api::DestinationSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{Applied, Control, SetError};
+use crate::proxy::{Applied, Control, DrainTarget, SetError};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -39,6 +42,8 @@ pub struct Api {
     /// The core's control queue.
     pub control: mpsc::Sender<Control>,
     pub token: Option<Arc<str>>,
+    /// The process is stopping: long polls answer at once.
+    pub shutdown: CancellationToken,
 }
 
 fn error(code: StatusCode, msg: impl Into<String>, field: Option<String>) -> Response {
@@ -190,6 +195,141 @@ async fn post_state(
     }
 }
 
+/// How often a drain wait asks the core again.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+/// The longest drain wait: longer than any sensible `terminationGracePeriodSeconds`.
+const MAX_DRAIN_WAIT: Duration = Duration::from_secs(3600);
+/// The wait when no `timeout` is given.
+const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(600);
+
+/// A parsed `wait-drained` query: the target, how it was asked, the timeout.
+#[derive(Debug, PartialEq, Eq)]
+struct DrainWait {
+    target: DrainTarget,
+    asked: String,
+    timeout: Duration,
+}
+
+/// A query parameter that cannot be used: (parameter, message).
+type ParamError = (String, String);
+
+fn drain_wait(params: &[(String, String)]) -> Result<DrainWait, ParamError> {
+    let mut target = None;
+    let mut timeout = None;
+    for (k, v) in params {
+        let seen = match k.as_str() {
+            "pod" | "id" => target.is_some(),
+            "timeout" => timeout.is_some(),
+            other => {
+                return Err((
+                    other.to_string(),
+                    format!("unknown parameter {other:?}; expected pod=NAMESPACE/NAME or id=ID, and timeout"),
+                ))
+            }
+        };
+        if seen {
+            return Err((
+                k.clone(),
+                format!("{k}={v:?}: given twice (one of pod or id, and one timeout)"),
+            ));
+        }
+        match k.as_str() {
+            "pod" => {
+                let t = DrainTarget::pod(v).map_err(|e| ("pod".to_string(), format!("pod={e}")))?;
+                target = Some((t, format!("pod={v}")));
+            }
+            "id" if v.is_empty() => {
+                return Err(("id".into(), "id must not be empty".into()));
+            }
+            "id" => target = Some((DrainTarget::Id(v.clone()), format!("id={v}"))),
+            _ => timeout = Some(parse_timeout(v).map_err(|e| ("timeout".to_string(), e))?),
+        }
+    }
+    let Some((target, asked)) = target else {
+        return Err((
+            "pod".into(),
+            "say which destination: pod=NAMESPACE/NAME (as the operator names it) or id=ID".into(),
+        ));
+    };
+    Ok(DrainWait {
+        target,
+        asked,
+        timeout: timeout.unwrap_or(DEFAULT_DRAIN_WAIT),
+    })
+}
+
+/// `600`, `600s`, `10m`, `1h`, `1500ms`: from 0 to one hour.
+fn parse_timeout(v: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "timeout={v:?}: expected a whole number of seconds, or with a unit (ms, s, m, h), \
+             e.g. 600s, from 0 to {}s",
+            MAX_DRAIN_WAIT.as_secs()
+        )
+    };
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    let d = Duration::from_millis(ms);
+    if d > MAX_DRAIN_WAIT {
+        return Err(format!(
+            "timeout={v:?}: at most {}s (one hour)",
+            MAX_DRAIN_WAIT.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+/// Waits until the destination is drained cluster-wide (200) or the timeout passes (504,
+/// with what is still open); 503 when the proxy stops meanwhile. The core is asked every
+/// [`DRAIN_POLL`], so the wait never holds it. A read, open without a token, so that a
+/// `preStop` hook needs nothing but curl or wget.
+async fn wait_drained(
+    State(api): State<Api>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let params = match query {
+        Ok(Query(p)) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), None),
+    };
+    let wait = match drain_wait(&params) {
+        Ok(w) => w,
+        Err((field, msg)) => return error(StatusCode::BAD_REQUEST, msg, Some(field)),
+    };
+    let start = tokio::time::Instant::now();
+    let deadline = start + wait.timeout;
+    loop {
+        let target = wait.target.clone();
+        let mut s = match api.ask(|tx| Control::DrainStatus(target, tx)).await {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        s.asked.clone_from(&wait.asked);
+        s.waited_seconds = start.elapsed().as_secs_f64();
+        if s.drained {
+            return (StatusCode::OK, Json(s)).into_response();
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return (StatusCode::GATEWAY_TIMEOUT, Json(s)).into_response();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_POLL.min(deadline - now)) => {}
+            _ = api.shutdown.cancelled() => {
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(s)).into_response();
+            }
+        }
+    }
+}
+
 async fn dialog_stats(State(api): State<Api>) -> Response {
     match api.ask(Control::Stats).await {
         Ok(s) => Json(s).into_response(),
@@ -213,6 +353,7 @@ pub fn router(api: Api) -> Router {
             "/v1/destinations",
             get(get_destinations).put(put_destinations),
         )
+        .route("/v1/destinations/wait-drained", get(wait_drained))
         .route("/v1/destinations/{id}/state", post(post_state))
         .route("/v1/dialogs/stats", get(dialog_stats))
         .route("/v1/cluster", get(cluster))
@@ -227,7 +368,99 @@ pub async fn serve(listener: TcpListener, api: Api, shutdown: CancellationToken)
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn drain_wait_parameters() {
+        let w = drain_wait(&q(&[("pod", "speech/unimrcp-0"), ("timeout", "90s")])).unwrap();
+        assert_eq!(
+            w,
+            DrainWait {
+                target: DrainTarget::Pod {
+                    namespace: "speech".into(),
+                    name: "unimrcp-0".into()
+                },
+                asked: "pod=speech/unimrcp-0".into(),
+                timeout: Duration::from_secs(90),
+            }
+        );
+        let w = drain_wait(&q(&[("id", "7")])).unwrap();
+        assert_eq!(
+            (w.target, w.timeout),
+            (DrainTarget::Id("7".into()), DEFAULT_DRAIN_WAIT)
+        );
+        let field = |pairs: &[(&str, &str)]| drain_wait(&q(pairs)).unwrap_err();
+        assert_eq!(field(&[]).0, "pod", "a target is required");
+        assert_eq!(field(&[("pod", "unimrcp-0")]).0, "pod", "namespace missing");
+        assert_eq!(
+            field(&[("pod", "Speech/x")]).0,
+            "pod",
+            "not a Kubernetes name"
+        );
+        assert_eq!(field(&[("pod", "speech/")]).0, "pod");
+        assert_eq!(field(&[("pod", "a/b"), ("id", "c")]).0, "id", "both");
+        assert_eq!(field(&[("id", "")]).0, "id");
+        assert_eq!(
+            field(&[("id", "a"), ("podd", "x")]).0,
+            "podd",
+            "a typo is named"
+        );
+        let (f, msg) = field(&[("id", "a"), ("timeout", "2d")]);
+        assert_eq!(f, "timeout");
+        assert!(msg.contains("\"2d\""), "{msg}");
+        let (f, msg) = field(&[("id", "a"), ("timeout", "5000s")]);
+        assert_eq!(f, "timeout");
+        assert!(msg.contains("at most 3600s"), "{msg}");
+        assert_eq!(
+            field(&[("id", "a"), ("timeout", "1"), ("timeout", "2")]).0,
+            "timeout"
+        );
+    }
+
+    #[test]
+    fn drain_timeouts() {
+        let t = |s: &str| parse_timeout(s);
+        assert_eq!(t("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(t("600s"), Ok(Duration::from_secs(600)));
+        assert_eq!(t("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(t("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(t("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(t("0"), Ok(Duration::ZERO));
+        for bad in [
+            "",
+            "s",
+            "-1",
+            "1.5s",
+            "2h",
+            "61m",
+            "10 s",
+            "99999999999999999999",
+            "3601",
+        ] {
+            assert!(t(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn pods_match_every_uid_of_their_name() {
+        let pod = DrainTarget::pod("speech/unimrcp-0").unwrap();
+        assert!(pod.matches("speech/unimrcp-0@7460ce94"));
+        assert!(pod.matches("speech/unimrcp-0@"));
+        assert!(pod.matches("speech/unimrcp-0"));
+        assert!(!pod.matches("speech/unimrcp-01@7460ce94"));
+        assert!(!pod.matches("other/unimrcp-0@7460ce94"));
+        assert!(!pod.matches("unimrcp-0"));
+        let id = DrainTarget::Id("speech/unimrcp-0@7460ce94".into());
+        assert!(id.matches("speech/unimrcp-0@7460ce94"));
+        assert!(!id.matches("speech/unimrcp-0@00000000"));
+    }
 
     #[test]
     fn token_comparison() {

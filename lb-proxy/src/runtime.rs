@@ -203,6 +203,7 @@ pub async fn start_prepared(
             let api = crate::admin::Api {
                 control: control_queue(events.clone()),
                 token: a.token.clone().map(Arc::from),
+                shutdown: shutdown.clone(),
             };
             tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
             Some(local)
@@ -675,6 +676,9 @@ impl Core {
                 let _ = reply.send(proxy.cluster_status(now));
             }
             Control::RouteKeys(keys) => proxy.rotate_route_keys(now, keys),
+            Control::DrainStatus(target, reply) => {
+                let _ = reply.send(proxy.drain_status(now, &target));
+            }
         }
     }
 

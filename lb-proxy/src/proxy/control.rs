@@ -3,7 +3,7 @@
 //! runtime's event channel, so they run on the core task between two messages and never race
 //! the call path.
 
-use lb_api::admin::{Action, ClusterStatus, DestinationsStatus, DialogStats, State};
+use lb_api::admin::{Action, ClusterStatus, DestinationsStatus, DialogStats, DrainStatus, State};
 use lb_api::{DestinationSet, FieldError};
 use serde::Serialize;
 use std::time::{Instant, SystemTime};
@@ -33,6 +33,61 @@ pub enum Control {
     Cluster(oneshot::Sender<ClusterStatus>),
     /// `recordRoute.keyFile` changed: its first key signs from now on.
     RouteKeys(Vec<Key>),
+    /// Whether a destination is drained cluster-wide (`GET /v1/destinations/wait-drained`,
+    /// which asks again until it is or its timeout passes).
+    DrainStatus(DrainTarget, oneshot::Sender<DrainStatus>),
+}
+
+/// The destination(s) a drain wait is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainTarget {
+    /// A pod as the operator names its destination: `NAMESPACE/NAME@UID-PREFIX` (lb-operator
+    /// `pods::destination_id`). Every id of the pod matches, whatever its UID: the one a
+    /// restart in place keeps, and an older one still carrying calls.
+    Pod { namespace: String, name: String },
+    /// One destination id, exactly (a set written by hand).
+    Id(String),
+}
+
+impl DrainTarget {
+    /// `pod=NAMESPACE/NAME`, both parts Kubernetes names (lowercase RFC 1123 labels and dots,
+    /// at most 253 characters). The error names what is wrong.
+    pub fn pod(value: &str) -> Result<DrainTarget, String> {
+        let Some((namespace, name)) = value.split_once('/') else {
+            return Err(format!("{value:?} is not NAMESPACE/NAME"));
+        };
+        for (what, part) in [("namespace", namespace), ("name", name)] {
+            let ok = !part.is_empty()
+                && part.len() <= 253
+                && part.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                })
+                && part.as_bytes()[0].is_ascii_alphanumeric()
+                && part.as_bytes()[part.len() - 1].is_ascii_alphanumeric();
+            if !ok {
+                return Err(format!(
+                    "{value:?}: the {what} {part:?} is not a Kubernetes name \
+                     (lowercase letters, digits, '-' and '.', starting and ending alphanumeric)"
+                ));
+            }
+        }
+        Ok(DrainTarget::Pod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Whether the destination `id` is this target's.
+    pub fn matches(&self, id: &str) -> bool {
+        match self {
+            DrainTarget::Id(want) => id == want,
+            DrainTarget::Pod { namespace, name } => {
+                let pod = id.rsplit_once('@').map_or(id, |(pod, _uid)| pod);
+                pod.split_once('/')
+                    .is_some_and(|(ns, n)| ns == namespace && n == name)
+            }
+        }
+    }
 }
 
 /// `GET /v1/dialogs/stats`: the OpenSIPS dialog counters plus routing outcomes.
@@ -212,6 +267,49 @@ impl Proxy {
             })
             .count();
         (self.dialogs.len() as u64, (serving + own) as u64)
+    }
+
+    /// Whether the destinations `target` names are drained: no session open through this
+    /// replica or a live peer, and none takes new calls here. A target nobody knows is
+    /// drained (no session can be open there through mrcp-lb), once a set is loaded: a replica
+    /// still waiting for its first set knows nothing yet, so it is not. `asked` and
+    /// `waitedSeconds` are left for the caller.
+    pub fn drain_status(&self, now: Instant, target: &DrainTarget) -> DrainStatus {
+        let mut ids: Vec<String> = Vec::new();
+        let (mut local, mut taking_calls) = (0u64, false);
+        for d in self.dests.visible().filter(|d| target.matches(&d.spec.id)) {
+            ids.push(d.spec.id.clone());
+            local += u64::from(d.open);
+            taking_calls |= d.state() == State::Up;
+        }
+        let mut peers = 0u64;
+        if let Some(c) = &self.cluster {
+            for (id, loads) in c.remote_loads(now) {
+                if !target.matches(&id) {
+                    continue;
+                }
+                // A session holds one unit of each resource it asked for: the highest load
+                // over the resources is the fewest sessions that explain it, zero only at zero.
+                peers += u64::from(loads.iter().map(|(_, n)| *n).max().unwrap_or(0));
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort();
+        let open = local + peers;
+        DrainStatus {
+            asked: String::new(),
+            drained: self.has_set() && open == 0 && !taking_calls,
+            known: !ids.is_empty(),
+            destinations: ids,
+            local_sessions: local,
+            peer_sessions: peers,
+            open_sessions: open,
+            taking_calls,
+            cluster: self.cluster.is_some(),
+            waited_seconds: 0.0,
+        }
     }
 
     /// Whether a destination set is loaded (from the file or pushed).

@@ -425,7 +425,7 @@ mod share;
 mod timers;
 mod transaction;
 
-pub use control::{Applied, Control, SetError, Stats};
+pub use control::{Applied, Control, DrainTarget, SetError, Stats};
 pub use relay::{Refusal, RouteKeys, TOKEN_PARAM};
 
 #[cfg(test)]

@@ -1125,6 +1125,7 @@ fn refused_at_once(h: &mut Harness, call: &Call, why: &str) -> Sent {
 mod admission;
 mod control;
 mod dialog;
+mod drain;
 mod failover;
 mod memory;
 mod probe;
