@@ -2,10 +2,10 @@
 //! whose pod is terminating (its destination `draining`) keeps receiving the BYEs of its open
 //! calls, and a wait started while they are open returns when the last one ends; a wait whose
 //! timeout passes first answers 504 with what is still open; bad parameters get a 400 that
-//! names them.
+//! names them; with a `cluster`, the replica the request reaches answers for its peers' calls.
 //!
 //! Needs `sipp` (Debian package `sip-tester`). Run: `cargo test -p lb-proxy --test sipp_drain`.
-//! Addresses: 127.0.10.1-3.
+//! Addresses: 127.0.10.1-5.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -205,4 +205,111 @@ fn bad_parameters_are_named() {
     let (code, body, _) = wait_drained(proxy.admin, "id=1&timeout=0");
     assert_eq!(code, 504, "{body}");
     assert!(drain_status(&body).taking_calls);
+}
+
+/// A replica at `ip` sharing load with `replicas`: the pod's destination (on `server_ip`) in
+/// its file, probing off.
+fn replica_config(ip: &str, replicas: &[&str], server_ip: &str) -> String {
+    let peers: String = replicas
+        .iter()
+        .map(|r| format!("    - {r}:7070\n"))
+        .collect();
+    format!(
+        "listeners:\n  - udp:{ip}:{PROXY_PORT}\n  - tcp:{ip}:{PROXY_PORT}\n\
+         admin:\n  listen: {ip}:{ADMIN_PORT}\n\
+         routing:\n  group: 1\n  resources: [pstn]\n  mode: absolute\n\
+         cluster:\n  listen: {ip}:7070\n  name: replica-{ip}\n  heartbeat: 200ms\n  peerTimeout: 1s\n  peers:\n{peers}\
+         destinations:\n  - id: \"{POD_ID}\"\n    group: 1\n    uri: sip:{server_ip}:{SERVER1_PORT}\n    resources: pstn=10\n    probeMode: 0\n"
+    )
+}
+
+#[test]
+fn with_a_cluster_one_replica_answers_for_the_calls_of_all() {
+    let ips = ["127.0.10.4", "127.0.10.5"];
+    let envs: Vec<TestEnv> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| test_env!(&format!("drain_cluster_{i}"), ip))
+        .collect();
+    let server = Sipp::uas(&envs[0], "server")
+        .at(SocketAddr::new(ips[0].parse().unwrap(), SERVER1_PORT))
+        .start();
+    let proxies: Vec<Proxy> = envs
+        .iter()
+        .map(|e| Proxy::start(e, &replica_config(&e.ip, &ips, ips[0])))
+        .collect();
+    let (a, b) = (proxies[0].admin, proxies[1].admin);
+    for admin in [a, b] {
+        wait_for(
+            "both replicas to share load",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || (get_json(admin, "/v1/cluster")["size"].as_u64() == Some(2)).then_some(()),
+        );
+    }
+
+    // Two calls through A; B, which the preStop's request reaches, holds none of them.
+    let calls = Sipp::uac(&envs[0], "calls")
+        .calls(2)
+        .rate(10)
+        .limit(2)
+        .hold(ms(2500))
+        .start();
+    wait_for(
+        "B to see A's 2 calls",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || (destination_status(b, POD_ID).resources[0].cluster_load == 2).then_some(()),
+    );
+    for admin in [a, b] {
+        push_pod(admin, ips[0], 100, "draining");
+    }
+    let (code, body, _) = wait_drained(b, "pod=speech/unimrcp-0&timeout=0");
+    assert_eq!(code, 504, "{body}");
+    let s = drain_status(&body);
+    assert!(s.cluster && !s.drained, "{s:?}");
+    assert_eq!(
+        (s.local_sessions, s.peer_sessions),
+        (0, 2),
+        "A's calls, seen by B"
+    );
+
+    let waiter = thread::spawn(move || wait_drained(b, "pod=speech/unimrcp-0&timeout=60s"));
+    let zero_at = wait_for(
+        "A's calls to end",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || {
+            if destination_status(a, POD_ID).open_calls > 0 {
+                assert!(
+                    !waiter.is_finished(),
+                    "B's wait returned with A's calls open"
+                );
+                None
+            } else {
+                Some(Instant::now())
+            }
+        },
+    );
+    let (code, body, took) = waiter.join().unwrap();
+    let after = zero_at.elapsed();
+    eprintln!("cluster wait-drained {code} after {took:?}, {after:?} after A's zero: {body}");
+    assert_eq!(code, 200, "{body}");
+    let s = drain_status(&body);
+    assert!(s.drained && s.cluster && s.open_sessions == 0, "{s:?}");
+    // A's update goes at once; then one poll.
+    assert!(
+        after < Duration::from_millis(800),
+        "{after:?} after the last BYE"
+    );
+
+    let calls = calls.wait(Duration::from_secs(15));
+    calls.assert_all_ok(2);
+    let server = server.drain();
+    assert_server_clean(&server);
+    assert_eq!(
+        server.count("BYE_Recv"),
+        2,
+        "every BYE reached the draining server"
+    );
 }
