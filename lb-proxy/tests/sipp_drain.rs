@@ -2,10 +2,11 @@
 //! whose pod is terminating (its destination `draining`) keeps receiving the BYEs of its open
 //! calls, and a wait started while they are open returns when the last one ends; a wait whose
 //! timeout passes first answers 504 with what is still open; bad parameters get a 400 that
-//! names them; with a `cluster`, the replica the request reaches answers for its peers' calls.
+//! names them; with a `cluster`, the replica the request reaches answers for its peers' calls;
+//! an open wait does not delay the proxy's exit on SIGTERM.
 //!
 //! Needs `sipp` (Debian package `sip-tester`). Run: `cargo test -p lb-proxy --test sipp_drain`.
-//! Addresses: 127.0.10.1-5.
+//! Addresses: 127.0.10.1-6.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -312,4 +313,35 @@ fn with_a_cluster_one_replica_answers_for_the_calls_of_all() {
         2,
         "every BYE reached the draining server"
     );
+}
+
+#[test]
+fn a_wait_does_not_hold_the_proxy_when_it_stops() {
+    let env = test_env!("drain_stop", "127.0.10.6");
+    let (mut proxy, []) = Sandbox::new(&env)
+        .dest(Dest::udp(1, SERVER1_PORT, "pstn=10"))
+        .start();
+    let admin = proxy.admin;
+    // Destination 1 is up: the wait has nothing to end it but its timeout.
+    let waiter = thread::spawn(move || {
+        let path = "/v1/destinations/wait-drained?id=1&timeout=60s";
+        http_get(admin, path).map_err(|e| e.to_string())
+    });
+    thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    proxy.guard.signal("TERM");
+    let st = proxy
+        .guard
+        .wait_timeout(Duration::from_secs(3))
+        .expect("lb-proxy did not exit within 3 s of SIGTERM with a wait open");
+    eprintln!("exited {:?} after SIGTERM with {st}", t0.elapsed());
+    assert_eq!(st.code(), Some(0));
+    match waiter.join().unwrap() {
+        Ok((code, body)) => {
+            assert_eq!(code, 503, "{body}");
+            assert!(!drain_status(&body).drained, "{body}");
+        }
+        // The process may also be gone before the answer is written.
+        Err(e) => eprintln!("the wait ended with the process: {e}"),
+    }
 }
