@@ -44,7 +44,14 @@ pub struct Api {
     pub token: Option<Arc<str>>,
     /// The process is stopping: long polls answer at once.
     pub shutdown: CancellationToken,
+    /// Drain waits open at once (each asks the core every [`DRAIN_POLL`]): a bound, so that
+    /// open reads cannot keep the core busy.
+    pub drain_waits: Arc<tokio::sync::Semaphore>,
 }
+
+/// The most drain waits open at once; one more gets 503 at once. A fleet's preStop hooks
+/// wait for their own pods: a few dozen at the most.
+pub const MAX_DRAIN_WAITS: usize = 256;
 
 fn error(code: StatusCode, msg: impl Into<String>, field: Option<String>) -> Response {
     let body = ErrorBody {
@@ -304,6 +311,13 @@ async fn wait_drained(
         Ok(w) => w,
         Err((field, msg)) => return error(StatusCode::BAD_REQUEST, msg, Some(field)),
     };
+    let Ok(_slot) = api.drain_waits.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_DRAIN_WAITS} drain waits are open already; ask again later"),
+            None,
+        );
+    };
     let start = tokio::time::Instant::now();
     let deadline = start + wait.timeout;
     loop {
@@ -375,6 +389,22 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// Past the bound on open drain waits, one more is refused at once, without asking the
+    /// core anything.
+    #[tokio::test]
+    async fn drain_waits_are_bounded() {
+        let (control, mut core) = mpsc::channel(1);
+        let api = Api {
+            control,
+            token: None,
+            shutdown: CancellationToken::new(),
+            drain_waits: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let r = wait_drained(State(api), Ok(Query(q(&[("id", "x")])))).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(core.try_recv().is_err(), "the core was asked");
     }
 
     #[test]

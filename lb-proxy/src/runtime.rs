@@ -204,6 +204,7 @@ pub async fn start_prepared(
                 control: control_queue(events.clone()),
                 token: a.token.clone().map(Arc::from),
                 shutdown: shutdown.clone(),
+                drain_waits: Arc::new(tokio::sync::Semaphore::new(crate::admin::MAX_DRAIN_WAITS)),
             };
             tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
             Some(local)
