@@ -60,9 +60,7 @@ impl ResourceLoad {
             proven: false,
         }
     }
-}
 
-impl ResourceLoad {
     /// The load routing sees: this replica's and its live peers'.
     pub fn cluster_load(&self) -> u32 {
         self.load.saturating_add(self.remote)

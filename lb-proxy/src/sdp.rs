@@ -146,13 +146,18 @@ fn is_mrcp_proto(proto: &[u8]) -> bool {
     proto.eq_ignore_ascii_case(b"TCP/MRCPv2") || proto.eq_ignore_ascii_case(b"TCP/TLS/MRCPv2")
 }
 
-/// A resource name: a token of letters, digits, `-`, `_` and `.`.
-fn resource_name(v: &[u8]) -> Result<&str, SdpError> {
-    let ok = !v.is_empty()
+/// Whether `v` is a resource name: 1 to [`MAX_RESOURCE_LEN`] letters, digits, `-`, `_` and
+/// `.` (what the offer's `a=resource` and the configuration's lists may say).
+pub fn is_resource_name(v: &[u8]) -> bool {
+    !v.is_empty()
         && v.len() <= MAX_RESOURCE_LEN
         && v.iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A resource name from an offer, or the error that quotes it.
+fn resource_name(v: &[u8]) -> Result<&str, SdpError> {
+    if !is_resource_name(v) {
         return Err(SdpError::BadResource(quote(v)));
     }
     std::str::from_utf8(v).map_err(|_| SdpError::BadResource(quote(v)))

@@ -139,11 +139,7 @@ impl RawResources {
 /// Resource names are tokens, as the annotation and the SDP write them.
 fn names(list: &[String], field: &str) -> Result<(), FieldError> {
     for (i, n) in list.iter().enumerate() {
-        let ok = !n.is_empty()
-            && n.len() <= crate::sdp::MAX_RESOURCE_LEN
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
+        if !crate::sdp::is_resource_name(n.as_bytes()) {
             return Err(FieldError::new(
                 format!("{field}[{i}]"),
                 format!("{n:?} is not a resource name (letters, digits, - _ .)"),

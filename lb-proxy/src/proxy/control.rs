@@ -288,8 +288,9 @@ impl Proxy {
                 if !target.matches(&id) {
                     continue;
                 }
-                // A session holds one unit of each resource it asked for: the highest load
-                // over the resources is the fewest sessions that explain it, zero only at zero.
+                // Peers report load per resource, not sessions: the highest load over the
+                // resources stands for the sessions (exact with a fixed list, an upper bound
+                // when SDP routing counts two channels of one resource), zero only at zero.
                 peers += u64::from(loads.iter().map(|(_, n)| *n).max().unwrap_or(0));
                 if !ids.contains(&id) {
                     ids.push(id);
