@@ -32,6 +32,19 @@ impl State {
     }
 }
 
+/// The `reason` of a destination the set itself marks down (Kubernetes: the pod is not
+/// Ready): the proxy's own judgement is not in it.
+pub const REASON_SET_DOWN: &str = "down (set: not ready)";
+/// The `reason` of a destination the set itself marks draining (a terminating pod).
+pub const REASON_SET_DRAINING: &str = "draining (set)";
+
+/// Whether a destination's `reason` only repeats what the set says (the operator's own
+/// input, possibly a push behind), rather than what the proxy found (probes, INVITE
+/// timeouts) or was told by hand.
+pub fn reason_is_from_set(reason: &str) -> bool {
+    reason == REASON_SET_DOWN || reason == REASON_SET_DRAINING
+}
+
 /// `POST /v1/destinations/{id}/state` body, as OpenSIPS `lb_status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -44,7 +44,25 @@ pub const MRCP_RESOURCES: [&str; 6] = [
         name = "Ready",
         type_ = "integer",
         json_path = ".status.readyDestinations",
-        description = "Ready destinations"
+        description = "Destinations that take new calls"
+    ),
+    printcolumn(
+        name = "Down",
+        type_ = "integer",
+        json_path = ".status.downDestinations",
+        description = "Destinations not Ready, or Ready but called down by the proxies"
+    ),
+    printcolumn(
+        name = "Draining",
+        type_ = "integer",
+        json_path = ".status.drainingDestinations",
+        description = "Terminating destinations whose sessions continue"
+    ),
+    printcolumn(
+        name = "Active",
+        type_ = "integer",
+        json_path = ".status.activeSessions",
+        description = "Open sessions on this server's destinations, over all proxy replicas"
     ),
     printcolumn(
         name = "Capacity",
@@ -53,10 +71,17 @@ pub const MRCP_RESOURCES: [&str; 6] = [
         description = "Capacity of the ready destinations"
     ),
     printcolumn(
+        name = "Utilization",
+        type_ = "string",
+        json_path = ".status.utilization",
+        description = "Live sessions over the capacity of the ready destinations, for the most used resource"
+    ),
+    printcolumn(
         name = "Load",
         type_ = "string",
         json_path = ".status.loadSummary",
-        description = "Live sessions/capacity per resource, summed over the proxy replicas"
+        description = "Live sessions/capacity per resource, summed over the proxy replicas",
+        priority = "1"
     ),
     printcolumn(
         name = "Age",
@@ -120,8 +145,25 @@ pub struct MrcpServerStatus {
     /// Generation of the spec this status describes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Destinations that take new calls.
+    /// Destinations that take new calls: Ready pods with an IP, not terminating, that the
+    /// proxy replicas do not call down (OPTIONS probes, INVITE timeouts, disabled by hand).
     pub ready_destinations: u32,
+    /// Destinations that take no new calls and are not draining: pods not Ready, and Ready
+    /// pods the proxies call down (the probe view: `destinations[].proxyState`).
+    #[serde(default)]
+    pub down_destinations: u32,
+    /// Terminating pods (and pods drained by hand in a proxy): no new calls, open sessions
+    /// continue.
+    #[serde(default)]
+    pub draining_destinations: u32,
+    /// Open sessions (dialogs) on this server's destinations, summed over the proxy replicas
+    /// that answered; absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_sessions: Option<u64>,
+    /// The highest `resources[].utilizationPercent`, as `42%`: how full the most used
+    /// resource is. Absent while the loads are unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<String>,
     /// Total capacity of the ready destinations, per resource.
     pub capacity: BTreeMap<String, u64>,
     /// `capacity` as one string, for `kubectl get mrcp`.
@@ -158,6 +200,10 @@ pub struct ResourceUsage {
     /// over the proxy replicas that answered. Absent when none did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<u64>,
+    /// `load` over `capacity` in percent, rounded (100 when sessions remain and no capacity
+    /// does). Absent with the load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
 }
 
 /// The proxy replicas behind the loads of a status.
@@ -181,6 +227,18 @@ pub struct DestinationEntry {
     pub id: String,
     pub uri: String,
     pub resources: String,
-    /// active, down (not Ready) or draining (terminating).
+    /// What Kubernetes says: active (Ready), down (not Ready) or draining (terminating).
     pub state: String,
+    /// What the proxy replicas say (the probe view): the most severe state one of them
+    /// reports (down, disabled, draining, up). A pod Kubernetes calls Ready that the proxies'
+    /// OPTIONS probes call down shows `state: active`, `proxyState: down`. Absent when no
+    /// replica answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_state: Option<String>,
+    /// Why, when `proxyState` is not `up` (e.g. `probe failures`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_reason: Option<String>,
+    /// Open sessions on it, summed over the replicas that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<u64>,
 }

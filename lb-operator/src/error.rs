@@ -17,10 +17,10 @@ pub enum Error {
     /// Writing an MrcpServer's status failed.
     #[error("status update failed: {0}")]
     Status(#[source] kube::Error),
-    /// Publishing an Event on a pod (`namespace/name`) failed.
-    #[error("event for pod {pod} failed: {source}")]
+    /// Publishing an Event failed (on `object`: kind namespace/name).
+    #[error("event for {object} failed: {source}")]
     Event {
-        pod: String,
+        object: String,
         #[source]
         source: kube::Error,
     },

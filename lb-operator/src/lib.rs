@@ -4,6 +4,7 @@
 //! - [`crd`]: the custom resource;
 //! - [`pods`]: one pod → one destination (capacity annotations, readiness, draining);
 //! - [`model`]: all servers and pods → the destination set and each server's status (pure);
+//! - [`events`]: what changed between two statuses, as Events for users (pure);
 //! - [`push`]: delivering the set to every proxy replica;
 //! - [`loads`]: reading every proxy replica's live load, for the statuses;
 //! - [`lease`]: leader election for writes;
@@ -15,13 +16,14 @@
 //!   - [`status`]: MrcpServer statuses and Events (server-side apply);
 //!   - [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //!   - [`error`]: the operator's errors and their metric label;
-//!   - [`metrics`]: the Prometheus metrics.
+//!   - [`metrics`]: the Prometheus metrics, the per-MrcpServer ones included.
 
 #![forbid(unsafe_code)]
 
 pub mod context;
 pub mod crd;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod lease;
 pub mod loads;

@@ -15,7 +15,7 @@
 //! The reads carry no admin token: the proxy's reads are open, and the token should cross the
 //! pod network (plain HTTP) only with the pushes that need it.
 
-use lb_api::admin::DestinationsStatus;
+use lb_api::admin::{DestinationsStatus, State};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,34 +32,81 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// A replica's last answer counts this many intervals after it was read.
 pub const STALE_AFTER_INTERVALS: u32 = 3;
 
-/// Live sessions per destination id and resource, summed over the replicas that answered.
+/// What the proxy replicas that answered say about one destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationLoad {
+    /// Live sessions per resource, summed over the replicas.
+    pub resources: BTreeMap<String, u64>,
+    /// Open calls (dialogs), summed over the replicas.
+    pub open_calls: u64,
+    /// The proxies' view of it: the most severe state a replica reports (down, then
+    /// disabled, then draining, then up), with that replica's reason; None when no answering
+    /// replica lists it.
+    pub view: Option<(State, String)>,
+}
+
+/// Live sessions and the proxies' view per destination id, summed over the replicas that
+/// answered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyLoads {
-    pub by_destination: BTreeMap<String, BTreeMap<String, u64>>,
+    pub by_destination: BTreeMap<String, DestinationLoad>,
     /// Replicas listed when the loads were read.
     pub proxies: u32,
     /// Of those, the replicas whose counts are in `by_destination`.
     pub answered: u32,
 }
 
-/// One replica's counts: destination id → resource → its own load.
-pub type Counts = BTreeMap<String, BTreeMap<String, u64>>;
+/// One replica's answer about one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Count {
+    /// Its own load per resource.
+    pub resources: BTreeMap<String, u64>,
+    /// Its own open calls.
+    pub open_calls: u64,
+    pub state: State,
+    pub reason: String,
+}
+
+/// One replica's counts: destination id → what it says about it.
+pub type Counts = BTreeMap<String, Count>;
 
 /// The counts of one answer: each destination's `load` per resource (`clusterLoad`, which
-/// includes the peers' sessions, is left out).
+/// includes the peers' sessions, is left out), its open calls and its state. A destination
+/// the replica shows only until its calls end (`removed`) counts for its sessions, not for
+/// its state.
 pub fn counts(status: &DestinationsStatus) -> Counts {
     status
         .destinations
         .iter()
         .map(|d| {
-            let per_resource = d
+            let resources = d
                 .resources
                 .iter()
                 .map(|r| (r.name.clone(), u64::from(r.load)))
                 .collect();
-            (d.id.clone(), per_resource)
+            let count = Count {
+                resources,
+                open_calls: u64::from(d.open_calls),
+                state: if d.removed { State::Draining } else { d.state },
+                reason: d.reason.clone(),
+            };
+            (d.id.clone(), count)
         })
         .collect()
+}
+
+/// How bad a state is for the proxies' view: the most severe one a replica reports wins. A
+/// state that only repeats the set (a replica a push behind) weighs nothing.
+fn severity(s: State, reason: &str) -> u8 {
+    if lb_api::admin::reason_is_from_set(reason) {
+        return 0;
+    }
+    match s {
+        State::Up => 0,
+        State::Draining => 1,
+        State::Disabled => 2,
+        State::Down => 3,
+    }
 }
 
 /// A replica's last answer and when it came.
@@ -86,11 +133,19 @@ pub fn aggregate(
             continue;
         }
         out.answered += 1;
-        for (id, per_resource) in &r.counts {
+        for (id, count) in &r.counts {
             let sums = out.by_destination.entry(id.clone()).or_default();
-            for (name, load) in per_resource {
-                let s = sums.entry(name.clone()).or_default();
+            for (name, load) in &count.resources {
+                let s = sums.resources.entry(name.clone()).or_default();
                 *s = s.saturating_add(*load);
+            }
+            sums.open_calls = sums.open_calls.saturating_add(count.open_calls);
+            if sums
+                .view
+                .as_ref()
+                .is_none_or(|(s, r)| severity(count.state, &count.reason) > severity(*s, r))
+            {
+                sums.view = Some((count.state, count.reason.clone()));
             }
         }
     }
@@ -246,6 +301,16 @@ mod tests {
     /// A destination as a proxy reports it (from its JSON, so that fields the proxy adds
     /// later with a default do not break the test).
     fn dest(id: &str, resources: &[(&str, u32, u32)]) -> DestinationStatus {
+        dest_in(id, resources, "up", "", 0)
+    }
+
+    fn dest_in(
+        id: &str,
+        resources: &[(&str, u32, u32)],
+        state: &str,
+        reason: &str,
+        open_calls: u32,
+    ) -> DestinationStatus {
         let resources: Vec<serde_json::Value> = resources
             .iter()
             .map(|(name, load, cluster_load)| {
@@ -259,11 +324,11 @@ mod tests {
             "group": 1,
             "uri": "sip:127.0.0.1:8060",
             "address": null,
-            "state": "up",
-            "reason": "",
+            "state": state,
+            "reason": reason,
             "removed": false,
             "resources": resources,
-            "openCalls": 0,
+            "openCalls": open_calls,
             "calls": 0,
             "probe": {
                 "mode": 2, "sent": 0, "succeeded": 0, "failed": 0, "consecutiveSuccesses": 0,
@@ -324,9 +389,9 @@ mod tests {
         );
         assert_eq!((sum.proxies, sum.answered), (2, 2));
         let asr = &sum.by_destination["ns/asr-0@1"];
-        assert_eq!(asr["speechrecog"], 3, "2 + 1, not 3 + 3");
-        assert_eq!(asr["speechsynth"], 1);
-        assert_eq!(sum.by_destination["ns/tts-0@2"]["speechsynth"], 4);
+        assert_eq!(asr.resources["speechrecog"], 3, "2 + 1, not 3 + 3");
+        assert_eq!(asr.resources["speechsynth"], 1);
+        assert_eq!(sum.by_destination["ns/tts-0@2"].resources["speechsynth"], 4);
     }
 
     #[test]
@@ -357,7 +422,7 @@ mod tests {
             stale_after,
         );
         assert_eq!((fresh.proxies, fresh.answered), (2, 1));
-        assert_eq!(fresh.by_destination["d"]["speechrecog"], 2);
+        assert_eq!(fresh.by_destination["d"].resources["speechrecog"], 2);
         let stale = aggregate(
             &listed,
             &readings,
@@ -387,6 +452,44 @@ mod tests {
         assert_eq!(
             aggregate(&listed, &reading(t0), t0, s),
             aggregate(&listed, &reading(t0 + s), t0 + s, s)
+        );
+    }
+
+    #[test]
+    fn open_calls_add_up_and_the_most_severe_state_a_replica_reports_is_the_view() {
+        let t0 = Instant::now();
+        let reading = |dests| Reading {
+            at: t0,
+            counts: answer(dests),
+        };
+        let readings = HashMap::from([
+            (
+                "http://a".to_string(),
+                reading(vec![
+                    dest_in("d", &[("pstn", 2, 3)], "up", "", 2),
+                    dest_in("e", &[("pstn", 0, 0)], "draining", "manual", 0),
+                ]),
+            ),
+            (
+                "http://b".to_string(),
+                reading(vec![
+                    dest_in("d", &[("pstn", 1, 3)], "down", "probe failures", 1),
+                    dest_in("e", &[("pstn", 0, 0)], "up", "", 0),
+                ]),
+            ),
+        ]);
+        let sum = aggregate(
+            &urls(&["http://a", "http://b"]),
+            &readings,
+            t0,
+            Duration::from_secs(15),
+        );
+        let d = &sum.by_destination["d"];
+        assert_eq!(d.open_calls, 3);
+        assert_eq!(d.view, Some((State::Down, "probe failures".to_string())));
+        assert_eq!(
+            sum.by_destination["e"].view,
+            Some((State::Draining, "manual".to_string()))
         );
     }
 }

@@ -1,11 +1,14 @@
 //! The operator's Prometheus metrics.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 
 use crate::error::Error;
+use crate::model::{self, ServerView, Standing};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -27,6 +30,164 @@ pub struct Metrics {
     pub load_reads: IntCounterVec,
     /// Proxy replicas whose load is in the statuses' `resources[].load`.
     pub load_proxies_answered: IntGauge,
+    /// Per MrcpServer: what its status says, for dashboards and autoscalers.
+    pub servers: ServerMetrics,
+}
+
+/// The per-MrcpServer series, set by the leader from the statuses it writes (a follower
+/// exports none, so a sum over operator replicas counts each server once). Every proxy
+/// replica's own sessions are summed (never the cluster load each also reports), so they count
+/// once too.
+pub struct ServerMetrics {
+    /// `mrcp_lb_server_utilization{namespace,mrcpserver,resource}`: live sessions over the
+    /// capacity of the ready destinations (1 with sessions and no capacity; 0 with neither).
+    pub utilization: GaugeVec,
+    pub load: IntGaugeVec,
+    pub capacity: IntGaugeVec,
+    pub active_sessions: IntGaugeVec,
+    pub destinations: IntGaugeVec,
+    /// The label sets set in the last update, so that those of servers and resources gone
+    /// are removed.
+    shown: Mutex<Shown>,
+}
+
+#[derive(Default)]
+struct Shown {
+    per_resource: BTreeSet<[String; 3]>,
+    per_server: BTreeSet<[String; 2]>,
+}
+
+const DESTINATION_STATES: [&str; 3] = ["ready", "down", "draining"];
+
+impl ServerMetrics {
+    fn new() -> ServerMetrics {
+        let per_resource = ["namespace", "mrcpserver", "resource"];
+        let per_server = ["namespace", "mrcpserver"];
+        ServerMetrics {
+            utilization: must(GaugeVec::new(
+                Opts::new(
+                    "mrcp_lb_server_utilization",
+                    "Live sessions over the capacity of the ready destinations of an MrcpServer, \
+                     per resource (0 to 1; 1 when sessions remain and no capacity does).",
+                ),
+                &per_resource,
+            )),
+            load: must(IntGaugeVec::new(
+                Opts::new(
+                    "mrcp_lb_server_load",
+                    "Live sessions on an MrcpServer's destinations per resource, summed over \
+                     the proxy replicas.",
+                ),
+                &per_resource,
+            )),
+            capacity: must(IntGaugeVec::new(
+                Opts::new(
+                    "mrcp_lb_server_capacity",
+                    "Capacity of an MrcpServer's ready destinations per resource.",
+                ),
+                &per_resource,
+            )),
+            active_sessions: must(IntGaugeVec::new(
+                Opts::new(
+                    "mrcp_lb_server_active_sessions",
+                    "Open sessions (dialogs) on an MrcpServer's destinations, summed over the \
+                     proxy replicas.",
+                ),
+                &per_server,
+            )),
+            destinations: must(IntGaugeVec::new(
+                Opts::new(
+                    "mrcp_lb_server_destinations",
+                    "An MrcpServer's destinations by state: ready (takes calls), down (not \
+                     Ready, or called down by the proxies), draining.",
+                ),
+                &["namespace", "mrcpserver", "state"],
+            )),
+            shown: Mutex::new(Shown::default()),
+        }
+    }
+
+    /// Sets the series from the statuses (as written), removing those of servers and
+    /// resources gone. The load series exist only while some proxy replica answers.
+    pub fn update(&self, views: &[ServerView]) {
+        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_resource = BTreeSet::new();
+        let mut per_server = BTreeSet::new();
+        for v in views.iter().filter(|v| v.invalid.is_none()) {
+            let (ns, name) = (v.namespace.as_str(), v.name.as_str());
+            per_server.insert([ns.to_string(), name.to_string()]);
+            let mut counts = [0i64; 3];
+            for d in &v.status.destinations {
+                match Standing::of(d) {
+                    Standing::Ready => counts[0] += 1,
+                    Standing::NotReady | Standing::CalledDown => counts[1] += 1,
+                    Standing::Draining => counts[2] += 1,
+                }
+            }
+            for (state, n) in DESTINATION_STATES.iter().zip(counts) {
+                self.destinations
+                    .with_label_values(&[ns, name, state])
+                    .set(n);
+            }
+            match v.status.active_sessions {
+                Some(n) => self
+                    .active_sessions
+                    .with_label_values(&[ns, name])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
+                None => {
+                    let _ = self.active_sessions.remove_label_values(&[ns, name]);
+                }
+            }
+            for r in &v.status.resources {
+                let labels = [ns, name, r.name.as_str()];
+                per_resource.insert(labels.map(str::to_string));
+                self.capacity
+                    .with_label_values(&labels)
+                    .set(i64::try_from(r.capacity).unwrap_or(i64::MAX));
+                match r.load {
+                    Some(l) => {
+                        self.load
+                            .with_label_values(&labels)
+                            .set(i64::try_from(l).unwrap_or(i64::MAX));
+                        self.utilization
+                            .with_label_values(&labels)
+                            .set(model::utilization(l, r.capacity));
+                    }
+                    None => {
+                        let _ = self.load.remove_label_values(&labels);
+                        let _ = self.utilization.remove_label_values(&labels);
+                    }
+                }
+            }
+        }
+        for gone in shown.per_resource.difference(&per_resource) {
+            let labels = [gone[0].as_str(), gone[1].as_str(), gone[2].as_str()];
+            let _ = self.capacity.remove_label_values(&labels);
+            let _ = self.load.remove_label_values(&labels);
+            let _ = self.utilization.remove_label_values(&labels);
+        }
+        for gone in shown.per_server.difference(&per_server) {
+            let _ = self
+                .active_sessions
+                .remove_label_values(&[gone[0].as_str(), gone[1].as_str()]);
+            for state in DESTINATION_STATES {
+                let _ = self.destinations.remove_label_values(&[
+                    gone[0].as_str(),
+                    gone[1].as_str(),
+                    state,
+                ]);
+            }
+        }
+        *shown = Shown {
+            per_resource,
+            per_server,
+        };
+    }
+
+    /// Removes every series (this replica stopped leading).
+    pub fn clear(&self) {
+        self.update(&[]);
+    }
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -121,6 +282,16 @@ impl Metrics {
         ] {
             must(registry.register(c));
         }
+        let servers = ServerMetrics::new();
+        for c in [
+            Box::new(servers.utilization.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(servers.load.clone()),
+            Box::new(servers.capacity.clone()),
+            Box::new(servers.active_sessions.clone()),
+            Box::new(servers.destinations.clone()),
+        ] {
+            must(registry.register(c));
+        }
         Metrics {
             registry,
             reconciles,
@@ -135,6 +306,7 @@ impl Metrics {
             leader,
             load_reads,
             load_proxies_answered,
+            servers,
         }
     }
 

@@ -2,8 +2,10 @@
 //! status. A pure function: the watches feed it, tests call it directly.
 
 use k8s_openapi::api::core::v1::Pod;
+use lb_api::admin::State;
 use lb_api::{DesiredState, DestinationSpec, Resources};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::crd::{DestinationEntry, LoadFrom, MrcpServer, MrcpServerStatus, ResourceUsage};
@@ -16,8 +18,16 @@ pub struct ServerView {
     pub namespace: String,
     pub name: String,
     pub status: MrcpServerStatus,
-    /// Ready condition: status ("True"/"False"), reason, message.
+    /// Ready condition: status ("True"/"False"), reason, message. Follows `status`
+    /// ([`finish`]).
     pub ready: (bool, &'static str, String),
+    /// Pods its selector matches.
+    pub matched: u32,
+    /// Matching pods that are another MrcpServer's destinations already: that server
+    /// (`namespace/name`) → how many.
+    pub held_by: BTreeMap<String, u32>,
+    /// Why the spec cannot be used, when it cannot.
+    pub invalid: Option<String>,
 }
 
 /// A pod whose annotation could not be used.
@@ -26,6 +36,8 @@ pub struct Warning {
     pub namespace: String,
     pub pod: String,
     pub uid: String,
+    /// The MrcpServer that selects the pod.
+    pub server: String,
     pub problem: BadAnnotation,
 }
 
@@ -37,42 +49,45 @@ pub struct Computed {
     pub warnings: Vec<Warning>,
 }
 
-/// Computes the destination set and the servers' statuses.
+/// Computes the destination set and the servers' statuses (without the proxies' view:
+/// [`apply_loads`] adds it).
 pub fn compute<'a>(
     servers: impl IntoIterator<Item = &'a MrcpServer>,
     pods: &[&'a Pod],
 ) -> Computed {
     let mut out = Computed::default();
-    let mut taken = HashSet::new();
+    // Destination id → the server (namespace/name) whose destination it is.
+    let mut taken: HashMap<String, String> = HashMap::new();
     let mut servers: Vec<&MrcpServer> = servers.into_iter().collect();
     servers.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
     for server in servers {
         let ns = server.metadata.namespace.clone().unwrap_or_default();
         let name = server.metadata.name.clone().unwrap_or_default();
-        let mut status = MrcpServerStatus {
-            observed_generation: server.metadata.generation,
-            ..Default::default()
+        let mut view = ServerView {
+            namespace: ns.clone(),
+            name: name.clone(),
+            status: MrcpServerStatus {
+                observed_generation: server.metadata.generation,
+                ..Default::default()
+            },
+            ready: (false, "", String::new()),
+            matched: 0,
+            held_by: BTreeMap::new(),
+            invalid: None,
         };
         let default: Resources = match server.spec.default_resources.parse() {
             Ok(r) => r,
             Err(e) => {
-                let msg = format!(
+                view.invalid = Some(format!(
                     "spec.defaultResources {:?}: {e}",
                     server.spec.default_resources
-                );
-                out.servers.push(ServerView {
-                    namespace: ns,
-                    name,
-                    status,
-                    ready: (false, "InvalidSpec", msg),
-                });
+                ));
+                finish(&mut view);
+                out.servers.push(view);
                 continue;
             }
         };
-        let mut matched = 0;
-        let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
-        // Every resource a destination offers, ready or not: listed in `resources`.
-        let mut offered: BTreeSet<String> = BTreeSet::new();
+        let owner = format!("{ns}/{name}");
         for pod in pods
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
@@ -81,7 +96,7 @@ pub fn compute<'a>(
             if !pods::selector_matches(&server.spec.selector, &labels) {
                 continue;
             }
-            matched += 1;
+            view.matched += 1;
             let Some((dest, bad)) = pods::destination(&server.spec, &default, pod) else {
                 continue;
             };
@@ -90,83 +105,260 @@ pub fn compute<'a>(
                     namespace: ns.clone(),
                     pod: pod.metadata.name.clone().unwrap_or_default(),
                     uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    server: name.clone(),
                     problem,
                 });
             }
             // A pod matched by two servers belongs to the first (by namespace/name).
-            if !taken.insert(dest.id.clone()) {
-                continue;
+            match taken.entry(dest.id.clone()) {
+                Entry::Occupied(holder) => {
+                    *view.held_by.entry(holder.get().clone()).or_default() += 1;
+                    continue;
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(owner.clone());
+                }
             }
             let state = match dest.state {
                 DesiredState::Active => "active",
                 DesiredState::Draining => "draining",
                 DesiredState::Down => "down",
             };
-            offered.extend(dest.resources.iter().map(|(r, _)| r.to_string()));
-            if dest.state == DesiredState::Active {
-                status.ready_destinations += 1;
-                for (r, c) in dest.resources.iter() {
-                    *capacity.entry(r.to_string()).or_default() += u64::from(c);
-                }
-            }
-            status.destinations.push(DestinationEntry {
+            view.status.destinations.push(DestinationEntry {
                 pod: pod.metadata.name.clone().unwrap_or_default(),
                 id: dest.id.clone(),
                 uri: dest.uri.clone(),
                 resources: dest.resources.to_string(),
                 state: state.to_string(),
+                proxy_state: None,
+                proxy_reason: None,
+                sessions: None,
             });
             out.destinations.push(dest);
         }
-        status.capacity_summary = capacity
-            .iter()
-            .map(|(r, c)| format!("{r}={c}"))
-            .collect::<Vec<_>>()
-            .join(";");
-        status.resources = offered
-            .into_iter()
-            .map(|name| ResourceUsage {
-                capacity: capacity.get(&name).copied().unwrap_or(0),
-                name,
-                load: None,
-            })
-            .collect();
-        status.load_summary = load_summary(&status.resources);
-        status.capacity = capacity;
-        status.destinations.sort_by(|a, b| a.pod.cmp(&b.pod));
-        let ready = match (matched, status.ready_destinations) {
-            (0, _) => (
-                false,
-                "NoMatchingPods",
-                "no pod matches spec.selector".to_string(),
-            ),
-            (_, 0) => (
-                false,
-                "NoReadyPods",
-                format!("{matched} pods match, none is Ready with an IP"),
-            ),
-            (_, n) => (
-                true,
-                "DestinationsReady",
-                format!("{n} destinations take calls"),
-            ),
-        };
-        out.servers.push(ServerView {
-            namespace: ns,
-            name,
-            status,
-            ready,
-        });
+        view.status.destinations.sort_by(|a, b| a.pod.cmp(&b.pod));
+        finish(&mut view);
+        out.servers.push(view);
     }
     out.destinations.sort_by(|a, b| a.id.cmp(&b.id));
     out
 }
 
-/// Puts the proxies' live load into a status computed by [`compute`]: each resource's
-/// sessions summed over the server's destinations (`status.destinations`, whatever their
-/// state); a resource that only carries sessions (no destination offers it any more) is added
-/// with capacity 0. With no replica in the sum the loads stay unknown.
-pub fn apply_loads(status: &mut MrcpServerStatus, loads: &ProxyLoads) {
+/// How a destination counts in a status: Kubernetes' state, then the proxies' view of a pod
+/// Kubernetes calls Ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Takes new calls.
+    Ready,
+    /// Not Ready in Kubernetes.
+    NotReady,
+    /// Ready in Kubernetes, but the proxies call it down (or it is disabled by hand).
+    CalledDown,
+    Draining,
+}
+
+impl Standing {
+    pub fn of(d: &DestinationEntry) -> Standing {
+        // A state that repeats the set is a replica a push behind, not its judgement.
+        let own = !d
+            .proxy_reason
+            .as_deref()
+            .is_some_and(lb_api::admin::reason_is_from_set);
+        match (d.state.as_str(), d.proxy_state.as_deref()) {
+            ("draining", _) => Standing::Draining,
+            ("active", Some("down" | "disabled")) if own => Standing::CalledDown,
+            ("active", Some("draining")) if own => Standing::Draining,
+            ("active", _) => Standing::Ready,
+            _ => Standing::NotReady,
+        }
+    }
+}
+
+/// Everything a status derives from its destinations, their loads and the proxies' view:
+/// the counts, the capacity of the ready destinations, the resources with their utilization,
+/// the summaries and the Ready condition. Idempotent: called again after each change.
+pub fn finish(view: &mut ServerView) {
+    if let Some(msg) = &view.invalid {
+        view.ready = (false, "InvalidSpec", msg.clone());
+        return;
+    }
+    let st = &mut view.status;
+    let (mut ready, mut down, mut draining) = (0, 0, 0);
+    let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
+    // Every resource a destination offers, ready or not, and every one that carries
+    // sessions: listed in `resources`.
+    let known = st.load_from.is_some_and(|f| f.answered > 0);
+    let before: BTreeMap<&str, Option<u64>> = st
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.load))
+        .collect();
+    let mut loads: BTreeMap<String, Option<u64>> = before
+        .iter()
+        .filter(|(_, l)| l.is_some_and(|l| l > 0))
+        .map(|(n, l)| (n.to_string(), *l))
+        .collect();
+    let mut called_down: Vec<String> = Vec::new();
+    for d in &st.destinations {
+        let resources: Resources = d.resources.parse().unwrap_or_default();
+        for (r, _) in resources.iter() {
+            loads
+                .entry(r.to_string())
+                .or_insert_with(|| before.get(r).copied().unwrap_or(known.then_some(0)));
+        }
+        match Standing::of(d) {
+            Standing::Ready => {
+                ready += 1;
+                for (r, c) in resources.iter() {
+                    *capacity.entry(r.to_string()).or_default() += u64::from(c);
+                }
+            }
+            Standing::NotReady => down += 1,
+            Standing::CalledDown => {
+                down += 1;
+                called_down.push(format!(
+                    "{} ({})",
+                    d.pod,
+                    d.proxy_reason
+                        .as_deref()
+                        .unwrap_or(d.proxy_state.as_deref().unwrap_or("down"))
+                ));
+            }
+            Standing::Draining => draining += 1,
+        }
+    }
+    st.ready_destinations = ready;
+    st.down_destinations = down;
+    st.draining_destinations = draining;
+    st.resources = loads
+        .into_iter()
+        .map(|(name, load)| {
+            let cap = capacity.get(&name).copied().unwrap_or(0);
+            ResourceUsage {
+                utilization_percent: load.map(|l| utilization_percent(l, cap)),
+                capacity: cap,
+                name,
+                load,
+            }
+        })
+        .collect();
+    st.utilization = st
+        .resources
+        .iter()
+        .filter_map(|r| r.utilization_percent)
+        .max()
+        .map(|p| format!("{p}%"));
+    st.capacity_summary = capacity
+        .iter()
+        .map(|(r, c)| format!("{r}={c}"))
+        .collect::<Vec<_>>()
+        .join(";");
+    st.load_summary = load_summary(&st.resources);
+    st.capacity = capacity;
+    view.ready = condition(view.matched, ready, &view.held_by, &called_down);
+}
+
+/// `load` over `capacity` in percent, rounded; a resource with sessions and no capacity is
+/// full.
+pub fn utilization_percent(load: u64, capacity: u64) -> u32 {
+    if capacity == 0 {
+        return if load > 0 { 100 } else { 0 };
+    }
+    let p = (u128::from(load) * 100 + u128::from(capacity) / 2) / u128::from(capacity);
+    u32::try_from(p).unwrap_or(u32::MAX)
+}
+
+/// `load / capacity` as a ratio, as [`utilization_percent`] decides the edge cases.
+pub fn utilization(load: u64, capacity: u64) -> f64 {
+    if capacity == 0 {
+        return if load > 0 { 1.0 } else { 0.0 };
+    }
+    load as f64 / capacity as f64
+}
+
+/// The Ready condition of a server: whether it has a destination that takes calls, and if
+/// not, why not, naming the MrcpServer that holds its pods and the pods the proxies call
+/// down.
+fn condition(
+    matched: u32,
+    ready: u32,
+    held_by: &BTreeMap<String, u32>,
+    called_down: &[String],
+) -> (bool, &'static str, String) {
+    let held: u32 = held_by.values().sum();
+    let holders = || {
+        held_by
+            .iter()
+            .map(|(s, n)| format!("{n} by MrcpServer {s}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let held_note = || {
+        format!(
+            "{held} of them {} a destination of another MrcpServer already ({}; a pod \
+             belongs to the first MrcpServer by namespace/name that selects it)",
+            if held == 1 { "is" } else { "are" },
+            holders()
+        )
+    };
+    if matched == 0 {
+        return (
+            false,
+            "NoMatchingPods",
+            "no pod matches spec.selector".to_string(),
+        );
+    }
+    if ready > 0 {
+        let mut msg = format!("{ready} destinations take calls");
+        if !called_down.is_empty() {
+            msg += &format!("; the proxies call down {}", called_down.join(", "));
+        }
+        if held > 0 {
+            msg += &format!("; {matched} pods match, {}", held_note());
+        }
+        return (true, "DestinationsReady", msg);
+    }
+    if held == matched {
+        return (
+            false,
+            "PodsHeldByAnotherServer",
+            format!("{matched} pods match, {}", held_note()),
+        );
+    }
+    if !called_down.is_empty() {
+        return (
+            false,
+            "DestinationsDown",
+            format!(
+                "{} Ready, but the proxies call {} down: {}",
+                if called_down.len() == 1 {
+                    "1 pod is".to_string()
+                } else {
+                    format!("{} pods are", called_down.len())
+                },
+                if called_down.len() == 1 { "it" } else { "them" },
+                called_down.join(", ")
+            ),
+        );
+    }
+    let mut msg = format!("{matched} pods match, none is Ready with an IP");
+    if held > 0 {
+        msg = format!(
+            "{matched} pods match: {}; none of the others is Ready with an IP",
+            held_note()
+        );
+    }
+    (false, "NoReadyPods", msg)
+}
+
+/// Puts the proxies' live load and their view of each destination into a server computed by
+/// [`compute`]: each resource's sessions summed over the server's destinations
+/// (`status.destinations`, whatever their state), each destination's open sessions and the
+/// most severe state a replica gives it; a resource that only carries sessions (no
+/// destination offers it any more) is added with capacity 0. With no replica in the sum the
+/// loads and the view stay unknown.
+pub fn apply_loads(view: &mut ServerView, loads: &ProxyLoads) {
+    let status = &mut view.status;
     status.load_from = Some(LoadFrom {
         proxies: loads.proxies,
         answered: loads.answered,
@@ -177,37 +369,46 @@ pub fn apply_loads(status: &mut MrcpServerStatus, loads: &ProxyLoads) {
             .iter()
             .map(|r| (r.name.clone(), 0))
             .collect();
-        for d in &status.destinations {
-            for (name, load) in loads.by_destination.get(&d.id).into_iter().flatten() {
+        let mut active = 0u64;
+        for d in &mut status.destinations {
+            let seen = loads.by_destination.get(&d.id);
+            for (name, load) in seen.into_iter().flat_map(|s| &s.resources) {
                 let s = sums.entry(name.clone()).or_default();
                 *s = s.saturating_add(*load);
             }
+            let open = seen.map_or(0, |s| s.open_calls);
+            active = active.saturating_add(open);
+            d.sessions = Some(open);
+            let view = seen.and_then(|s| s.view.as_ref());
+            d.proxy_state = view.map(|(state, _)| state.as_str().to_string());
+            d.proxy_reason = view
+                .filter(|(state, reason)| *state != State::Up && !reason.is_empty())
+                .map(|(_, reason)| reason.clone());
         }
-        let capacity: BTreeMap<&str, u64> = status
-            .resources
-            .iter()
-            .map(|r| (r.name.as_str(), r.capacity))
-            .collect();
+        status.active_sessions = Some(active);
         status.resources = sums
             .into_iter()
             .map(|(name, load)| ResourceUsage {
-                capacity: capacity.get(name.as_str()).copied().unwrap_or(0),
                 name,
+                capacity: 0,
                 load: Some(load),
+                utilization_percent: None,
             })
             .collect();
     }
-    status.load_summary = load_summary(&status.resources);
+    finish(view);
 }
 
 /// Until the first loads are read (an operator that just started or took the lead), a status
-/// keeps the loads it shows (`previous`), so that a restart does not blank them for an
-/// interval.
-pub fn keep_loads(status: &mut MrcpServerStatus, previous: Option<&MrcpServerStatus>) {
+/// keeps the loads and the proxies' view it shows (`previous`), so that a restart does not
+/// blank them for an interval.
+pub fn keep_loads(view: &mut ServerView, previous: Option<&MrcpServerStatus>) {
     let Some(prev) = previous.filter(|p| p.load_from.is_some()) else {
         return;
     };
+    let status = &mut view.status;
     status.load_from = prev.load_from;
+    status.active_sessions = prev.active_sessions;
     for r in &mut status.resources {
         r.load = prev
             .resources
@@ -215,7 +416,14 @@ pub fn keep_loads(status: &mut MrcpServerStatus, previous: Option<&MrcpServerSta
             .find(|p| p.name == r.name)
             .and_then(|p| p.load);
     }
-    status.load_summary = load_summary(&status.resources);
+    for d in &mut status.destinations {
+        if let Some(p) = prev.destinations.iter().find(|p| p.id == d.id) {
+            d.proxy_state.clone_from(&p.proxy_state);
+            d.proxy_reason.clone_from(&p.proxy_reason);
+            d.sessions = p.sessions;
+        }
+    }
+    finish(view);
 }
 
 /// `name=load/capacity` joined by `;`, `?` for an unknown load: the `kubectl get mrcp` column.
@@ -401,6 +609,7 @@ mod tests {
             l.by_destination
                 .entry(id.to_string())
                 .or_default()
+                .resources
                 .insert(r.to_string(), *n);
         }
         l
@@ -411,6 +620,7 @@ mod tests {
             name: name.into(),
             capacity,
             load,
+            utilization_percent: load.map(|l| utilization_percent(l, capacity)),
         }
     }
 
@@ -468,7 +678,7 @@ mod tests {
             ],
         );
         for v in &mut c.servers {
-            apply_loads(&mut v.status, &l);
+            apply_loads(v, &l);
         }
         let asr = &c.servers[0].status;
         assert_eq!(
@@ -503,7 +713,7 @@ mod tests {
         )];
         let refs: Vec<&Pod> = pods.iter().collect();
         let mut c = compute([&asr], &refs);
-        apply_loads(&mut c.servers[0].status, &loads(2, 0, &[]));
+        apply_loads(&mut c.servers[0], &loads(2, 0, &[]));
         let st = &c.servers[0].status;
         assert_eq!(st.resources, [usage("speechrecog", 50, None)]);
         assert_eq!(st.load_summary, "speechrecog=?/50");
@@ -515,7 +725,7 @@ mod tests {
             })
         );
         // One answering replica with nothing open: load 0, known.
-        apply_loads(&mut c.servers[0].status, &loads(2, 1, &[]));
+        apply_loads(&mut c.servers[0], &loads(2, 1, &[]));
         assert_eq!(c.servers[0].status.load_summary, "speechrecog=0/50");
     }
 
@@ -538,8 +748,9 @@ mod tests {
             }),
             ..Default::default()
         };
-        let mut st = compute([&asr], &refs).servers[0].status.clone();
-        keep_loads(&mut st, Some(&previous));
+        let mut view = compute([&asr], &refs).servers[0].clone();
+        keep_loads(&mut view, Some(&previous));
+        let st = &view.status;
         // The capacity is today's; the load the last one shown.
         assert_eq!(
             st.resources,
@@ -551,11 +762,228 @@ mod tests {
         assert_eq!(st.load_summary, "speechrecog=3/60;speechsynth=?/10");
         assert_eq!(st.load_from, previous.load_from);
         // A status that never had loads stays without.
-        let mut fresh = compute([&asr], &refs).servers[0].status.clone();
+        let mut fresh = compute([&asr], &refs).servers[0].clone();
         keep_loads(&mut fresh, Some(&MrcpServerStatus::default()));
         keep_loads(&mut fresh, None);
-        assert_eq!(fresh.load_from, None);
-        assert_eq!(fresh.load_summary, "speechrecog=?/60;speechsynth=?/10");
+        assert_eq!(fresh.status.load_from, None);
+        assert_eq!(
+            fresh.status.load_summary,
+            "speechrecog=?/60;speechsynth=?/10"
+        );
+    }
+
+    /// Loads where each destination also has the proxies' view and open calls.
+    fn seen(
+        proxies: u32,
+        per: &[(&str, &str, u64, u64, lb_api::admin::State, &str)],
+    ) -> ProxyLoads {
+        let mut l = ProxyLoads {
+            proxies,
+            answered: proxies,
+            ..Default::default()
+        };
+        for (id, r, load, open, state, reason) in per {
+            let d = l.by_destination.entry(id.to_string()).or_default();
+            d.resources.insert(r.to_string(), *load);
+            d.open_calls = *open;
+            d.view = Some((*state, reason.to_string()));
+        }
+        l
+    }
+
+    #[test]
+    fn a_ready_pod_the_proxies_call_down_counts_as_down_and_loses_its_capacity() {
+        use lb_api::admin::State;
+        let asr = server("asr", "asr", serde_json::json!({}));
+        let mut terminating = annotated("asr-3", "asr", "127.0.2.4", true, "speechrecog=50");
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let pods = [
+            annotated("asr-0", "asr", "127.0.2.1", true, "speechrecog=50"),
+            annotated("asr-1", "asr", "127.0.2.2", true, "speechrecog=50"),
+            annotated("asr-2", "asr", "127.0.2.3", false, "speechrecog=50"),
+            terminating,
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let mut c = compute([&asr], &refs);
+        let before = c.servers[0].status.clone();
+        assert_eq!(
+            (
+                before.ready_destinations,
+                before.down_destinations,
+                before.draining_destinations
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(before.capacity_summary, "speechrecog=100");
+        assert_eq!((before.active_sessions, before.utilization), (None, None));
+        let id: Vec<String> = pods.iter().map(pods::destination_id).collect();
+        let l = seen(
+            2,
+            &[
+                (&id[0], "speechrecog", 10, 10, State::Up, ""),
+                (&id[1], "speechrecog", 0, 0, State::Down, "probe failures"),
+                (
+                    &id[2],
+                    "speechrecog",
+                    0,
+                    0,
+                    State::Down,
+                    "down (set: not ready)",
+                ),
+                (
+                    &id[3],
+                    "speechrecog",
+                    3,
+                    3,
+                    State::Draining,
+                    "draining (set)",
+                ),
+            ],
+        );
+        apply_loads(&mut c.servers[0], &l);
+        let v = &c.servers[0];
+        let st = &v.status;
+        assert_eq!(
+            (
+                st.ready_destinations,
+                st.down_destinations,
+                st.draining_destinations
+            ),
+            (1, 2, 1),
+            "asr-1 is Ready but called down"
+        );
+        assert_eq!(st.capacity_summary, "speechrecog=50");
+        assert_eq!(st.active_sessions, Some(13));
+        assert_eq!(
+            st.resources,
+            [ResourceUsage {
+                name: "speechrecog".into(),
+                capacity: 50,
+                load: Some(13),
+                utilization_percent: Some(26),
+            }]
+        );
+        assert_eq!(st.utilization.as_deref(), Some("26%"));
+        let asr1 = &st.destinations[1];
+        assert_eq!(
+            (
+                asr1.state.as_str(),
+                asr1.proxy_state.as_deref(),
+                asr1.proxy_reason.as_deref(),
+                asr1.sessions
+            ),
+            ("active", Some("down"), Some("probe failures"), Some(0))
+        );
+        assert_eq!(st.destinations[0].proxy_reason, None, "up: no reason");
+        assert!(v.ready.0);
+        assert!(
+            v.ready
+                .2
+                .contains("the proxies call down asr-1 (probe failures)"),
+            "{:?}",
+            v.ready
+        );
+
+        // Both Ready pods called down: not Ready, and the condition says why.
+        let l = seen(
+            1,
+            &[
+                (&id[0], "speechrecog", 0, 0, State::Down, "INVITE timeout"),
+                (
+                    &id[1],
+                    "speechrecog",
+                    0,
+                    0,
+                    State::Disabled,
+                    "disabled by hand",
+                ),
+            ],
+        );
+        let mut c = compute([&asr], &refs);
+        apply_loads(&mut c.servers[0], &l);
+        let v = &c.servers[0];
+        assert_eq!(v.status.utilization.as_deref(), Some("0%"));
+        assert_eq!(v.status.capacity_summary, "");
+        assert_eq!(
+            v.ready,
+            (
+                false,
+                "DestinationsDown",
+                "2 pods are Ready, but the proxies call them down: asr-0 (INVITE timeout), \
+                 asr-1 (disabled by hand)"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn a_replica_a_push_behind_does_not_call_a_ready_pod_down() {
+        use lb_api::admin::State;
+        let asr = server("asr", "asr", serde_json::json!({}));
+        let pods = [annotated("asr-0", "asr", "127.0.2.1", true, "pstn=10")];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let id = pods::destination_id(&pods[0]);
+        let mut c = compute([&asr], &refs);
+        apply_loads(
+            &mut c.servers[0],
+            &seen(
+                1,
+                &[(&id, "pstn", 0, 0, State::Down, "down (set: not ready)")],
+            ),
+        );
+        assert_eq!(c.servers[0].status.ready_destinations, 1);
+        assert_eq!(c.servers[0].ready.1, "DestinationsReady");
+    }
+
+    #[test]
+    fn utilization_rounds_and_a_resource_without_capacity_is_full_with_sessions() {
+        assert_eq!(utilization_percent(1, 3), 33);
+        assert_eq!(utilization_percent(2, 3), 67);
+        assert_eq!(utilization_percent(150, 100), 150);
+        assert_eq!(utilization_percent(0, 0), 0);
+        assert_eq!(utilization_percent(4, 0), 100);
+        assert_eq!(utilization(1, 4), 0.25);
+        assert_eq!((utilization(0, 0), utilization(2, 0)), (0.0, 1.0));
+    }
+
+    #[test]
+    fn pods_another_server_holds_are_named_in_the_condition() {
+        let first = server("asr", "unimrcp", serde_json::json!({}));
+        let second = server("copy", "unimrcp", serde_json::json!({}));
+        let pods = [
+            pod("mrcp-0", "unimrcp", "127.0.2.1", true, None),
+            pod("mrcp-1", "unimrcp", "127.0.2.2", true, None),
+        ];
+        let refs: Vec<&Pod> = pods.iter().collect();
+        let c = compute([&second, &first], &refs);
+        assert_eq!(c.destinations.len(), 2, "each pod once");
+        let asr = &c.servers[0];
+        assert_eq!(
+            (asr.name.as_str(), asr.ready.1),
+            ("asr", "DestinationsReady")
+        );
+        assert!(asr.held_by.is_empty());
+        let copy = &c.servers[1];
+        assert_eq!(
+            copy.held_by,
+            BTreeMap::from([("speech/asr".to_string(), 2)])
+        );
+        assert_eq!(
+            (copy.ready.0, copy.ready.1),
+            (false, "PodsHeldByAnotherServer")
+        );
+        assert!(
+            copy.ready.2.starts_with(
+                "2 pods match, 2 of them are a destination of another \
+                 MrcpServer already (2 by MrcpServer speech/asr"
+            ),
+            "{}",
+            copy.ready.2
+        );
+        assert!(copy.status.destinations.is_empty());
     }
 
     fn proxy_pod(name: &str, ip: Option<&str>, ready: bool, phase: &str) -> Pod {

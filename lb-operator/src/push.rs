@@ -9,7 +9,7 @@
 use lb_api::DestinationSet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,7 +35,12 @@ pub struct Pusher {
     pub metrics: Arc<Metrics>,
     /// Highest version a proxy reported in a conflict: the next set must be newer.
     pub floor: Arc<std::sync::atomic::AtomicU64>,
+    /// The proxies whose last push failed, with the error.
+    pub failing: Failing,
 }
+
+/// Proxy admin URL → the error of its last push, for the proxies whose last push failed.
+pub type Failing = Arc<Mutex<BTreeMap<String, String>>>;
 
 /// The loop's side of the pushers: where it hands the newest set and the proxy list.
 pub struct PushHandle {
@@ -44,6 +49,8 @@ pub struct PushHandle {
     pub proxies: watch::Sender<BTreeSet<String>>,
     /// [`Pusher::floor`]: the next set must be versioned above it.
     pub floor: Arc<std::sync::atomic::AtomicU64>,
+    /// [`Pusher::failing`]: what the Events say about proxies that do not take the set.
+    pub failing: Failing,
 }
 
 struct ProxyTask {
@@ -71,13 +78,16 @@ impl Pusher {
             resync: settings.resync,
             metrics,
             floor: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            failing: Failing::default(),
         };
         let floor = pusher.floor.clone();
+        let failing = pusher.failing.clone();
         tokio::spawn(pusher.run(desired_rx, proxies_rx, leading, shutdown));
         Ok(PushHandle {
             desired,
             proxies,
             floor,
+            failing,
         })
     }
 
@@ -99,6 +109,7 @@ impl Pusher {
                 if !keep {
                     info!(proxy = %url, "proxy gone");
                     t.handle.abort();
+                    self.set_failing(url, None);
                 }
                 keep
             });
@@ -168,6 +179,7 @@ impl Pusher {
                         self.metrics.pushes.with_label_values(&["ok"]).inc();
                         acked = Some(d.set.version);
                         in_sync.store(true, Ordering::Relaxed);
+                        self.set_failing(&url, None);
                         backoff = Duration::from_millis(100);
                     }
                     Err(e) => {
@@ -182,6 +194,7 @@ impl Pusher {
                         self.metrics.pushes.with_label_values(&[e.label()]).inc();
                         let e = Error::Push(e);
                         self.metrics.error(&e);
+                        self.set_failing(&url, Some(e.to_string()));
                         warn!(proxy = %url, "push failed, retrying in {backoff:?}: {e}");
                         wait = backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -189,12 +202,29 @@ impl Pusher {
                 }
             } else if !leading {
                 in_sync.store(false, Ordering::Relaxed);
+                self.set_failing(&url, None);
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 r = desired.changed() => if r.is_err() { return },
                 r = enabled.changed() => if r.is_err() { return },
                 _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn set_failing(&self, url: &str, error: Option<String>) {
+        // A poisoned lock only means a panic elsewhere mid-update: the map is still a map.
+        let mut failing = self
+            .failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match error {
+            Some(e) => {
+                failing.insert(url.to_string(), e);
+            }
+            None => {
+                failing.remove(url);
             }
         }
     }

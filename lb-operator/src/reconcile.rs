@@ -108,17 +108,25 @@ impl Reconciler {
         let loads = self.loads.loads.borrow_and_update().clone();
         if let Some(l) = &loads {
             for view in &mut computed.servers {
-                model::apply_loads(&mut view.status, l);
+                model::apply_loads(view, l);
             }
         }
         if leading {
             ctx.metrics.leader.set(1);
             let keep_loads = loads.is_none() && ctx.settings.load_interval.is_some();
+            let failing = self
+                .push
+                .failing
+                .lock()
+                .map(|f| f.clone())
+                .unwrap_or_else(|p| p.into_inner().clone());
             self.status
-                .write(ctx, &server_objs, &computed, keep_loads)
+                .write(ctx, &server_objs, &computed, keep_loads, &failing)
                 .await;
+            ctx.metrics.servers.update(&computed.servers);
         } else {
             ctx.metrics.leader.set(0);
+            ctx.metrics.servers.clear();
             self.status.forget(); // Rewrite everything when leadership comes (back).
         }
     }

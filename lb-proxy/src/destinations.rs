@@ -160,8 +160,8 @@ impl Destination {
         match (self.manual, self.spec.state, self.health) {
             (Manual::Disabled, _, _) => "disabled by hand",
             (Manual::Draining, _, _) => "drained by hand",
-            (_, DesiredState::Draining, _) => "draining (set)",
-            (_, DesiredState::Down, _) => "down (set: not ready)",
+            (_, DesiredState::Draining, _) => lb_api::admin::REASON_SET_DRAINING,
+            (_, DesiredState::Down, _) => lb_api::admin::REASON_SET_DOWN,
             (_, _, Health::DownTimeout) => "INVITE timeout",
             (_, _, Health::DownProbes) => "probe failures",
             _ if self.addr.is_none() => "address not resolved",
