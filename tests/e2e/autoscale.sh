@@ -31,7 +31,7 @@
 #
 # Environment (besides run.sh's LB_PROXY_BIN, LB_OPERATOR_BIN, E2E_IP, E2E_KEEP):
 #   AS_CAPACITY (10) AS_TARGET (0.6) AS_LOAD_CALLS (8) AS_LOAD_HOLD (25) AS_TAIL_CALLS (4)
-#   AS_TAIL_HOLD (60) AS_TIMEOUT (90)
+#   AS_TAIL_HOLD (45) AS_TIMEOUT (90)
 set -Eeuo pipefail
 export LC_ALL=C
 
@@ -46,18 +46,19 @@ AS_TARGET=${AS_TARGET:-0.6}
 AS_LOAD_CALLS=${AS_LOAD_CALLS:-8}
 AS_LOAD_HOLD=${AS_LOAD_HOLD:-25}
 AS_TAIL_CALLS=${AS_TAIL_CALLS:-4}
-AS_TAIL_HOLD=${AS_TAIL_HOLD:-60}
+AS_TAIL_HOLD=${AS_TAIL_HOLD:-45}
 AS_TIMEOUT=${AS_TIMEOUT:-90}
 KEDA_NS=keda
 ADAPTER_SVC=keda-metrics-apiserver
 ADAPTER_PORT=6443 # the Service's port = the port the adapter listens on (nothing translates)
 SO=unimrcp        # the ScaledObject the chart makes (named after the MrcpServer)
 HPA=keda-hpa-$SO  # the HPA KEDA makes for it
-# The operator reads the proxies' loads every second (its default: 5 s).
-E2E_OPERATOR_ENV=(LB_OPERATOR_LOAD_INTERVAL_SECONDS=1)
+# The operator reads the proxies' loads every second (the chart's default: 5 s).
+E2E_OPERATOR_ARGS=(--load-interval-seconds=1)
 
-# The trigger's query: the operator's per-MrcpServer utilization gauge (the chart's default).
-QUERY="max(mrcp_lb_server_utilization{namespace=\"$APP_NS\",mrcpserver=\"unimrcp\",resource=\"pstn\"})"
+# The operator's per-MrcpServer utilization gauge; the trigger's query (the chart's default)
+# is built on it.
+UTIL_Q="max(mrcp_lb_server_utilization{namespace=\"$APP_NS\",mrcpserver=\"unimrcp\",resource=\"pstn\"})"
 
 e2e_prepare
 for b in "$KEDA_OPERATOR" "$KEDA_ADAPTER" "$KEDA_CRDS"; do
@@ -73,7 +74,11 @@ k create -f "$KEDA_CRDS" >"$WORK/keda-crds.log" 2>&1 || {
 	cat "$WORK/keda-crds.log" >&2
 	fail "KEDA CRDs ($KEDA_CRDS) rejected"
 }
-k wait --for=condition=Established crd/scaledobjects.keda.sh --timeout=30s >/dev/null || fail "CRD scaledobjects.keda.sh not Established"
+for ((i = 0; ; i++)); do
+	[ "$(k get crd scaledobjects.keda.sh -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null)" = True ] && break
+	[ "$i" -lt 150 ] || fail "CRD scaledobjects.keda.sh not Established after 30 s"
+	sleep 0.2
+done
 k create namespace "$APP_NS" >/dev/null
 
 PROM_PORT=$(free_port)
@@ -88,8 +93,8 @@ e2e_helm_install \
 	--set autoscaling.keda.prometheus.serverAddress="http://$E2E_IP:$PROM_PORT" \
 	--set autoscaling.keda.behavior.scaleDown.stabilizationWindowSeconds=10
 SO_JSON=$(k -n "$APP_NS" get scaledobject "$SO" -o json) || fail "the chart made no ScaledObject $APP_NS/$SO"
-[ "$(jq -r '.spec.triggers[0].metadata.query' <<<"$SO_JSON")" = "$QUERY" ] ||
-	fail "the chart's ScaledObject queries $(jq -r '.spec.triggers[0].metadata.query' <<<"$SO_JSON"), want $QUERY"
+QUERY=$(jq -r '.spec.triggers[0].metadata.query' <<<"$SO_JSON")
+[[ $QUERY == "$UTIL_Q * "* ]] || fail "the chart's ScaledObject queries $QUERY, not $UTIL_Q (scaled)"
 pass "the chart's ScaledObject $APP_NS/$SO: $(jq -c '{target: .spec.scaleTargetRef.name, min: .spec.minReplicaCount, max: .spec.maxReplicaCount, trigger: .spec.triggers[0] | {type, metricType, threshold: .metadata.threshold}}' <<<"$SO_JSON")"
 
 e2e_proxies_and_operator
@@ -103,8 +108,10 @@ promv() { promq "$1" | jq -r '.data.result[0].value[1] // "none"'; }
 # appears, runs a sipp server on its IP, and on deletion runs the example's preStop command
 # before letting it go.
 
-PRESTOP_CMD=$(k create --dry-run=client -o json -f examples/unimrcp-statefulset.yaml |
-	jq -er '.items[] | select(.kind == "StatefulSet") | .spec.template.spec.containers[0].lifecycle.preStop.exec.command | @json') ||
+# kubectl prints one JSON object per document (or a List).
+example_objects() { k create --dry-run=client -o json -f "$1" | jq -s '[.[] | if .kind == "List" then .items[] else . end | del(.metadata.namespace)]'; }
+PRESTOP_CMD=$(example_objects examples/unimrcp-statefulset.yaml |
+	jq -er '.[] | select(.kind == "StatefulSet") | .spec.template.spec.containers[0].lifecycle.preStop.exec.command | @json') ||
 	fail "examples/unimrcp-statefulset.yaml has no preStop exec command"
 ADMIN_SVC_HOST=$RELEASE-proxy-admin.$NS.svc
 grep -qF "$ADMIN_SVC_HOST:$PROXY_ADMIN_PORT" <<<"$PRESTOP_CMD" ||
@@ -156,14 +163,14 @@ tick() { # one pass of the kubelet's part over the UniMRCP pods
 
 WAITED_AT=""
 wait_for() { # LABEL TIMEOUT_S COMMAND...: tick until COMMAND succeeds; WAITED_AT = when
-	local label=$1 deadline=$(($(ms) + $2 * 1000))
+	local label=$1 timeout=$2 deadline=$(($(ms) + $2 * 1000))
 	shift 2
 	until tick && "$@"; do
 		[ "$(ms)" -lt "$deadline" ] || {
 			k -n "$APP_NS" get statefulset,hpa,pods -o wide >&2 || true
 			k -n "$APP_NS" get scaledobject "$SO" -o jsonpath='{.status}' >&2 || true
 			echo >&2
-			fail "$label: not within ${2}s"
+			fail "$label: not within ${timeout}s"
 		}
 		sleep 0.2
 	done
@@ -197,14 +204,18 @@ open_calls_on() { # POD: open calls on its destination, summed over the proxies 
 calls_to() { # PROXY_IP POD: calls routed to the pod's destination by that proxy
 	proxy_json "$1" | jq --arg p "$APP_NS/$2@" '[.destinations[] | select(.id | startswith($p)) | .calls] | add // 0'
 }
+is_set() { # MAP KEY: the associative array MAP has KEY (now, not when the call was written)
+	local -n map=$1
+	[ -n "${map[$2]:-}" ]
+}
 open_calls_is() { [ "$(open_calls_on "$1")" = "$2" ]; }
 
 # ---------------------------------------------------------------------------------------------
 # The UniMRCP StatefulSet (capacity AS_CAPACITY per pod) and the MrcpServer.
 
 t=$(ms)
-k create --dry-run=client -o json -f examples/unimrcp-statefulset.yaml |
-	jq --arg c "$AS_CAPACITY" '.items[] | if .kind == "StatefulSet" then
+example_objects examples/unimrcp-statefulset.yaml |
+	jq --arg c "$AS_CAPACITY" '.[] | if .kind == "StatefulSet" then
 		.spec.template.metadata.annotations["mrcp-lb.io/pstn-capacity"] = $c else . end' |
 	k -n "$APP_NS" apply -f - >/dev/null
 k -n "$APP_NS" apply -f examples/mrcpserver.yaml >/dev/null
@@ -326,7 +337,7 @@ T_UP=$(ms)
 start_client client-load "$PA" "$AS_LOAD_CALLS" 20 $((AS_LOAD_HOLD * 1000))
 wait_for "the proxies count $AS_LOAD_CALLS open calls on unimrcp-0" 30 open_calls_is unimrcp-0 "$AS_LOAD_CALLS"
 T_OPEN=$WAITED_AT
-wait_for "utilization >= $UP_UTIL in Prometheus" 30 prom_at_least "$QUERY" "$UP_UTIL"
+wait_for "utilization >= $UP_UTIL in Prometheus" 30 prom_at_least "$UTIL_Q" "$UP_UTIL"
 T_PROM_UP=$WAITED_AT
 wait_for "HPA desires 2 replicas" "$AS_TIMEOUT" hpa_desired_is 2
 T_HPA_UP=$WAITED_AT
@@ -360,11 +371,11 @@ log "scale-down: waiting for the $AS_LOAD_CALLS first calls to end (utilization 
 wait_for "the first calls end" $((AS_LOAD_HOLD + 30)) open_calls_is unimrcp-0 0
 T_DOWN=$WAITED_AT
 wait_client client-load
-wait_for "utilization <= $DOWN_UTIL in Prometheus" 30 prom_at_most "$QUERY" "$DOWN_UTIL"
+wait_for "utilization <= $DOWN_UTIL in Prometheus" 30 prom_at_most "$UTIL_Q" "$DOWN_UTIL"
 T_PROM_DOWN=$WAITED_AT
 wait_for "HPA desires 1 replica" "$AS_TIMEOUT" hpa_desired_is 1
 T_HPA_DOWN=$WAITED_AT
-wait_for "unimrcp-1 terminating (preStop started)" 30 test -n "${PRESTOP_AT[unimrcp-1]:-}"
+wait_for "unimrcp-1 terminating (preStop started)" 30 is_set PRESTOP_AT unimrcp-1
 T_DEL=${DELETED_AT[unimrcp-1]}
 open_at_delete=$(open_calls_on unimrcp-1)
 [ "$open_at_delete" -gt 0 ] ||
@@ -372,17 +383,22 @@ open_at_delete=$(open_calls_on unimrcp-1)
 wait_for "unimrcp-1 draining in every proxy" 15 state_is unimrcp-1 draining
 T_DRAINING=$WAITED_AT
 log "unimrcp-1 terminating with $open_at_delete open calls; draining in every proxy"
-wait_for "the preStop hook returns (drained)" $((AS_TAIL_HOLD + 30)) test -n "${DRAINED_AT[unimrcp-1]:-}"
+wait_for "the preStop hook returns (drained)" $((AS_TAIL_HOLD + 30)) is_set DRAINED_AT unimrcp-1
 T_DRAINED=${DRAINED_AT[unimrcp-1]}
 jq -e '.drained == true and .openSessions == 0' "$WORK/prestop-unimrcp-1/out.json" >/dev/null ||
 	fail "the preStop hook answered $(cat "$WORK/prestop-unimrcp-1/out.json")"
 wait_client client-tail
-wait_for "unimrcp-1 gone" 30 test -n "${GONE_AT[unimrcp-1]:-}"
+wait_for "unimrcp-1 gone" 30 is_set GONE_AT unimrcp-1
 T_GONE=${GONE_AT[unimrcp-1]}
 wait_for "unimrcp-1 removed from every proxy" 30 state_is unimrcp-1 none
 T_UNREG=$WAITED_AT
 [ -z "${SIPP_IP[unimrcp-1]:-}" ] || fail "the sipp server of unimrcp-1 still runs"
 replicas_is 1 && state_is unimrcp-0 up || fail "after the scale-down: StatefulSet $(k -n "$APP_NS" get statefulset unimrcp -o jsonpath='{.spec.replicas}') replicas, unimrcp-0 $(dest_state "$PA" unimrcp-0)"
+# No flapping: the HPA rescaled twice in the whole cycle (a draining pod still counts as a
+# ready replica for the HPA; a trigger that ignored it would scale straight back to 2).
+rescales=$(k -n "$APP_NS" get events -o json | jq -c '[.items[] | select(.involvedObject.kind == "HorizontalPodAutoscaler" and
+	.reason == "SuccessfulRescale") | .message]')
+[ "$(jq length <<<"$rescales")" = 2 ] || fail "the HPA rescaled $(jq length <<<"$rescales") times, want 2 (1 -> 2 -> 1): $rescales"
 pass "scale-down: HPA 2 -> 1, unimrcp-1 drained its $open_at_delete calls (hook via proxy ${PRESTOP_VIA[unimrcp-1]}: $(jq -c '{waitedSeconds, localSessions, peerSessions}' "$WORK/prestop-unimrcp-1/out.json")) and went; unimrcp-0 up"
 
 # ---------------------------------------------------------------------------------------------
@@ -407,14 +423,14 @@ d() { secs $(($2 - $1)); }
 TIMINGS+=(
 	"scale-up (calls start at 0):"
 	"  calls open in the proxies                          $(d "$T_UP" "$T_OPEN") s"
-	"  utilization >= $UP_UTIL in Prometheus (trigger query) $(d "$T_UP" "$T_PROM_UP") s"
+	"  mrcp_lb_server_utilization >= $UP_UTIL in Prometheus $(d "$T_UP" "$T_PROM_UP") s"
 	"  HPA desiredReplicas 2                              $(d "$T_UP" "$T_HPA_UP") s"
 	"  StatefulSet replicas 2                             $(d "$T_UP" "$T_STS_UP") s"
 	"  unimrcp-1 Ready                                    $(d "$T_UP" "$T_READY") s"
 	"  unimrcp-1 up in every proxy (registered)           $(d "$T_UP" "$T_REG") s"
 	"  new calls landed on unimrcp-1                      $(d "$T_UP" "$T_LAND") s  ($(d "$T_TAIL" "$T_LAND") s after they started)"
 	"scale-down (first calls ended at 0):"
-	"  utilization <= $DOWN_UTIL in Prometheus             $(d "$T_DOWN" "$T_PROM_DOWN") s"
+	"  mrcp_lb_server_utilization <= $DOWN_UTIL in Prometheus $(d "$T_DOWN" "$T_PROM_DOWN") s"
 	"  HPA desiredReplicas 1                              $(d "$T_DOWN" "$T_HPA_DOWN") s  (stabilization window 10 s)"
 	"  unimrcp-1 terminating (preStop hook started)       $(d "$T_DOWN" "$T_DEL") s  with $open_at_delete open calls"
 	"  unimrcp-1 draining in every proxy                  $(d "$T_DOWN" "$T_DRAINING") s"

@@ -12,7 +12,8 @@
 #   e2e_control_plane    control-plane.sh start --full --nodes 2; defines k (kubectl)
 #   e2e_helm_install ARGS...   helm install --wait of charts/mrcp-lb with ARGS; every object there
 #   e2e_proxies_and_operator   the chart's operator Deployment to 0, a real lb-proxy per proxy
-#                        pod, the real lb-operator (extra env: E2E_OPERATOR_ENV=(NAME=VALUE ...))
+#                        pod, the real lb-operator (E2E_OPERATOR_ARGS=(--name=value ...) replace
+#                        or add to the chart's args)
 #   e2e_prometheus       a real Prometheus scraping the proxies (pod annotations) and the operator
 
 E2E_IP=${E2E_IP:-127.0.6.1}
@@ -43,7 +44,7 @@ declare -a TIMINGS=()
 declare -a PROXY_IPS=()
 declare -a PROXY_PODS=()
 declare -A SIPP_IP=() # MRCP server pod name -> IP its sipp server listens on
-declare -a E2E_OPERATOR_ENV=() # extra NAME=VALUE for the operator (after the chart's env)
+declare -a E2E_OPERATOR_ARGS=() # --name=value for the operator: replaces the chart's --name=..., or added
 declare -a E2E_LOGS=()         # more logs whose last lines a failed run shows
 
 fail() {
@@ -416,13 +417,19 @@ e2e_proxies_and_operator() {
 		--token-file) next=token ;;
 		--listen) next=listen ;;
 		esac
+		for o in "${E2E_OPERATOR_ARGS[@]}"; do
+			[ "${a%%=*}" = "${o%%=*}" ] && a=$o
+		done
 		op_args+=("$a")
+	done
+	for o in "${E2E_OPERATOR_ARGS[@]}"; do
+		printf '%s\n' "${op_args[@]}" | grep -qxF -- "$o" || op_args+=("$o")
 	done
 	pod_env "$OP_DEPLOY" "e2e-local-operator" "$E2E_IP" >"$WORK/operator/env.txt"
 	mapfile -t op_env <"$WORK/operator/env.txt"
 	t=$(ms)
 	start_bg operator "$WORK/operator" "$WORK/operator/operator.log" \
-		env KUBECONFIG="$OPKC" "${op_env[@]}" "${E2E_OPERATOR_ENV[@]}" "$LB_OPERATOR_BIN" "${op_args[@]}"
+		env KUBECONFIG="$OPKC" "${op_env[@]}" "$LB_OPERATOR_BIN" "${op_args[@]}"
 	for ((i = 0; ; i++)); do
 		[ "$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' "$OP_URL/readyz")" = 200 ] && break
 		alive operator || fail "lb-operator exited: $(tail -5 "$WORK/operator/operator.log")"
