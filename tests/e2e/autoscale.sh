@@ -81,6 +81,9 @@ for ((i = 0; ; i++)); do
 done
 k create namespace "$APP_NS" >/dev/null
 
+# kubectl prints one JSON object per document (or a List).
+example_objects() { k create --dry-run=client -o json -f "$1" | jq -s '[.[] | if .kind == "List" then .items[] else . end | del(.metadata.namespace)]'; }
+
 PROM_PORT=$(free_port)
 e2e_helm_install \
 	--set autoscaling.keda.enabled=true \
@@ -95,6 +98,14 @@ e2e_helm_install \
 SO_JSON=$(k -n "$APP_NS" get scaledobject "$SO" -o json) || fail "the chart made no ScaledObject $APP_NS/$SO"
 QUERY=$(jq -r '.spec.triggers[0].metadata.query' <<<"$SO_JSON")
 [[ $QUERY == "$UTIL_Q * "* ]] || fail "the chart's ScaledObject queries $QUERY, not $UTIL_Q (scaled)"
+# examples/keda-scaledobject.yaml: accepted by the API server (KEDA's CRD schema), and the same
+# query as the chart's.
+k -n "$APP_NS" apply --dry-run=server -f examples/keda-scaledobject.yaml >"$WORK/example-so.log" 2>&1 || {
+	cat "$WORK/example-so.log" >&2
+	fail "examples/keda-scaledobject.yaml rejected (server dry-run)"
+}
+[ "$(example_objects examples/keda-scaledobject.yaml | jq -r '.[0].spec.triggers[0].metadata.query')" = "$QUERY" ] ||
+	fail "examples/keda-scaledobject.yaml's query differs from the chart's: $QUERY"
 pass "the chart's ScaledObject $APP_NS/$SO: $(jq -c '{target: .spec.scaleTargetRef.name, min: .spec.minReplicaCount, max: .spec.maxReplicaCount, trigger: .spec.triggers[0] | {type, metricType, threshold: .metadata.threshold}}' <<<"$SO_JSON")"
 
 e2e_proxies_and_operator
@@ -108,8 +119,6 @@ promv() { promq "$1" | jq -r '.data.result[0].value[1] // "none"'; }
 # appears, runs a sipp server on its IP, and on deletion runs the example's preStop command
 # before letting it go.
 
-# kubectl prints one JSON object per document (or a List).
-example_objects() { k create --dry-run=client -o json -f "$1" | jq -s '[.[] | if .kind == "List" then .items[] else . end | del(.metadata.namespace)]'; }
 PRESTOP_CMD=$(example_objects examples/unimrcp-statefulset.yaml |
 	jq -er '.[] | select(.kind == "StatefulSet") | .spec.template.spec.containers[0].lifecycle.preStop.exec.command | @json') ||
 	fail "examples/unimrcp-statefulset.yaml has no preStop exec command"
