@@ -358,6 +358,7 @@ wait_for "unimrcp-1 Ready" 30 pod_ready unimrcp-1
 T_READY=$WAITED_AT
 wait_for "unimrcp-1 up in every proxy" 30 state_is unimrcp-1 up
 T_REG=$WAITED_AT
+for ip in "${PROXY_IPS[@]}"; do check_loopback "$ip"; done
 pass "scale-up: HPA $HPA 1 -> 2, unimrcp-1 Ready and up in every proxy $(secs $((T_REG - T_UP))) s after the calls started"
 
 # New calls go to the new server (least loaded: it is empty, unimrcp-0 is at $UP_UTIL), through
