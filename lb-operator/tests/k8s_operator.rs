@@ -637,6 +637,10 @@ async fn malformed_annotation_gives_a_warning_event_and_the_default() {
     // kubectl shows it as well.
     let out = env.kubectl(&["get", "events", "-n", &env.ns]);
     assert!(out.contains("InvalidCapacityAnnotation"), "{out}");
+    // And the MrcpServer has its own, naming the pod and the value.
+    let (t, note) = wait_event(&env, "asr", "InvalidCapacityAnnotation", "pod mrcp-0").await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains("lots"), "{note}");
 
     assert!(op.guard.running(), "operator exited");
     assert_eq!(op.get("/healthz").await.unwrap().0, 200);
