@@ -9,13 +9,16 @@ use crate::crd::DestinationEntry;
 use crate::model::{Standing, Warning};
 
 /// One Event to publish: Normal or Warning, its reason (CamelCase, fixed), the action the
-/// operator took and a note for humans.
+/// operator took, a note for humans and the pod it is about (in the MrcpServer's namespace).
+/// Events with the same reason and action on the same object are one series (the first note
+/// stays): naming the pod as the related object keeps each pod's Events apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
     pub warning: bool,
     pub reason: &'static str,
     pub action: &'static str,
     pub note: String,
+    pub pod: Option<String>,
 }
 
 /// The API server refuses an Event note longer than 1 kB.
@@ -28,7 +31,13 @@ impl Notice {
             reason,
             action,
             note: truncate(note, MAX_NOTE),
+            pod: None,
         }
+    }
+
+    fn about(mut self, pod: &str) -> Notice {
+        self.pod = Some(pod.to_string());
+        self
     }
 }
 
@@ -57,67 +66,82 @@ pub fn destination_notices(before: &[DestinationEntry], after: &[DestinationEntr
         let now = Standing::of(d);
         let then = was.map(Standing::of);
         match was {
-            None => out.push(Notice::new(
-                false,
-                "Registered",
-                "Register",
-                format!(
-                    "pod {} registered as {} ({}){}",
-                    d.pod,
-                    d.uri,
-                    d.resources,
-                    match d.state.as_str() {
-                        "active" => "",
-                        "draining" => ", terminating",
-                        _ => ", not Ready yet",
-                    }
-                ),
-            )),
-            Some(w) if w.state != "draining" && d.state == "draining" => out.push(Notice::new(
-                false,
-                "Draining",
-                "Drain",
-                format!(
-                    "pod {} is terminating: it takes no new sessions{}",
-                    d.pod,
-                    match d.sessions {
-                        Some(n) => format!("; {n} open sessions continue"),
-                        None => "; its open sessions continue".to_string(),
-                    }
-                ),
-            )),
+            None => out.push(
+                Notice::new(
+                    false,
+                    "Registered",
+                    "Register",
+                    format!(
+                        "pod {} registered as {} ({}){}",
+                        d.pod,
+                        d.uri,
+                        d.resources,
+                        match d.state.as_str() {
+                            "active" => "",
+                            "draining" => ", terminating",
+                            _ => ", not Ready yet",
+                        }
+                    ),
+                )
+                .about(&d.pod),
+            ),
+            Some(w) if w.state != "draining" && d.state == "draining" => out.push(
+                Notice::new(
+                    false,
+                    "Draining",
+                    "Drain",
+                    format!(
+                        "pod {} is terminating: it takes no new sessions{}",
+                        d.pod,
+                        match d.sessions {
+                            Some(n) => format!("; {n} open sessions continue"),
+                            None => "; its open sessions continue".to_string(),
+                        }
+                    ),
+                )
+                .about(&d.pod),
+            ),
             _ => {}
         }
         if now == Standing::CalledDown && then != Some(Standing::CalledDown) {
-            out.push(Notice::new(
-                true,
-                "ProbeDown",
-                "Probe",
-                format!(
-                    "pod {} is Ready, but the proxies call it {}: {}; no new sessions go to it",
-                    d.pod,
-                    d.proxy_state.as_deref().unwrap_or("down"),
-                    d.proxy_reason.as_deref().unwrap_or("no reason given")
-                ),
-            ));
+            out.push(
+                Notice::new(
+                    true,
+                    "ProbeDown",
+                    "Probe",
+                    format!(
+                        "pod {} is Ready, but the proxies call it {}: {}; no new sessions go to it",
+                        d.pod,
+                        d.proxy_state.as_deref().unwrap_or("down"),
+                        d.proxy_reason.as_deref().unwrap_or("no reason given")
+                    ),
+                )
+                .about(&d.pod),
+            );
         }
         if then == Some(Standing::CalledDown) && now == Standing::Ready {
-            out.push(Notice::new(
-                false,
-                "ProbeUp",
-                "Probe",
-                format!("the proxies call pod {} up again: it takes sessions", d.pod),
-            ));
+            out.push(
+                Notice::new(
+                    false,
+                    "ProbeUp",
+                    "Probe",
+                    format!("the proxies call pod {} up again: it takes sessions", d.pod),
+                )
+                .about(&d.pod),
+            );
         }
     }
     for (id, d) in &old {
         if !new.contains_key(id) {
-            out.push(Notice::new(
-                false,
-                "Removed",
-                "Deregister",
-                format!("pod {} ({}) is no longer a destination", d.pod, d.uri),
-            ));
+            out.push(
+                Notice::new(
+                    false,
+                    "Removed",
+                    "Deregister",
+                    format!("pod {} ({}) is no longer a destination", d.pod, d.uri),
+                )
+                .about(&d.pod),
+            );
         }
     }
     out
@@ -171,6 +195,7 @@ pub fn annotation_notice(w: &Warning) -> Notice {
             w.pod, w.problem
         ),
     )
+    .about(&w.pod)
 }
 
 #[cfg(test)]
@@ -191,6 +216,10 @@ mod tests {
     }
 
     fn reasons(n: &[Notice]) -> Vec<(&'static str, bool)> {
+        assert!(
+            n.iter().all(|n| n.pod.is_some()),
+            "each names its pod: {n:?}"
+        );
         n.iter().map(|n| (n.reason, n.warning)).collect()
     }
 

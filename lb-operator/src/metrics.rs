@@ -321,3 +321,93 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DestinationEntry, MrcpServerStatus, ResourceUsage};
+
+    fn view(name: &str, load: Option<u64>, states: &[&str]) -> ServerView {
+        let destinations = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| DestinationEntry {
+                pod: format!("{name}-{i}"),
+                id: format!("speech/{name}-{i}@{i}"),
+                uri: String::new(),
+                resources: "pstn=10".into(),
+                state: s.to_string(),
+                proxy_state: None,
+                proxy_reason: None,
+                sessions: None,
+            })
+            .collect();
+        ServerView {
+            namespace: "speech".into(),
+            name: name.into(),
+            status: MrcpServerStatus {
+                resources: vec![ResourceUsage {
+                    name: "pstn".into(),
+                    capacity: 20,
+                    load,
+                    utilization_percent: None,
+                }],
+                active_sessions: load,
+                destinations,
+                ..Default::default()
+            },
+            ready: (true, "", String::new()),
+            matched: 0,
+            held_by: Default::default(),
+            invalid: None,
+        }
+    }
+
+    fn series(m: &Metrics) -> Vec<String> {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with("mrcp_lb_server_"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn server_series_follow_the_statuses_and_go_with_their_server() {
+        let m = Metrics::new();
+        m.servers.update(&[
+            view("asr", Some(5), &["active", "active", "draining"]),
+            view("tts", None, &["down"]),
+        ]);
+        let s = series(&m);
+        let has = |line: &str| s.iter().any(|l| l == line);
+        assert!(
+            has(
+                r#"mrcp_lb_server_utilization{mrcpserver="asr",namespace="speech",resource="pstn"} 0.25"#
+            ),
+            "{s:#?}"
+        );
+        assert!(has(
+            r#"mrcp_lb_server_active_sessions{mrcpserver="asr",namespace="speech"} 5"#
+        ));
+        assert!(has(
+            r#"mrcp_lb_server_destinations{mrcpserver="asr",namespace="speech",state="draining"} 1"#
+        ));
+        assert!(has(
+            r#"mrcp_lb_server_capacity{mrcpserver="tts",namespace="speech",resource="pstn"} 20"#
+        ));
+        // No load known for tts: no utilization, rather than a 0 an autoscaler would trust.
+        assert!(
+            !s.iter()
+                .any(|l| l.contains(r#"utilization{mrcpserver="tts""#)),
+            "{s:#?}"
+        );
+        m.servers.update(&[view("tts", Some(0), &["active"])]);
+        let s = series(&m);
+        assert!(
+            !s.iter().any(|l| l.contains(r#"mrcpserver="asr""#)),
+            "{s:#?}"
+        );
+        m.servers.clear();
+        assert!(series(&m).is_empty(), "{:#?}", series(&m));
+    }
+}

@@ -212,6 +212,7 @@ impl StatusWriter {
             reason: "InvalidCapacityAnnotation",
             action: "Register",
             note,
+            pod: None,
         };
         publish(ctx, &pod.object_ref(&()), &on_pod).await?;
         if let Some(server) = objs.get(&(w.namespace.clone(), w.server.clone())) {
@@ -241,7 +242,13 @@ async fn publish(ctx: &Context, reference: &ObjectReference, n: &Notice) -> Resu
         reason: n.reason.into(),
         note: Some(n.note.clone()),
         action: n.action.into(),
-        secondary: None,
+        secondary: n.pod.as_ref().map(|pod| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: reference.namespace.clone(),
+            name: Some(pod.clone()),
+            ..Default::default()
+        }),
     };
     ctx.recorder
         .publish(&ev, reference)

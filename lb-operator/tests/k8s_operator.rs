@@ -637,6 +637,10 @@ async fn malformed_annotation_gives_a_warning_event_and_the_default() {
     // kubectl shows it as well.
     let out = env.kubectl(&["get", "events", "-n", &env.ns]);
     assert!(out.contains("InvalidCapacityAnnotation"), "{out}");
+    // And the MrcpServer has its own, naming the pod and the value.
+    let (t, note) = wait_event(&env, "asr", "InvalidCapacityAnnotation", "pod mrcp-0").await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains("lots"), "{note}");
 
     assert!(op.guard.running(), "operator exited");
     assert_eq!(op.get("/healthz").await.unwrap().0, 200);
@@ -726,16 +730,33 @@ async fn status_and_printer_columns() {
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "CAPACITY", "LOAD", "AGE"],
+        [
+            "NAME",
+            "READY",
+            "DOWN",
+            "DRAINING",
+            "ACTIVE",
+            "CAPACITY",
+            "UTILIZATION",
+            "AGE"
+        ],
         "{table}"
     );
-    let row: Vec<&str> = table
-        .lines()
-        .find(|l| l.starts_with("asr "))
-        .unwrap_or_else(|| panic!("no asr row: {table}"))
-        .split_whitespace()
-        .collect();
-    assert_eq!(&row[..3], ["asr", "2", "pstn=180"], "{table}");
+    let rows = table_rows(&table);
+    let row = rows
+        .iter()
+        .find(|r| r["NAME"] == "asr")
+        .unwrap_or_else(|| panic!("no asr row: {table}"));
+    let cells = |row: &std::collections::BTreeMap<String, String>| -> Vec<String> {
+        ["READY", "DOWN", "DRAINING", "CAPACITY"]
+            .iter()
+            .map(|c| row[*c].clone())
+            .collect()
+    };
+    assert_eq!(cells(row), ["2", "1", "0", "pstn=180"], "{table}");
+    // -o wide adds the load per resource.
+    let wide = env.kubectl(&["get", "mrcp", "-n", &env.ns, "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains(" LOAD "), "{wide}");
 
     // A spec change: a new generation, observed, and the capacity follows.
     env.servers()
@@ -756,12 +777,8 @@ async fn status_and_printer_columns() {
     let asr = env.servers().get("asr").await.unwrap();
     assert!(asr.metadata.generation >= Some(2), "{:?}", asr.metadata);
     let table = env.kubectl(&["get", "mrcp", "asr", "-n", &env.ns]);
-    assert!(
-        table
-            .lines()
-            .any(|l| l.split_whitespace().take(3).eq(["asr", "2", "pstn=200"])),
-        "{table}"
-    );
+    let rows = table_rows(&table);
+    assert_eq!(cells(&rows[0]), ["2", "1", "0", "pstn=200"], "{table}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1536,6 +1553,24 @@ async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
     // 3, not 6: each replica's own load is summed, not the cluster load both report.
     let res = wait_load(&env, "asr", "speechrecog=3/50", (2, 2), 10 * SEC).await;
     assert_eq!(res, [("speechrecog".to_string(), 50, Some(3))]);
+    // The operator's per-MrcpServer series say the same.
+    let series = |name: &str| {
+        format!(
+            "{name}{{mrcpserver=\"asr\",namespace=\"{}\",resource=\"speechrecog\"}}",
+            env.ns
+        )
+    };
+    eventually("mrcp_lb_server_load 3", 5 * SEC, POLL, async || {
+        let v = op.metric(&series("mrcp_lb_server_load")).await?;
+        (v == Some(3.0)).then_some(()).ok_or(format!("{v:?}"))
+    })
+    .await;
+    assert_eq!(
+        op.metric(&series("mrcp_lb_server_utilization"))
+            .await
+            .unwrap(),
+        Some(0.06)
+    );
     wait_load(&env, "tts", "speechsynth=1/200", (2, 2), 10 * SEC).await;
     eprintln!(
         "[resource-load] status shows the sessions {:.1} s after the calls started",
@@ -1553,16 +1588,30 @@ async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
         before,
         "the status was rewritten with nothing changed"
     );
-    let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
-    eprintln!("[resource-load] kubectl get mrcp:\n{table}");
+    let table = env.kubectl(&["get", "mrcp", "-n", &env.ns, "-o", "wide"]);
+    eprintln!("[resource-load] kubectl get mrcp -o wide:\n{table}");
+    let rows = table_rows(&table);
     for want in [
-        ["asr", "1", "speechrecog=50", "speechrecog=3/50"],
-        ["tts", "1", "speechsynth=200", "speechsynth=1/200"],
+        ["asr", "1", "3", "speechrecog=50", "6%", "speechrecog=3/50"],
+        [
+            "tts",
+            "1",
+            "1",
+            "speechsynth=200",
+            "1%",
+            "speechsynth=1/200",
+        ],
     ] {
-        assert!(
-            table.lines().any(|l| l.split_whitespace().take(4).eq(want)),
-            "no row {want:?}: {table}"
-        );
+        let got: Vec<Vec<&str>> = rows
+            .iter()
+            .map(|r| {
+                ["NAME", "READY", "ACTIVE", "CAPACITY", "UTILIZATION", "LOAD"]
+                    .iter()
+                    .map(|c| r.get(*c).map_or("", String::as_str))
+                    .collect()
+            })
+            .collect();
+        assert!(got.iter().any(|g| *g == want), "no row {want:?}: {table}");
     }
 
     // proxy-b stops answering (SIGSTOP: its admin API accepts connections and never
@@ -1622,6 +1671,322 @@ async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
     wait_load(&env, "asr", "speechrecog=0/100", (2, 2), 15 * SEC).await;
     wait_load(&env, "tts", "speechsynth=0/200", (2, 2), 15 * SEC).await;
     for srv in [asr_server, tts_server] {
+        let r = srv.stop_async().await;
+        assert_eq!(r.stat("FailedCall(C)"), 0, "{}", r.summary());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. Live utilization, the probe view, Events and per-MrcpServer metrics
+
+/// `kubectl get` output as one map per row, column name → value.
+fn table_rows(table: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .map(|h| h.to_string())
+                .zip(l.split_whitespace().map(str::to_string))
+                .collect()
+        })
+        .collect()
+}
+
+/// The Events on an MrcpServer: (type, reason, note), oldest first.
+async fn server_events(env: &TestEnv, server: &str) -> Vec<(String, String, String)> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut list = events
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    list.iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some("MrcpServer") && r.name.as_deref() == Some(server)
+            })
+        })
+        .map(|e| {
+            (
+                e.type_.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.note.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits for an Event on `server` with `reason` whose note contains `needle`; returns its
+/// type and note.
+async fn wait_event(env: &TestEnv, server: &str, reason: &str, needle: &str) -> (String, String) {
+    eventually(
+        &format!("a {reason} Event on {server} saying {needle:?}"),
+        15 * SEC,
+        POLL,
+        async || {
+            let all = server_events(env, server).await;
+            all.iter()
+                .find(|(_, r, n)| r == reason && n.contains(needle))
+                .map(|(t, _, n)| (t.clone(), n.clone()))
+                .ok_or(format!("{all:?}"))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn utilization_probe_view_events_and_server_metrics() {
+    let env = TestEnv::new("utilization", 15).await;
+    let probing = "probing:\n  interval: 300ms\n  timeout: 300ms\n  failureThreshold: 2\n  \
+                   successThreshold: 1\n";
+    let proxy = Proxy::start_with(&env, "proxy", &env.ip, 5060, 8081, probing).await;
+    let op = Operator::start(
+        &env,
+        "operator",
+        8090,
+        &[&proxy],
+        &["--load-interval-seconds", "1"],
+    )
+    .await;
+    let (ip0, ip1) = (env.pod_ip(1), env.pod_ip(2));
+    // asr-0 answers OPTIONS; asr-1 is Ready in Kubernetes but nothing answers at its IP.
+    let uas0 = Sipp::uas(&env, "uas-0")
+        .at(format!("{ip0}:8060").parse().unwrap())
+        .start_async()
+        .await;
+    env.create_server("asr", server_spec("asr", "pstn=4", 2))
+        .await;
+    // asr-0 is held by a finalizer when deleted, as a kubelet's grace period holds a pod.
+    env.create_pod("asr-0", &[("app", "asr")], &[], true).await;
+    env.create_pod("asr-1", &[("app", "asr")], &[], false).await;
+    env.set_pod_status("asr-0", &ip0, true).await;
+    env.set_pod_status("asr-1", &ip1, true).await;
+
+    let status = async || -> Result<lb_operator::crd::MrcpServerStatus, String> {
+        let s = env.servers().get("asr").await.map_err(|e| e.to_string())?;
+        s.status.ok_or("no status yet".to_string())
+    };
+    let counts = |st: &lb_operator::crd::MrcpServerStatus| {
+        (
+            st.ready_destinations,
+            st.down_destinations,
+            st.draining_destinations,
+        )
+    };
+    // The probe view: asr-1 is Ready, the proxy's probes call it down.
+    let st = eventually(
+        "asr-1 called down by the probes",
+        15 * SEC,
+        POLL,
+        async || {
+            let st = status().await?;
+            let asr1 = st.destinations.iter().find(|d| d.pod == "asr-1");
+            (counts(&st) == (1, 1, 0)
+                && asr1.is_some_and(|d| {
+                    d.state == "active" && d.proxy_state.as_deref() == Some("down")
+                }))
+            .then_some(st.clone())
+            .ok_or(format!("{st:?}"))
+        },
+    )
+    .await;
+    let asr1 = st.destinations.iter().find(|d| d.pod == "asr-1").unwrap();
+    assert_eq!(asr1.proxy_reason.as_deref(), Some("probe failures"));
+    assert_eq!(
+        st.capacity_summary, "pstn=4",
+        "a called-down pod adds no capacity"
+    );
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "True");
+    assert!(
+        ready
+            .message
+            .contains("the proxies call down asr-1 (probe failures)"),
+        "{ready:?}"
+    );
+    for pod in ["asr-0", "asr-1"] {
+        let (t, _) = wait_event(&env, "asr", "Registered", &format!("pod {pod} ")).await;
+        assert_eq!(t, "Normal");
+    }
+    let (t, note) = wait_event(&env, "asr", "ProbeDown", "pod asr-1").await;
+    assert_eq!(t, "Warning");
+    assert!(note.contains("probe failures"), "{note}");
+
+    // Two held calls: 2 of 4 on the one ready pod.
+    let t_calls = Instant::now();
+    let calls = Sipp::uac(&env, "uac")
+        .port(5070)
+        .to(proxy.sip)
+        .rate(20)
+        .calls_together(2)
+        .hold(ms(20_000))
+        .timeout(60 * SEC)
+        .start();
+    // The text format lists labels by name.
+    let labels = format!("mrcpserver=\"asr\",namespace=\"{}\"", env.ns);
+    let utilization = format!("mrcp_lb_server_utilization{{{labels},resource=\"pstn\"}}");
+    eventually("utilization 0.5 exported", 15 * SEC, POLL, async || {
+        let u = op.metric(&utilization).await?;
+        (u == Some(0.5)).then_some(()).ok_or(format!("{u:?}"))
+    })
+    .await;
+    let to_metric = t_calls.elapsed();
+    let st = eventually("status at 50%", 15 * SEC, POLL, async || {
+        let st = status().await?;
+        (st.utilization.as_deref() == Some("50%") && st.active_sessions == Some(2))
+            .then_some(st.clone())
+            .ok_or(format!("{st:?}"))
+    })
+    .await;
+    let to_status = t_calls.elapsed();
+    eprintln!(
+        "[utilization] calls started → metric {:.1} s, → status {:.1} s (load read every 1 s)",
+        to_metric.as_secs_f64(),
+        to_status.as_secs_f64()
+    );
+    let pstn = st.resources.iter().find(|r| r.name == "pstn").unwrap();
+    assert_eq!(
+        (pstn.capacity, pstn.load, pstn.utilization_percent),
+        (4, Some(2), Some(50))
+    );
+    for (series, want) in [
+        (format!("mrcp_lb_server_active_sessions{{{labels}}}"), 2.0),
+        (
+            format!("mrcp_lb_server_load{{{labels},resource=\"pstn\"}}"),
+            2.0,
+        ),
+        (
+            format!("mrcp_lb_server_capacity{{{labels},resource=\"pstn\"}}"),
+            4.0,
+        ),
+        (
+            format!("mrcp_lb_server_destinations{{{labels},state=\"ready\"}}"),
+            1.0,
+        ),
+        (
+            format!("mrcp_lb_server_destinations{{{labels},state=\"down\"}}"),
+            1.0,
+        ),
+        (
+            format!("mrcp_lb_server_destinations{{{labels},state=\"draining\"}}"),
+            0.0,
+        ),
+    ] {
+        assert_eq!(op.metric(&series).await.unwrap(), Some(want), "{series}");
+    }
+    let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
+    eprintln!("[utilization] kubectl get mrcp:\n{table}");
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "DOWN",
+            "DRAINING",
+            "ACTIVE",
+            "CAPACITY",
+            "UTILIZATION",
+            "AGE"
+        ],
+        "{table}"
+    );
+    let rows = table_rows(&table);
+    let row = rows.iter().find(|r| r["NAME"] == "asr").expect("asr row");
+    let got: Vec<&str> = [
+        "READY",
+        "DOWN",
+        "DRAINING",
+        "ACTIVE",
+        "CAPACITY",
+        "UTILIZATION",
+    ]
+    .iter()
+    .map(|c| row[*c].as_str())
+    .collect();
+    assert_eq!(got, ["1", "1", "0", "2", "pstn=4", "50%"], "{table}");
+
+    // asr-1's server comes up: the probes call it up, its capacity counts.
+    let uas1 = Sipp::uas(&env, "uas-1")
+        .at(format!("{ip1}:8060").parse().unwrap())
+        .start_async()
+        .await;
+    let (t, _) = wait_event(&env, "asr", "ProbeUp", "pod asr-1").await;
+    assert_eq!(t, "Normal");
+    eventually("asr-1 ready, 2 of 8", 15 * SEC, POLL, async || {
+        let st = status().await?;
+        (counts(&st) == (2, 0, 0) && st.utilization.as_deref() == Some("25%"))
+            .then_some(())
+            .ok_or(format!("{st:?}"))
+    })
+    .await;
+    eventually("utilization 0.25 exported", 15 * SEC, POLL, async || {
+        let u = op.metric(&utilization).await?;
+        (u == Some(0.25)).then_some(()).ok_or(format!("{u:?}"))
+    })
+    .await;
+
+    // A second MrcpServer selecting the same pods: its status names the one that holds them.
+    env.create_server("asr-copy", server_spec("asr", "pstn=4", 2))
+        .await;
+    let copy = eventually("asr-copy's condition", 15 * SEC, POLL, async || {
+        let s = env
+            .servers()
+            .get("asr-copy")
+            .await
+            .map_err(|e| e.to_string())?;
+        let c = s
+            .status
+            .and_then(|st| st.conditions.into_iter().find(|c| c.type_ == "Ready"))
+            .ok_or("no condition yet")?;
+        (c.reason == "PodsHeldByAnotherServer")
+            .then_some(c.clone())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+    assert_eq!(copy.status, "False");
+    let holder = format!("MrcpServer {}/asr", env.ns);
+    assert!(copy.message.contains(&holder), "{copy:?}");
+    let (t, note) = wait_event(&env, "asr-copy", "PodsHeldByAnotherServer", &holder).await;
+    assert_eq!(t, "Warning", "{note}");
+
+    // asr-0 terminates with its 2 sessions open (it holds both: asr-1 was down when they
+    // started): Draining, with its sessions.
+    env.delete_pod("asr-0").await;
+    let (t, note) = wait_event(&env, "asr", "Draining", "pod asr-0").await;
+    assert_eq!(t, "Normal");
+    assert!(note.contains("2 open sessions"), "{note}");
+    let st = status().await.unwrap();
+    assert_eq!(counts(&st), (1, 0, 1), "{st:?}");
+    assert_eq!(st.active_sessions, Some(2));
+    calls.wait_async(60 * SEC).await.assert_all_ok(2);
+    eventually("no session left", 15 * SEC, POLL, async || {
+        let st = status().await?;
+        (st.active_sessions == Some(0))
+            .then_some(())
+            .ok_or(format!("{st:?}"))
+    })
+    .await;
+
+    // The proxy stops answering (SIGSTOP): pushes time out, a Warning on every MrcpServer.
+    proxy.guard.signal("STOP");
+    env.remove_finalizers("asr-0").await;
+    let (t, note) = wait_event(&env, "asr", "PushFailed", &proxy.url()).await;
+    assert_eq!(t, "Warning", "{note}");
+    wait_event(&env, "asr-copy", "PushFailed", &proxy.url()).await;
+    proxy.guard.signal("CONT");
+    let (t, _) = wait_event(&env, "asr", "Removed", "pod asr-0").await;
+    assert_eq!(t, "Normal");
+    // Each change said once.
+    let all = server_events(&env, "asr").await;
+    for reason in ["ProbeDown", "ProbeUp", "Draining", "Removed"] {
+        let n: i32 = all.iter().filter(|(_, r, _)| r == reason).map(|_| 1).sum();
+        assert_eq!(n, 1, "{reason}: {all:?}");
+    }
+    for srv in [uas0, uas1] {
         let r = srv.stop_async().await;
         assert_eq!(r.stat("FailedCall(C)"), 0, "{}", r.summary());
     }

@@ -357,6 +357,9 @@ value_is 'sum(mrcp_lb_operator_proxies_in_sync)' "${#PROXY_IPS[@]}"
 value_is 'sum(mrcp_lb_operator_proxies)' "${#PROXY_IPS[@]}"
 value_is 'sum(mrcp_lb_operator_errors_total) or vector(0)' 0
 value_is 'sum(mrcp_lb_operator_leader)' 1
+# The operator's per-MrcpServer series (a static target: `namespace` is the MrcpServer's).
+value_is "max(mrcp_lb_server_utilization{namespace=\"$APP_NS\",mrcpserver=\"unimrcp\",resource=\"pstn\"})" 0
+value_is "sum(mrcp_lb_server_destinations{namespace=\"$APP_NS\",mrcpserver=\"unimrcp\",state=\"ready\"})" 1
 # The traffic of this run must show in the counters the dashboard plots.
 moved=0
 unmoved=()
@@ -380,7 +383,7 @@ done
 [ ${#unmoved[@]} = 0 ] ||
 	warn "counters that did not move with this run's traffic (sum(increase(X[5m])) = 0; their dashboard panels stay at 0): ${unmoved[*]}"
 pass "$moved of 9 SIP/dialog/probe/push counters moved with the traffic"
-pass "Prometheus values: 1 destination up, $((E2E_CALLS + 10)) calls routed, 0 active dialogs, ${#PROXY_IPS[@]} proxies in sync, operator leads with 0 errors"
+pass "Prometheus values: 1 destination up, $((E2E_CALLS + 10)) calls routed, 0 active dialogs, ${#PROXY_IPS[@]} proxies in sync, operator leads with 0 errors, MrcpServer $APP_NS/unimrcp 1 ready at utilization 0"
 
 # ---------------------------------------------------------------------------------------------
 # 6. Loopback only.

@@ -387,7 +387,7 @@ impl TestEnv {
     /// Creates the namespace `it-<name>` (with its default ServiceAccount: no controller
     /// manager makes it) on the shared control plane.
     pub async fn new(name: &str, index: u8) -> TestEnv {
-        assert!((1..=14).contains(&index), "test index 1..=14");
+        assert!((1..=15).contains(&index), "test index 1..=15");
         TestEnv::create(name, index, format!("127.0.4.{index}")).await
     }
 
