@@ -373,7 +373,7 @@ landed=$(($(calls_to "$PB" unimrcp-1) - before))
 [ "$(open_calls_on unimrcp-0)" = "$AS_LOAD_CALLS" ] || fail "unimrcp-0 has $(open_calls_on unimrcp-0) open calls, want $AS_LOAD_CALLS"
 pass "the $AS_TAIL_CALLS new calls through $PB all landed on unimrcp-1 ($(secs $((T_LAND - T_TAIL))) s); unimrcp-0 keeps its $AS_LOAD_CALLS"
 # Stable at 2 while both carry calls.
-hpa_desired_is 2 && replicas_is 2 || fail "the HPA does not stay at 2 with both servers busy: $(k -n "$APP_NS" get hpa "$HPA" --no-headers)"
+{ hpa_desired_is 2 && replicas_is 2; } || fail "the HPA does not stay at 2 with both servers busy: $(k -n "$APP_NS" get hpa "$HPA" --no-headers)"
 
 # ---------------------------------------------------------------------------------------------
 # Scale-down: the first calls end; unimrcp-1 still carries the tail calls when it is removed.
@@ -412,7 +412,7 @@ rescales=$(k -n "$APP_NS" get events -o json | jq -c '[.items[] | select(.involv
 wait_for "unimrcp-1 removed from every proxy" 30 state_is unimrcp-1 none
 T_UNREG=$WAITED_AT
 [ -z "${SIPP_IP[unimrcp-1]:-}" ] || fail "the sipp server of unimrcp-1 still runs"
-replicas_is 1 && state_is unimrcp-0 up || fail "after the scale-down: StatefulSet $(k -n "$APP_NS" get statefulset unimrcp -o jsonpath='{.spec.replicas}') replicas, unimrcp-0 $(dest_state "$PA" unimrcp-0)"
+{ replicas_is 1 && state_is unimrcp-0 up; } || fail "after the scale-down: StatefulSet $(k -n "$APP_NS" get statefulset unimrcp -o jsonpath='{.spec.replicas}') replicas, unimrcp-0 $(dest_state "$PA" unimrcp-0)"
 pass "scale-down: HPA 2 -> 1, unimrcp-1 drained its $open_at_delete calls (hook via proxy ${PRESTOP_VIA[unimrcp-1]}: $(jq -c '{waitedSeconds, localSessions, peerSessions}' "$WORK/prestop-unimrcp-1/out.json")) and went; unimrcp-0 up"
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ for ip in "${PROXY_IPS[@]}"; do
 done
 calls_ok=$(($(sipp_col "$WORK/client-load/stat.csv" 'SuccessfulCall(C)') + $(sipp_col "$WORK/client-tail/stat.csv" 'SuccessfulCall(C)')))
 calls_failed=$(($(sipp_col "$WORK/client-load/stat.csv" 'FailedCall(C)') + $(sipp_col "$WORK/client-tail/stat.csv" 'FailedCall(C)')))
-[ "$calls_failed" = 0 ] && [ "$failed" = 0 ] && [ "$calls_ok" = $((AS_LOAD_CALLS + AS_TAIL_CALLS)) ] ||
+{ [ "$calls_failed" = 0 ] && [ "$failed" = 0 ] && [ "$calls_ok" = $((AS_LOAD_CALLS + AS_TAIL_CALLS)) ]; } ||
 	fail "calls: $calls_ok successful, $calls_failed failed (sipp clients); proxies count $failed failed/expired/refused"
 pass "failed calls through the whole cycle: 0 ($calls_ok/$calls_ok successful; the proxies count 0 failed, expired or refused)"
 
