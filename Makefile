@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e bench soak fuzz audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench soak fuzz audit audit-advisories cargo-deny
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -12,6 +12,7 @@ help:
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make alerts unit-test the chart's alerts (PrometheusRule) with promtool"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
+	@echo "make autoscale  KEDA + HPA scale the UniMRCP StatefulSet up under calls and down with a drain"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
 	@echo "make audit  cargo deny: licences, duplicate versions (warnings), sources (crates.io only)"
 	@echo "make soak   30 min of mixed calls through lb-proxy; checks nothing is left and RSS is flat (MINUTES=N)"
@@ -42,6 +43,8 @@ crds:
 k8s:
 	K8S_BUILD_JOBS=$${K8S_BUILD_JOBS:-2} ./tests/k8s/build.sh
 
+KEDA_VALUES := --set autoscaling.keda.enabled=true,autoscaling.keda.namespace=speech,autoscaling.keda.mrcpServer=unimrcp,autoscaling.keda.targetUtilization=0.6,autoscaling.keda.prometheus.serverAddress=http://prometheus.monitoring.svc:9090
+
 chart-lint: k8s
 	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb > /dev/null \
@@ -58,7 +61,15 @@ chart-lint: k8s
 	  && "$$HELM" lint charts/mrcp-lb --set prometheusRule.enabled=true > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.enabled=true,prometheusRule.labels.release=prom,prometheusRule.runbookUrl=https://example.com/README.md,prometheusRule.alerts.utilizationHigh.threshold=0.9 \
 	     | grep -c 'runbook_url: "https://example.com/README.md"$$\|^    release: prom$$\|^              > 0.9$$' | grep -qx 9 \
-	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.alerts.noDestinationUp.for=soon > /dev/null 2>&1
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.alerts.noDestinationUp.for=soon > /dev/null 2>&1 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb | grep -q '^kind: ScaledObject$$' \
+	  && "$$HELM" lint charts/mrcp-lb $(KEDA_VALUES) > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb -n mrcp-system $(KEDA_VALUES) --set autoscaling.keda.behavior.scaleDown.stabilizationWindowSeconds=60 \
+	     | grep -c '^  namespace: speech$$\|^    name: unimrcp$$\|^      metricType: Value$$\|^        threshold: "0.6"$$\|^          stabilizationWindowSeconds: 60$$\|^        query: "max(mrcp_lb_server_utilization{namespace=\\"speech\\",mrcpserver=\\"unimrcp\\",resource=\\"pstn\\"}) \* max(mrcp_lb_server_destinations{' | grep -qx 6 \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.prometheus.namespaceLabel=exported_namespace | grep -q 'exported_namespace=\\"speech\\"' \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set autoscaling.keda.enabled=true,autoscaling.keda.mrcpServer=unimrcp,autoscaling.keda.prometheus.serverAddress=http://p:9090 > /dev/null 2>&1 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.targetUtilization=1.5 > /dev/null 2>&1 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.minReplicaCount=0 > /dev/null 2>&1
 
 # The chart's alerts: tests/alerts/run.sh renders the PrometheusRule with helm, runs
 # `promtool check rules` on its spec and `promtool test rules` on tests/alerts/*.test.yaml.
@@ -67,6 +78,11 @@ alerts: deps k8s
 
 e2e: deps k8s
 	./tests/e2e/run.sh
+
+# The KEDA ScaledObject of the chart with the real KEDA, HPA controller and Prometheus:
+# scale up under calls, scale down with a drain, no failed call (tests/e2e/README.md).
+autoscale: deps k8s
+	./tests/e2e/autoscale.sh
 
 bench:
 	./bench/run.sh
@@ -109,3 +125,4 @@ test: deps k8s lint chart-lint alerts
 	$(CARGO) test --workspace
 	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e
+	$(MAKE) autoscale

@@ -9,9 +9,12 @@
 #
 # Binaries: kube-apiserver kube-controller-manager kube-scheduler kubectl
 # (k8s.io/kubernetes), etcd etcdctl (go.etcd.io/etcd), kwok kwokctl
-# (sigs.k8s.io/kwok), helm (helm.sh/helm/v3). The versions are the ones the
-# wrapper modules tests/k8s/{kube,etcd,kwok,helm}/go.mod require; change them
-# with tests/k8s/update-wrappers.sh.
+# (sigs.k8s.io/kwok), helm (helm.sh/helm/v3), keda-operator keda-adapter
+# (github.com/kedacore/keda/v2 cmd/operator and cmd/adapter, built by one `go
+# build` so that the packages they share are compiled once; KEDA's CRDs go to
+# crds.yaml next to keda-operator). The versions are the ones the wrapper modules
+# tests/k8s/{kube,etcd,kwok,helm,keda}/go.mod require; change them with
+# tests/k8s/update-wrappers.sh.
 #
 # A cache entry counts as done when the binary and its .stamp file exist, so
 # the script is idempotent and an interrupted build is redone. Builds run under
@@ -70,6 +73,7 @@ helm_ldflags() {
 wrapper_of() {
 	case $1 in
 	kube-* | kubectl) echo kube ;; etcd | etcdctl) echo etcd ;; kwok | kwokctl) echo kwok ;; helm) echo helm ;;
+	keda-*) echo keda ;;
 	esac
 }
 package_of() {
@@ -79,6 +83,8 @@ package_of() {
 	etcdctl) echo go.etcd.io/etcd/etcdctl/v3 ;;
 	kwok | kwokctl) echo "sigs.k8s.io/kwok/cmd/$1" ;;
 	helm) echo helm.sh/helm/v3/cmd/helm ;;
+	keda-operator) echo github.com/kedacore/keda/v2/cmd/operator ;;
+	keda-adapter) echo github.com/kedacore/keda/v2/cmd/adapter ;;
 	esac
 }
 ldflags_of() {
@@ -87,6 +93,15 @@ ldflags_of() {
 	etcd | etcdctl) echo "-s -w" ;; # etcd's version is a constant in its source
 	kwok | kwokctl) echo "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" ;;
 	helm) helm_ldflags ;;
+	keda-*) echo "-s -w -X github.com/kedacore/keda/v2/version.Version=$KEDA_VERSION" ;;
+	esac
+}
+
+# Binaries built by the same `go build` as NAME (they share most packages).
+siblings_of() {
+	case $1 in
+	keda-*) echo keda-operator keda-adapter ;;
+	*) echo "$1" ;;
 	esac
 }
 
@@ -107,46 +122,91 @@ kwok_stages() {
 	} >"$out"
 }
 
-build_one() {
-	local name=$1 version bin dir tmp pkg wrapper ldflags t0 secs
-	version=$(k8s_version_of "$name")
-	bin=$(k8s_bin "$name")
+# KEDA's CRDs (ScaledObject, ...), from the module the binaries were built from.
+keda_crds() {
+	local src out=$1 f
+	src=$(cd "$K8S_DIR/keda" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)/config/crd/bases
+	{
+		echo "# KEDA's CRDs, from github.com/kedacore/keda/v2 $KEDA_VERSION config/crd/bases."
+		for f in "$src"/*.yaml; do
+			echo "---"
+			grep -v '^---$' "$f"
+		done
+	} >"$out"
+}
+
+cached() { # NAME: its cache entry is complete
+	local bin dir
+	bin=$(k8s_bin "$1")
 	dir=$(dirname "$bin")
-	if [ -x "$bin" ] && [ -f "$dir/.stamp" ] && [ -z "${FORCE:-}" ] &&
-		{ [ "$name" != kwok ] || [ -f "$dir/stages.yaml" ]; }; then
-		echo "cached   $name $version  $bin"
+	[ -x "$bin" ] && [ -f "$dir/.stamp" ] &&
+		{ [ "$1" != kwok ] || [ -f "$dir/stages.yaml" ]; } &&
+		{ [ "$1" != keda-operator ] || [ -f "$dir/crds.yaml" ]; }
+}
+
+build_one() {
+	local name=$1 names n version wrapper ldflags t0 secs tmpdir out pkgs=() bin dir
+	version=$(k8s_version_of "$name")
+	if cached "$name" && [ -z "${FORCE:-}" ]; then
+		echo "cached   $name $version  $(k8s_bin "$name")"
 		return
 	fi
+	# Siblings are built together (one `go build` of several packages compiles the
+	# packages they share once), unless one is cached and not asked to be rebuilt.
+	names=""
+	for n in $(siblings_of "$name"); do
+		if [ "$n" = "$name" ] || ! cached "$n" || [ -n "${FORCE:-}" ]; then
+			names+=" $n"
+			pkgs+=("$(package_of "$n")")
+		fi
+	done
 	wrapper=$(wrapper_of "$name")
-	pkg=$(package_of "$name")
 	ldflags=$(ldflags_of "$name")
-	echo "building $name $version  ($pkg, wrapper tests/k8s/$wrapper) ..."
-	mkdir -p "$dir"
-	rm -f "$dir/.stamp"
-	tmp=$(mktemp "$dir/.$name.XXXXXX")
+	echo "building$names $version  (${pkgs[*]}, wrapper tests/k8s/$wrapper) ..."
+	for n in $names; do
+		dir=$(dirname "$(k8s_bin "$n")")
+		mkdir -p "$dir"
+		rm -f "$dir/.stamp"
+	done
+	tmpdir=$(mktemp -d "$K8S_CACHE/.build.XXXXXX")
 	t0=$(date +%s)
-	(cd "$K8S_DIR/$wrapper" &&
-		CGO_ENABLED=0 nice -n 19 go build -p "${K8S_BUILD_JOBS:-1}" -trimpath -ldflags "$ldflags" -o "$tmp" "$pkg")
-	chmod 0755 "$tmp"
-	mv -f "$tmp" "$bin"
-	if [ "$name" = kwok ]; then kwok_stages "$dir/stages.yaml"; fi
+	# One package: -o FILE. Several: -o DIR/ writes one binary per package, named
+	# after the package's last path element (cmd/operator -> operator).
+	out="$tmpdir/"
+	if [ ${#pkgs[@]} -eq 1 ]; then out=$tmpdir/${pkgs[0]##*/}; fi
+	if ! (cd "$K8S_DIR/$wrapper" &&
+		CGO_ENABLED=0 nice -n 19 go build -p "${K8S_BUILD_JOBS:-1}" -trimpath -ldflags "$ldflags" -o "$out" "${pkgs[@]}"); then
+		rm -rf "$tmpdir"
+		return 1
+	fi
 	secs=$(($(date +%s) - t0))
-	{
-		echo "binary=$name"
-		echo "version=$version"
-		echo "package=$pkg"
-		echo "wrapper=tests/k8s/$wrapper"
-		echo "go=$(go env GOVERSION)"
-		echo "ldflags=$ldflags"
-		echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-		echo "build_seconds=$secs"
-	} >"$dir/.stamp"
-	echo "built    $name $version  $bin  (${secs}s)"
+	for n in $names; do
+		bin=$(k8s_bin "$n")
+		dir=$(dirname "$bin")
+		chmod 0755 "$tmpdir/$(basename "$(package_of "$n")")"
+		mv -f "$tmpdir/$(basename "$(package_of "$n")")" "$bin"
+		if [ "$n" = kwok ]; then kwok_stages "$dir/stages.yaml"; fi
+		if [ "$n" = keda-operator ]; then keda_crds "$dir/crds.yaml"; fi
+		{
+			echo "binary=$n"
+			echo "version=$version"
+			echo "package=$(package_of "$n")"
+			echo "built_with=${names# }"
+			echo "wrapper=tests/k8s/$wrapper"
+			echo "go=$(go env GOVERSION)"
+			echo "ldflags=$ldflags"
+			echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+			echo "build_seconds=$secs"
+		} >"$dir/.stamp"
+		echo "built    $n $version  $bin  (${secs}s)"
+	done
+	rm -rf "$tmpdir"
 }
 
 if [ $# -eq 0 ]; then
 	# cheap ones first, so a partial run is already useful
-	set -- etcd etcdctl kwok kwokctl helm kube-apiserver kubectl kube-controller-manager kube-scheduler
+	set -- etcd etcdctl kwok kwokctl helm kube-apiserver kubectl kube-controller-manager kube-scheduler \
+		keda-operator keda-adapter
 fi
 for b in "$@"; do
 	k8s_version_of "$b" >/dev/null || { echo "build.sh: unknown binary '$b' (known: $K8S_BINARIES)" >&2; exit 2; }

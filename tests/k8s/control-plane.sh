@@ -21,12 +21,21 @@
 #
 # Service ClusterIPs come from 127.2.0.0/16 (override: SERVICE_CIDR), so no
 # address that a component or test might dial lies outside loopback.
+#
+# API aggregation: the API server always runs with the aggregation layer's flags
+# (a front-proxy CA, DIR/pki/front-proxy-ca.crt, signs the client certificate it
+# presents to extension API servers; --requestheader-* tell those servers whom to
+# trust, via the kube-system/extension-apiserver-authentication ConfigMap). It
+# dials an APIService's Service at its ClusterIP:port (no kube-proxy here), so an
+# extension API server run on the host listens on exactly that address.
+# --full: kube-controller-manager runs the HPA controller with a 2 s sync period
+# (HPA_SYNC_PERIOD; upstream's default is 15 s) so that autoscaling tests are quick.
 set -euo pipefail
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "control-plane.sh: $*" >&2; exit 1; }
 log() { echo "control-plane: $*" >&2; }
 
@@ -77,25 +86,37 @@ wait_for() { # WHAT SECONDS COMPONENT COMMAND...: poll COMMAND until it succeeds
 
 gen_pki() {
 	local p=$DIR/pki
-	[ -f "$p/admin.crt" ] && return 0
+	[ -f "$p/admin.crt" ] && [ -f "$p/front-proxy-client.crt" ] && return 0
 	mkdir -p "$p"
 	log "generating certificates in $p"
 	(
 		cd "$p"
 		umask 077
 		ec() { openssl ecparam -name prime256v1 -genkey -noout -out "$1" 2>/dev/null; }
-		ec ca.key
-		openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=mrcp-lb-test-ca" \
-			-addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-			-out ca.crt 2>/dev/null
-		sign() { # NAME SUBJ EXT
+		mkca() { # NAME CN
+			ec "$1.key"
+			openssl req -x509 -new -key "$1.key" -sha256 -days 3650 -subj "/CN=$2" \
+				-addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+				-out "$1.crt" 2>/dev/null
+		}
+		sign() { # NAME SUBJ EXT [CA]
+			local ca=${4:-ca}
 			ec "$1.key"
 			openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
 			printf '%s\n' "$3" >"$1.ext"
-			openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 \
+			openssl x509 -req -in "$1.csr" -CA "$ca.crt" -CAkey "$ca.key" -CAcreateserial -sha256 \
 				-days 3650 -extfile "$1.ext" -out "$1.crt" 2>/dev/null
 			rm -f "$1.csr" "$1.ext"
 		}
+		# The aggregation layer's own CA and client certificate (a DIR made by an
+		# older control-plane.sh gets them on its next start).
+		mkca front-proxy-ca mrcp-lb-test-front-proxy-ca
+		sign front-proxy-client "/CN=front-proxy-client" "$(printf '%s\n' \
+			"basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+			"extendedKeyUsage=clientAuth")" front-proxy-ca
+		chmod 0644 front-proxy-ca.crt front-proxy-client.crt
+		[ -f admin.crt ] && exit 0
+		mkca ca mrcp-lb-test-ca
 		sign apiserver "/CN=kube-apiserver" "$(printf '%s\n' \
 			"basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
 			"extendedKeyUsage=serverAuth" \
@@ -254,6 +275,10 @@ EOF
 		--service-cluster-ip-range "$SERVICE_CIDR" \
 		--endpoint-reconciler-type none \
 		--authorization-mode RBAC --allow-privileged=true --profiling=false \
+		--requestheader-client-ca-file "$p/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+		--requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+		--requestheader-extra-headers-prefix X-Remote-Extra- \
+		--proxy-client-cert-file "$p/front-proxy-client.crt" --proxy-client-key-file "$p/front-proxy-client.key" \
 		--audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$DIR/audit.log" \
 		--audit-log-format json --audit-log-mode blocking
 	wait_for "kube-apiserver /readyz" 120 kube-apiserver \
@@ -266,7 +291,8 @@ EOF
 			--bind-address 127.0.0.1 --secure-port 0 --leader-elect=false \
 			--service-account-private-key-file "$p/sa.key" --root-ca-file "$p/ca.crt" \
 			--cluster-signing-cert-file "$p/ca.crt" --cluster-signing-key-file "$p/ca.key" \
-			--use-service-account-credentials=false --profiling=false
+			--use-service-account-credentials=false --profiling=false \
+			--horizontal-pod-autoscaler-sync-period "${HPA_SYNC_PERIOD:-2s}"
 		cat >"$DIR/kube-scheduler.yaml" <<EOF
 apiVersion: kubescheduler.config.k8s.io/v1
 kind: KubeSchedulerConfiguration

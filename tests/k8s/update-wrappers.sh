@@ -3,11 +3,14 @@
 # versions tests/k8s/build.sh builds. Only needed to move to another version;
 # build.sh itself never rewrites these files.
 #
-#   tests/k8s/update-wrappers.sh [kube|etcd|kwok|helm|all]
+#   tests/k8s/update-wrappers.sh [kube|etcd|kwok|helm|keda|all]
 #
 # Versions: each one defaults to the latest patch that the Go module proxy serves
 # for the series below; override with KUBE_VERSION, ETCD_VERSION, KWOK_VERSION,
-# HELM_VERSION (exact tags, e.g. KUBE_VERSION=v1.36.5).
+# HELM_VERSION, KEDA_VERSION (exact tags, e.g. KUBE_VERSION=v1.36.5).
+#
+# KEDA: v2.21 declares `go 1.27.4`, newer than the Go that Debian machines have
+# (GOTOOLCHAIN=local refuses it), so the series is v2.20 (go 1.26.0).
 #
 # Note: the proxy's version *list* (`go list -m -versions`) can be incomplete: a
 # tag that it does not list may still be served. So "latest" = the highest listed
@@ -19,6 +22,7 @@ KUBE_SERIES=${KUBE_SERIES:-v1.36}
 ETCD_SERIES=${ETCD_SERIES:-v3.6}
 KWOK_SERIES=${KWOK_SERIES:-v0.8}
 HELM_SERIES=${HELM_SERIES:-v3}
+KEDA_SERIES=${KEDA_SERIES:-v2.20}
 
 NICE=(nice -n 19)
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
@@ -81,7 +85,7 @@ gen_kube() {
 	tidy "$HERE/kube"
 }
 
-gen_simple() { # DIR "MODULE@VERSION ..." TOOL...
+gen_simple() { # DIR "MODULE@VERSION ..." TOOL...   (REPLACE: lines of a replace block)
 	local dir=$1 reqs=$2 t r first
 	shift 2
 	first=${reqs%% *}
@@ -100,6 +104,12 @@ gen_simple() { # DIR "MODULE@VERSION ..." TOOL...
 		echo "require ("
 		for r in $reqs; do echo "	${r%@*} ${r#*@}"; done
 		echo ")"
+		if [ -n "${REPLACE:-}" ]; then
+			echo
+			echo "replace ("
+			echo "$REPLACE"
+			echo ")"
+		fi
 	} >"$HERE/$dir/go.mod"
 	tidy "$HERE/$dir"
 }
@@ -123,12 +133,24 @@ gen_helm() {
 	gen_simple helm "helm.sh/helm/v3@$v" helm.sh/helm/v3/cmd/helm
 }
 
+gen_keda() {
+	# KEDA's go.mod pins k8s.io/*, controller-runtime, prometheus and cel-go with
+	# replace directives, which are ignored when KEDA is a dependency: repeat them
+	# (the lines inside its replace block), or the build gets other versions.
+	local v=${KEDA_VERSION:-$(latest github.com/kedacore/keda/v2 "$KEDA_SERIES")} gomod
+	gomod=$(cd "$scratch" && go list -m -f '{{.GoMod}}' "github.com/kedacore/keda/v2@$v")
+	REPLACE=$(awk '/^replace \($/ { on = 1; next } on && /^\)/ { on = 0 } on && /=>/' "$gomod") \
+		gen_simple keda "github.com/kedacore/keda/v2@$v" \
+		github.com/kedacore/keda/v2/cmd/operator github.com/kedacore/keda/v2/cmd/adapter
+}
+
 what=${1:-all}
 case $what in
 kube) gen_kube ;;
 etcd) gen_etcd ;;
 kwok) gen_kwok ;;
 helm) gen_helm ;;
-all) gen_etcd; gen_kwok; gen_helm; gen_kube ;;
-*) echo "usage: $0 [kube|etcd|kwok|helm|all]" >&2; exit 2 ;;
+keda) gen_keda ;;
+all) gen_etcd; gen_kwok; gen_helm; gen_keda; gen_kube ;;
+*) echo "usage: $0 [kube|etcd|kwok|helm|keda|all]" >&2; exit 2 ;;
 esac
