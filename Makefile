@@ -62,6 +62,15 @@ chart-lint: k8s
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.enabled=true,prometheusRule.labels.release=prom,prometheusRule.runbookUrl=https://example.com/README.md,prometheusRule.alerts.utilizationHigh.threshold=0.9 \
 	     | grep -c 'runbook_url: "https://example.com/README.md"$$\|^    release: prom$$\|^              > 0.9$$' | grep -qx 9 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set prometheusRule.alerts.noDestinationUp.for=soon > /dev/null 2>&1 \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb | grep -q 'value: "$$(POD_IP):8081"' \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,proxy.admin.listenAddress=0.0.0.0 > /dev/null 2>&1 \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.listenAddress=fd00::1 | grep -q 'value: "\[fd00::1\]:8081"' \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb | grep -q '^kind: NetworkPolicy$$' \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set networkPolicy.enabled=true | grep -c '^kind: NetworkPolicy$$' | grep -qx 2 \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set networkPolicy.enabled=true | grep -q '^  ingress: \[\]$$' \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set metrics.serviceMonitor.enabled=true,proxy.admin.protectReads=true | grep -q 'type: Bearer' \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.protectReads=true | grep -q 'protectReads: true' \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.livenessTimeoutSeconds=0 > /dev/null 2>&1 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb | grep -q '^kind: ScaledObject$$' \
 	  && "$$HELM" lint charts/mrcp-lb $(KEDA_VALUES) > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb -n mrcp-system $(KEDA_VALUES) --set autoscaling.keda.behavior.scaleDown.stabilizationWindowSeconds=60 \
@@ -100,6 +109,7 @@ fuzz:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p lb-proxy --all-targets --features test-stall -- -D warnings
 	$(MAKE) audit
 
 # cargo-deny, pinned, installed from crates.io into ~/.cargo/bin when missing or another version.
@@ -123,6 +133,8 @@ unit:
 
 test: deps k8s lint chart-lint alerts
 	$(CARGO) test --workspace
+	# The liveness watchdog against a core stalled on purpose: a test build (feature test-stall).
+	$(CARGO) test -p lb-proxy --features test-stall --test watchdog
 	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e
 	$(MAKE) autoscale

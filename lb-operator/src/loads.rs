@@ -12,8 +12,8 @@
 //! sum; a replica no longer listed drops out at once. [`ProxyLoads::answered`] says how many
 //! are in the sum.
 //!
-//! The reads carry no admin token: the proxy's reads are open, and the token should cross the
-//! pod network (plain HTTP) only with the pushes that need it.
+//! The reads carry the admin token when the operator has one: a proxy with
+//! `admin.protectReads` needs it, and the pushes send it anyway.
 
 use lb_api::admin::{DestinationsStatus, State};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -172,6 +172,7 @@ impl LoadHandle {
 
 pub struct LoadReader {
     http: reqwest::Client,
+    token: Option<String>,
     interval: Duration,
     metrics: Arc<Metrics>,
 }
@@ -192,6 +193,7 @@ impl LoadReader {
             http: reqwest::Client::builder()
                 .build()
                 .map_err(Error::HttpClient)?,
+            token: settings.token.clone(),
             interval,
             metrics,
         };
@@ -275,10 +277,13 @@ impl LoadReader {
 
     /// One replica's counts, or why not, within [`READ_TIMEOUT`].
     async fn read(&self, url: String) -> (String, Result<Counts, String>) {
-        let req = self
+        let mut req = self
             .http
             .get(format!("{url}/v1/destinations"))
             .timeout(READ_TIMEOUT);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         let answer = async {
             let resp = req.send().await.map_err(|e| e.to_string())?;
             let status = resp.status();

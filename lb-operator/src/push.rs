@@ -230,13 +230,14 @@ impl Pusher {
     }
 
     async fn version_of(&self, url: &str) -> Option<u64> {
-        let resp = self
+        let mut req = self
             .http
             .get(format!("{url}/v1/destinations"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
+            .timeout(Duration::from_secs(5));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.ok()?;
         let status: lb_api::admin::DestinationsStatus = resp.json().await.ok()?;
         Some(status.version)
     }

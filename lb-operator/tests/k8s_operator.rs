@@ -1742,13 +1742,24 @@ async fn utilization_probe_view_events_and_server_metrics() {
     let env = TestEnv::new("utilization", 15).await;
     let probing = "probing:\n  interval: 300ms\n  timeout: 300ms\n  failureThreshold: 2\n  \
                    successThreshold: 1\n";
-    let proxy = Proxy::start_with(&env, "proxy", &env.ip, 5060, 8081, probing).await;
+    // The proxy's reads need the admin token (admin.protectReads): the operator's load reads
+    // carry it.
+    let token_file = env.subdir("secret").join("token");
+    std::fs::write(&token_file, "r34d-t0k3n\n").unwrap();
+    let proxy = Proxy::start_protected(&env, "proxy", 5060, 8081, &token_file, probing).await;
+    let (code, _) = env.get(proxy.admin, "/v1/destinations").await.unwrap();
+    assert_eq!(code, 401, "reads need the token");
     let op = Operator::start(
         &env,
         "operator",
         8090,
         &[&proxy],
-        &["--load-interval-seconds", "1"],
+        &[
+            "--load-interval-seconds",
+            "1",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
     )
     .await;
     let (ip0, ip1) = (env.pod_ip(1), env.pod_ip(2));

@@ -2,7 +2,7 @@
 //!
 //! | endpoint | |
 //! |---|---|
-//! | `GET /healthz` | the process is alive |
+//! | `GET /healthz` | the core answers within `admin.livenessTimeout` (a watchdog) |
 //! | `GET /readyz` | listeners bound, a destination set loaded, not shutting down |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /v1/destinations` | every destination with load, state, probe statistics |
@@ -13,8 +13,9 @@
 //!
 //! Write endpoints require `Authorization: Bearer <token>` when a token is configured
 //! (`admin.tokenFile` or `LB_PROXY_ADMIN_TOKEN`); the comparison takes the same time wherever
-//! the tokens differ. Reads stay open. Every request is answered by the core task through the
-//! event channel, so the API never touches call state directly.
+//! the tokens differ. Reads need it too with `admin.protectReads`, except `/healthz`,
+//! `/readyz` and the drain wait ([`OPEN_READS`]). Every request is answered by the core task
+//! through the event channel, so the API never touches call state directly.
 
 // Handlers return axum's `Response` as their error: it is what they answer with.
 #![allow(clippy::result_large_err)]
@@ -22,7 +23,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -42,12 +43,20 @@ pub struct Api {
     /// The core's control queue.
     pub control: mpsc::Sender<Control>,
     pub token: Option<Arc<str>>,
+    /// Reads need the token too (but [`OPEN_READS`]).
+    pub protect_reads: bool,
+    /// `/healthz` fails when the core has not answered within this bound.
+    pub liveness_timeout: Duration,
     /// The process is stopping: long polls answer at once.
     pub shutdown: CancellationToken,
     /// Drain waits open at once (each asks the core every [`DRAIN_POLL`]): a bound, so that
     /// open reads cannot keep the core busy.
     pub drain_waits: Arc<tokio::sync::Semaphore>,
 }
+
+/// Reads open even with `admin.protectReads`: the kubelet's probes and a UniMRCP pod's preStop
+/// hook hold no token, and these tell nothing about calls beyond one pod's session count.
+pub const OPEN_READS: [&str; 3] = ["/healthz", "/readyz", "/v1/destinations/wait-drained"];
 
 /// The most drain waits open at once; one more gets 503 at once. A fleet's preStop hooks
 /// wait for their own pods: a few dozen at the most.
@@ -108,6 +117,72 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ y);
     }
     diff == 0
+}
+
+/// Liveness: the core must answer a ping within the bound. A core stuck in a loop (or blocked)
+/// fails it, and the kubelet restarts the container; a process whose HTTP server alone runs
+/// is not alive.
+async fn healthz(State(api): State<Api>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let asked = async {
+        api.control.send(Control::Alive(tx)).await.ok()?;
+        rx.await.ok()
+    };
+    match tokio::time::timeout(api.liveness_timeout, asked).await {
+        Ok(Some(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(None) => (StatusCode::SERVICE_UNAVAILABLE, "proxy core stopped\n").into_response(),
+        Err(_) => {
+            tracing::error!(
+                "watchdog: the core did not answer within {:?}",
+                api.liveness_timeout
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "proxy core did not answer within {:?}\n",
+                    api.liveness_timeout
+                ),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// With `admin.protectReads`, every read but [`OPEN_READS`] needs the token (writes check it
+/// in their handlers).
+async fn read_guard(
+    State(api): State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if api.protect_reads && read && !OPEN_READS.contains(&req.uri().path()) {
+        if let Err(r) = api.authorize(req.headers()) {
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+/// Test builds only: blocks the core thread for `ms` milliseconds (token required).
+#[cfg(feature = "test-stall")]
+async fn stall(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, u64>>,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    let ms = q.get("ms").copied().unwrap_or(1000).min(60_000);
+    match api
+        .control
+        .send(Control::Stall(Duration::from_millis(ms)))
+        .await
+    {
+        Ok(()) => (StatusCode::ACCEPTED, format!("stalling {ms} ms\n")).into_response(),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "proxy core stopped", None),
+    }
 }
 
 async fn readyz(State(api): State<Api>) -> Response {
@@ -359,8 +434,8 @@ async fn cluster(State(api): State<Api>) -> Response {
 }
 
 pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    let r = Router::new()
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
@@ -370,8 +445,14 @@ pub fn router(api: Api) -> Router {
         .route("/v1/destinations/wait-drained", get(wait_drained))
         .route("/v1/destinations/{id}/state", post(post_state))
         .route("/v1/dialogs/stats", get(dialog_stats))
-        .route("/v1/cluster", get(cluster))
-        .with_state(api)
+        .route("/v1/cluster", get(cluster));
+    #[cfg(feature = "test-stall")]
+    let r = r.route("/v1/test/stall", post(stall));
+    r.layer(axum::middleware::from_fn_with_state(
+        api.clone(),
+        read_guard,
+    ))
+    .with_state(api)
 }
 
 pub async fn serve(listener: TcpListener, api: Api, shutdown: CancellationToken) {
@@ -391,6 +472,119 @@ mod tests {
             .collect()
     }
 
+    /// Serves `api` on a free loopback port (127.0.14.1: this module's tests only).
+    async fn serve_api(api: Api) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.14.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, api, CancellationToken::new()));
+        addr
+    }
+
+    fn api(control: mpsc::Sender<Control>, protect_reads: bool) -> Api {
+        Api {
+            control,
+            token: Some("t0k3n".into()),
+            protect_reads,
+            liveness_timeout: Duration::from_millis(300),
+            shutdown: CancellationToken::new(),
+            drain_waits: Arc::new(tokio::sync::Semaphore::new(MAX_DRAIN_WAITS)),
+        }
+    }
+
+    /// A core that answers what these tests ask.
+    fn answering_core(mut rx: mpsc::Receiver<Control>) {
+        tokio::spawn(async move {
+            while let Some(c) = rx.recv().await {
+                match c {
+                    Control::Alive(r) => drop(r.send(())),
+                    Control::Ready(r) => drop(r.send(Ok(()))),
+                    Control::Status(r) => drop(r.send(lb_api::admin::DestinationsStatus {
+                        version: 1,
+                        updated: 0,
+                        destinations: vec![],
+                    })),
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+        let (path, bearer) = (path.to_string(), bearer.map(str::to_string));
+        tokio::task::spawn_blocking(move || {
+            let r = mrcp_lb_test_support::http_request(
+                addr,
+                "GET",
+                &path,
+                &[],
+                bearer.as_deref(),
+                None,
+            )
+            .unwrap();
+            (r.code, r.body)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn healthz_fails_when_the_core_does_not_turn_over() {
+        // A core that takes requests off its queue and never answers, as a stuck loop would
+        // (the queue holds one: the second probe waits to be queued, and fails alike).
+        let (control, mut rx) = mpsc::channel(1);
+        let stuck = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(c) = rx.recv().await {
+                held.push(c);
+            }
+        });
+        let addr = serve_api(api(control, false)).await;
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            let (code, body) = get(addr, "/healthz", None).await;
+            assert_eq!(code, 503, "{body}");
+            assert!(body.contains("did not answer within 300ms"), "{body}");
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        }
+        stuck.abort();
+        // A core that answers: alive.
+        let (control, rx) = mpsc::channel(1);
+        answering_core(rx);
+        let addr = serve_api(api(control, false)).await;
+        assert_eq!(get(addr, "/healthz", None).await, (200, "ok\n".into()));
+        // A core that is gone: not alive either.
+        let (control, rx) = mpsc::channel(1);
+        drop(rx);
+        let addr = serve_api(api(control, false)).await;
+        assert_eq!(get(addr, "/healthz", None).await.0, 503);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_protect_reads_only_probes_and_the_drain_wait_are_open() {
+        let (control, rx) = mpsc::channel(8);
+        answering_core(rx);
+        let addr = serve_api(api(control.clone(), true)).await;
+        for path in [
+            "/v1/destinations",
+            "/metrics",
+            "/v1/dialogs/stats",
+            "/v1/cluster",
+        ] {
+            let (code, body) = get(addr, path, None).await;
+            assert_eq!(code, 401, "{path}: {body}");
+            assert_eq!(get(addr, path, Some("wrong")).await.0, 401, "{path}");
+        }
+        assert_eq!(get(addr, "/v1/destinations", Some("t0k3n")).await.0, 200);
+        assert_eq!(get(addr, "/healthz", None).await.0, 200);
+        assert_eq!(get(addr, "/readyz", None).await.0, 200);
+        // Open: a bad parameter is a 400, not a 401.
+        let (code, body) = get(addr, "/v1/destinations/wait-drained?pod=x", None).await;
+        assert_eq!(code, 400, "{body}");
+        // Without the option reads are open.
+        let addr = serve_api(api(control, false)).await;
+        assert_eq!(get(addr, "/v1/destinations", None).await.0, 200);
+    }
+
     /// Past the bound on open drain waits, one more is refused at once, without asking the
     /// core anything.
     #[tokio::test]
@@ -399,6 +593,8 @@ mod tests {
         let api = Api {
             control,
             token: None,
+            protect_reads: false,
+            liveness_timeout: Duration::from_secs(3),
             shutdown: CancellationToken::new(),
             drain_waits: Arc::new(tokio::sync::Semaphore::new(0)),
         };

@@ -259,6 +259,11 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// Bearer token required by the write endpoints; None leaves them open.
     pub token: Option<String>,
+    /// The reads (`/metrics`, `/v1/...`) need the token too; `/healthz`, `/readyz` and the
+    /// drain wait stay open (probes and preStop hooks hold no token).
+    pub protect_reads: bool,
+    /// `/healthz` fails when the core has not answered within this bound (a watchdog).
+    pub liveness_timeout: Duration,
 }
 
 /// Shows whether a token is set, never the token: a `{:?}` of the config in a log or an error
@@ -268,6 +273,8 @@ impl std::fmt::Debug for Admin {
         f.debug_struct("Admin")
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("protect_reads", &self.protect_reads)
+            .field("liveness_timeout", &self.liveness_timeout)
             .finish()
     }
 }
@@ -690,6 +697,10 @@ struct RawAdmin {
     /// File holding the bearer token for write endpoints.
     #[serde(default)]
     token_file: Option<String>,
+    #[serde(default)]
+    protect_reads: bool,
+    #[serde(default, deserialize_with = "opt_duration")]
+    liveness_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -984,6 +995,9 @@ fn parse_codes(codes: &[RawCode], path: &str) -> Result<Vec<CodeSet>, FieldError
         .collect()
 }
 
+/// How long `/healthz` waits for the core to answer before it fails.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Environment variable holding the admin bearer token when `admin.tokenFile` is not set.
 pub const TOKEN_ENV: &str = "LB_PROXY_ADMIN_TOKEN";
 
@@ -1066,6 +1080,24 @@ impl Config {
             GlobalAdvertise::parse(a).map_err(|e| FieldError::new("--advertise", e))?;
             raw.advertise = Some(a.clone());
         }
+        if let Some(l) = &overrides.admin_listen {
+            let addr = parse_listen(l).ok_or_else(|| {
+                FieldError::new(
+                    "--admin-listen",
+                    format!("{l:?} is not an IP address and port"),
+                )
+            })?;
+            match raw.admin.as_mut() {
+                Some(a) => a.listen = addr.to_string(),
+                None => {
+                    return Err(FieldError::new(
+                        "--admin-listen",
+                        "the file has no `admin` section to listen for",
+                    )
+                    .into())
+                }
+            }
+        }
         raw.into_config()
     }
 }
@@ -1077,6 +1109,18 @@ pub struct Overrides {
     /// every listener without its own `advertise` (in Kubernetes: the pod IP from the downward
     /// API, or the Service address).
     pub advertise: Option<String>,
+    /// `ip:port` for the admin API instead of the file's `admin.listen` (in Kubernetes: the
+    /// pod IP from the downward API, `$(POD_IP):8081`; a bare IPv6 address is accepted).
+    pub admin_listen: Option<String>,
+}
+
+/// `ip:port`, `[v6]:port` or `v6:port` (a pod IP pasted in front of a port).
+fn parse_listen(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse() {
+        return Some(a);
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    Some(SocketAddr::new(host.parse().ok()?, port.parse().ok()?))
 }
 
 impl RawConfig {
@@ -1202,7 +1246,28 @@ impl RawConfig {
                         .map(|t| t.trim().to_string())
                         .filter(|t| !t.is_empty()),
                 };
-                Some(Admin { listen, token })
+                if a.protect_reads && token.is_none() {
+                    return Err(FieldError::new(
+                        "admin.protectReads",
+                        "is true but no token is configured (admin.tokenFile or \
+                         LB_PROXY_ADMIN_TOKEN)",
+                    )
+                    .into());
+                }
+                let liveness_timeout = a.liveness_timeout.unwrap_or(DEFAULT_LIVENESS_TIMEOUT);
+                if liveness_timeout.is_zero() {
+                    return Err(FieldError::new(
+                        "admin.livenessTimeout",
+                        "must be above 0 (e.g. \"3s\")",
+                    )
+                    .into());
+                }
+                Some(Admin {
+                    listen,
+                    token,
+                    protect_reads: a.protect_reads,
+                    liveness_timeout,
+                })
             }
             None => None,
         };
@@ -1443,12 +1508,45 @@ mod tests {
         let a = Admin {
             listen: "127.0.0.1:8081".parse().unwrap(),
             token: Some("s3cr3t-admin-token".into()),
+            protect_reads: false,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
         };
         let shown = format!("{a:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");
         let none = Admin { token: None, ..a };
         assert!(format!("{none:?}").contains("token: None"));
+    }
+
+    #[test]
+    fn admin_reads_protection_needs_a_token_and_the_liveness_bound_is_checked() {
+        let base = "listeners: [udp:127.0.0.1:5060]\nadmin:\n  listen: 127.0.0.1:8081\n";
+        let e = err(&format!("{base}  protectReads: true\n"));
+        assert!(e.contains("admin.protectReads"), "{e}");
+        let e = err(&format!("{base}  livenessTimeout: 0s\n"));
+        assert!(e.contains("admin.livenessTimeout"), "{e}");
+        let c = Config::from_yaml(&format!("{base}  livenessTimeout: 750ms\n")).unwrap();
+        let a = c.admin.unwrap();
+        assert_eq!(a.liveness_timeout, Duration::from_millis(750));
+        assert!(!a.protect_reads);
+    }
+
+    #[test]
+    fn admin_listen_override_takes_a_pod_ip_of_either_family() {
+        assert_eq!(
+            parse_listen("10.1.2.3:8081"),
+            Some("10.1.2.3:8081".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen("fd00::7:8081"),
+            Some("[fd00::7]:8081".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen("[fd00::7]:8081"),
+            Some("[fd00::7]:8081".parse().unwrap())
+        );
+        assert_eq!(parse_listen(":8081"), None, "an empty POD_IP");
+        assert_eq!(parse_listen("pod:8081"), None);
     }
 
     #[test]
@@ -1557,6 +1655,7 @@ mod tests {
             "listeners: [\"udp:0.0.0.0:5060\", \"tcp:[::]:5070\"]\n",
             &Overrides {
                 advertise: Some("10.1.2.3".into()),
+                ..Default::default()
             },
         )
         .unwrap();

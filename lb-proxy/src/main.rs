@@ -14,6 +14,10 @@ struct Cli {
     /// overriding the file's `advertise`.
     #[arg(long, env = "LB_PROXY_ADVERTISE")]
     advertise: Option<String>,
+    /// `ip:port` of the admin API, overriding the file's `admin.listen` (the chart passes the
+    /// pod IP: `$(POD_IP):8081`; a bare IPv6 address before the port is accepted).
+    #[arg(long, env = "LB_PROXY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -50,6 +54,7 @@ fn run() -> ExitCode {
     }
     let overrides = lb_proxy::config::Overrides {
         advertise: cli.advertise.clone().filter(|a| !a.is_empty()),
+        admin_listen: cli.admin_listen.clone().filter(|a| !a.is_empty()),
     };
     let cfg = match lb_proxy::config::Config::load_with(&cli.config, &overrides) {
         Ok(c) => c,

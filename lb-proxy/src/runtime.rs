@@ -203,6 +203,8 @@ pub async fn start_prepared(
             let api = crate::admin::Api {
                 control: control_queue(events.clone()),
                 token: a.token.clone().map(Arc::from),
+                protect_reads: a.protect_reads,
+                liveness_timeout: a.liveness_timeout,
                 shutdown: shutdown.clone(),
                 drain_waits: Arc::new(tokio::sync::Semaphore::new(crate::admin::MAX_DRAIN_WAITS)),
             };
@@ -679,6 +681,15 @@ impl Core {
             Control::RouteKeys(keys) => proxy.rotate_route_keys(now, keys),
             Control::DrainStatus(target, reply) => {
                 let _ = reply.send(proxy.drain_status(now, &target));
+            }
+            Control::Alive(reply) => {
+                let _ = reply.send(());
+            }
+            #[cfg(feature = "test-stall")]
+            Control::Stall(d) => {
+                // The core thread blocks, as a bug would: nothing else runs on it meanwhile.
+                warn!("test-stall: the core thread sleeps {d:?}");
+                std::thread::sleep(d);
             }
         }
     }

@@ -90,3 +90,21 @@ runbook: {{ printf "mrcp-lb README.md, Operations, Alerts: %s" (index . 1) | quo
 runbook_url: {{ . | quote }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The proxies' admin listen address: proxy.admin.listenAddress, or the pod IP (the container's
+POD_IP, expanded by the kubelet), with the admin port. Every interface (0.0.0.0, ::) is refused
+with hostNetwork: the admin API would listen on every address of the node.
+*/}}
+{{- define "mrcp-lb.adminListen" -}}
+{{- $p := .Values.proxy -}}
+{{- $a := $p.admin.listenAddress -}}
+{{- if and $p.hostNetwork (has $a (list "0.0.0.0" "::" "[::]")) -}}
+{{- fail (printf "proxy.admin.listenAddress %q with proxy.hostNetwork: the admin API would listen on every interface of the node; leave it empty (the pod IP, i.e. the node's address) or give one address" $a) -}}
+{{- end -}}
+{{- if $a -}}
+{{- if contains ":" $a -}}[{{ trimAll "[]" $a }}]:{{ $p.adminPort }}{{- else -}}{{ $a }}:{{ $p.adminPort }}{{- end -}}
+{{- else -}}
+$(POD_IP):{{ $p.adminPort }}
+{{- end -}}
+{{- end }}

@@ -657,13 +657,50 @@ impl Proxy {
         listeners: &str,
         extra: &str,
     ) -> Proxy {
+        Proxy::start_full(env, name, ip, sip_port, admin_port, listeners, "", extra).await
+    }
+
+    /// As `start_with`, with a token in `token_file` that every admin call but the probes and
+    /// the drain wait needs (`admin.protectReads`).
+    pub async fn start_protected(
+        env: &TestEnv,
+        name: &str,
+        sip_port: u16,
+        admin_port: u16,
+        token_file: &Path,
+        extra: &str,
+    ) -> Proxy {
+        let ip = &env.ip;
+        let listeners = format!("  - udp:{ip}:{sip_port}\n  - tcp:{ip}:{sip_port}\n");
+        let admin = format!(
+            "  tokenFile: {}\n  protectReads: true\n",
+            token_file.display()
+        );
+        Proxy::start_full(
+            env, name, ip, sip_port, admin_port, &listeners, &admin, extra,
+        )
+        .await
+    }
+
+    /// Starts lb-proxy; `admin_extra` adds keys to its `admin` section.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_full(
+        env: &TestEnv,
+        name: &str,
+        ip: &str,
+        sip_port: u16,
+        admin_port: u16,
+        listeners: &str,
+        admin_extra: &str,
+        extra: &str,
+    ) -> Proxy {
         let bin = lb_proxy_bin();
         let dir = env.subdir(name);
         let sip: SocketAddr = format!("{ip}:{sip_port}").parse().unwrap();
         let admin: SocketAddr = format!("{ip}:{admin_port}").parse().unwrap();
         let config = format!(
             "listeners:\n{listeners}\
-             admin:\n  listen: {admin}\n\
+             admin:\n  listen: {admin}\n{admin_extra}\
              routing:\n  group: 1\n  resources: [pstn]\n  mode: absolute\n\
              timers:\n  inviteTimeout: 3s\n{extra}"
         );

@@ -36,6 +36,12 @@ pub enum Control {
     /// Whether a destination is drained cluster-wide (`GET /v1/destinations/wait-drained`,
     /// which asks again until it is or its timeout passes).
     DrainStatus(DrainTarget, oneshot::Sender<DrainStatus>),
+    /// The liveness watchdog (`/healthz`): answered at once by a core that turns over.
+    Alive(oneshot::Sender<()>),
+    /// Test builds only (feature `test-stall`): the core thread blocks for this long, so that
+    /// the watchdog can be seen to fail.
+    #[cfg(feature = "test-stall")]
+    Stall(std::time::Duration),
 }
 
 /// The destination(s) a drain wait is about.
