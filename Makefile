@@ -71,6 +71,9 @@ chart-lint: k8s
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set metrics.serviceMonitor.enabled=true,proxy.admin.protectReads=true | grep -q 'type: Bearer' \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.protectReads=true | grep -q 'protectReads: true' \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.livenessTimeoutSeconds=0 > /dev/null 2>&1 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.tls.enabled=true > /dev/null 2>&1 \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.admin.tls.enabled=true,proxy.admin.tls.secretName=admin-tls \
+	     | grep -c 'proxy-tls-server-name=mrcp-lb-proxy-admin.default.svc$$\|scheme: HTTPS$$\|certFile: /etc/lb-proxy/admin-tls/tls.crt$$' | grep -qx 4 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb | grep -q '^kind: ScaledObject$$' \
 	  && "$$HELM" lint charts/mrcp-lb $(KEDA_VALUES) > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb -n mrcp-system $(KEDA_VALUES) --set autoscaling.keda.behavior.scaleDown.stabilizationWindowSeconds=60 \

@@ -34,6 +34,9 @@ pub enum Error {
     /// The HTTP client for the pushes could not be built.
     #[error("HTTP client: {0}")]
     HttpClient(#[source] reqwest::Error),
+    /// The TLS settings for the proxies' admin API do not work (`--proxy-ca-file`, ...).
+    #[error("proxy TLS: {0}")]
+    ProxyTls(String),
     /// The metrics/health address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -56,6 +59,7 @@ impl Error {
             Error::Event { .. } => "event",
             Error::Lease { .. } => "lease",
             Error::HttpClient(_) => "http_client",
+            Error::ProxyTls(_) => "proxy_tls",
             Error::Listen { .. } => "listen",
             Error::CacheSync(_) => "cache_sync",
         }

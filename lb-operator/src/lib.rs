@@ -6,6 +6,7 @@
 //! - [`model`]: all servers and pods → the destination set and each server's status (pure);
 //! - [`events`]: what changed between two statuses, as Events for users (pure);
 //! - [`push`]: delivering the set to every proxy replica;
+//! - [`proxy_http`]: the HTTP(S) client for the proxies' admin API;
 //! - [`loads`]: reading every proxy replica's live load, for the statuses;
 //! - [`lease`]: leader election for writes;
 //! - [`run`]: start-up and the loop, over
@@ -30,6 +31,7 @@ pub mod loads;
 pub mod metrics;
 pub mod model;
 pub mod pods;
+pub mod proxy_http;
 pub mod push;
 pub mod reconcile;
 pub mod run;

@@ -190,9 +190,7 @@ impl LoadReader {
         let (proxies, proxies_rx) = watch::channel(None);
         let (loads_tx, loads) = watch::channel(None);
         let reader = LoadReader {
-            http: reqwest::Client::builder()
-                .build()
-                .map_err(Error::HttpClient)?,
+            http: crate::proxy_http::client(settings)?,
             token: settings.token.clone(),
             interval,
             metrics,

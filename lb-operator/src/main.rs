@@ -38,6 +38,17 @@ struct Cli {
     /// no peer list; the proxies keep the `cluster.peers` of their config files.
     #[arg(long, default_value_t = 7070, env = "LB_OPERATOR_PROXY_CLUSTER_PORT")]
     proxy_cluster_port: u16,
+    /// Reach the discovered proxies' admin API over HTTPS (their `admin.tls`).
+    #[arg(long, env = "LB_OPERATOR_PROXY_TLS")]
+    proxy_tls: bool,
+    /// With --proxy-tls: the CA (PEM) the proxies' admin certificates chain to (default: the
+    /// system's roots).
+    #[arg(long, env = "LB_OPERATOR_PROXY_CA_FILE")]
+    proxy_ca_file: Option<PathBuf>,
+    /// With --proxy-tls: the name the proxies' admin certificates carry (e.g. the admin
+    /// Service's DNS name), checked instead of the pod IP the operator connects to.
+    #[arg(long, env = "LB_OPERATOR_PROXY_TLS_SERVER_NAME")]
+    proxy_tls_server_name: Option<String>,
     /// File with the proxies' admin bearer token.
     #[arg(long, env = "LB_OPERATOR_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -144,7 +155,15 @@ fn main() -> ExitCode {
         lease,
         load_interval: (cli.load_interval_seconds != 0)
             .then(|| Duration::from_secs(cli.load_interval_seconds)),
+        proxy_tls: cli.proxy_tls.then(|| lb_operator::proxy_http::ProxyTls {
+            ca_file: cli.proxy_ca_file.clone(),
+            server_name: cli.proxy_tls_server_name.clone().filter(|n| !n.is_empty()),
+        }),
     };
+    if !cli.proxy_tls && (cli.proxy_ca_file.is_some() || cli.proxy_tls_server_name.is_some()) {
+        eprintln!("lb-operator: --proxy-ca-file and --proxy-tls-server-name need --proxy-tls");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -71,9 +71,7 @@ impl Pusher {
         let (proxies, proxies_rx) =
             watch::channel::<BTreeSet<String>>(settings.proxy_urls.iter().cloned().collect());
         let pusher = Pusher {
-            http: reqwest::Client::builder()
-                .build()
-                .map_err(Error::HttpClient)?,
+            http: crate::proxy_http::client(settings)?,
             token: settings.token.clone().map(Arc::from),
             resync: settings.resync,
             metrics,

@@ -190,10 +190,11 @@ fn next_set(
 /// `--proxy-url` proxies.
 fn proxy_urls(ctx: &Context, proxy_pods: &[&Pod]) -> BTreeSet<String> {
     let port = ctx.settings.proxy_admin_port;
+    let scheme = crate::proxy_http::scheme(&ctx.settings);
     proxy_pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| crate::pods::pod_ip(p).map(|ip| proxy_url(ip, port)))
+        .filter_map(|p| crate::pods::pod_ip(p).map(|ip| proxy_url(scheme, ip, port)))
         .chain(ctx.settings.proxy_urls.iter().cloned())
         .collect()
 }
@@ -203,19 +204,20 @@ fn proxy_urls(ctx: &Context, proxy_pods: &[&Pod]) -> BTreeSet<String> {
 /// `--proxy-url` proxies.
 fn load_urls(ctx: &Context, proxy_pods: &[&Pod]) -> BTreeSet<String> {
     let port = ctx.settings.proxy_admin_port;
+    let scheme = crate::proxy_http::scheme(&ctx.settings);
     proxy_pods
         .iter()
         .filter(|p| !crate::pods::finished(p))
-        .filter_map(|p| crate::pods::pod_ip(p).map(|ip| proxy_url(ip, port)))
+        .filter_map(|p| crate::pods::pod_ip(p).map(|ip| proxy_url(scheme, ip, port)))
         .chain(ctx.settings.proxy_urls.iter().cloned())
         .collect()
 }
 
-fn proxy_url(ip: &str, port: u16) -> String {
+fn proxy_url(scheme: &str, ip: &str, port: u16) -> String {
     if ip.contains(':') {
-        format!("http://[{ip}]:{port}")
+        format!("{scheme}://[{ip}]:{port}")
     } else {
-        format!("http://{ip}:{port}")
+        format!("{scheme}://{ip}:{port}")
     }
 }
 
@@ -305,7 +307,11 @@ mod tests {
 
     #[test]
     fn proxy_urls_bracket_ipv6() {
-        assert_eq!(proxy_url("10.0.0.1", 8081), "http://10.0.0.1:8081");
-        assert_eq!(proxy_url("fd00::1", 8081), "http://[fd00::1]:8081");
+        assert_eq!(proxy_url("http", "10.0.0.1", 8081), "http://10.0.0.1:8081");
+        assert_eq!(proxy_url("http", "fd00::1", 8081), "http://[fd00::1]:8081");
+        assert_eq!(
+            proxy_url("https", "10.0.0.1", 8081),
+            "https://10.0.0.1:8081"
+        );
     }
 }

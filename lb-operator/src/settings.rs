@@ -27,6 +27,8 @@ pub struct Settings {
     /// How often the proxies' live load is read for the MrcpServer statuses; None: never
     /// (the statuses carry no load).
     pub load_interval: Option<Duration>,
+    /// HTTPS to the discovered proxies' admin API (`--proxy-tls`); None: HTTP.
+    pub proxy_tls: Option<crate::proxy_http::ProxyTls>,
 }
 
 /// Every field but the admin token, which shows only whether it is set: a `{:?}` of the
@@ -45,6 +47,7 @@ impl std::fmt::Debug for Settings {
             .field("resync", &self.resync)
             .field("lease", &self.lease)
             .field("load_interval", &self.load_interval)
+            .field("proxy_tls", &self.proxy_tls)
             .finish()
     }
 }
@@ -74,6 +77,7 @@ mod tests {
             resync: Duration::from_secs(10),
             lease: None,
             load_interval: Some(Duration::from_secs(5)),
+            proxy_tls: None,
         };
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");

@@ -31,7 +31,6 @@ use lb_api::admin::{ErrorBody, StateChange};
 use lb_api::DestinationSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -455,7 +454,11 @@ pub fn router(api: Api) -> Router {
     .with_state(api)
 }
 
-pub async fn serve(listener: TcpListener, api: Api, shutdown: CancellationToken) {
+pub async fn serve<L>(listener: L, api: Api, shutdown: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let _ = axum::serve(listener, router(api))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -464,6 +467,7 @@ pub async fn serve(listener: TcpListener, api: Api, shutdown: CancellationToken)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpListener;
 
     fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -264,6 +264,16 @@ pub struct Admin {
     pub protect_reads: bool,
     /// `/healthz` fails when the core has not answered within this bound (a watchdog).
     pub liveness_timeout: Duration,
+    /// HTTPS instead of HTTP, the files re-read when they change.
+    pub tls: Option<AdminTls>,
+}
+
+/// `admin.tls`: the admin API's certificate and key, and how often their files are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub reload_interval: Duration,
 }
 
 /// Shows whether a token is set, never the token: a `{:?}` of the config in a log or an error
@@ -701,6 +711,17 @@ struct RawAdmin {
     protect_reads: bool,
     #[serde(default, deserialize_with = "opt_duration")]
     liveness_timeout: Option<Duration>,
+    #[serde(default)]
+    tls: Option<RawAdminTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAdminTls {
+    cert_file: String,
+    key_file: String,
+    #[serde(default, deserialize_with = "opt_duration")]
+    reload_interval: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -1262,11 +1283,37 @@ impl RawConfig {
                     )
                     .into());
                 }
+                let tls = match &a.tls {
+                    Some(t) => {
+                        let path = |field: &str, v: &str| {
+                            if v.trim().is_empty() {
+                                Err(FieldError::new(field, "must name a PEM file"))
+                            } else {
+                                Ok(PathBuf::from(v))
+                            }
+                        };
+                        let reload_interval = t.reload_interval.unwrap_or(Duration::from_secs(10));
+                        if reload_interval.is_zero() {
+                            return Err(FieldError::new(
+                                "admin.tls.reloadInterval",
+                                "must be above 0 (e.g. \"10s\")",
+                            )
+                            .into());
+                        }
+                        Some(AdminTls {
+                            cert_file: path("admin.tls.certFile", &t.cert_file)?,
+                            key_file: path("admin.tls.keyFile", &t.key_file)?,
+                            reload_interval,
+                        })
+                    }
+                    None => None,
+                };
                 Some(Admin {
                     listen,
                     token,
                     protect_reads: a.protect_reads,
                     liveness_timeout,
+                    tls,
                 })
             }
             None => None,
@@ -1510,6 +1557,7 @@ mod tests {
             token: Some("s3cr3t-admin-token".into()),
             protect_reads: false,
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+            tls: None,
         };
         let shown = format!("{a:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");

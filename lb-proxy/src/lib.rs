@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_tls;
 pub mod cluster;
 pub mod config;
 pub mod destinations;

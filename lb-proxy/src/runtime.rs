@@ -121,6 +121,7 @@ pub async fn start(cfg: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow:
 pub struct Prepared {
     cfg: Config,
     tls: Option<Arc<tls::Tls>>,
+    admin_tls: Option<crate::admin_tls::AdminTls>,
 }
 
 /// Loads what the configuration names on disk (TLS certificates and keys), so that a bad file
@@ -130,7 +131,15 @@ pub fn prepare(cfg: Config) -> Result<Prepared, lb_api::FieldError> {
         Some(t) => Some(Arc::new(tls::Tls::load(t)?)),
         None => None,
     };
-    Ok(Prepared { cfg, tls })
+    let admin_tls = match cfg.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        Some(t) => Some(crate::admin_tls::AdminTls::load(t)?),
+        None => None,
+    };
+    Ok(Prepared {
+        cfg,
+        tls,
+        admin_tls,
+    })
 }
 
 impl Prepared {
@@ -144,7 +153,11 @@ pub async fn start_prepared(
     prepared: Prepared,
     reload: Option<(PathBuf, Overrides)>,
 ) -> anyhow::Result<Running> {
-    let Prepared { cfg, tls } = prepared;
+    let Prepared {
+        cfg,
+        tls,
+        admin_tls,
+    } = prepared;
     let cfg = Arc::new(cfg);
     let dests = match &cfg.destinations {
         Some(set) => Destinations::from_set(set)?,
@@ -208,7 +221,21 @@ pub async fn start_prepared(
                 shutdown: shutdown.clone(),
                 drain_waits: Arc::new(tokio::sync::Semaphore::new(crate::admin::MAX_DRAIN_WAITS)),
             };
-            tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
+            match admin_tls {
+                Some(t) => {
+                    tokio::spawn(crate::admin_tls::watch(
+                        t.certs.clone(),
+                        t.reload_interval,
+                        shutdown.clone(),
+                    ));
+                    let l = crate::admin_tls::TlsListener::new(l, t.acceptor, shutdown.clone());
+                    tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
+                    info!("admin API on https://{local}");
+                }
+                None => {
+                    tokio::spawn(crate::admin::serve(l, api, shutdown.clone()));
+                }
+            }
             Some(local)
         }
         None => None,

@@ -108,3 +108,14 @@ with hostNetwork: the admin API would listen on every address of the node.
 $(POD_IP):{{ $p.adminPort }}
 {{- end -}}
 {{- end }}
+
+{{/*
+The name the proxies' admin certificate must carry (proxy.admin.tls.serverName, or the admin
+Service's DNS name), and the admin TLS Secret (required when admin TLS is on).
+*/}}
+{{- define "mrcp-lb.adminTlsServerName" -}}
+{{- default (printf "%s-proxy-admin.%s.svc" (include "mrcp-lb.fullname" .) .Release.Namespace) .Values.proxy.admin.tls.serverName -}}
+{{- end }}
+{{- define "mrcp-lb.adminTlsSecret" -}}
+{{- required "proxy.admin.tls.secretName: the kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) of the admin API" .Values.proxy.admin.tls.secretName -}}
+{{- end }}
