@@ -742,6 +742,64 @@ mod tests {
         assert!(!id.matches("speech/unimrcp-0@00000000"));
     }
 
+    /// The dialog endpoints need the token, the list included (it shows callers'
+    /// addresses): without it, or with another, 401 and the core is never asked; with it,
+    /// the request reaches the core.
+    #[tokio::test]
+    async fn dialog_endpoints_need_the_token() {
+        let (control, mut core) = mpsc::channel(4);
+        let api = Api {
+            control,
+            token: Some("s3cret".into()),
+            shutdown: CancellationToken::new(),
+            drain_waits: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        let with = |v: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            h
+        };
+        let id = || Path("YQpi".to_string());
+        let all = || Ok(Query(q(&[("destination", "1")])));
+        for bad in [
+            None,
+            Some("Bearer nope"),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+        ] {
+            let r = list_dialogs(State(api.clone()), with(bad), Ok(Query(vec![]))).await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "GET with {bad:?}");
+            let r = end_dialog(State(api.clone()), id(), with(bad)).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "DELETE id with {bad:?}"
+            );
+            let r = end_dialogs(State(api.clone()), with(bad), all()).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "DELETE all with {bad:?}"
+            );
+        }
+        assert!(core.try_recv().is_err(), "the core was asked");
+        // With the token: the core is asked (and answers that it knows no such dialog).
+        let answer = tokio::spawn(async move {
+            match core.recv().await {
+                Some(Control::EndDialog(key, tx)) => {
+                    assert_eq!((&*key.call_id, &*key.caller_tag), ("a", "b"));
+                    let _ = tx.send(Err(EndError::NotFound));
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        let r = end_dialog(State(api.clone()), id(), with(Some("Bearer s3cret"))).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        answer.await.unwrap();
+    }
+
     #[test]
     fn dialog_list_parameters() {
         let p = dialog_params(&q(&[

@@ -193,3 +193,83 @@ fn deleting_dialogs_sends_bye_to_both_sides_and_frees_the_load() {
         3.0
     );
 }
+
+/// A server dies with calls open: one `DELETE /v1/dialogs?destination=1` hangs up its callers
+/// (the BYE towards the dead server goes unanswered) and gives its capacity back at once; the
+/// calls on the other server go on until they are ended in turn.
+#[test]
+fn a_dead_servers_calls_are_ended_in_one_request_and_the_others_go_on() {
+    let env = test_env!("sessions_dead", "127.0.11.2");
+    let (mut proxy, [s1, s2]) = Sandbox::new(&env)
+        .serve(Dest::udp(1, SERVER1_PORT, "pstn=10"), "uas_expect_bye.xml")
+        .serve(Dest::udp(2, SERVER2_PORT, "pstn=10"), "uas_expect_bye.xml")
+        .start();
+    let admin = proxy.admin;
+    let client = Sipp::uac(&env, "client")
+        .scenario("uac_long_expect_bye.xml")
+        .timeout(secs(20))
+        .calls(4)
+        .rate(20)
+        .start();
+    wait_for(
+        "the 4 calls to be answered",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || (dialog_stats(admin).active == 4).then_some(()),
+    );
+    let on = |id: &str| {
+        let d = destination_status(admin, id);
+        (d.open_calls, pstn_load(&d))
+    };
+    let (n1, _) = on("1");
+    let (n2, _) = on("2");
+    assert_eq!(n1 + n2, 4);
+    assert!(
+        n1 > 0 && n2 > 0,
+        "the calls went to one server only: {n1} {n2}"
+    );
+
+    // Server 1 dies with its calls open.
+    let s1 = s1.stop();
+    eprintln!("{}", s1.summary());
+    let r = http(admin, "DELETE", "/v1/dialogs?destination=1", None, None);
+    assert_eq!(r.code, 200, "{}", r.body);
+    let bulk: DialogsEnded = serde_json::from_str(&r.body).unwrap();
+    assert_eq!((bulk.ended, bulk.not_confirmed), (u64::from(n1), 0));
+    assert_eq!(bulk.byes_sent, 2 * u64::from(n1));
+    assert_eq!(
+        on("1"),
+        (0, 0),
+        "the dead server's capacity is free at once"
+    );
+    assert_eq!(on("2"), (n2, n2), "the other server's calls go on");
+    wait_for(
+        "the dead server's callers to answer their BYE",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            (client
+                .live_stats()
+                .get("SuccessfulCall(C)")
+                .map(String::as_str)
+                == Some(&*n1.to_string()))
+            .then_some(())
+        },
+    );
+
+    let r = http(admin, "DELETE", "/v1/dialogs?destination=2", None, None);
+    assert_eq!(r.code, 200, "{}", r.body);
+    let bulk: DialogsEnded = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(bulk.ended, u64::from(n2));
+    let client = client.wait(Duration::from_secs(15));
+    eprintln!("{}", client.summary());
+    proxy.assert_running();
+    let s2 = s2.drain();
+    eprintln!("{}", s2.summary());
+    client.assert_all_ok(4);
+    assert_server_clean(&s2);
+    assert_eq!(s2.count("BYE_Recv"), u64::from(n2));
+    assert_eq!((on("1"), on("2")), ((0, 0), (0, 0)));
+    let stats = dialog_stats(admin);
+    assert_eq!((stats.active, stats.expired), (0, 0));
+}
