@@ -315,3 +315,77 @@ pub struct DialogsEnded {
     /// failover timers, a CANCEL or a final response).
     pub not_confirmed: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire names of the dialog bodies, as the README documents them.
+    #[test]
+    fn dialog_bodies_on_the_wire() {
+        let d = DialogInfo {
+            id: "YQpi".into(),
+            call_id: "a".into(),
+            from_tag: "b".into(),
+            to_tag: None,
+            state: DialogState::Confirmed,
+            caller: "10.0.0.5:40000".into(),
+            transport: "udp".into(),
+            listener: "udp:127.0.0.1:5060".into(),
+            destination: Some("1".into()),
+            destination_uri: Some("sip:127.0.0.1:5080".into()),
+            started_at: 1.5,
+            age_seconds: 2.0,
+            resources: [("pstn".to_string(), 1)].into(),
+        };
+        let list = DialogList {
+            dialogs: vec![d.clone()],
+            next_cursor: Some("7".into()),
+            total: 1,
+        };
+        let v = serde_json::to_value(&list).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "dialogs": [{
+                    "id": "YQpi", "callId": "a", "fromTag": "b", "toTag": null,
+                    "state": "confirmed", "caller": "10.0.0.5:40000", "transport": "udp",
+                    "listener": "udp:127.0.0.1:5060", "destination": "1",
+                    "destinationUri": "sip:127.0.0.1:5080", "startedAt": 1.5,
+                    "ageSeconds": 2.0, "resources": {"pstn": 1}
+                }],
+                "nextCursor": "7",
+                "total": 1
+            })
+        );
+        let last = DialogList {
+            next_cursor: None,
+            ..list
+        };
+        assert!(serde_json::to_value(&last)
+            .unwrap()
+            .get("nextCursor")
+            .is_none());
+        let ended = DialogsEnded {
+            destination: "1".into(),
+            ended: 2,
+            byes_sent: 4,
+            not_confirmed: 1,
+        };
+        assert_eq!(
+            serde_json::to_value(&ended).unwrap(),
+            serde_json::json!({"destination": "1", "ended": 2, "byesSent": 4, "notConfirmed": 1})
+        );
+        let one = DialogEnded {
+            dialog: d,
+            bye_to_caller: true,
+            bye_to_server: false,
+        };
+        let v = serde_json::to_value(&one).unwrap();
+        assert_eq!(
+            (v["byeToCaller"].clone(), v["byeToServer"].clone()),
+            (true.into(), false.into())
+        );
+        assert_eq!(v["dialog"]["callId"], "a");
+    }
+}
