@@ -377,3 +377,55 @@ fn a_bulk_end_works_in_bounded_batches() {
     assert_eq!((second.ended, second.next), (5, None));
     assert_eq!(h.load(0), 0);
 }
+
+#[test]
+fn a_page_looks_at_a_bounded_number_of_dialogs() {
+    let mut h = Harness::with(
+        r#"
+  - {id: 1, group: 1, uri: "sip:127.0.0.1:5080", resources: pstn=20000}
+"#,
+        "",
+    );
+    let budget = crate::proxy::SCAN_BUDGET;
+    for i in 0..budget + 10 {
+        h.recv(
+            Call::udp(&format!("sb{i}")).peer,
+            &Call::udp(&format!("sb{i}")).invite(),
+        );
+    }
+    h.out();
+    assert_eq!(h.proxy.sizes().2, budget + 10);
+    // A filter that matches none of them: the first request stops after the budget, empty
+    // but with a cursor; the second looks at the last 10 and ends the listing.
+    let confirmed = DialogFilter {
+        state: Some(DialogState::Confirmed),
+        ..DialogFilter::default()
+    };
+    let t = std::time::Instant::now();
+    let p1 = page(&h, confirmed.clone(), 0, 1000);
+    eprintln!(
+        "a page over {budget} dialogs: {:?} (debug build)",
+        t.elapsed()
+    );
+    assert!(p1.dialogs.is_empty());
+    let cursor: u64 = p1
+        .next_cursor
+        .as_deref()
+        .expect("more to look at")
+        .parse()
+        .unwrap();
+    let p2 = page(&h, confirmed, cursor, 1000);
+    assert!(p2.dialogs.is_empty() && p2.next_cursor.is_none(), "{p2:?}");
+    // The same bound for a bulk end.
+    let on1 = DialogFilter {
+        destination: Some("1".into()),
+        ..DialogFilter::default()
+    };
+    let b = h.proxy.end_dialogs(h.now, &on1, 0);
+    assert_eq!((b.ended, b.not_confirmed as usize), (0, budget));
+    let b = h
+        .proxy
+        .end_dialogs(h.now, &on1, b.next.expect("more to look at"));
+    assert_eq!((b.ended, b.not_confirmed, b.next), (0, 10, None));
+    assert_none(&h.out(), "dialogs being set up are left alone");
+}
