@@ -1,5 +1,6 @@
 //! The proxy's admin API bodies: what `GET /v1/destinations` returns, what
-//! `POST /v1/destinations/{id}/state` takes, and `GET /v1/dialogs/stats`.
+//! `POST /v1/destinations/{id}/state` takes, `GET /v1/dialogs/stats`, and the per-session
+//! control of `GET /v1/dialogs` and `DELETE /v1/dialogs[/{id}]`.
 
 use serde::{Deserialize, Serialize};
 
@@ -216,4 +217,175 @@ pub struct DrainStatus {
     pub cluster: bool,
     /// Seconds this request waited.
     pub waited_seconds: f64,
+}
+
+/// Where a dialog is in its life (`GET /v1/dialogs`, the `state` filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DialogState {
+    /// INVITE forwarded, no provisional response with a To tag yet.
+    Trying,
+    /// A provisional response with a To tag, no 2xx yet.
+    Early,
+    /// Answered (2xx): the call runs.
+    Confirmed,
+}
+
+impl DialogState {
+    pub const ALL: [DialogState; 3] = [
+        DialogState::Trying,
+        DialogState::Early,
+        DialogState::Confirmed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialogState::Trying => "trying",
+            DialogState::Early => "early",
+            DialogState::Confirmed => "confirmed",
+        }
+    }
+}
+
+/// One dialog this replica holds (`GET /v1/dialogs`; OpenSIPS `dlg_list`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DialogInfo {
+    /// URL-safe id for `DELETE /v1/dialogs/{id}`: base64url (no padding) of
+    /// `Call-ID + "\n" + caller's From tag`, the key the proxy holds the dialog by. Stable for
+    /// the dialog's life, whatever its state.
+    pub id: String,
+    pub call_id: String,
+    /// The caller's tag (From of the INVITE).
+    pub from_tag: String,
+    /// The server's tag, once the call is answered (2xx).
+    pub to_tag: Option<String>,
+    pub state: DialogState,
+    /// Where the caller's messages come from (`ip:port`), as the proxy sees it.
+    pub caller: String,
+    /// The caller's transport: `udp`, `tcp` or `tls`.
+    pub transport: String,
+    /// The proxy listener the call came in on (`udp:127.0.0.1:5060`).
+    pub listener: String,
+    /// The destination carrying the call's load (none before the first branch is sent).
+    pub destination: Option<String>,
+    pub destination_uri: Option<String>,
+    /// Unix time (seconds) the INVITE arrived.
+    pub started_at: f64,
+    pub age_seconds: f64,
+    /// What the call holds on its destination: units per resource (`{"pstn": 1}`).
+    pub resources: std::collections::BTreeMap<String, u32>,
+}
+
+/// `GET /v1/dialogs`: one page, oldest dialog first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DialogList {
+    pub dialogs: Vec<DialogInfo>,
+    /// Pass as `cursor` for the next page; absent on the last page. A page may hold fewer
+    /// than `limit` dialogs (even none) and still have a next one: each request looks at a
+    /// bounded number of dialogs, so that a filter matching few of many never stalls calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// Dialogs this replica holds now, in every state, before any filter.
+    pub total: u64,
+}
+
+/// `DELETE /v1/dialogs/{id}`: the dialog as it was, and the BYEs the proxy sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DialogEnded {
+    pub dialog: DialogInfo,
+    /// A BYE went to the caller (false: no usable Contact or flow for it).
+    pub bye_to_caller: bool,
+    /// A BYE went to the server.
+    pub bye_to_server: bool,
+}
+
+/// `DELETE /v1/dialogs?destination=ID`: what ending every dialog on a destination did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DialogsEnded {
+    pub destination: String,
+    /// Confirmed dialogs ended (BYE to both sides, load released).
+    pub ended: u64,
+    /// BYEs sent (two per ended dialog, fewer where a side has no usable Contact).
+    pub byes_sent: u64,
+    /// Dialogs still being set up, left alone: their INVITE transaction ends them (the
+    /// failover timers, a CANCEL or a final response).
+    pub not_confirmed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire names of the dialog bodies, as the README documents them.
+    #[test]
+    fn dialog_bodies_on_the_wire() {
+        let d = DialogInfo {
+            id: "YQpi".into(),
+            call_id: "a".into(),
+            from_tag: "b".into(),
+            to_tag: None,
+            state: DialogState::Confirmed,
+            caller: "10.0.0.5:40000".into(),
+            transport: "udp".into(),
+            listener: "udp:127.0.0.1:5060".into(),
+            destination: Some("1".into()),
+            destination_uri: Some("sip:127.0.0.1:5080".into()),
+            started_at: 1.5,
+            age_seconds: 2.0,
+            resources: [("pstn".to_string(), 1)].into(),
+        };
+        let list = DialogList {
+            dialogs: vec![d.clone()],
+            next_cursor: Some("7".into()),
+            total: 1,
+        };
+        let v = serde_json::to_value(&list).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "dialogs": [{
+                    "id": "YQpi", "callId": "a", "fromTag": "b", "toTag": null,
+                    "state": "confirmed", "caller": "10.0.0.5:40000", "transport": "udp",
+                    "listener": "udp:127.0.0.1:5060", "destination": "1",
+                    "destinationUri": "sip:127.0.0.1:5080", "startedAt": 1.5,
+                    "ageSeconds": 2.0, "resources": {"pstn": 1}
+                }],
+                "nextCursor": "7",
+                "total": 1
+            })
+        );
+        let last = DialogList {
+            next_cursor: None,
+            ..list
+        };
+        assert!(serde_json::to_value(&last)
+            .unwrap()
+            .get("nextCursor")
+            .is_none());
+        let ended = DialogsEnded {
+            destination: "1".into(),
+            ended: 2,
+            byes_sent: 4,
+            not_confirmed: 1,
+        };
+        assert_eq!(
+            serde_json::to_value(&ended).unwrap(),
+            serde_json::json!({"destination": "1", "ended": 2, "byesSent": 4, "notConfirmed": 1})
+        );
+        let one = DialogEnded {
+            dialog: d,
+            bye_to_caller: true,
+            bye_to_server: false,
+        };
+        let v = serde_json::to_value(&one).unwrap();
+        assert_eq!(
+            (v["byeToCaller"].clone(), v["byeToServer"].clone()),
+            (true.into(), false.into())
+        );
+        assert_eq!(v["dialog"]["callId"], "a");
+    }
 }

@@ -10,12 +10,16 @@
 //! | `POST /v1/destinations/{id}/state` | `{"action": "enable" \| "disable" \| "drain"}` |
 //! | `GET /v1/destinations/wait-drained?pod=NS/NAME&timeout=600s` | waits until the pod's destination carries no session cluster-wide (also `?id=ID`) |
 //! | `GET /v1/dialogs/stats` | active, early, processed, expired, failed |
+//! | `GET /v1/dialogs?destination=&state=&minAge=&callId=&limit=&cursor=` | this replica's dialogs, one page |
+//! | `DELETE /v1/dialogs/{id}` | BYE to both sides of one dialog, load released |
+//! | `DELETE /v1/dialogs?destination=ID` | the same for every confirmed dialog on a destination |
 //!
 //! Write endpoints require `Authorization: Bearer <token>` when a token is configured
 //! (`admin.tokenFile` or `LB_PROXY_ADMIN_TOKEN`); the comparison takes the same time wherever
-//! the tokens differ. Reads need it too with `admin.protectReads`, except `/healthz`,
-//! `/readyz` and the drain wait ([`OPEN_READS`]). Every request is answered by the core task
-//! through the event channel, so the API never touches call state directly.
+//! the tokens differ. The dialog list needs it too, always (it shows callers' addresses);
+//! the other reads need it with `admin.protectReads`, except `/healthz`, `/readyz` and the
+//! drain wait ([`OPEN_READS`]). Every request is answered by the core task through the event
+//! channel, so the API never touches call state directly.
 
 // Handlers return axum's `Response` as their error: it is what they answer with.
 #![allow(clippy::result_large_err)]
@@ -25,16 +29,18 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use lb_api::admin::{ErrorBody, StateChange};
+use lb_api::admin::{DialogState, DialogsEnded, ErrorBody, StateChange};
 use lb_api::DestinationSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{Applied, Control, DrainTarget, SetError};
+use crate::proxy::{
+    parse_dialog_id, Applied, Control, DialogFilter, DialogQuery, DrainTarget, EndError, SetError,
+};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -432,6 +438,248 @@ async fn cluster(State(api): State<Api>) -> Response {
     }
 }
 
+/// Dialogs per page when `limit` is not given, and the most a page may ask for.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The parameters of `GET /v1/dialogs` (and, without paging, of the bulk `DELETE`).
+#[derive(Debug, PartialEq, Eq)]
+struct DialogParams {
+    filter: DialogFilter,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn dialog_params(params: &[(String, String)]) -> Result<DialogParams, ParamError> {
+    let mut p = DialogParams {
+        filter: DialogFilter::default(),
+        after: None,
+        limit: None,
+    };
+    let twice = |k: &str| (k.to_string(), format!("{k} given twice"));
+    for (k, v) in params {
+        match k.as_str() {
+            "destination" => {
+                if v.is_empty() {
+                    return Err((k.clone(), "destination must not be empty".into()));
+                }
+                if p.filter.destination.replace(v.clone()).is_some() {
+                    return Err(twice(k));
+                }
+            }
+            "callId" => {
+                if v.is_empty() {
+                    return Err((k.clone(), "callId must not be empty".into()));
+                }
+                if p.filter.call_id.replace(v.clone()).is_some() {
+                    return Err(twice(k));
+                }
+            }
+            "state" => {
+                let s = DialogState::ALL
+                    .into_iter()
+                    .find(|s| s.as_str() == v)
+                    .ok_or_else(|| {
+                        (
+                            k.clone(),
+                            format!("state={v:?}: expected trying, early or confirmed"),
+                        )
+                    })?;
+                if p.filter.state.replace(s).is_some() {
+                    return Err(twice(k));
+                }
+            }
+            "minAge" | "olderThan" => {
+                let d = parse_age(v).map_err(|e| (k.clone(), format!("{k}={e}")))?;
+                if p.filter.min_age.replace(d).is_some() {
+                    return Err(twice("minAge"));
+                }
+            }
+            "limit" => {
+                let n = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        (
+                            k.clone(),
+                            format!("limit={v:?}: expected a whole number from 1 to {MAX_PAGE}"),
+                        )
+                    })?;
+                if p.limit.replace(n).is_some() {
+                    return Err(twice(k));
+                }
+            }
+            "cursor" | "after" => {
+                let n = v.parse::<u64>().map_err(|_| {
+                    (
+                        k.clone(),
+                        format!("{k}={v:?}: not a cursor (pass nextCursor as it came)"),
+                    )
+                })?;
+                if p.after.replace(n).is_some() {
+                    return Err(twice("cursor"));
+                }
+            }
+            other => {
+                return Err((
+                    other.to_string(),
+                    format!(
+                        "unknown parameter {other:?}; expected destination, state, minAge,                          callId, limit, cursor"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// `90`, `90s`, `15m`, `2h`, `1d`: a whole number of seconds, or with a unit.
+fn parse_age(v: &str) -> Result<Duration, String> {
+    let bad = || format!("{v:?}: expected whole seconds, or with a unit (s, m, h, d), e.g. 600s");
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(Duration::from_secs(secs))
+}
+
+fn query_params(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Vec<(String, String)>, Response> {
+    query
+        .map(|Query(p)| p)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text(), None))
+}
+
+/// `GET /v1/dialogs`: one page of this replica's dialogs. Needs the token: it shows callers'
+/// addresses.
+async fn list_dialogs(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    let p = match query_params(query).map(|q| dialog_params(&q)) {
+        Ok(Ok(p)) => p,
+        Ok(Err((field, msg))) => return error(StatusCode::BAD_REQUEST, msg, Some(field)),
+        Err(r) => return r,
+    };
+    let q = DialogQuery {
+        filter: p.filter,
+        after: p.after.unwrap_or(0),
+        limit: p.limit.unwrap_or(DEFAULT_PAGE),
+    };
+    match api.ask(|tx| Control::Dialogs(q, tx)).await {
+        Ok(list) => Json(list).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `DELETE /v1/dialogs/{id}`: BYE to both sides, load released. 404 for no such dialog, 409
+/// for one still being set up.
+async fn end_dialog(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    let key = match parse_dialog_id(&id) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, Some("id".into())),
+    };
+    match api.ask(|tx| Control::EndDialog(key, tx)).await {
+        Ok(Ok(ended)) => Json(ended).into_response(),
+        Ok(Err(EndError::NotFound)) => error(
+            StatusCode::NOT_FOUND,
+            format!("no dialog with id {id:?} on this replica (ended already, or held by another)"),
+            None,
+        ),
+        Ok(Err(EndError::NotConfirmed(d))) => error(
+            StatusCode::CONFLICT,
+            format!(
+                "dialog {id:?} is {} (not answered yet): its INVITE transaction ends it",
+                d.state.as_str()
+            ),
+            Some("state".into()),
+        ),
+        Err(r) => r,
+    }
+}
+
+/// `DELETE /v1/dialogs?destination=ID` (optionally `minAge`, `callId`, `state=confirmed`): ends
+/// every confirmed dialog on the destination, asking the core batch by batch so that calls go
+/// on meanwhile. 404 when the destination is unknown here.
+async fn end_dialogs(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    if let Err(r) = api.authorize(&headers) {
+        return r;
+    }
+    let p = match query_params(query).map(|q| dialog_params(&q)) {
+        Ok(Ok(p)) => p,
+        Ok(Err((field, msg))) => return error(StatusCode::BAD_REQUEST, msg, Some(field)),
+        Err(r) => return r,
+    };
+    if p.after.is_some() || p.limit.is_some() {
+        let field = if p.after.is_some() { "cursor" } else { "limit" };
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{field} is for GET; DELETE ends every match"),
+            Some(field.into()),
+        );
+    }
+    let Some(destination) = p.filter.destination.clone() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "say which destination: DELETE /v1/dialogs?destination=ID (ending every dialog              of the proxy at once is not offered)",
+            Some("destination".into()),
+        );
+    };
+    let mut total = DialogsEnded {
+        destination,
+        ended: 0,
+        byes_sent: 0,
+        not_confirmed: 0,
+    };
+    let mut after = 0;
+    loop {
+        let filter = p.filter.clone();
+        let batch = match api.ask(|tx| Control::EndDialogs(filter, after, tx)).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if !batch.known && total.ended == 0 && batch.ended == 0 {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no destination with id {:?}", total.destination),
+                Some("destination".into()),
+            );
+        }
+        total.ended += batch.ended;
+        total.byes_sent += batch.byes_sent;
+        total.not_confirmed += batch.not_confirmed;
+        match batch.next {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    Json(total).into_response()
+}
+
 pub fn router(api: Api) -> Router {
     let r = Router::new()
         .route("/healthz", get(healthz))
@@ -444,6 +692,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/destinations/wait-drained", get(wait_drained))
         .route("/v1/destinations/{id}/state", post(post_state))
         .route("/v1/dialogs/stats", get(dialog_stats))
+        .route("/v1/dialogs", get(list_dialogs).delete(end_dialogs))
+        .route("/v1/dialogs/{id}", delete(end_dialog))
         .route("/v1/cluster", get(cluster));
     #[cfg(feature = "test-stall")]
     let r = r.route("/v1/test/stall", post(stall));
@@ -690,6 +940,119 @@ mod tests {
         let id = DrainTarget::Id("speech/unimrcp-0@7460ce94".into());
         assert!(id.matches("speech/unimrcp-0@7460ce94"));
         assert!(!id.matches("speech/unimrcp-0@00000000"));
+    }
+
+    /// The dialog endpoints need the token, the list included (it shows callers'
+    /// addresses): without it, or with another, 401 and the core is never asked; with it,
+    /// the request reaches the core.
+    #[tokio::test]
+    async fn dialog_endpoints_need_the_token() {
+        let (control, mut core) = mpsc::channel(4);
+        let api = Api {
+            control,
+            token: Some("s3cret".into()),
+            protect_reads: false,
+            liveness_timeout: Duration::from_secs(3),
+            shutdown: CancellationToken::new(),
+            drain_waits: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        let with = |v: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            h
+        };
+        let id = || Path("YQpi".to_string());
+        let all = || Ok(Query(q(&[("destination", "1")])));
+        for bad in [
+            None,
+            Some("Bearer nope"),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+        ] {
+            let r = list_dialogs(State(api.clone()), with(bad), Ok(Query(vec![]))).await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "GET with {bad:?}");
+            let r = end_dialog(State(api.clone()), id(), with(bad)).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "DELETE id with {bad:?}"
+            );
+            let r = end_dialogs(State(api.clone()), with(bad), all()).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "DELETE all with {bad:?}"
+            );
+        }
+        assert!(core.try_recv().is_err(), "the core was asked");
+        // With the token: the core is asked (and answers that it knows no such dialog).
+        let answer = tokio::spawn(async move {
+            match core.recv().await {
+                Some(Control::EndDialog(key, tx)) => {
+                    assert_eq!((&*key.call_id, &*key.caller_tag), ("a", "b"));
+                    let _ = tx.send(Err(EndError::NotFound));
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        let r = end_dialog(State(api.clone()), id(), with(Some("Bearer s3cret"))).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        answer.await.unwrap();
+    }
+
+    #[test]
+    fn dialog_list_parameters() {
+        let p = dialog_params(&q(&[
+            ("destination", "speech/unimrcp-0@7460ce94"),
+            ("state", "confirmed"),
+            ("minAge", "10m"),
+            ("callId", "abc@host"),
+            ("limit", "1000"),
+            ("cursor", "42"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p,
+            DialogParams {
+                filter: DialogFilter {
+                    destination: Some("speech/unimrcp-0@7460ce94".into()),
+                    state: Some(DialogState::Confirmed),
+                    min_age: Some(Duration::from_secs(600)),
+                    call_id: Some("abc@host".into()),
+                },
+                after: Some(42),
+                limit: Some(1000),
+            }
+        );
+        let p = dialog_params(&q(&[("olderThan", "90"), ("after", "7")])).unwrap();
+        assert_eq!(
+            (p.filter.min_age, p.after),
+            (Some(Duration::from_secs(90)), Some(7))
+        );
+        assert_eq!(dialog_params(&[]).unwrap().limit, None);
+        let field = |pairs: &[(&str, &str)]| dialog_params(&q(pairs)).unwrap_err().0;
+        for (pairs, want) in [
+            (&[("limit", "0")][..], "limit"),
+            (&[("limit", "1001")], "limit"),
+            (&[("limit", "-1")], "limit"),
+            (&[("limit", "ten")], "limit"),
+            (&[("cursor", "abc")], "cursor"),
+            (&[("after", "-1")], "after"),
+            (&[("cursor", "1"), ("after", "2")], "cursor"),
+            (&[("state", "Confirmed")], "state"),
+            (&[("state", "terminated")], "state"),
+            (&[("minAge", "1.5")], "minAge"),
+            (&[("minAge", "99999999999999999999d")], "minAge"),
+            (&[("olderThan", "3w")], "olderThan"),
+            (&[("destination", "")], "destination"),
+            (&[("callId", "")], "callId"),
+            (&[("destination", "1"), ("destination", "2")], "destination"),
+            (&[("dest", "1")], "dest"),
+        ] {
+            assert_eq!(field(pairs), want, "{pairs:?}");
+        }
     }
 
     #[test]

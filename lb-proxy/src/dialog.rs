@@ -81,6 +81,8 @@ pub enum End {
     Failed,
     /// The proxy's lifetime or Session-Expires limit passed.
     Expired,
+    /// Ended through the admin API (`DELETE /v1/dialogs`).
+    Admin,
 }
 
 /// The dialog counters, as OpenSIPS names them.

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub dialogs_processed: IntCounter,
     pub dialogs_expired: IntCounter,
     pub dialogs_failed: IntCounter,
+    /// `mrcp_lb_dialogs_ended_total{reason="admin"}`: dialogs ended through the admin API.
+    pub dialogs_ended_admin: IntCounter,
     requests: IntCounterVec,
     /// Pre-resolved children of `requests` for the methods of a normal call.
     req_invite: IntCounter,
@@ -268,6 +270,14 @@ impl Metrics {
              verified, name mismatch, refused).",
             &["side"],
         );
+        let dialogs_ended = counter_vec(
+            &r,
+            "mrcp_lb_dialogs_ended_total",
+            "Dialogs the proxy ended itself with a BYE to both sides, by reason: admin \
+             (DELETE /v1/dialogs). The lifetime and Session-Expires limits count in \
+             mrcp_lb_dialogs_expired_total.",
+            &["reason"],
+        );
         let relay_refused = counter_vec(
             &r,
             "mrcp_lb_relay_refused_total",
@@ -367,6 +377,7 @@ impl Metrics {
                 "mrcp_lb_dialogs_failed_total",
                 "Dialogs never established (rejected, cancelled, no destination).",
             ),
+            dialogs_ended_admin: dialogs_ended.with_label_values(&["admin"]),
             req_invite: requests.with_label_values(&["INVITE"]),
             req_ack: requests.with_label_values(&["ACK"]),
             req_bye: requests.with_label_values(&["BYE"]),

@@ -709,6 +709,15 @@ impl Core {
             Control::DrainStatus(target, reply) => {
                 let _ = reply.send(proxy.drain_status(now, &target));
             }
+            Control::Dialogs(query, reply) => {
+                let _ = reply.send(proxy.list_dialogs(now, &query));
+            }
+            Control::EndDialog(key, reply) => {
+                let _ = reply.send(proxy.end_dialog_by_key(now, &key));
+            }
+            Control::EndDialogs(filter, after, reply) => {
+                let _ = reply.send(proxy.end_dialogs(now, &filter, after));
+            }
             Control::Alive(reply) => {
                 let _ = reply.send(());
             }

@@ -3,16 +3,21 @@
 //! runtime's event channel, so they run on the core task between two messages and never race
 //! the call path.
 
-use lb_api::admin::{Action, ClusterStatus, DestinationsStatus, DialogStats, DrainStatus, State};
+use lb_api::admin::{
+    Action, ClusterStatus, DestinationsStatus, DialogEnded, DialogList, DialogStats, DrainStatus,
+    State,
+};
 use lb_api::{DestinationSet, FieldError};
 use serde::Serialize;
 use std::time::{Instant, SystemTime};
 use tokio::sync::oneshot;
 use tracing::info;
 
+use super::sessions::{DialogFilter, DialogQuery, EndBatch, EndError};
 use super::{ClientState, Proxy, Role, ServerState};
 use crate::config::{check_set, Key};
 use crate::destinations::{unix, Health, Manual};
+use crate::dialog::DialogKey;
 
 /// Requests from the admin API, the reloaders and the signal handler, answered by the core
 /// task between two messages (the runtime forwards them on its event queue).
@@ -36,6 +41,13 @@ pub enum Control {
     /// Whether a destination is drained cluster-wide (`GET /v1/destinations/wait-drained`,
     /// which asks again until it is or its timeout passes).
     DrainStatus(DrainTarget, oneshot::Sender<DrainStatus>),
+    /// `GET /v1/dialogs`: one page.
+    Dialogs(DialogQuery, oneshot::Sender<DialogList>),
+    /// `DELETE /v1/dialogs/{id}`: BYE to both sides, load released.
+    EndDialog(DialogKey, oneshot::Sender<Result<DialogEnded, EndError>>),
+    /// `DELETE /v1/dialogs?destination=ID`: one batch, after a cursor (the API asks again
+    /// until `next` is None).
+    EndDialogs(DialogFilter, u64, oneshot::Sender<EndBatch>),
     /// The liveness watchdog (`/healthz`): answered at once by a core that turns over.
     Alive(oneshot::Sender<()>),
     /// Test builds only (feature `test-stall`): the core thread blocks for this long, so that

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The Reason of the BYEs sent when a dialog's lifetime or Session-Expires runs out.
+const REASON_EXPIRED: &str = "SIP;cause=408;text=\"dialog expired\"";
+
 impl Proxy {
     pub(in crate::proxy) fn confirm_dialog(
         &mut self,
@@ -143,43 +146,70 @@ impl Proxy {
             End::Normal => {}
             End::Failed => self.metrics.dialogs_failed.inc(),
             End::Expired => self.metrics.dialogs_expired.inc(),
+            End::Admin => self.metrics.dialogs_ended_admin.inc(),
         }
     }
 
     /// The lifetime or Session-Expires limit passed: BYE to both sides, load freed.
     pub(in crate::proxy) fn expire_dialog(&mut self, now: Instant, key: &DialogKey) {
-        let Some(d) = self.dialogs.get(key).cloned() else {
-            return;
-        };
-        if d.phase == Phase::Confirmed {
-            let to_tagged = match &d.to_tag {
-                Some(t) => format!("{};tag={t}", d.to_hdr),
-                None => d.to_hdr.to_string(),
-            };
-            // Towards the callee: as the caller.
-            if let (Some(contact), Some(flow)) = (&d.callee.contact, d.callee.flow) {
-                let bye = self.make_bye(
-                    key,
-                    contact,
-                    &d.from_hdr,
-                    &to_tagged,
-                    d.caller.cseq.saturating_add(1),
-                    &d.callee.routes,
-                );
-                self.send_own(now, bye, flow);
-            }
-            // Towards the caller: as the callee.
-            if let (Some(contact), Some(flow)) = (&d.caller.contact, d.caller.flow) {
-                let seq = d.callee.cseq.max(1).saturating_add(1);
-                let bye =
-                    self.make_bye(key, contact, &to_tagged, &d.from_hdr, seq, &d.caller.routes);
-                self.send_own(now, bye, flow);
-            }
-        }
+        self.bye_both_sides(now, key, REASON_EXPIRED);
         info!(call_id = %key.call_id, "dialog expired: BYE sent to both sides");
         self.end_dialog(key, End::Expired);
     }
 
+    /// Sends a BYE within the dialog to each side of a confirmed dialog, as the other side
+    /// would: towards the server as the caller (caller's CSeq + 1, the server's route set),
+    /// towards the caller as the server (server's CSeq + 1, the caller's route set). Returns
+    /// whether each went out (caller, server): a side without a usable Contact or flow gets
+    /// none. The dialog itself is left for the caller to end.
+    pub(in crate::proxy) fn bye_both_sides(
+        &mut self,
+        now: Instant,
+        key: &DialogKey,
+        reason: &str,
+    ) -> (bool, bool) {
+        let Some(d) = self.dialogs.get(key).cloned() else {
+            return (false, false);
+        };
+        if d.phase != Phase::Confirmed {
+            return (false, false);
+        }
+        let (mut to_caller, mut to_server) = (false, false);
+        let to_tagged = match &d.to_tag {
+            Some(t) => format!("{};tag={t}", d.to_hdr),
+            None => d.to_hdr.to_string(),
+        };
+        // Towards the callee: as the caller.
+        if let (Some(contact), Some(flow)) = (&d.callee.contact, d.callee.flow) {
+            let bye = self.make_bye(
+                key,
+                contact,
+                &d.from_hdr,
+                &to_tagged,
+                d.caller.cseq.saturating_add(1),
+                &d.callee.routes,
+                reason,
+            );
+            to_server = self.send_own(now, bye, flow);
+        }
+        // Towards the caller: as the callee.
+        if let (Some(contact), Some(flow)) = (&d.caller.contact, d.caller.flow) {
+            let seq = d.callee.cseq.max(1).saturating_add(1);
+            let bye = self.make_bye(
+                key,
+                contact,
+                &to_tagged,
+                &d.from_hdr,
+                seq,
+                &d.caller.routes,
+                reason,
+            );
+            to_caller = self.send_own(now, bye, flow);
+        }
+        (to_caller, to_server)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(in crate::proxy) fn make_bye(
         &self,
         key: &DialogKey,
@@ -188,6 +218,7 @@ impl Proxy {
         to: &str,
         cseq: u32,
         routes: &[Box<str>],
+        reason: &str,
     ) -> Message {
         let mut bye = Message::request(Method::Bye, ruri);
         for r in routes {
@@ -197,23 +228,26 @@ impl Proxy {
         bye.push(HeaderName::To, to.to_string());
         bye.push(HeaderName::CallId, key.call_id.to_string());
         bye.push(HeaderName::CSeq, format!("{cseq} BYE"));
-        bye.push(
-            HeaderName::Reason,
-            "SIP;cause=408;text=\"dialog expired\"".to_string(),
-        );
+        bye.push(HeaderName::Reason, reason.to_string());
         bye
     }
 
-    /// Sends a request the proxy originates, in a client transaction of its own.
-    pub(in crate::proxy) fn send_own(&mut self, now: Instant, mut req: Message, mut flow: Flow) {
+    /// Sends a request the proxy originates, in a client transaction of its own; false when
+    /// no listener can reach the flow.
+    pub(in crate::proxy) fn send_own(
+        &mut self,
+        now: Instant,
+        mut req: Message,
+        mut flow: Flow,
+    ) -> bool {
         let Some(l) = self.out_listener(flow.transport, Some(flow.remote.is_ipv6())) else {
-            return;
+            return false;
         };
         flow.listener = l;
         let branch = self.new_branch();
         self.prepare_forward(&mut req, l, &branch);
         let Some(method) = req.method().cloned() else {
-            return;
+            return false;
         };
         self.start_client(
             now,
@@ -227,6 +261,7 @@ impl Proxy {
             Role::Plain,
             None,
         );
+        true
     }
 
     /// A dialog's deadline timer: re-armed when a refresh moved the deadline, else the dialog

@@ -27,13 +27,14 @@
 //! | `probe.rs` | OPTIONS health probes |
 //! | `share.rs` | load sharing with other replicas |
 //! | `control.rs` | destination set, manual state, status and gauges for the admin API |
+//! | `sessions.rs` | per-session control for the admin API: list dialogs by page, end one or all on a destination |
 
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,7 +98,9 @@ pub struct Proxy {
     dialogs: HashMap<DialogKey, Box<Dialog>>,
     server_ids: HashMap<u64, ServerKey>,
     client_ids: HashMap<u64, ClientKey>,
-    dialog_ids: HashMap<u64, DialogKey>,
+    /// Dialogs by serial (the order they were created in): timers name dialogs by it, and the
+    /// admin API pages through them in this order.
+    dialog_ids: BTreeMap<u64, DialogKey>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
     out: Vec<Outbound>,
     rng: SmallRng,
@@ -188,7 +191,7 @@ impl Proxy {
             dialogs: HashMap::default(),
             server_ids: HashMap::default(),
             client_ids: HashMap::default(),
-            dialog_ids: HashMap::default(),
+            dialog_ids: BTreeMap::new(),
             timers: BinaryHeap::new(),
             out: Vec::new(),
             rng,
@@ -421,12 +424,17 @@ mod messages;
 mod probe;
 mod relay;
 mod resources;
+mod sessions;
 mod share;
 mod timers;
 mod transaction;
 
 pub use control::{Applied, Control, DrainTarget, SetError, Stats};
 pub use relay::{Refusal, RouteKeys, TOKEN_PARAM};
+pub use sessions::{
+    dialog_id, parse_dialog_id, DialogFilter, DialogQuery, EndBatch, EndError, END_BATCH,
+    SCAN_BUDGET,
+};
 
 #[cfg(test)]
 mod tests;

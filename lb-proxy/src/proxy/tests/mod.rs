@@ -1131,6 +1131,7 @@ mod memory;
 mod probe;
 mod relay;
 mod sdp;
+mod sessions;
 mod share;
 mod shutdown;
 mod tls;
