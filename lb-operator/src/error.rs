@@ -41,6 +41,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The API server refused `--pod-selector`.
+    #[error("--pod-selector {selector:?}: {message}")]
+    PodSelector { selector: String, message: String },
     /// A watch ended before its cache was filled.
     #[error("watch ended before its cache synced: {0}")]
     CacheSync(#[source] kube::runtime::reflector::store::WriterDropped),
@@ -58,6 +61,7 @@ impl Error {
             Error::HttpClient(_) => "http_client",
             Error::Listen { .. } => "listen",
             Error::CacheSync(_) => "cache_sync",
+            Error::PodSelector { .. } => "pod_selector",
         }
     }
 }
