@@ -49,6 +49,9 @@ chart-lint: k8s
 	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=speech > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set operator.className=tenant-b,operator.podSelector=mrcp-lb.io/server \
+	     | grep -c -- '^            - --class=tenant-b$$\|^            - "--pod-selector=mrcp-lb.io/server"$$' | grep -qx 2 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set operator.className=Tenant_B > /dev/null 2>&1 \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.cluster.enabled=false,proxy.service.type=LoadBalancer,proxy.service.loadBalancerIP=203.0.113.7,proxy.service.sessionAffinity=None > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls,proxy.advertise=sip.example.com:5060 > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls > /dev/null \
