@@ -119,7 +119,6 @@ impl<'de> serde::Deserialize<'de> for WatchedPod {
             phase: s.phase,
             conditions: s.conditions.map(|cs| {
                 cs.into_iter()
-                    .filter(|c| c.type_ == "Ready")
                     .map(|c| PodCondition {
                         type_: c.type_,
                         status: c.status,
@@ -129,20 +128,21 @@ impl<'de> serde::Deserialize<'de> for WatchedPod {
             }),
             ..Default::default()
         });
-        Ok(WatchedPod(Pod {
+        let pod = Pod {
             metadata: ObjectMeta {
                 name: m.name,
                 namespace: m.namespace,
                 uid: m.uid,
                 resource_version: m.resource_version,
                 labels: m.labels,
-                annotations: ours(m.annotations),
+                annotations: m.annotations,
                 deletion_timestamp: m.deletion_timestamp,
                 ..Default::default()
             },
             spec: None,
             status,
-        }))
+        };
+        Ok(WatchedPod(slim(pod)))
     }
 }
 
@@ -153,7 +153,8 @@ fn ours(annotations: Option<BTreeMap<String, String>>) -> Option<BTreeMap<String
     (!a.is_empty()).then_some(a)
 }
 
-/// A full pod cut down to what [`WatchedPod`] keeps (for tests, and pods from elsewhere).
+/// A pod cut down to what [`WatchedPod`] keeps: the capacity annotations only, the Ready
+/// condition only (its type and status), no spec.
 pub fn slim(pod: Pod) -> Pod {
     let m = pod.metadata;
     let status = pod.status.map(|s| PodStatus {
