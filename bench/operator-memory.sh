@@ -17,7 +17,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=../tests/k8s/lib.sh
+# shellcheck source=tests/k8s/lib.sh
 source "$ROOT/tests/k8s/lib.sh"
 KUBECTL_BIN=$(k8s_bin kubectl)
 PODS=${PODS:-5000}
