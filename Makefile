@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench soak fuzz audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench bench-operator soak fuzz audit audit-advisories cargo-deny
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -14,6 +14,7 @@ help:
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make autoscale  KEDA + HPA scale the UniMRCP StatefulSet up under calls and down with a drain"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
+	@echo "make bench-operator  lb-operator's memory on a kwok cluster of 5,000 pods (docs/operator-scope.md)"
 	@echo "make audit  cargo deny: licences, duplicate versions (warnings), sources (crates.io only)"
 	@echo "make soak   30 min of mixed calls through lb-proxy; checks nothing is left and RSS is flat (MINUTES=N)"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60); fails on a crash (see RELIABILITY.md)"
@@ -49,6 +50,9 @@ chart-lint: k8s
 	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.kind=DaemonSet,proxy.hostNetwork=true,operator.watchNamespace=speech > /dev/null \
+	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set operator.className=tenant-b,operator.podSelector=mrcp-lb.io/server \
+	     | grep -c -- '^            - --class=tenant-b$$\|^            - "--pod-selector=mrcp-lb.io/server"$$' | grep -qx 2 \
+	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set operator.className=Tenant_B > /dev/null 2>&1 \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.cluster.enabled=false,proxy.service.type=LoadBalancer,proxy.service.loadBalancerIP=203.0.113.7,proxy.service.sessionAffinity=None > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls,proxy.advertise=sip.example.com:5060 > /dev/null \
 	  && "$$HELM" template mrcp-lb charts/mrcp-lb --set proxy.tls.enabled=true,proxy.tls.secretName=sip-tls > /dev/null \
@@ -98,6 +102,11 @@ autoscale: deps k8s
 
 bench:
 	./bench/run.sh
+
+# The operator's memory on a kwok cluster of 5,000 pods (50 MRCP servers); a few minutes.
+bench-operator: k8s
+	$(CARGO) build -p lb-operator
+	./bench/operator-memory.sh
 
 soak: deps build
 	LB_PROXY=$(PROXY) ./tests/soak/run.sh $(or $(MINUTES),30)

@@ -84,6 +84,13 @@ pub const MRCP_RESOURCES: [&str; 6] = [
         priority = "1"
     ),
     printcolumn(
+        name = "Class",
+        type_ = "string",
+        json_path = ".spec.className",
+        description = "The operator class that takes this server (none: the default class)",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -91,6 +98,15 @@ pub const MRCP_RESOURCES: [&str; 6] = [
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MrcpServerSpec {
+    /// The operator that takes this MrcpServer: the one started with `--class <className>`
+    /// (chart value `operator.className`). Absent: the operators started without `--class`.
+    /// Two releases or tenants with classes of their own never register each other's servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub class_name: Option<String>,
     /// Selects the MRCP server pods (typically a StatefulSet's), in this namespace.
     pub selector: LabelSelector,
     /// SIP port of the servers.

@@ -44,6 +44,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The API server refused `--pod-selector`.
+    #[error("--pod-selector {selector:?}: {message}")]
+    PodSelector { selector: String, message: String },
     /// A watch ended before its cache was filled.
     #[error("watch ended before its cache synced: {0}")]
     CacheSync(#[source] kube::runtime::reflector::store::WriterDropped),
@@ -62,6 +65,7 @@ impl Error {
             Error::ProxyTls(_) => "proxy_tls",
             Error::Listen { .. } => "listen",
             Error::CacheSync(_) => "cache_sync",
+            Error::PodSelector { .. } => "pod_selector",
         }
     }
 }

@@ -2,7 +2,8 @@
 //! every `lb-proxy` replica routes on.
 //!
 //! - [`crd`]: the custom resource;
-//! - [`pods`]: one pod → one destination (capacity annotations, readiness, draining);
+//! - [`pods`]: one pod → one destination (capacity annotations, readiness, draining), and
+//!   the slim pod the watch reads ([`pods::WatchedPod`]);
 //! - [`model`]: all servers and pods → the destination set and each server's status (pure);
 //! - [`events`]: what changed between two statuses, as Events for users (pure);
 //! - [`push`]: delivering the set to every proxy replica;

@@ -15,6 +15,17 @@ struct Cli {
     /// Watch MrcpServers and pods in this namespace only (default: all namespaces).
     #[arg(long, env = "LB_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
+    /// Watch only the pods this label selector selects, e.g. "mrcp-lb.io/server" (pods that
+    /// carry the label) or "app in (unimrcp,unimrcp-tts)": the API server filters, so other
+    /// pods cost the operator nothing. Pods it leaves out never become destinations, whatever
+    /// the MrcpServers select. Default: every pod (of --namespace), kept in memory cut down
+    /// to the fields the operator reads.
+    #[arg(long, env = "LB_OPERATOR_POD_SELECTOR")]
+    pod_selector: Option<String>,
+    /// Take only the MrcpServers whose spec.className is NAME (default: only those without a
+    /// className), so that several releases or tenants never register each other's servers.
+    #[arg(long = "class", value_name = "NAME", env = "LB_OPERATOR_CLASS")]
+    class: Option<String>,
     /// Label selector of the lb-proxy pods, e.g. "app.kubernetes.io/component=proxy".
     #[arg(long, env = "LB_OPERATOR_PROXY_SELECTOR")]
     proxy_selector: Option<String>,
@@ -121,6 +132,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if let Some(c) = &cli.class {
+        if !lb_operator::settings::valid_class(c) {
+            eprintln!(
+                "lb-operator: --class {c:?} must be 1 to 63 lower-case letters, digits or '-', \
+                 starting and ending with a letter or digit (as spec.className)"
+            );
+            return ExitCode::from(2);
+        }
+    }
+    if cli
+        .pod_selector
+        .as_deref()
+        .is_some_and(|s| s.trim().is_empty())
+    {
+        eprintln!("lb-operator: --pod-selector is empty (leave it out to watch every pod)");
+        return ExitCode::from(2);
+    }
     let lease = match &cli.lease_name {
         Some(name) => {
             let Some(identity) = cli.identity.clone() else {
@@ -140,6 +168,8 @@ fn main() -> ExitCode {
     };
     let settings = Settings {
         namespace: cli.namespace,
+        pod_selector: cli.pod_selector,
+        class: cli.class,
         proxy_selector: cli.proxy_selector,
         proxy_namespace: cli.proxy_namespace,
         proxy_admin_port: cli.proxy_admin_port,

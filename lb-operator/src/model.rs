@@ -58,6 +58,7 @@ pub fn compute<'a>(
     let mut out = Computed::default();
     // Destination id → the server (namespace/name) whose destination it is.
     let mut taken: HashMap<String, String> = HashMap::new();
+    let no_labels = BTreeMap::new();
     let mut servers: Vec<&MrcpServer> = servers.into_iter().collect();
     servers.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
     for server in servers {
@@ -92,8 +93,8 @@ pub fn compute<'a>(
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
         {
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
-            if !pods::selector_matches(&server.spec.selector, &labels) {
+            let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+            if !pods::selector_matches(&server.spec.selector, labels) {
                 continue;
             }
             view.matched += 1;

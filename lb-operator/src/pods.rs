@@ -1,7 +1,7 @@
 //! One pod → one destination: selector matching, readiness, capacity annotations.
 
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use lb_api::{DesiredState, DestinationSpec, ProbeMode, Resources};
 use std::collections::BTreeMap;
 
@@ -30,6 +30,162 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
         }
     }
     true
+}
+
+/// What the operator keeps of a watched pod: exactly the fields the destination set and the
+/// statuses read — name, namespace, UID, labels, deletion timestamp, the capacity annotations,
+/// IP, phase and the Ready condition. Everything else (spec, managed fields, other annotations,
+/// container statuses) is skipped while the JSON is read, never allocated: the watch on every
+/// pod of the cluster (or of `--namespace`) costs a few hundred bytes per unrelated pod (its
+/// name and labels) instead of the whole object (measured in BENCHMARKS.md, "Operator
+/// memory"). Listed and watched as a Pod (`/api/v1/pods`); [`WatchedPod::pod`] is that slim
+/// Pod, what [`slim`] would make of the full object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WatchedPod(pub Pod);
+
+impl WatchedPod {
+    pub fn pod(&self) -> &Pod {
+        &self.0
+    }
+}
+
+impl k8s_openapi::Resource for WatchedPod {
+    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for WatchedPod {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+/// The parts of a pod's JSON that [`WatchedPod`] reads; serde skips every other field.
+mod wire {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+
+    #[derive(Deserialize)]
+    pub struct Pod {
+        #[serde(default)]
+        pub metadata: Meta,
+        pub status: Option<Status>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Meta {
+        pub name: Option<String>,
+        pub namespace: Option<String>,
+        pub uid: Option<String>,
+        pub resource_version: Option<String>,
+        pub labels: Option<BTreeMap<String, String>>,
+        pub annotations: Option<BTreeMap<String, String>>,
+        pub deletion_timestamp: Option<Time>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Status {
+        #[serde(rename = "podIP")]
+        pub pod_ip: Option<String>,
+        pub phase: Option<String>,
+        pub conditions: Option<Vec<Condition>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Condition {
+        #[serde(rename = "type")]
+        pub type_: String,
+        pub status: String,
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WatchedPod {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = wire::Pod::deserialize(d)?;
+        let m = w.metadata;
+        let status = w.status.map(|s| PodStatus {
+            pod_ip: s.pod_ip,
+            phase: s.phase,
+            conditions: s.conditions.map(|cs| {
+                cs.into_iter()
+                    .map(|c| PodCondition {
+                        type_: c.type_,
+                        status: c.status,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        });
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                labels: m.labels,
+                annotations: m.annotations,
+                deletion_timestamp: m.deletion_timestamp,
+                ..Default::default()
+            },
+            spec: None,
+            status,
+        };
+        Ok(WatchedPod(slim(pod)))
+    }
+}
+
+/// The capacity annotations of `annotations`, None when there are none.
+fn ours(annotations: Option<BTreeMap<String, String>>) -> Option<BTreeMap<String, String>> {
+    let mut a = annotations?;
+    a.retain(|k, _| k == PSTN_CAPACITY || k == RESOURCES);
+    (!a.is_empty()).then_some(a)
+}
+
+/// A pod cut down to what [`WatchedPod`] keeps: the capacity annotations only, the Ready
+/// condition only (its type and status), no spec.
+pub fn slim(pod: Pod) -> Pod {
+    let m = pod.metadata;
+    let status = pod.status.map(|s| PodStatus {
+        pod_ip: s.pod_ip,
+        phase: s.phase,
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    });
+    Pod {
+        metadata: ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            labels: m.labels,
+            annotations: ours(m.annotations),
+            deletion_timestamp: m.deletion_timestamp,
+            ..Default::default()
+        },
+        spec: None,
+        status,
+    }
 }
 
 pub fn is_ready(pod: &Pod) -> bool {
@@ -177,7 +333,6 @@ pub fn destination(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -317,5 +472,66 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("mrcp-lb.io/resources=\"pstn=-1\""));
+    }
+
+    #[test]
+    fn a_slimmed_pod_gives_the_same_destination_and_keeps_nothing_else() {
+        use k8s_openapi::api::core::v1::{Container, PodSpec};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
+        let mut full = pod(
+            "a",
+            Some("127.0.2.1"),
+            true,
+            &[
+                (RESOURCES, "speechrecog=5"),
+                ("checksum/config", "0123456789abcdef"),
+            ],
+        );
+        full.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        full.metadata.generate_name = Some("a-".into());
+        full.spec = Some(PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let status = full.status.as_mut().unwrap();
+        status.conditions.as_mut().unwrap().push(PodCondition {
+            type_: "PodScheduled".into(),
+            status: "True".into(),
+            ..Default::default()
+        });
+        status.host_ip = Some("10.0.0.1".into());
+        for deleting in [false, true] {
+            if deleting {
+                full.metadata.deletion_timestamp = Some(Time(Default::default()));
+            }
+            let slim = slim(full.clone());
+            let json = serde_json::to_string(&full).unwrap();
+            let watched: WatchedPod = serde_json::from_str(&json).unwrap();
+            assert_eq!(watched.pod(), &slim, "read from JSON as slimmed");
+            assert_eq!(
+                destination(&spec(), &default(), &slim),
+                destination(&spec(), &default(), &full)
+            );
+            assert_eq!(slim.metadata.labels, full.metadata.labels);
+            assert_eq!(
+                slim.metadata.annotations,
+                Some(labels(&[(RESOURCES, "speechrecog=5")]))
+            );
+            assert!(slim.spec.is_none() && slim.metadata.managed_fields.is_none());
+            let st = slim.status.unwrap();
+            assert_eq!(st.conditions.map(|c| c.len()), Some(1));
+            assert_eq!(st.host_ip, None);
+        }
+        // Not Ready, no annotations, no status at all: still the same answers.
+        let mut bare = pod("b", Some("127.0.2.2"), false, &[]);
+        assert_eq!(
+            destination(&spec(), &default(), &slim(bare.clone())),
+            destination(&spec(), &default(), &bare)
+        );
+        bare.status = None;
+        assert!(destination(&spec(), &default(), &slim(bare)).is_none());
     }
 }

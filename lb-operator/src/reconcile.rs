@@ -55,9 +55,17 @@ impl Reconciler {
     pub async fn reconcile_once(&mut self, ctx: &Context, leading: bool) {
         ctx.metrics.reconciles.inc();
         let started = Instant::now();
-        let server_objs = ctx.stores.servers.state();
+        // Only this operator's class: another class's MrcpServers are another release's (or
+        // tenant's), neither in its set nor in its statuses, Events and metrics.
+        let server_objs: Vec<_> = ctx
+            .stores
+            .servers
+            .state()
+            .into_iter()
+            .filter(|s| ctx.settings.claims(s))
+            .collect();
         let pod_objs = ctx.stores.pods.state();
-        let pod_refs: Vec<&Pod> = pod_objs.iter().map(|p| p.as_ref()).collect();
+        let pod_refs: Vec<&Pod> = pod_objs.iter().map(|p| p.pod()).collect();
         let mut computed = compute(server_objs.iter().map(|s| s.as_ref()), &pod_refs);
         let proxy_objs = ctx
             .stores

@@ -2,6 +2,8 @@
 //! the caches are synced, run [`Reconciler::reconcile_once`] on every change (and every 5 s)
 //! until shutdown.
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use kube::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ pub async fn run(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    check_pod_selector(&client, &settings).await?;
     let metrics = Arc::new(Metrics::new());
     let ctx = Context::start(client, settings, metrics.clone(), &shutdown);
     let leadership = Leadership::start(
@@ -81,4 +84,28 @@ pub async fn run(
     }
     leadership.finish().await;
     Ok(())
+}
+
+/// A `--pod-selector` the API server cannot parse would only show as a watch error repeated
+/// forever: one LIST of at most one pod finds out first, and stops the start-up with a message
+/// naming the flag. Any other failure (the API server not reachable yet) is left to the
+/// watches, which retry.
+async fn check_pod_selector(client: &Client, settings: &Settings) -> Result<(), Error> {
+    let Some(sel) = &settings.pod_selector else {
+        return Ok(());
+    };
+    let pods: Api<Pod> = match settings.namespace.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match pods
+        .list_metadata(&ListParams::default().labels(sel).limit(1))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 400 => Err(Error::PodSelector {
+            selector: sel.clone(),
+            message: s.message,
+        }),
+        _ => Ok(()),
+    }
 }

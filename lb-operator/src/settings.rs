@@ -8,6 +8,12 @@ use std::time::Duration;
 pub struct Settings {
     /// Watch MrcpServers and pods in this namespace only; all namespaces when None.
     pub namespace: Option<String>,
+    /// Label selector restricting the pod watch (`--pod-selector`): only pods it selects can
+    /// be destinations; None watches every pod (of `namespace`).
+    pub pod_selector: Option<String>,
+    /// The MrcpServers this operator takes: those whose `spec.className` is this, or, when
+    /// None, those without a className (`--class`).
+    pub class: Option<String>,
     /// Label selector of the proxy pods (their admin API gets the set).
     pub proxy_selector: Option<String>,
     /// Namespace of the proxy pods.
@@ -37,6 +43,8 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("namespace", &self.namespace)
+            .field("pod_selector", &self.pod_selector)
+            .field("class", &self.class)
             .field("proxy_selector", &self.proxy_selector)
             .field("proxy_namespace", &self.proxy_namespace)
             .field("proxy_admin_port", &self.proxy_admin_port)
@@ -52,6 +60,28 @@ impl std::fmt::Debug for Settings {
     }
 }
 
+impl Settings {
+    /// Whether this operator takes `server`: the same class, an absent or empty className
+    /// being the default class (no `--class`).
+    pub fn claims(&self, server: &crate::crd::MrcpServer) -> bool {
+        let class = server.spec.class_name.as_deref().filter(|c| !c.is_empty());
+        class == self.class.as_deref()
+    }
+}
+
+/// A class name as `spec.className` accepts it (a DNS label): 1 to 63 of `a-z`, `0-9`, `-`,
+/// starting and ending with a letter or digit.
+pub fn valid_class(c: &str) -> bool {
+    let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = c.as_bytes();
+    match (bytes.first(), bytes.last()) {
+        (Some(&f), Some(&l)) => {
+            bytes.len() <= 63 && ok(f) && ok(l) && bytes.iter().all(|&b| ok(b) || b == b'-')
+        }
+        _ => false,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
     pub name: String,
@@ -63,10 +93,11 @@ pub struct LeaseSettings {
 mod tests {
     use super::*;
 
-    #[test]
-    fn debug_output_hides_the_admin_token() {
-        let s = Settings {
+    fn settings() -> Settings {
+        Settings {
             namespace: None,
+            pod_selector: None,
+            class: None,
             proxy_selector: None,
             proxy_namespace: None,
             proxy_admin_port: 8081,
@@ -78,10 +109,49 @@ mod tests {
             lease: None,
             load_interval: Some(Duration::from_secs(5)),
             proxy_tls: None,
-        };
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_the_admin_token() {
+        let s = settings();
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("token: Some(\"<redacted>\")"), "{shown}");
         assert!(shown.contains("proxy_admin_port: 8081"), "{shown}");
+    }
+
+    #[test]
+    fn an_operator_claims_the_servers_of_its_class_only() {
+        let server = |class: Option<&str>| -> crate::crd::MrcpServer {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mrcp-lb.io/v1alpha1",
+                "kind": "MrcpServer",
+                "metadata": {"name": "s", "namespace": "speech"},
+                "spec": {"selector": {}, "className": class},
+            }))
+            .unwrap()
+        };
+        let mut s = settings();
+        assert!(s.claims(&server(None)));
+        assert!(
+            s.claims(&server(Some(""))),
+            "an empty className is the default class"
+        );
+        assert!(!s.claims(&server(Some("tenant-b"))));
+        s.class = Some("tenant-b".into());
+        assert!(!s.claims(&server(None)));
+        assert!(s.claims(&server(Some("tenant-b"))));
+        assert!(!s.claims(&server(Some("tenant-c"))));
+    }
+
+    #[test]
+    fn class_names_are_dns_labels() {
+        for ok in ["a", "tenant-b", "r2", &"x".repeat(63)] {
+            assert!(valid_class(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "Tenant", "a_b", "a.b", &"x".repeat(64)] {
+            assert!(!valid_class(bad), "{bad}");
+        }
     }
 }

@@ -16,6 +16,7 @@ use tracing::warn;
 
 use crate::crd::MrcpServer;
 use crate::error::Error;
+use crate::pods;
 use crate::settings::Settings;
 
 /// How long a watch waits before trying again after an error: from 250 ms, doubling, at most
@@ -65,11 +66,12 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// Starts a reflector: the store fills from the watch, and `notify` wakes the loop on every
-/// change.
+/// Starts a reflector: the store fills from the watch, each object as `keep` leaves it, and
+/// `notify` wakes the loop on every change.
 fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
+    keep: impl FnMut(&mut K) + Send + 'static,
     notify: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> Store<K>
@@ -80,6 +82,7 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(api, cfg)
         .backoff(WatchBackoff::new())
+        .modify(keep)
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -100,7 +103,9 @@ where
 /// The caches the loop reads, and the signal that one of them changed.
 pub struct Stores {
     pub servers: Store<MrcpServer>,
-    pub pods: Store<Pod>,
+    /// The pods that may be MRCP servers: every pod (of `--namespace`), or those
+    /// `--pod-selector` selects, each read as only the fields the operator uses ([`pods::WatchedPod`]).
+    pub pods: Store<pods::WatchedPod>,
     /// The proxy pods, when they are found by label (`--proxy-selector`).
     pub proxy_pods: Option<Store<Pod>>,
     /// Notified on every event of every watch.
@@ -115,12 +120,20 @@ impl Stores {
         let servers = reflect(
             api::<MrcpServer>(client, ns),
             watcher::Config::default(),
+            |_| {},
             changed.clone(),
             shutdown.clone(),
         );
+        // Memory grows with the pods watched: a label selector keeps unrelated pods out of the
+        // watch altogether (the API server filters), reading only the fields used keeps what does come in small.
+        let mut pod_cfg = watcher::Config::default();
+        if let Some(sel) = &settings.pod_selector {
+            pod_cfg = pod_cfg.labels(sel);
+        }
         let pods = reflect(
-            api::<Pod>(client, ns),
-            watcher::Config::default(),
+            api::<pods::WatchedPod>(client, ns),
+            pod_cfg,
+            |_| {},
             changed.clone(),
             shutdown.clone(),
         );
@@ -129,6 +142,7 @@ impl Stores {
             reflect(
                 api::<Pod>(client, settings.proxy_namespace.as_deref()),
                 cfg,
+                |_| {},
                 changed.clone(),
                 shutdown.clone(),
             )

@@ -41,6 +41,8 @@ const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
 fn settings(tls: Option<ProxyTls>) -> Settings {
     Settings {
         namespace: None,
+        pod_selector: None,
+        class: None,
         proxy_selector: None,
         proxy_namespace: None,
         proxy_admin_port: 8081,

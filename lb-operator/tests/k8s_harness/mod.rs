@@ -43,8 +43,10 @@ use std::time::{Duration, Instant};
 
 /// Environment variables the operator reads its flags from: removed so that only the test's
 /// flags count.
-pub const OPERATOR_VARS: [&str; 14] = [
+pub const OPERATOR_VARS: [&str; 16] = [
     "LB_OPERATOR_NAMESPACE",
+    "LB_OPERATOR_POD_SELECTOR",
+    "LB_OPERATOR_CLASS",
     "LB_OPERATOR_PROXY_SELECTOR",
     "LB_OPERATOR_PROXY_NAMESPACE",
     "LB_OPERATOR_PROXY_ADMIN_PORT",
