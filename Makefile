@@ -34,9 +34,10 @@ fmt:
 	$(CARGO) fmt --all
 
 # The CRD YAML is generated from the Rust types; a test fails when the committed copy differs.
+# The chart renders its copy (files/crds/) as a template, so that helm upgrade updates it.
 crds:
 	$(CARGO) run -q -p lb-operator --bin crdgen > crds/mrcpserver.yaml
-	@if [ -d charts/mrcp-lb/crds ]; then cp crds/mrcpserver.yaml charts/mrcp-lb/crds/mrcpserver.yaml; fi
+	@if [ -d charts/mrcp-lb/files/crds ]; then cp crds/mrcpserver.yaml charts/mrcp-lb/files/crds/mrcpserver.yaml; fi
 
 # Real Kubernetes binaries (kube-apiserver, etcd, kwok, helm ...), built once and cached
 # outside the repo (~/.cache/mrcp-lb). Uses both cores unless told otherwise.
@@ -44,6 +45,9 @@ k8s:
 	K8S_BUILD_JOBS=$${K8S_BUILD_JOBS:-2} ./tests/k8s/build.sh
 
 KEDA_VALUES := --set autoscaling.keda.enabled=true,autoscaling.keda.namespace=speech,autoscaling.keda.mrcpServer=unimrcp,autoscaling.keda.targetUtilization=0.6,autoscaling.keda.prometheus.serverAddress=http://prometheus.monitoring.svc:9090
+
+# Any valid sha256 digest, for the image.digest checks.
+IMAGE_TEST_DIGEST := 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
 
 chart-lint: k8s
 	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
@@ -70,6 +74,45 @@ chart-lint: k8s
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set autoscaling.keda.enabled=true,autoscaling.keda.mrcpServer=unimrcp,autoscaling.keda.prometheus.serverAddress=http://p:9090 > /dev/null 2>&1 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.targetUtilization=1.5 > /dev/null 2>&1 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.minReplicaCount=0 > /dev/null 2>&1
+	@# Chart conventions (README, "Chart values"): global, images (registry/tag/digest), extra
+	@# args/env, pod labels/annotations, priority, scheduling, probes, security contexts, the
+	@# operator's PDB, the CRD as an upgradeable template, the SIP Service kept on uninstall.
+	source tests/k8s/env.sh && T() { "$$HELM" template mrcp-lb charts/mrcp-lb "$$@"; } \
+	  && "$$HELM" lint charts/mrcp-lb --set global.imageRegistry=reg.example.com,global.other=x > /dev/null \
+	  && T --set global.imageRegistry=reg.example.com | grep -c '^          image: "reg.example.com/mrcp-lb/lb-\(proxy\|operator\):0.1.0"$$' | grep -qx 2 \
+	  && T --set global.imageRegistry=reg.example.com,proxy.image.registry=r.io,proxy.image.tag=9.9,proxy.image.digest=sha256:$(IMAGE_TEST_DIGEST),operator.image.tag=1.2.3 \
+	     | grep -c '^          image: "r.io/mrcp-lb/lb-proxy@sha256:$(IMAGE_TEST_DIGEST)"$$\|^          image: "reg.example.com/mrcp-lb/lb-operator:1.2.3"$$' | grep -qx 2 \
+	  && ! T --set proxy.image.digest=latest > /dev/null 2>&1 \
+	  && T --set 'proxy.extraArgs={--log-level=lb_proxy=debug}' --set 'operator.extraArgs={--resync-seconds=5}' \
+	     --set-json 'proxy.extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' --set-json 'operator.extraEnv=[{"name":"TZ","value":"UTC"}]' \
+	     | grep -c '^            - --log-level=lb_proxy=debug$$\|^            - --resync-seconds=5$$\|^            - name: RUST_BACKTRACE$$\|^            - name: TZ$$' | grep -qx 4 \
+	  && T --set proxy.podLabels.team=voice,operator.podLabels.team=voice,proxy.podAnnotations.a=b,operator.podAnnotations.a=b,proxy.priorityClassName=sip-critical,operator.priorityClassName=ops \
+	     | grep -c '^        team: voice$$\|^        a: b$$\|^      priorityClassName: \(sip-critical\|ops\)$$' | grep -qx 6 \
+	  && T --set proxy.nodeSelector.disk=ssd,operator.nodeSelector.disk=ssd,proxy.tolerations[0].key=sip,operator.tolerations[0].key=sip,proxy.affinity.podAntiAffinity.x=y,operator.affinity.nodeAffinity.x=y \
+	     | grep -c '^        disk: ssd$$\|^        - key: sip$$\|^        podAntiAffinity:$$\|^        nodeAffinity:$$' | grep -qx 6 \
+	  && T | grep -A8 '^      topologySpreadConstraints:$$' | grep -c 'maxSkew: 1$$\|topologyKey: kubernetes.io/hostname$$\|whenUnsatisfiable: ScheduleAnyway$$\|app.kubernetes.io/component: proxy$$' | grep -qx 4 \
+	  && T | grep -c '^      topologySpreadConstraints:$$' | grep -qx 1 \
+	  && ! T --set proxy.kind=DaemonSet | grep -q 'topologySpreadConstraints:' \
+	  && ! T --set-json 'proxy.topologySpreadConstraints=[]' | grep -q 'topologySpreadConstraints:' \
+	  && T --set-json 'operator.topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"DoNotSchedule"}]' \
+	     | grep -A4 '^      topologySpreadConstraints:$$' | grep -c 'app.kubernetes.io/component: \(proxy\|operator\)$$' | grep -qx 2 \
+	  && T --set proxy.livenessProbe.failureThreshold=7,proxy.readinessProbe.initialDelaySeconds=4,operator.livenessProbe.timeoutSeconds=9 \
+	     | grep -c '^            failureThreshold: 7$$\|^            initialDelaySeconds: 4$$\|^            timeoutSeconds: 9$$' | grep -qx 3 \
+	  && T --set proxy.readinessProbe.enabled=false,operator.livenessProbe.enabled=false | grep -c '^          \(readiness\|liveness\)Probe:$$' | grep -qx 2 \
+	  && ! T --set proxy.livenessProbe.path=/x > /dev/null 2>&1 \
+	  && T | grep -c '^            readOnlyRootFilesystem: true$$\|^            runAsUser: 65532$$\|^            allowPrivilegeEscalation: false$$\|^              - ALL$$\|^        fsGroup: 65532$$' | grep -qx 9 \
+	  && T | grep -c '^          type: RuntimeDefault$$\|^        runAsNonRoot: true$$\|^            runAsNonRoot: true$$' | grep -qx 6 \
+	  && "$$HELM" lint charts/mrcp-lb -f examples/openshift-values.yaml > /dev/null \
+	  && ! T -f examples/openshift-values.yaml | grep -q 'runAsUser\|runAsGroup\|fsGroup' \
+	  && T -f examples/openshift-values.yaml | grep -c '^            readOnlyRootFilesystem: true$$' | grep -qx 2 \
+	  && ! T --show-only templates/operator.yaml | grep -q '^kind: PodDisruptionBudget$$' \
+	  && T --set operator.replicas=2 --show-only templates/operator.yaml | grep -A20 '^kind: PodDisruptionBudget$$' | grep -c '^  minAvailable: 1$$\|^      app.kubernetes.io/component: operator$$' | grep -qx 2 \
+	  && ! T --set operator.replicas=2,operator.podDisruptionBudget.enabled=false --show-only templates/operator.yaml | grep -q '^kind: PodDisruptionBudget$$' \
+	  && T --show-only templates/crds.yaml | grep -c '^kind: CustomResourceDefinition$$\|^    helm.sh/resource-policy: keep$$\|^    app.kubernetes.io/managed-by: Helm$$' | grep -qx 3 \
+	  && ! T --set crds.install=false | grep -q '^kind: CustomResourceDefinition$$' \
+	  && ! T --set crds.keep=false --show-only templates/crds.yaml | grep -q 'resource-policy' \
+	  && T --show-only templates/proxy.yaml | grep -B8 '^  type: ClusterIP$$' | grep -q '^    helm.sh/resource-policy: keep$$' \
+	  && ! T --set proxy.service.keepOnUninstall=false --show-only templates/proxy.yaml | grep -q 'resource-policy'
 
 # The chart's alerts: tests/alerts/run.sh renders the PrometheusRule with helm, runs
 # `promtool check rules` on its spec and `promtool test rules` on tests/alerts/*.test.yaml.
