@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench soak fuzz audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench soak fuzz audit audit-advisories cargo-deny image image-test
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -11,6 +11,8 @@ help:
 	@echo "make test   install what the tests need, then lint and run every test (unit, sipp, operator, e2e)"
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make alerts unit-test the chart's alerts (PrometheusRule) with promtool"
+	@echo "make image  OCI images of lb-proxy and lb-operator (static, scratch, non-root) without Docker: target/image/"
+	@echo "make image-test  build them, unpack each and run its entrypoint from the unpacked root"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make autoscale  KEDA + HPA scale the UniMRCP StatefulSet up under calls and down with a drain"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
@@ -127,6 +129,19 @@ e2e: deps k8s
 autoscale: deps k8s
 	./tests/e2e/autoscale.sh
 
+# OCI images of both binaries without a Docker daemon (README, "Images"): static glibc
+# binaries (cargo --target, apart from the normal builds) on an empty base, non-root, OCI
+# labels; crane is built from the Go module proxy and cached like the Kubernetes binaries.
+# Output: target/image/<binary>/ (OCI layout) and <binary>.digest.
+image: deps
+	./scripts/image.sh
+
+# Unpacks each image (index.json -> manifest -> config + layers) and runs its entrypoint
+# chrooted into the unpacked root: --version, --help, lb-proxy --check and a start with
+# /healthz; checks User, Entrypoint, labels, the files, and that a rebuild gives the same digests.
+image-test: image
+	./tests/image/run.sh
+
 bench:
 	./bench/run.sh
 
@@ -166,6 +181,7 @@ unit:
 
 test: deps k8s lint chart-lint alerts
 	$(CARGO) test --workspace
+	$(MAKE) image-test
 	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e
 	$(MAKE) autoscale
