@@ -78,7 +78,7 @@ chart-lint: k8s
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.minReplicaCount=0 > /dev/null 2>&1
 	@# Chart conventions (README, "Chart values"): global, images (registry/tag/digest), extra
 	@# args/env, pod labels/annotations, priority, scheduling, probes, security contexts, the
-	@# operator's PDB, the CRD as an upgradeable template, the SIP Service kept on uninstall.
+	@# operator's PDB, the CRD as an upgradeable template, the SIP Service kept on uninstall if asked.
 	source tests/k8s/env.sh && T() { "$$HELM" template mrcp-lb charts/mrcp-lb "$$@"; } \
 	  && "$$HELM" lint charts/mrcp-lb --set global.imageRegistry=reg.example.com,global.other=x > /dev/null \
 	  && T --set global.imageRegistry=reg.example.com | grep -c '^          image: "reg.example.com/mrcp-lb/lb-\(proxy\|operator\):0.1.0"$$' | grep -qx 2 \
@@ -113,8 +113,8 @@ chart-lint: k8s
 	  && T --show-only templates/crds.yaml | grep -c '^kind: CustomResourceDefinition$$\|^    helm.sh/resource-policy: keep$$\|^    app.kubernetes.io/managed-by: Helm$$' | grep -qx 3 \
 	  && ! T --set crds.install=false | grep -q '^kind: CustomResourceDefinition$$' \
 	  && ! T --set crds.keep=false --show-only templates/crds.yaml | grep -q 'resource-policy' \
-	  && T --show-only templates/proxy.yaml | grep -B8 '^  type: ClusterIP$$' | grep -q '^    helm.sh/resource-policy: keep$$' \
-	  && ! T --set proxy.service.keepOnUninstall=false --show-only templates/proxy.yaml | grep -q 'resource-policy'
+	  && T --set proxy.service.keepOnUninstall=true --show-only templates/proxy.yaml | grep -B8 '^  type: ClusterIP$$' | grep -q '^    helm.sh/resource-policy: keep$$' \
+	  && ! T --show-only templates/proxy.yaml | grep -q 'resource-policy'
 
 # The chart's alerts: tests/alerts/run.sh renders the PrometheusRule with helm, runs
 # `promtool check rules` on its spec and `promtool test rules` on tests/alerts/*.test.yaml.
