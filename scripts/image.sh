@@ -33,7 +33,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-# shellcheck source=../tests/k8s/lib.sh
+# shellcheck source=tests/k8s/lib.sh
 source tests/k8s/lib.sh
 
 TRIPLE=x86_64-unknown-linux-gnu
