@@ -133,8 +133,10 @@ autoscale: deps k8s
 # binaries (cargo --target, apart from the normal builds) on an empty base, non-root, OCI
 # labels; crane is built from the Go module proxy and cached like the Kubernetes binaries.
 # Output: target/image/<binary>/ (OCI layout) and <binary>.digest.
+# IMAGE_PROFILE=dev (make test): link the binaries statically from cargo test's dev build
+# instead of a full static release build (scripts/image.sh; never publish those).
 image: deps
-	./scripts/image.sh
+	IMAGE_PROFILE=$(or $(IMAGE_PROFILE),release) ./scripts/image.sh
 
 # Unpacks each image (index.json -> manifest -> config + layers) and runs its entrypoint
 # chrooted into the unpacked root: --version, --help, lb-proxy --check and a start with
@@ -181,7 +183,7 @@ unit:
 
 test: deps k8s lint chart-lint alerts
 	$(CARGO) test --workspace
-	$(MAKE) image-test
+	$(MAKE) image-test IMAGE_PROFILE=dev
 	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e
 	$(MAKE) autoscale

@@ -75,7 +75,9 @@ for b in lb-proxy lb-operator; do
 	[ -n "$(label source)" ] || fail "$b: no source label"
 	[ "$(label licenses)" = Apache-2.0 ] || fail "$b: label licenses '$(label licenses)'"
 	[[ "$(label created)" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z$ ]] || fail "$b: label created '$(label created)'"
-	pass "$b: config: linux/amd64, User 65532:65532, Entrypoint /usr/local/bin/$b, labels version=$VERSION revision=$(label revision) created=$(label created)"
+	profile=$(jq -r '.config.Labels["io.mrcp-lb.build-profile"] // ""' "$config")
+	[[ "$profile" == release || "$profile" == dev ]] || fail "$b: label io.mrcp-lb.build-profile '$profile'"
+	pass "$b: config: linux/amd64, User 65532:65532, Entrypoint /usr/local/bin/$b, labels version=$VERSION revision=$(label revision) created=$(label created), $profile build"
 
 	# The layers, in order, into an empty root (checking each blob's digest).
 	root=$WORK/$b
@@ -152,7 +154,8 @@ pass "lb-operator without a cluster: exits with '$(tail -1 "$WORK/operator.log" 
 # Reproducible: the same binaries give the same image digests.
 if [ -z "${IMAGE_TEST_NO_REBUILD:-}" ]; then
 	before="$(cat "$OUT/lb-proxy.digest") $(cat "$OUT/lb-operator.digest")"
-	IMAGE_SKIP_CARGO=1 ./scripts/image.sh >"$WORK/rebuild.log" 2>&1 || fail "rebuild: $(tail -5 "$WORK/rebuild.log")"
+	profile=$(jq -r '.config.Labels["io.mrcp-lb.build-profile"]' "$(blob "$OUT/lb-proxy" "$(jq -r .config.digest "$(blob "$OUT/lb-proxy" "$(jq -r '.manifests[0].digest' "$OUT/lb-proxy/index.json")")")")")
+	IMAGE_PROFILE=$profile IMAGE_SKIP_CARGO=1 ./scripts/image.sh >"$WORK/rebuild.log" 2>&1 || fail "rebuild: $(tail -5 "$WORK/rebuild.log")"
 	after="$(cat "$OUT/lb-proxy.digest") $(cat "$OUT/lb-operator.digest")"
 	[ "$before" = "$after" ] || fail "not reproducible: $before, then $after"
 	pass "reproducible: rebuilt with the same digests ($before)"
