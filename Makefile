@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PROXY := target/release/lb-proxy
 
-.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench bench-operator soak fuzz audit audit-advisories cargo-deny
+.PHONY: help run demo test deps build fmt lint unit crds k8s chart-lint alerts e2e autoscale bench bench-operator soak fuzz audit audit-advisories cargo-deny image image-test
 
 help:
 	@echo "make run    build lb-proxy and run it on examples/standalone.yaml"
@@ -11,6 +11,8 @@ help:
 	@echo "make test   install what the tests need, then lint and run every test (unit, sipp, operator, e2e)"
 	@echo "make k8s    build the real Kubernetes binaries the tests use (cached outside the repo)"
 	@echo "make alerts unit-test the chart's alerts (PrometheusRule) with promtool"
+	@echo "make image  OCI images of lb-proxy and lb-operator (static, scratch, non-root) without Docker: target/image/"
+	@echo "make image-test  build them, unpack each and run its entrypoint from the unpacked root"
 	@echo "make e2e    helm install into a real control plane, scale a StatefulSet, check with Prometheus"
 	@echo "make autoscale  KEDA + HPA scale the UniMRCP StatefulSet up under calls and down with a drain"
 	@echo "make bench  lb-proxy and Kamailio side by side (writes BENCHMARKS.md; never fails on timing)"
@@ -35,9 +37,10 @@ fmt:
 	$(CARGO) fmt --all
 
 # The CRD YAML is generated from the Rust types; a test fails when the committed copy differs.
+# The chart renders its copy (files/crds/) as a template, so that helm upgrade updates it.
 crds:
 	$(CARGO) run -q -p lb-operator --bin crdgen > crds/mrcpserver.yaml
-	@if [ -d charts/mrcp-lb/crds ]; then cp crds/mrcpserver.yaml charts/mrcp-lb/crds/mrcpserver.yaml; fi
+	@if [ -d charts/mrcp-lb/files/crds ]; then cp crds/mrcpserver.yaml charts/mrcp-lb/files/crds/mrcpserver.yaml; fi
 
 # Real Kubernetes binaries (kube-apiserver, etcd, kwok, helm ...), built once and cached
 # outside the repo (~/.cache/mrcp-lb). Uses both cores unless told otherwise.
@@ -45,6 +48,9 @@ k8s:
 	K8S_BUILD_JOBS=$${K8S_BUILD_JOBS:-2} ./tests/k8s/build.sh
 
 KEDA_VALUES := --set autoscaling.keda.enabled=true,autoscaling.keda.namespace=speech,autoscaling.keda.mrcpServer=unimrcp,autoscaling.keda.targetUtilization=0.6,autoscaling.keda.prometheus.serverAddress=http://prometheus.monitoring.svc:9090
+
+# Any valid sha256 digest, for the image.digest checks.
+IMAGE_TEST_DIGEST := 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
 
 chart-lint: k8s
 	source tests/k8s/env.sh && "$$HELM" lint charts/mrcp-lb \
@@ -86,6 +92,45 @@ chart-lint: k8s
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb --set autoscaling.keda.enabled=true,autoscaling.keda.mrcpServer=unimrcp,autoscaling.keda.prometheus.serverAddress=http://p:9090 > /dev/null 2>&1 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.targetUtilization=1.5 > /dev/null 2>&1 \
 	  && ! "$$HELM" template mrcp-lb charts/mrcp-lb $(KEDA_VALUES) --set autoscaling.keda.minReplicaCount=0 > /dev/null 2>&1
+	@# Chart conventions (README, "Chart values"): global, images (registry/tag/digest), extra
+	@# args/env, pod labels/annotations, priority, scheduling, probes, security contexts, the
+	@# operator's PDB, the CRD as an upgradeable template, the SIP Service kept on uninstall if asked.
+	source tests/k8s/env.sh && T() { "$$HELM" template mrcp-lb charts/mrcp-lb "$$@"; } \
+	  && "$$HELM" lint charts/mrcp-lb --set global.imageRegistry=reg.example.com,global.other=x > /dev/null \
+	  && T --set global.imageRegistry=reg.example.com | grep -c '^          image: "reg.example.com/mrcp-lb/lb-\(proxy\|operator\):0.1.0"$$' | grep -qx 2 \
+	  && T --set global.imageRegistry=reg.example.com,proxy.image.registry=r.io,proxy.image.tag=9.9,proxy.image.digest=sha256:$(IMAGE_TEST_DIGEST),operator.image.tag=1.2.3 \
+	     | grep -c '^          image: "r.io/mrcp-lb/lb-proxy@sha256:$(IMAGE_TEST_DIGEST)"$$\|^          image: "reg.example.com/mrcp-lb/lb-operator:1.2.3"$$' | grep -qx 2 \
+	  && ! T --set proxy.image.digest=latest > /dev/null 2>&1 \
+	  && T --set 'proxy.extraArgs={--log-level=lb_proxy=debug}' --set 'operator.extraArgs={--resync-seconds=5}' \
+	     --set-json 'proxy.extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' --set-json 'operator.extraEnv=[{"name":"TZ","value":"UTC"}]' \
+	     | grep -c '^            - --log-level=lb_proxy=debug$$\|^            - --resync-seconds=5$$\|^            - name: RUST_BACKTRACE$$\|^            - name: TZ$$' | grep -qx 4 \
+	  && T --set proxy.podLabels.team=voice,operator.podLabels.team=voice,proxy.podAnnotations.a=b,operator.podAnnotations.a=b,proxy.priorityClassName=sip-critical,operator.priorityClassName=ops \
+	     | grep -c '^        team: voice$$\|^        a: b$$\|^      priorityClassName: \(sip-critical\|ops\)$$' | grep -qx 6 \
+	  && T --set proxy.nodeSelector.disk=ssd,operator.nodeSelector.disk=ssd,proxy.tolerations[0].key=sip,operator.tolerations[0].key=sip,proxy.affinity.podAntiAffinity.x=y,operator.affinity.nodeAffinity.x=y \
+	     | grep -c '^        disk: ssd$$\|^        - key: sip$$\|^        podAntiAffinity:$$\|^        nodeAffinity:$$' | grep -qx 6 \
+	  && T | grep -A8 '^      topologySpreadConstraints:$$' | grep -c 'maxSkew: 1$$\|topologyKey: kubernetes.io/hostname$$\|whenUnsatisfiable: ScheduleAnyway$$\|app.kubernetes.io/component: proxy$$' | grep -qx 4 \
+	  && T | grep -c '^      topologySpreadConstraints:$$' | grep -qx 1 \
+	  && ! T --set proxy.kind=DaemonSet | grep -q 'topologySpreadConstraints:' \
+	  && ! T --set-json 'proxy.topologySpreadConstraints=[]' | grep -q 'topologySpreadConstraints:' \
+	  && T --set-json 'operator.topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"DoNotSchedule"}]' \
+	     | grep -A4 '^      topologySpreadConstraints:$$' | grep -c 'app.kubernetes.io/component: \(proxy\|operator\)$$' | grep -qx 2 \
+	  && T --set proxy.livenessProbe.failureThreshold=7,proxy.readinessProbe.initialDelaySeconds=4,operator.livenessProbe.timeoutSeconds=9 \
+	     | grep -c '^            failureThreshold: 7$$\|^            initialDelaySeconds: 4$$\|^            timeoutSeconds: 9$$' | grep -qx 3 \
+	  && T --set proxy.readinessProbe.enabled=false,operator.livenessProbe.enabled=false | grep -c '^          \(readiness\|liveness\)Probe:$$' | grep -qx 2 \
+	  && ! T --set proxy.livenessProbe.path=/x > /dev/null 2>&1 \
+	  && T | grep -c '^            readOnlyRootFilesystem: true$$\|^            runAsUser: 65532$$\|^            allowPrivilegeEscalation: false$$\|^              - ALL$$\|^        fsGroup: 65532$$' | grep -qx 9 \
+	  && T | grep -c '^          type: RuntimeDefault$$\|^        runAsNonRoot: true$$\|^            runAsNonRoot: true$$' | grep -qx 6 \
+	  && "$$HELM" lint charts/mrcp-lb -f examples/openshift-values.yaml > /dev/null \
+	  && ! T -f examples/openshift-values.yaml | grep -q 'runAsUser\|runAsGroup\|fsGroup' \
+	  && T -f examples/openshift-values.yaml | grep -c '^            readOnlyRootFilesystem: true$$' | grep -qx 2 \
+	  && ! T --show-only templates/operator.yaml | grep -q '^kind: PodDisruptionBudget$$' \
+	  && T --set operator.replicas=2 --show-only templates/operator.yaml | grep -A20 '^kind: PodDisruptionBudget$$' | grep -c '^  minAvailable: 1$$\|^      app.kubernetes.io/component: operator$$' | grep -qx 2 \
+	  && ! T --set operator.replicas=2,operator.podDisruptionBudget.enabled=false --show-only templates/operator.yaml | grep -q '^kind: PodDisruptionBudget$$' \
+	  && T --show-only templates/crds.yaml | grep -c '^kind: CustomResourceDefinition$$\|^    helm.sh/resource-policy: keep$$\|^    app.kubernetes.io/managed-by: Helm$$' | grep -qx 3 \
+	  && ! T --set crds.install=false | grep -q '^kind: CustomResourceDefinition$$' \
+	  && ! T --set crds.keep=false --show-only templates/crds.yaml | grep -q 'resource-policy' \
+	  && T --set proxy.service.keepOnUninstall=true --show-only templates/proxy.yaml | grep -B8 '^  type: ClusterIP$$' | grep -q '^    helm.sh/resource-policy: keep$$' \
+	  && ! T --show-only templates/proxy.yaml | grep -q 'resource-policy'
 
 # The chart's alerts: tests/alerts/run.sh renders the PrometheusRule with helm, runs
 # `promtool check rules` on its spec and `promtool test rules` on tests/alerts/*.test.yaml.
@@ -99,6 +144,21 @@ e2e: deps k8s
 # scale up under calls, scale down with a drain, no failed call (tests/e2e/README.md).
 autoscale: deps k8s
 	./tests/e2e/autoscale.sh
+
+# OCI images of both binaries without a Docker daemon (README, "Images"): static glibc
+# binaries (cargo --target, apart from the normal builds) on an empty base, non-root, OCI
+# labels; crane is built from the Go module proxy and cached like the Kubernetes binaries.
+# Output: target/image/<binary>/ (OCI layout) and <binary>.digest.
+# IMAGE_PROFILE=dev (make test): link the binaries statically from cargo test's dev build
+# instead of a full static release build (scripts/image.sh; never publish those).
+image: deps
+	IMAGE_PROFILE=$(or $(IMAGE_PROFILE),release) ./scripts/image.sh
+
+# Unpacks each image (index.json -> manifest -> config + layers) and runs its entrypoint
+# chrooted into the unpacked root: --version, --help, lb-proxy --check and a start with
+# /healthz; checks User, Entrypoint, labels, the files, and that a rebuild gives the same digests.
+image-test: image
+	./tests/image/run.sh
 
 bench:
 	./bench/run.sh
@@ -147,6 +207,7 @@ test: deps k8s lint chart-lint alerts
 	$(CARGO) test --workspace
 	# The liveness watchdog against a core stalled on purpose: a test build (feature test-stall).
 	$(CARGO) test -p lb-proxy --features test-stall --test watchdog
+	$(MAKE) image-test IMAGE_PROFILE=dev
 	$(MAKE) fuzz FUZZ_SECONDS=45
 	$(MAKE) e2e
 	$(MAKE) autoscale

@@ -13,6 +13,8 @@ command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)   # e2e: proves no pac
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)       # SIP over TLS tests: TLS in front of sipp
 # promtool (checks the /metrics output, unit-tests the chart's alerts) comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# make image: Debian's CA bundle goes into the images (lb-proxy's system roots for TLS).
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""

@@ -10,7 +10,7 @@ fn repo() -> PathBuf {
 fn committed_crds_match_the_code() {
     let generated = lb_operator::crd_yaml().expect("generate CRD");
     let mut places = vec![repo().join("crds/mrcpserver.yaml")];
-    let chart = repo().join("charts/mrcp-lb/crds/mrcpserver.yaml");
+    let chart = repo().join("charts/mrcp-lb/files/crds/mrcpserver.yaml");
     if repo().join("charts/mrcp-lb").exists() {
         places.push(chart);
     }

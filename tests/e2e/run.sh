@@ -8,8 +8,11 @@
 #
 # What it does (see tests/e2e/README.md for the why):
 #   1. helm lint; control plane (--full --nodes 2); helm install --wait; every rendered object
-#      present; a DaemonSet/hostNetwork/watchNamespace rendering accepted by the API server
-#      (dry-run); the chart's operator Deployment scaled to 0 (its pod is only simulated).
+#      present; a DaemonSet/hostNetwork/watchNamespace rendering and one with the chart
+#      conventions (OpenShift security contexts, digest, extra args/env, spread, operator PDB)
+#      accepted by the API server (dry-run); helm upgrade to a chart copy whose CRD has a new
+#      printer column: the API server serves it, the Deployments do not roll; the chart's
+#      operator Deployment scaled to 0 (its pod is only simulated).
 #   2. One real lb-proxy per chart proxy pod, bound to that pod's IP (kwok gives pods
 #      127.1.x.y; the replicas share load over UDP :7070), with the chart's ConfigMap, args and env (token from the chart's Secret);
 #      the real lb-operator runs locally with the chart's args, as the chart's ServiceAccount
@@ -33,6 +36,8 @@
 #   6. Loopback only: every destination address and every proxy the operator discovered is in
 #      127.0.0.0/8; with tcpdump, a capture on "any" must hold no SIP/admin packet with an
 #      endpoint outside loopback.
+#   7. helm uninstall: the CRD and the MrcpServer stay (resource policy keep), nothing else of
+#      the release.
 #
 # Environment:
 #   LB_PROXY_BIN, LB_OPERATOR_BIN  use these binaries instead of `cargo build`
@@ -116,6 +121,53 @@ k apply --dry-run=server -f "$WORK/variant.yaml" >"$WORK/variant-apply.log" 2>&1
 	fail "kube-apiserver rejects the DaemonSet/hostNetwork/watchNamespace rendering"
 }
 pass "DaemonSet + hostNetwork + watchNamespace rendering: $(grep -c '^kind:' "$WORK/variant.yaml") objects accepted (server dry-run)"
+
+# The chart conventions (README, "Chart values") with every value set, and the OpenShift shape
+# (no UID/GID/fsGroup): the API server must accept what they render (server dry-run).
+"$HELM" template conventions charts/mrcp-lb -n "$NS" -f examples/openshift-values.yaml \
+	--set crds.install=false,global.imageRegistry=registry.example.com,operator.replicas=2 \
+	--set proxy.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
+	--set 'proxy.extraArgs={--log-level=lb_proxy=debug}',proxy.podLabels.team=voice,operator.podLabels.team=voice \
+	--set-json 'proxy.extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' \
+	--set-json 'operator.topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"kubernetes.io/hostname","whenUnsatisfiable":"ScheduleAnyway"}]' \
+	--set proxy.livenessProbe.initialDelaySeconds=5,operator.readinessProbe.timeoutSeconds=2 \
+	>"$WORK/conventions.yaml" 2>"$WORK/conventions.err" || {
+	cat "$WORK/conventions.err" >&2
+	fail "helm template with the chart-convention values"
+}
+k apply --dry-run=server -f "$WORK/conventions.yaml" >"$WORK/conventions-apply.log" 2>&1 || {
+	cat "$WORK/conventions-apply.log" >&2
+	fail "kube-apiserver rejects the chart-convention rendering (OpenShift security contexts, digest, spread, operator PDB)"
+}
+pass "chart conventions (OpenShift security contexts, registry + digest, extra args/env, pod labels, spread, probes, operator PDB): $(grep -c '^kind:' "$WORK/conventions.yaml") objects accepted (server dry-run)"
+
+# CRDs upgrade with the chart: helm upgrade to a copy whose CRD has one more printer column
+# (as a new chart version would); the API server must serve it, keep the resource policy, and
+# the workloads must not roll (same values, same pod templates).
+cp -r charts/mrcp-lb "$WORK/chart-upgrade"
+crd_copy=$WORK/chart-upgrade/files/crds/mrcpserver.yaml
+awk '{ print } /^  - additionalPrinterColumns:$/ && !done {
+	print "    - description: Added by the e2e helm upgrade"
+	print "      jsonPath: .metadata.creationTimestamp"
+	print "      name: E2EUpgrade"
+	print "      type: date"
+	done = 1 }' charts/mrcp-lb/files/crds/mrcpserver.yaml >"$crd_copy"
+grep -q 'name: E2EUpgrade' "$crd_copy" || fail "could not add a printer column to the CRD copy"
+gens_before=$(k -n "$NS" get deploy -o json | jq -c '[.items[] | {(.metadata.name): .metadata.generation}] | add')
+t=$(ms)
+"$HELM" upgrade "$RELEASE" "$WORK/chart-upgrade" -n "$NS" --wait --timeout 60s >"$WORK/helm-upgrade.log" 2>&1 || {
+	cat "$WORK/helm-upgrade.log" >&2
+	fail "helm upgrade $RELEASE to a chart whose CRD changed"
+}
+cols=$(k get crd mrcpservers.mrcp-lb.io -o json | jq -r '[.spec.versions[0].additionalPrinterColumns[].name] | join(",")')
+[[ ",$cols," == *,E2EUpgrade,* ]] || fail "helm upgrade did not update the CRD: printer columns $cols"
+[ "$(k get crd mrcpservers.mrcp-lb.io -o jsonpath='{.metadata.annotations.helm\.sh/resource-policy}')" = keep ] ||
+	fail "the CRD has no helm.sh/resource-policy: keep"
+k wait --for=condition=Established crd/mrcpservers.mrcp-lb.io --timeout=30s >/dev/null || fail "CRD not Established after the upgrade"
+gens_after=$(k -n "$NS" get deploy -o json | jq -c '[.items[] | {(.metadata.name): .metadata.generation}] | add')
+[ "$gens_before" = "$gens_after" ] || fail "helm upgrade with the same values changed the Deployments: $gens_before -> $gens_after"
+TIMINGS+=("helm upgrade (CRD changed): $(secs $(($(ms) - t))) s")
+pass "helm upgrade: the CRD got the new printer column ($cols), keeps helm.sh/resource-policy: keep; Deployments untouched ($gens_after)"
 
 # ---------------------------------------------------------------------------------------------
 # 2. Real proxies on the proxy pods' IPs, the real operator with the chart's args.
@@ -406,7 +458,26 @@ if $CAPTURING; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 7. Summary.
+# 7. helm uninstall: the CRD (and so the MrcpServers) stays (resource policy keep); everything
+# else of the release goes.
+
+t=$(ms)
+"$HELM" uninstall "$RELEASE" -n "$NS" --wait --timeout 60s >"$WORK/helm-uninstall.log" 2>&1 || {
+	cat "$WORK/helm-uninstall.log" >&2
+	fail "helm uninstall $RELEASE"
+}
+grep -A1 'kept due to the resource policy' "$WORK/helm-uninstall.log" | grep -q 'mrcpservers.mrcp-lb.io' ||
+	fail "helm uninstall did not report the CRD as kept: $(cat "$WORK/helm-uninstall.log")"
+k get crd mrcpservers.mrcp-lb.io >/dev/null 2>&1 || fail "helm uninstall deleted the CRD"
+k -n "$APP_NS" get mrcpserver unimrcp >/dev/null 2>&1 || fail "helm uninstall deleted MrcpServer $APP_NS/unimrcp"
+left=$(KUBECONFIG=$WORK/kubeconfig-release k get -f "$WORK/manifest.yaml" -o name --ignore-not-found 2>/dev/null | sort | tr '\n' ' ')
+[ "$left" = "customresourcedefinition.apiextensions.k8s.io/mrcpservers.mrcp-lb.io " ] ||
+	fail "after helm uninstall, left of the release: $left"
+TIMINGS+=("helm uninstall: $(secs $(($(ms) - t))) s")
+pass "helm uninstall: only the CRD is left (kept), MrcpServer $APP_NS/unimrcp intact"
+
+# ---------------------------------------------------------------------------------------------
+# 8. Summary.
 
 if [ ${#WARNINGS[@]} -gt 0 ] && [ "${E2E_STRICT:-1}" = 1 ]; then
 	fail "${#WARNINGS[@]} warning(s) (E2E_STRICT=0 reports them without failing): ${WARNINGS[*]}"

@@ -12,8 +12,9 @@
 # (sigs.k8s.io/kwok), helm (helm.sh/helm/v3), keda-operator keda-adapter
 # (github.com/kedacore/keda/v2 cmd/operator and cmd/adapter, built by one `go
 # build` so that the packages they share are compiled once; KEDA's CRDs go to
-# crds.yaml next to keda-operator). The versions are the ones the wrapper modules
-# tests/k8s/{kube,etcd,kwok,helm,keda}/go.mod require; change them with
+# crds.yaml next to keda-operator), crane (github.com/google/go-containerregistry,
+# for `make image`: OCI images without a Docker daemon). The versions are the ones the wrapper modules
+# tests/k8s/{kube,etcd,kwok,helm,keda,crane}/go.mod require; change them with
 # tests/k8s/update-wrappers.sh.
 #
 # A cache entry counts as done when the binary and its .stamp file exist, so
@@ -74,6 +75,7 @@ wrapper_of() {
 	case $1 in
 	kube-* | kubectl) echo kube ;; etcd | etcdctl) echo etcd ;; kwok | kwokctl) echo kwok ;; helm) echo helm ;;
 	keda-*) echo keda ;;
+	crane) echo crane ;;
 	esac
 }
 package_of() {
@@ -85,6 +87,7 @@ package_of() {
 	helm) echo helm.sh/helm/v3/cmd/helm ;;
 	keda-operator) echo github.com/kedacore/keda/v2/cmd/operator ;;
 	keda-adapter) echo github.com/kedacore/keda/v2/cmd/adapter ;;
+	crane) echo github.com/google/go-containerregistry/cmd/crane ;;
 	esac
 }
 ldflags_of() {
@@ -94,6 +97,7 @@ ldflags_of() {
 	kwok | kwokctl) echo "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" ;;
 	helm) helm_ldflags ;;
 	keda-*) echo "-s -w -X github.com/kedacore/keda/v2/version.Version=$KEDA_VERSION" ;;
+	crane) echo "-s -w -X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$CRANE_VERSION" ;;
 	esac
 }
 
@@ -205,7 +209,7 @@ build_one() {
 
 if [ $# -eq 0 ]; then
 	# cheap ones first, so a partial run is already useful
-	set -- etcd etcdctl kwok kwokctl helm kube-apiserver kubectl kube-controller-manager kube-scheduler \
+	set -- etcd etcdctl kwok kwokctl helm crane kube-apiserver kubectl kube-controller-manager kube-scheduler \
 		keda-operator keda-adapter
 fi
 for b in "$@"; do

@@ -5,7 +5,7 @@
 #   "$KUBECTL" version --client
 #
 # Exports KUBE_APISERVER KUBE_CONTROLLER_MANAGER KUBE_SCHEDULER KUBECTL ETCD
-# ETCDCTL KWOK KWOKCTL HELM KEDA_OPERATOR KEDA_ADAPTER (and KEDA_CRDS, KEDA's CRDs
+# ETCDCTL KWOK KWOKCTL HELM CRANE KEDA_OPERATOR KEDA_ADAPTER (and KEDA_CRDS, KEDA's CRDs
 # in one file next to keda-operator), KUBEBUILDER_ASSETS (etcd, kube-apiserver, kubectl
 # side by side, as envtest wants) with controller-runtime's TEST_ASSET_*
 # equivalents, and K8S_VERSIONS (a summary). It only points at the cache:
@@ -26,6 +26,8 @@ ETCDCTL=$(k8s_bin etcdctl)
 KWOK=$(k8s_bin kwok)
 KWOKCTL=$(k8s_bin kwokctl)
 HELM=$(k8s_bin helm)
+export CRANE
+CRANE=$(k8s_bin crane)
 export KEDA_OPERATOR KEDA_ADAPTER KEDA_CRDS
 KEDA_OPERATOR=$(k8s_bin keda-operator)
 KEDA_ADAPTER=$(k8s_bin keda-adapter)
@@ -39,7 +41,7 @@ export KWOK_KUBE_APISERVER_BINARY=$KUBE_APISERVER KWOK_KUBE_CONTROLLER_MANAGER_B
 export KWOK_KUBE_SCHEDULER_BINARY=$KUBE_SCHEDULER KWOK_KUBECTL_BINARY=$KUBECTL
 export KWOK_ETCD_BINARY=$ETCD KWOK_CONTROLLER_BINARY=$KWOK
 
-export K8S_VERSIONS="kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION, keda $KEDA_VERSION"
+export K8S_VERSIONS="kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION, keda $KEDA_VERSION, crane $CRANE_VERSION"
 
 for _k8s_b in $K8S_BINARIES; do
 	[ -x "$(k8s_bin "$_k8s_b")" ] || echo "tests/k8s/env.sh: $(k8s_bin "$_k8s_b") not built yet (run tests/k8s/build.sh)" >&2

@@ -17,6 +17,7 @@ ETCD_VERSION=$(k8s_modver etcd go.etcd.io/etcd/server/v3)
 KWOK_VERSION=$(k8s_modver kwok sigs.k8s.io/kwok)
 HELM_VERSION=$(k8s_modver helm helm.sh/helm/v3)
 KEDA_VERSION=$(k8s_modver keda github.com/kedacore/keda/v2)
+CRANE_VERSION=$(k8s_modver crane github.com/google/go-containerregistry)
 
 # k8s_version_of BINARY: the version its cache entry is keyed by.
 k8s_version_of() {
@@ -26,6 +27,7 @@ k8s_version_of() {
 	kwok | kwokctl) echo "$KWOK_VERSION" ;;
 	helm) echo "$HELM_VERSION" ;;
 	keda-operator | keda-adapter) echo "$KEDA_VERSION" ;;
+	crane) echo "$CRANE_VERSION" ;;
 	*) return 1 ;;
 	esac
 }
@@ -39,4 +41,4 @@ k8s_bin() { echo "$K8S_CACHE/$1-$(k8s_version_of "$1")/$1"; }
 K8S_ASSETS="$K8S_CACHE/kubebuilder-assets-$KUBE_VERSION-etcd-$ETCD_VERSION"
 
 # shellcheck disable=SC2034
-K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubectl etcd etcdctl kwok kwokctl helm keda-operator keda-adapter"
+K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubectl etcd etcdctl kwok kwokctl helm keda-operator keda-adapter crane"

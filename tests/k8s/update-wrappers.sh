@@ -3,11 +3,11 @@
 # versions tests/k8s/build.sh builds. Only needed to move to another version;
 # build.sh itself never rewrites these files.
 #
-#   tests/k8s/update-wrappers.sh [kube|etcd|kwok|helm|keda|all]
+#   tests/k8s/update-wrappers.sh [kube|etcd|kwok|helm|keda|crane|all]
 #
 # Versions: each one defaults to the latest patch that the Go module proxy serves
 # for the series below; override with KUBE_VERSION, ETCD_VERSION, KWOK_VERSION,
-# HELM_VERSION, KEDA_VERSION (exact tags, e.g. KUBE_VERSION=v1.36.5).
+# HELM_VERSION, KEDA_VERSION, CRANE_VERSION (exact tags, e.g. KUBE_VERSION=v1.36.5).
 #
 # KEDA: v2.21 declares `go 1.27.4`, newer than the Go that Debian machines have
 # (GOTOOLCHAIN=local refuses it), so the series is v2.20 (go 1.26.0).
@@ -23,6 +23,7 @@ ETCD_SERIES=${ETCD_SERIES:-v3.6}
 KWOK_SERIES=${KWOK_SERIES:-v0.8}
 HELM_SERIES=${HELM_SERIES:-v3}
 KEDA_SERIES=${KEDA_SERIES:-v2.20}
+CRANE_SERIES=${CRANE_SERIES:-v0.22}
 
 NICE=(nice -n 19)
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
@@ -144,6 +145,11 @@ gen_keda() {
 		github.com/kedacore/keda/v2/cmd/operator github.com/kedacore/keda/v2/cmd/adapter
 }
 
+gen_crane() { # crane, for make image (scripts/image.sh)
+	local v=${CRANE_VERSION:-$(latest github.com/google/go-containerregistry "$CRANE_SERIES")}
+	gen_simple crane "github.com/google/go-containerregistry@$v" github.com/google/go-containerregistry/cmd/crane
+}
+
 what=${1:-all}
 case $what in
 kube) gen_kube ;;
@@ -151,6 +157,7 @@ etcd) gen_etcd ;;
 kwok) gen_kwok ;;
 helm) gen_helm ;;
 keda) gen_keda ;;
-all) gen_etcd; gen_kwok; gen_helm; gen_keda; gen_kube ;;
-*) echo "usage: $0 [kube|etcd|kwok|helm|keda|all]" >&2; exit 2 ;;
+crane) gen_crane ;;
+all) gen_etcd; gen_kwok; gen_helm; gen_keda; gen_crane; gen_kube ;;
+*) echo "usage: $0 [kube|etcd|kwok|helm|keda|crane|all]" >&2; exit 2 ;;
 esac

@@ -44,16 +44,52 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{- define "mrcp-lb.securityContext" -}}
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-capabilities:
-  drop: [ALL]
-seccompProfile:
-  type: RuntimeDefault
+{{/*
+A component's image reference, called with (list .Values.<component>.image $): registry (or
+global.imageRegistry) / repository, then @digest when set (it wins over the tag), else :tag
+(default: the chart's appVersion).
+*/}}
+{{- define "mrcp-lb.image" -}}
+{{- $img := index . 0 -}}
+{{- $root := index . 1 -}}
+{{- $registry := $img.registry | default (dig "imageRegistry" "" ($root.Values.global | default dict)) -}}
+{{- $ref := $img.repository -}}
+{{- if $registry -}}
+{{- $ref = printf "%s/%s" (trimSuffix "/" $registry) $img.repository -}}
+{{- end -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $ref $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $ref (toString ($img.tag | default $root.Chart.AppVersion)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A probe's timing fields from values (without "enabled"), called with the probe's values.
+*/}}
+{{- define "mrcp-lb.probeTimings" -}}
+{{- with omit . "enabled" }}
+{{- toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+topologySpreadConstraints with the component's pod labels as labelSelector where none is
+given, called with (list constraints $ component).
+*/}}
+{{- define "mrcp-lb.topologySpread" -}}
+{{- $root := index . 1 -}}
+{{- $selector := include "mrcp-lb.selector" $root | fromYaml -}}
+{{- $_ := set $selector "app.kubernetes.io/component" (index . 2) -}}
+{{- $out := list -}}
+{{- range index . 0 -}}
+{{- $c := deepCopy . -}}
+{{- if not (hasKey $c "labelSelector") -}}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" $selector) -}}
+{{- end -}}
+{{- $out = append $out $c -}}
+{{- end -}}
+{{- toYaml $out -}}
 {{- end -}}
 
 {{/*
