@@ -727,21 +727,7 @@ async fn status_and_printer_columns() {
 
     let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
     eprintln!("[status] kubectl get mrcp:\n{table}");
-    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "READY",
-            "DOWN",
-            "DRAINING",
-            "ACTIVE",
-            "CAPACITY",
-            "UTILIZATION",
-            "AGE"
-        ],
-        "{table}"
-    );
+    assert_columns(&table);
     let rows = table_rows(&table);
     let row = rows
         .iter()
@@ -1679,6 +1665,30 @@ async fn status_shows_load_per_mrcp_resource_summed_over_proxy_replicas() {
 // ---------------------------------------------------------------------------------------------
 // 15. Live utilization, the probe view, Events and per-MrcpServer metrics
 
+/// `kubectl get mrcp` has the columns the issue asks for, in order.
+fn assert_columns(table: &str) {
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "DOWN",
+            "DRAINING",
+            "ACTIVE",
+            "CAPACITY",
+            "UTILIZATION",
+            "AGE"
+        ],
+        "{table}"
+    );
+}
+
 /// `kubectl get` output as one map per row, column name → value.
 fn table_rows(table: &str) -> Vec<std::collections::BTreeMap<String, String>> {
     let mut lines = table.lines();
@@ -1890,21 +1900,7 @@ async fn utilization_probe_view_events_and_server_metrics() {
     }
     let table = env.kubectl(&["get", "mrcp", "-n", &env.ns]);
     eprintln!("[utilization] kubectl get mrcp:\n{table}");
-    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "READY",
-            "DOWN",
-            "DRAINING",
-            "ACTIVE",
-            "CAPACITY",
-            "UTILIZATION",
-            "AGE"
-        ],
-        "{table}"
-    );
+    assert_columns(&table);
     let rows = table_rows(&table);
     let row = rows.iter().find(|r| r["NAME"] == "asr").expect("asr row");
     let got: Vec<&str> = [

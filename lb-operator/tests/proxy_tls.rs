@@ -13,30 +13,14 @@ mod k8s_harness;
 use k8s_harness::lb_proxy_bin;
 use lb_operator::proxy_http::{client, ProxyTls};
 use lb_operator::settings::Settings;
-use mrcp_lb_test_support::{clean_env, ChildGuard};
+use mrcp_lb_test_support::{clean_env, pki, ChildGuard};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const IP: &str = "127.0.14.4";
 const NAME: &str = "mrcp-lb-proxy-admin.mrcp-system.svc";
-
-fn openssl(dir: &Path, args: &str) {
-    let out = Command::new("openssl")
-        .args(args.split_whitespace())
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
 
 fn settings(tls: Option<ProxyTls>) -> Settings {
     Settings {
@@ -62,27 +46,10 @@ async fn the_operator_reaches_a_tls_admin_api_by_pod_ip_checking_the_service_nam
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proxy-tls");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    for ca in ["ca", "other-ca"] {
-        openssl(
-            &dir,
-            &format!("req -x509 {NEW_KEY} -keyout {ca}.key -out {ca}.crt -days 2 -subj /CN={ca}"),
-        );
-    }
+    pki::self_signed_ca(&dir, "ca");
+    pki::self_signed_ca(&dir, "other-ca");
     // The admin certificate names the Service, not the pod IP (as cert-manager would issue).
-    fs::write(
-        dir.join("admin.ext"),
-        format!("subjectAltName=DNS:{NAME}\n"),
-    )
-    .unwrap();
-    openssl(
-        &dir,
-        &format!("req {NEW_KEY} -keyout admin.key -out admin.csr -subj /CN=admin"),
-    );
-    openssl(
-        &dir,
-        "x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out admin.crt -days 2 \
-         -extfile admin.ext",
-    );
+    pki::issue(&dir, "admin", &format!("subjectAltName=DNS:{NAME}"), "ca");
     let config = format!(
         "listeners: [udp:{IP}:5060]\nadmin:\n  listen: {IP}:8081\n  tls:\n    certFile: {d}/admin.crt\n    \
          keyFile: {d}/admin.key\n",

@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use mrcp_lb_test_support::pki;
 use mrcp_lb_test_support::*;
 use std::fs;
 use std::path::Path;
@@ -18,39 +19,13 @@ use std::time::{Duration, Instant};
 
 const IP: &str = "127.0.14.3";
 
-fn openssl(dir: &Path, args: &str) {
-    let out = Command::new("openssl")
-        .args(args.split_whitespace())
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl (install it: scripts/install-deps.sh)");
-    assert!(
-        out.status.success(),
-        "openssl {args} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
-
-/// A certificate `name` for the IP address, issued by the test CA (files `name.crt`/`.key`).
+/// A certificate `name` for the test's IP address, issued by the test CA.
 fn issue(dir: &Path, name: &str) {
-    fs::write(
-        dir.join(format!("{name}.ext")),
-        format!("subjectAltName=IP:{IP}\nbasicConstraints=critical,CA:FALSE\n"),
-    )
-    .unwrap();
-    openssl(
+    pki::issue(
         dir,
-        &format!("req {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
-    );
-    openssl(
-        dir,
-        &format!(
-            "x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt \
-             -days 2 -extfile {name}.ext"
-        ),
+        name,
+        &format!("subjectAltName=IP:{IP}\nbasicConstraints=critical,CA:FALSE"),
+        "ca",
     );
 }
 
@@ -99,10 +74,7 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> Result<(), String>) {
 fn admin_api_over_tls_with_the_certificate_reloaded_in_place() {
     let env = test_env!("admin_tls", IP);
     let pki = env.subdir("pki");
-    openssl(
-        &pki,
-        &format!("req -x509 {NEW_KEY} -keyout ca.key -out ca.crt -days 2 -subj /CN=test-ca"),
-    );
+    pki::self_signed_ca(&pki, "ca");
     issue(&pki, "admin-one");
     issue(&pki, "admin-two");
     // What the proxy reads (a Secret volume in Kubernetes).

@@ -35,6 +35,7 @@
 pub mod admin;
 pub mod env;
 pub mod metrics;
+pub mod pki;
 pub mod poll;
 pub mod process;
 pub mod proxy;
